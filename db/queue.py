@@ -1,0 +1,269 @@
+"""State transitions of images: register, claim, record outcome, requeue.
+
+Every transition is a single conditional UPDATE or INSERT, so that two workers
+racing on the same image (a task redelivered while the first is still alive)
+cannot both move it, and a result written twice leaves one row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.schema import FINAL_STATUSES, Image, ImageStatus, Score, SourceFile, utcnow
+
+#: A file whose processing killed its worker this many times is failed, not retried.
+MAX_ATTEMPTS = 3
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; everything stored here is UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class FileSeen:
+    path: str
+    size_bytes: int
+    mtime_ns: int
+
+
+def find_unchanged(session: Session, files: Sequence[FileSeen]) -> dict[str, int | None]:
+    """Paths already registered with the same size and mtime -> their image id (no hashing needed)."""
+    if not files:
+        return {}
+    by_path = {f.path: f for f in files}
+    rows = session.execute(
+        select(SourceFile.path, SourceFile.size_bytes, SourceFile.mtime_ns, SourceFile.image_id).where(
+            SourceFile.path.in_(list(by_path))
+        )
+    )
+    unchanged = {}
+    for path, size, mtime_ns, image_id in rows:
+        seen = by_path[path]
+        if size == seen.size_bytes and mtime_ns == seen.mtime_ns and image_id is not None:
+            unchanged[path] = image_id
+    return unchanged
+
+
+def _insert(session: Session):
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+def register(session: Session, seen: FileSeen, sha256: str) -> tuple[int, bool]:
+    """Record ``seen`` with its content hash. Returns (image id, whether the content is new)."""
+    insert = _insert(session)
+    created = session.execute(
+        insert(Image)
+        .values(
+            sha256=sha256,
+            status=ImageStatus.QUEUED,
+            size_bytes=seen.size_bytes,
+            attempts=0,
+            out_of_scope=False,
+            first_seen_at=utcnow(),
+            updated_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["sha256"])
+        .returning(Image.id)
+    ).scalar_one_or_none()
+    image_id = (
+        created
+        if created is not None
+        else session.execute(select(Image.id).where(Image.sha256 == sha256)).scalar_one()
+    )
+    values = {
+        "image_id": image_id,
+        "size_bytes": seen.size_bytes,
+        "mtime_ns": seen.mtime_ns,
+        "seen_at": utcnow(),
+    }
+    session.execute(
+        insert(SourceFile)
+        .values(path=seen.path, **values)
+        .on_conflict_do_update(index_elements=["path"], set_=values)
+    )
+    return image_id, created is not None
+
+
+def pending_ids(session: Session, image_ids: Iterable[int]) -> list[int]:
+    """Those of ``image_ids`` that still need work (queued, or processing with an expired lease)."""
+    ids = list(image_ids)
+    if not ids:
+        return []
+    now = utcnow()
+    return list(
+        session.scalars(select(Image.id).where(Image.id.in_(ids), _claimable(now)).order_by(Image.id))
+    )
+
+
+def _claimable(now: datetime):
+    return or_(
+        Image.status == ImageStatus.QUEUED,
+        and_(Image.status == ImageStatus.PROCESSING, Image.lease_expires_at < now),
+    )
+
+
+def claim(session: Session, image_ids: Sequence[int], lease_seconds: float) -> tuple[list[int], list[int]]:
+    """Take ``image_ids`` for processing. Returns (claimed ids, ids failed for too many attempts).
+
+    A claim increments ``attempts``; an image claimed :data:`MAX_ATTEMPTS` times
+    without reaching a final state has killed its worker that often and is failed.
+    """
+    if not image_ids:
+        return [], []
+    now = utcnow()
+    exhausted = list(
+        session.scalars(
+            update(Image)
+            .where(Image.id.in_(image_ids), _claimable(now), Image.attempts >= MAX_ATTEMPTS)
+            .values(
+                status=ImageStatus.FAILED,
+                finished_at=now,
+                updated_at=now,
+                lease_expires_at=None,
+                reason=f"processing was interrupted {MAX_ATTEMPTS} times (the worker died each time); "
+                "not retried",
+            )
+            .returning(Image.id)
+        )
+    )
+    claimed = list(
+        session.scalars(
+            update(Image)
+            .where(Image.id.in_(image_ids), _claimable(now))
+            .values(
+                status=ImageStatus.PROCESSING,
+                attempts=Image.attempts + 1,
+                updated_at=now,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+            )
+            .returning(Image.id)
+        )
+    )
+    return sorted(claimed), exhausted
+
+
+def attempts_of(session: Session, image_ids: Sequence[int]) -> dict[int, int]:
+    return dict(session.execute(select(Image.id, Image.attempts).where(Image.id.in_(image_ids))).all())
+
+
+def source_paths(session: Session, image_ids: Sequence[int]) -> dict[int, list[str]]:
+    paths: dict[int, list[str]] = {}
+    rows = session.execute(
+        select(SourceFile.image_id, SourceFile.path)
+        .where(SourceFile.image_id.in_(image_ids))
+        .order_by(SourceFile.id)
+    )
+    for image_id, path in rows:
+        paths.setdefault(image_id, []).append(path)
+    return paths
+
+
+@dataclass(frozen=True)
+class ScoreRecord:
+    model_version: str
+    pneumonia_probability: float
+    pneumonia_logit: float
+    viral_probability: float | None
+    screening_threshold: float
+    high_confidence_threshold: float
+
+
+def _finish(session: Session, image_id: int, status: ImageStatus, **values) -> bool:
+    """Move an unfinished image to a final state; False if it was already final."""
+    now = utcnow()
+    result = session.execute(
+        update(Image)
+        .where(Image.id == image_id, Image.status.not_in([s.value for s in FINAL_STATUSES]))
+        .values(status=status, finished_at=now, updated_at=now, lease_expires_at=None, **values)
+    )
+    return result.rowcount == 1
+
+
+def record_score(session: Session, image_id: int, score: ScoreRecord, attributes: dict | None = None) -> bool:
+    """Write a score once per (image, model version) and mark the image scored. Idempotent."""
+    insert = _insert(session)
+    p = score.pneumonia_probability
+    session.execute(
+        insert(Score)
+        .values(
+            image_id=image_id,
+            model_version=score.model_version,
+            pneumonia_probability=p,
+            pneumonia_logit=score.pneumonia_logit,
+            viral_probability=score.viral_probability,
+            screening_threshold=score.screening_threshold,
+            high_confidence_threshold=score.high_confidence_threshold,
+            screening_positive=p >= score.screening_threshold,
+            high_confidence_positive=p >= score.high_confidence_threshold,
+            created_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["image_id", "model_version"])
+    )
+    return _finish(session, image_id, ImageStatus.SCORED, reason=None, **(attributes or {}))
+
+
+def record_problem(
+    session: Session, image_id: int, status: ImageStatus, reason: str, attributes: dict | None = None
+) -> bool:
+    return _finish(session, image_id, status, reason=reason[:2000], **(attributes or {}))
+
+
+def release(session: Session, image_ids: Sequence[int], *, refund_attempt: bool = False) -> None:
+    """Put claimed images back in the queue (file still being written, shutdown...)."""
+    if not image_ids:
+        return
+    values: dict = {"status": ImageStatus.QUEUED, "lease_expires_at": None, "updated_at": utcnow()}
+    if refund_attempt:
+        values["attempts"] = Image.attempts - 1
+    session.execute(
+        update(Image).where(Image.id.in_(image_ids), Image.status == ImageStatus.PROCESSING).values(**values)
+    )
+
+
+def requeue_expired(session: Session) -> list[int]:
+    """Images whose processing lease ran out (worker gone) go back to queued."""
+    now = utcnow()
+    return list(
+        session.scalars(
+            update(Image)
+            .where(Image.status == ImageStatus.PROCESSING, Image.lease_expires_at < now)
+            .values(status=ImageStatus.QUEUED, lease_expires_at=None, updated_at=now)
+            .returning(Image.id)
+        )
+    )
+
+
+def queued_ids(session: Session, limit: int = 10_000, older_than: datetime | None = None) -> list[int]:
+    query = select(Image.id).where(Image.status == ImageStatus.QUEUED)
+    if older_than is not None:
+        query = query.where(Image.updated_at < older_than)
+    return list(session.scalars(query.order_by(Image.id).limit(limit)))
+
+
+def status_counts(session: Session, image_ids: Sequence[int] | None = None) -> dict[str, int]:
+    from sqlalchemy import func
+
+    query = select(Image.status, func.count()).group_by(Image.status)
+    if image_ids is not None:
+        query = query.where(Image.id.in_(image_ids))
+    return {status: count for status, count in session.execute(query)}
+
+
+def mark_reviewed(session: Session, sha256_prefix: str, reviewer: str | None) -> int:
+    if len(sha256_prefix) < 8:
+        raise ValueError("give at least 8 characters of the SHA-256")
+    result = session.execute(
+        update(Image)
+        .where(Image.sha256.startswith(sha256_prefix.lower()), Image.reviewed_at.is_(None))
+        .values(reviewed_at=utcnow(), reviewed_by=reviewer)
+    )
+    return result.rowcount
