@@ -1,0 +1,310 @@
+"""``cxr-triage``: scan folders, watch drop folders, run workers, read the worklist."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from db.engine import default_database_url, masked
+from worker import logs
+from worker.settings import Settings
+
+log = logging.getLogger("cxr_triage")
+console = Console(stderr=True)
+out = Console()
+
+app = typer.Typer(
+    help="Pneumonia triage for chest radiographs: score DICOM/PNG/JPEG files and keep a "
+    "prioritised worklist.\n\n"
+    "Research triage aid, not a diagnostic device.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema management (Alembic).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        envvar="CXR_TRIAGE_DATABASE_URL",
+        show_envvar=True,
+        help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db. "
+        f"Default: SQLite at {default_database_url().removeprefix('sqlite:///')}",
+    ),
+]
+BrokerUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--broker-url",
+        envvar="CXR_TRIAGE_BROKER_URL",
+        show_envvar=True,
+        help="Celery broker (redis://host:6379/0). Without it, work is done in this process.",
+    ),
+]
+LogLevel = Annotated[
+    str,
+    typer.Option(
+        "--log-level",
+        envvar="CXR_TRIAGE_LOG_LEVEL",
+        show_envvar=True,
+        help="DEBUG shows every decision about every file (never patient identifiers).",
+    ),
+]
+ModelDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--model-dir",
+        envvar="CXR_TRIAGE_MODEL_DIR",
+        show_envvar=True,
+        help="Model folder (metadata.json + weights). Default: the shipped model.",
+    ),
+]
+BatchSize = Annotated[
+    int,
+    typer.Option(
+        "--batch-size", envvar="CXR_TRIAGE_BATCH_SIZE", min=1, max=512, help="Images per model call."
+    ),
+]
+DecodeWorkers = Annotated[
+    int | None,
+    typer.Option(
+        "--decode-workers",
+        envvar="CXR_TRIAGE_DECODE_WORKERS",
+        min=0,
+        help="Processes decoding images in parallel (default: one per core; 0 decodes in this process).",
+    ),
+]
+
+
+def _settings(
+    database_url: str | None,
+    log_level: str,
+    broker_url: str | None = None,
+    model_dir: Path | None = None,
+    batch_size: int = 32,
+    decode_workers: int | None = None,
+) -> Settings:
+    logs.configure(log_level)
+    base = Settings()
+    return Settings(
+        database_url=database_url or default_database_url(),
+        broker_url=broker_url or None,
+        model_dir=model_dir,
+        batch_size=batch_size,
+        decode_workers=base.decode_workers if decode_workers is None else decode_workers,
+    )
+
+
+def _prepare_database(settings: Settings) -> None:
+    """Create or upgrade the schema (Alembic); cheap when it is already current."""
+    from db.migrate import upgrade
+
+    try:
+        upgrade(settings.database_url)
+    except Exception as exc:  # noqa: BLE001 - show a clear message instead of a traceback
+        console.print(
+            f"[red]cannot open the database {masked(settings.database_url)}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}[/red]"
+        )
+        raise typer.Exit(2) from exc
+
+
+@db_app.command("upgrade")
+def db_upgrade(database_url: DatabaseUrl = None, log_level: LogLevel = "INFO") -> None:
+    """Create the schema or migrate it to the newest revision."""
+    settings = _settings(database_url, log_level)
+    _prepare_database(settings)
+    console.print(f"database {masked(settings.database_url)} is at the newest schema")
+
+
+@app.command()
+def scan(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Files or folders (searched recursively).", exists=True)
+    ],
+    database_url: DatabaseUrl = None,
+    broker_url: BrokerUrl = None,
+    model_dir: ModelDir = None,
+    batch_size: BatchSize = 32,
+    decode_workers: DecodeWorkers = None,
+    follow_symlinks: Annotated[
+        bool, typer.Option(help="Follow symbolic links (off: links are ignored).")
+    ] = False,
+    wait: Annotated[bool, typer.Option(help="With a broker: wait until every queued file is final.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Score every supported file under PATHS that is not scored yet (a backlog scan).
+
+    Files already known with the same path, size and modification time are skipped without being read;
+    the same content under two paths is scored once.
+    """
+    settings = _settings(database_url, log_level, broker_url, model_dir, batch_size, decode_workers)
+    _prepare_database(settings)
+    roots = [str(p) for p in paths]
+    console.print(f"database: {masked(settings.database_url)}")
+    started = time.perf_counter()
+    if settings.broker_url:
+        from worker.distributed import scan_distributed
+
+        summary = scan_distributed(
+            settings, roots, follow_symlinks=follow_symlinks, wait=wait, progress=progress, console=console
+        )
+    else:
+        from worker.embedded import scan_embedded
+        from worker.scanner import count_files
+
+        total = count_files(roots, follow_symlinks)
+        with _progress_bar(progress) as bar:
+            task = bar.add_task("scanning", total=total)
+            summary = scan_embedded(
+                settings, roots, follow_symlinks=follow_symlinks, on_progress=lambda n: bar.advance(task, n)
+            )
+    elapsed = time.perf_counter() - started
+    _print_summary(summary, elapsed)
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def _print_summary(summary, elapsed: float) -> None:
+    outcomes = summary.outcomes
+    rate = summary.processed / elapsed if elapsed > 0 else 0.0
+    console.print(
+        f"{summary.files} files: {outcomes.get('scored', 0)} scored, {outcomes.get('rejected', 0)} rejected, "
+        f"{outcomes.get('failed', 0)} failed, {summary.skipped} skipped (already known), "
+        f"{summary.duplicates} duplicate content; {outcomes.get('queued', 0)} queued; "
+        f"{elapsed:.1f} s, {rate:.1f} images/s"
+    )
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+@app.command()
+def worklist(
+    format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.table,
+    limit: Annotated[int | None, typer.Option(help="Show at most N rows.", min=1)] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(help="Only rows in this state: scored, rejected, failed, queued, processing."),
+    ] = None,
+    database_url: DatabaseUrl = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Print the worklist, most urgent first (unreviewed likely pneumonia on top; see README for aging)."""
+    from db.engine import session_scope
+    from db.worklist import INTENDED_USE, build_worklist
+
+    settings = _settings(database_url, log_level)
+    _prepare_database(settings)
+    with session_scope(settings.database_url) as session:
+        entries = build_worklist(session, status=status, limit=limit)
+    rows = [entry.as_dict() for entry in entries]
+    if format is OutputFormat.json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    elif format is OutputFormat.csv:
+        columns = [c for c in rows[0] if c != "paths"] if rows else []
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        _print_table(rows)
+        console.print(f"[dim]{INTENDED_USE}[/dim]")
+
+
+def _print_table(rows: list[dict]) -> None:
+    table = Table(show_lines=False)
+    for column in ("priority", "score", "call", "viral", "status", "scope", "path / reason"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        call = ""
+        if row["status"] == "scored":
+            call = "HIGH" if row["high_confidence"] else ("screen+" if row["screening_positive"] else "below")
+        detail = row["path"] or "?"
+        if row["reason"]:
+            detail += f"\n{row['reason']}"
+        table.add_row(
+            "" if row["priority"] is None else f"{row['priority']:.1f}",
+            "" if row["score"] is None else f"{row['score']:.3f}",
+            call,
+            "" if row["viral_probability"] is None else f"{row['viral_probability']:.2f}",
+            row["status"],
+            ("OUT OF SCOPE: " + (row["scope_note"] or "")) if row["out_of_scope"] else "",
+            detail,
+        )
+    out.print(table)
+
+
+@app.command()
+def review(
+    sha256: Annotated[str, typer.Argument(help="SHA-256 of the film (at least 8 leading characters).")],
+    reviewer: Annotated[str | None, typer.Option(help="Who reviewed it.")] = None,
+    database_url: DatabaseUrl = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Mark a film as reviewed: it leaves the top of the worklist."""
+    from db.engine import session_scope
+    from db.queue import mark_reviewed
+
+    settings = _settings(database_url, log_level)
+    _prepare_database(settings)
+    with session_scope(settings.database_url) as session:
+        changed = mark_reviewed(session, sha256, reviewer)
+    console.print(f"{changed} film(s) marked reviewed")
+    if changed == 0:
+        raise typer.Exit(1)
+
+
+def _register_optional_commands() -> None:
+    try:
+        from worker.model_commands import explain_command, model_app
+    except ImportError:  # model tooling not present in this build
+        return
+    app.add_typer(model_app, name="model")
+    app.command("explain")(explain_command)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

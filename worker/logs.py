@@ -1,0 +1,25 @@
+"""Logging set-up. Log lines name files by a short content hash, never by patient data."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from rich.logging import RichHandler
+
+LOG_FORMAT = "%(message)s"
+
+
+def configure(level: str = "INFO") -> None:
+    level = (level or "INFO").upper()
+    handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # Third-party loggers may quote header values (patient names, UIDs); keep them quiet.
+    for noisy in ("pydicom", "PIL", "h5py", "absl", "tensorflow", "celery.redirected"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def short(sha256: str | None) -> str:
+    return (sha256 or "?")[:12]

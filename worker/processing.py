@@ -1,0 +1,160 @@
+"""Claim a batch of images, decode them in parallel, score them in one model call, store results.
+
+Shared by the embedded path (``scan``/``watch`` without a broker) and the Celery
+tasks, so both give the same scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from db import queue
+from db.engine import session_scope
+from db.schema import ImageStatus
+from worker.decode_pool import DecodePool
+from worker.logs import short
+from worker.prepare import Prepared
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchOutcome:
+    counts: Counter
+    retry_later: list[int]
+
+
+class Processor:
+    """Turns image ids into final states. The model is loaded on first use, in this process."""
+
+    def __init__(
+        self,
+        database_url: str,
+        model_dir,
+        pool: DecodePool,
+        *,
+        batch_size: int = 32,
+        lease_seconds: float = 900.0,
+        retry_incomplete: bool = False,
+    ) -> None:
+        self.database_url = database_url
+        self.model_dir = model_dir
+        self.pool = pool
+        self.batch_size = batch_size
+        self.lease_seconds = lease_seconds
+        self.retry_incomplete = retry_incomplete
+        self._scorer = None
+
+    @property
+    def scorer(self):
+        if self._scorer is None:
+            from pipeline.inference import Scorer
+
+            self._scorer = Scorer.load(self.model_dir)
+            log.info("model %s loaded (input %d px)", self._scorer.version, self._scorer.input_size)
+        return self._scorer
+
+    def process(self, image_ids: Sequence[int]) -> BatchOutcome:
+        counts: Counter = Counter()
+        retry: list[int] = []
+        for start in range(0, len(image_ids), self.batch_size):
+            outcome = self._process_batch(list(image_ids[start : start + self.batch_size]))
+            counts.update(outcome.counts)
+            retry.extend(outcome.retry_later)
+        return BatchOutcome(counts, retry)
+
+    def _process_batch(self, image_ids: list[int]) -> BatchOutcome:
+        counts: Counter = Counter()
+        with session_scope(self.database_url) as session:
+            claimed, exhausted = queue.claim(session, image_ids, self.lease_seconds)
+            paths = queue.source_paths(session, claimed)
+            hashes = dict(session.execute(_hash_query(claimed)).all()) if claimed else {}
+        counts["failed"] += len(exhausted)
+        for image_id in exhausted:
+            log.warning("image %s failed: interrupted %d times", image_id, queue.MAX_ATTEMPTS)
+        if not claimed:
+            return BatchOutcome(counts, [])
+        readable = {image_id: _first_existing(paths.get(image_id, [])) for image_id in claimed}
+        todo = [image_id for image_id in claimed if readable[image_id]]
+        prepared = dict(
+            zip(
+                todo, self.pool.prepare_many([readable[i] for i in todo], self.scorer.input_size), strict=True
+            )
+        )
+        ready = [image_id for image_id in todo if prepared[image_id].tensor is not None]
+        scores = self.scorer.score_batch(np.stack([prepared[i].tensor for i in ready])) if ready else []
+        score_of = dict(zip(ready, scores, strict=True))
+        retry: list[int] = []
+        with session_scope(self.database_url) as session:
+            for image_id in claimed:
+                outcome = self._store(
+                    session,
+                    image_id,
+                    readable[image_id],
+                    prepared.get(image_id),
+                    score_of.get(image_id),
+                    hashes.get(image_id),
+                )
+                if outcome == "retry":
+                    retry.append(image_id)
+                else:
+                    counts[outcome] += 1
+            queue.release(session, retry, refund_attempt=True)
+        return BatchOutcome(counts, retry)
+
+    def _store(
+        self, session, image_id: int, path: str | None, prepared: Prepared | None, score, sha256: str | None
+    ) -> str:
+        tag = short(sha256)
+        if path is None:
+            queue.record_problem(
+                session, image_id, ImageStatus.FAILED, "file no longer exists at any known path"
+            )
+            log.info("%s failed: file gone", tag)
+            return "failed"
+        assert prepared is not None
+        if score is not None:
+            scorer = self.scorer
+            queue.record_score(
+                session,
+                image_id,
+                queue.ScoreRecord(
+                    model_version=scorer.version,
+                    pneumonia_probability=float(score.pneumonia_probability),
+                    pneumonia_logit=float(score.pneumonia_logit),
+                    viral_probability=None
+                    if score.viral_probability is None
+                    else float(score.viral_probability),
+                    screening_threshold=scorer.screening_threshold,
+                    high_confidence_threshold=scorer.high_confidence_threshold,
+                ),
+                prepared.attributes,
+            )
+            log.debug("%s scored %.3f", tag, score.pneumonia_probability)
+            return "scored"
+        if prepared.incomplete and self.retry_incomplete:
+            log.debug("%s looks incomplete (still being written?); will retry", tag)
+            return "retry"
+        queue.record_problem(
+            session, image_id, ImageStatus(prepared.status), prepared.reason or "unknown", prepared.attributes
+        )
+        log.debug("%s %s: %s", tag, prepared.status, prepared.reason)
+        return prepared.status or "failed"
+
+
+def _hash_query(image_ids: list[int]):
+    from sqlalchemy import select
+
+    from db.schema import Image
+
+    return select(Image.id, Image.sha256).where(Image.id.in_(image_ids))
+
+
+def _first_existing(paths: list[str]) -> str | None:
+    return next((path for path in paths if os.path.isfile(path)), None)

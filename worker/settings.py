@@ -1,0 +1,35 @@
+"""Settings shared by every command: flags first, then CXR_TRIAGE_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from db.engine import default_database_url
+
+ENV_PREFIX = "CXR_TRIAGE_"
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _default_model_dir() -> Path:
+    from models import default_model_dir
+
+    return default_model_dir()
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = field(default_factory=default_database_url)
+    broker_url: str | None = None
+    model_dir: Path | None = None
+    batch_size: int = 32
+    decode_workers: int = max((os.cpu_count() or 1), 1)
+    #: Seconds a claimed image may stay in ``processing`` before another worker may take it.
+    lease_seconds: float = 900.0
+
+    def resolved_model_dir(self) -> Path:
+        return self.model_dir or _default_model_dir()
