@@ -122,9 +122,7 @@ def operating_thresholds(
     neg = np.sort(p[~y])
     # allow at most k positives below the screening threshold
     k = int(np.floor((1 - sensitivity) * len(pos) + 1e-9))
-    below = pos[k - 1] if k > 0 else pos[0] - 1e-6
-    screening = (below + pos[k]) / 2 if k > 0 else max(pos[0] - 1e-4, 0.0)
-    del below
+    screening = (pos[k - 1] + pos[k]) / 2 if k > 0 else max(pos[0] - 1e-4, 0.0)
     # allow at most m negatives at or above the high-confidence threshold
     m = int(np.floor((1 - specificity) * len(neg) + 1e-9))
     idx = len(neg) - m  # first negative allowed above

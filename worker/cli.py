@@ -13,18 +13,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from db.engine import default_database_url, masked
 from worker import logs
+from worker.progress import progress_bar
 from worker.settings import Settings
 
 log = logging.getLogger("cxr_triage")
@@ -174,28 +167,13 @@ def scan(
         from worker.scanner import count_files
 
         total = count_files(roots, follow_symlinks)
-        with _progress_bar(progress) as bar:
+        with progress_bar(console, progress) as bar:
             task = bar.add_task("scanning", total=total)
             summary = scan_embedded(
                 settings, roots, follow_symlinks=follow_symlinks, on_progress=lambda n: bar.advance(task, n)
             )
     elapsed = time.perf_counter() - started
     _print_summary(summary, elapsed)
-
-
-def _progress_bar(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
 
 
 def _print_summary(summary, elapsed: float) -> None:

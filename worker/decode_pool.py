@@ -47,20 +47,21 @@ class DecodePool:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
-    def prepare_many(self, paths: list[str], input_size: int) -> list[Prepared]:
+    def prepare_many(self, jobs: list[tuple[str, str | None]], input_size: int) -> list[Prepared]:
+        """Decode (path, expected sha256) pairs in parallel, in order."""
         if self.workers <= 0:
-            return [prepare(path, input_size) for path in paths]
+            return [prepare(path, input_size, sha) for path, sha in jobs]
         try:
-            futures = [self._pool().submit(prepare, path, input_size) for path in paths]
+            futures = [self._pool().submit(prepare, path, input_size, sha) for path, sha in jobs]
             return [future.result(timeout=self.timeout_s) for future in futures]
         except (BrokenProcessPool, TimeoutError):
             log.warning("a decoder crashed or hung; retrying this batch one file at a time")
             self._reset()
-            return [self._prepare_isolated(path, input_size) for path in paths]
+            return [self._prepare_isolated(path, sha, input_size) for path, sha in jobs]
 
-    def _prepare_isolated(self, path: str, input_size: int) -> Prepared:
+    def _prepare_isolated(self, path: str, sha256: str | None, input_size: int) -> Prepared:
         try:
-            return self._pool().submit(prepare, path, input_size).result(timeout=self.timeout_s)
+            return self._pool().submit(prepare, path, input_size, sha256).result(timeout=self.timeout_s)
         except BrokenProcessPool:
             self._reset()
             return Prepared(status="failed", reason="the decoder crashed on this file")

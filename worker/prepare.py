@@ -53,8 +53,17 @@ def _attributes(decoded) -> dict:
     return values
 
 
-def prepare(path: str, input_size: int) -> Prepared:
-    """Decode ``path`` and build the model input; problems become a status and a reason."""
+def prepare(path: str, input_size: int, expected_sha256: str | None = None) -> Prepared:
+    """Decode ``path`` and build the model input; problems become a status and a reason.
+
+    With ``expected_sha256``, a file whose content no longer matches its registration
+    (still being written, or replaced) is reported as incomplete instead of being
+    scored under the wrong hash.
+    """
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        return Prepared(
+            status="failed", reason="file content changed after it was registered", incomplete=True
+        )
     try:
         decoded = decode_file(path)
         return Prepared(tensor=to_model_input(decoded.pixels, input_size), attributes=_attributes(decoded))

@@ -42,6 +42,7 @@ class Processor:
         batch_size: int = 32,
         lease_seconds: float = 900.0,
         retry_incomplete: bool = False,
+        incomplete_grace_s: float = 600.0,
     ) -> None:
         self.database_url = database_url
         self.model_dir = model_dir
@@ -49,6 +50,8 @@ class Processor:
         self.batch_size = batch_size
         self.lease_seconds = lease_seconds
         self.retry_incomplete = retry_incomplete
+        #: How long after its arrival a file that looks incomplete is retried before it is failed.
+        self.incomplete_grace_s = incomplete_grace_s
         self._scorer = None
 
     @property
@@ -63,18 +66,28 @@ class Processor:
     def process(self, image_ids: Sequence[int]) -> BatchOutcome:
         counts: Counter = Counter()
         retry: list[int] = []
-        for start in range(0, len(image_ids), self.batch_size):
-            outcome = self._process_batch(list(image_ids[start : start + self.batch_size]))
+        for batch in self._batches(list(image_ids)):
+            outcome = self._process_batch(batch)
             counts.update(outcome.counts)
             retry.extend(outcome.retry_later)
         return BatchOutcome(counts, retry)
+
+    def _batches(self, image_ids: list[int]) -> list[list[int]]:
+        """Fresh images go in full batches; images whose earlier attempt was interrupted go alone,
+        so that a file that kills its worker cannot take innocent batch-mates down with it."""
+        with session_scope(self.database_url) as session:
+            attempts = queue.attempts_of(session, image_ids)
+        fresh = [i for i in image_ids if attempts.get(i, 0) == 0]
+        retried = [[i] for i in image_ids if attempts.get(i, 0) > 0]
+        size = self.batch_size
+        return [fresh[s : s + size] for s in range(0, len(fresh), size)] + retried
 
     def _process_batch(self, image_ids: list[int]) -> BatchOutcome:
         counts: Counter = Counter()
         with session_scope(self.database_url) as session:
             claimed, exhausted = queue.claim(session, image_ids, self.lease_seconds)
             paths = queue.source_paths(session, claimed)
-            hashes = dict(session.execute(_hash_query(claimed)).all()) if claimed else {}
+            known = {row.id: row for row in session.execute(_identity_query(claimed))} if claimed else {}
         counts["failed"] += len(exhausted)
         for image_id in exhausted:
             log.warning("image %s failed: interrupted %d times", image_id, queue.MAX_ATTEMPTS)
@@ -82,11 +95,8 @@ class Processor:
             return BatchOutcome(counts, [])
         readable = {image_id: _first_existing(paths.get(image_id, [])) for image_id in claimed}
         todo = [image_id for image_id in claimed if readable[image_id]]
-        prepared = dict(
-            zip(
-                todo, self.pool.prepare_many([readable[i] for i in todo], self.scorer.input_size), strict=True
-            )
-        )
+        jobs = [(readable[i], known[i].sha256) for i in todo]
+        prepared = dict(zip(todo, self.pool.prepare_many(jobs, self.scorer.input_size), strict=True))
         ready = [image_id for image_id in todo if prepared[image_id].tensor is not None]
         scores = self.scorer.score_batch(np.stack([prepared[i].tensor for i in ready])) if ready else []
         score_of = dict(zip(ready, scores, strict=True))
@@ -99,7 +109,7 @@ class Processor:
                     readable[image_id],
                     prepared.get(image_id),
                     score_of.get(image_id),
-                    hashes.get(image_id),
+                    known[image_id],
                 )
                 if outcome == "retry":
                     retry.append(image_id)
@@ -109,9 +119,9 @@ class Processor:
         return BatchOutcome(counts, retry)
 
     def _store(
-        self, session, image_id: int, path: str | None, prepared: Prepared | None, score, sha256: str | None
+        self, session, image_id: int, path: str | None, prepared: Prepared | None, score, known
     ) -> str:
-        tag = short(sha256)
+        tag = short(known.sha256)
         if path is None:
             queue.record_problem(
                 session, image_id, ImageStatus.FAILED, "file no longer exists at any known path"
@@ -138,7 +148,7 @@ class Processor:
             )
             log.debug("%s scored %.3f", tag, score.pneumonia_probability)
             return "scored"
-        if prepared.incomplete and self.retry_incomplete:
+        if prepared.incomplete and self.retry_incomplete and self._within_grace(known.first_seen_at):
             log.debug("%s looks incomplete (still being written?); will retry", tag)
             return "retry"
         queue.record_problem(
@@ -147,13 +157,19 @@ class Processor:
         log.debug("%s %s: %s", tag, prepared.status, prepared.reason)
         return prepared.status or "failed"
 
+    def _within_grace(self, first_seen_at) -> bool:
+        from db.queue import as_utc
+        from db.schema import utcnow
 
-def _hash_query(image_ids: list[int]):
+        return (utcnow() - as_utc(first_seen_at)).total_seconds() < self.incomplete_grace_s
+
+
+def _identity_query(image_ids: list[int]):
     from sqlalchemy import select
 
     from db.schema import Image
 
-    return select(Image.id, Image.sha256).where(Image.id.in_(image_ids))
+    return select(Image.id, Image.sha256, Image.first_seen_at).where(Image.id.in_(image_ids))
 
 
 def _first_existing(paths: list[str]) -> str | None:

@@ -1,0 +1,167 @@
+"""Evaluate a model directory over a NORMAL/ + PNEUMONIA/ folder through the serving path.
+
+Each file is decoded with :func:`pipeline.decode.decode_file`, preprocessed with
+:func:`pipeline.normalise.to_model_input` and scored by :class:`pipeline.inference.Scorer`,
+exactly as the worker does. ``split="val"`` restricts the folder to the validation patients
+of the shipped split file, which reproduces the model card's validation figures.
+
+Run: ``python -m models.evaluate ../shared/data/kermany-cxr224/train --split val``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models import data, default_model_dir
+from models.metrics import OperatingPoint, operating_point, roc_auc, roc_curve
+
+
+@dataclass
+class EvaluationReport:
+    """Figures of one evaluation."""
+
+    model_version: str
+    images: int
+    positives: int
+    roc_auc: float
+    viral_roc_auc: float | None
+    screening: OperatingPoint
+    high_confidence: OperatingPoint
+    roc_png: str | None = None
+
+    def as_dict(self) -> dict:
+        """Plain dict for JSON output."""
+        return {
+            "model_version": self.model_version,
+            "images": self.images,
+            "positives": self.positives,
+            "roc_auc": round(self.roc_auc, 4),
+            "viral_roc_auc": None if self.viral_roc_auc is None else round(self.viral_roc_auc, 4),
+            "screening": self.screening.as_dict(),
+            "high_confidence": self.high_confidence.as_dict(),
+            "roc_png": self.roc_png,
+        }
+
+    def text(self) -> str:
+        """Human-readable summary."""
+        lines = [
+            f"model {self.model_version}: {self.images} images ({self.positives} pneumonia)",
+            f"ROC AUC {self.roc_auc:.4f}"
+            + ("" if self.viral_roc_auc is None else f"; bacterial-vs-viral AUC {self.viral_roc_auc:.4f}"),
+        ]
+        for name, point in (("screening", self.screening), ("high-confidence", self.high_confidence)):
+            lines.append(
+                f"{name} threshold {point.threshold:.4f}: sensitivity {point.sensitivity:.4f}, "
+                f"specificity {point.specificity:.4f}, accuracy {point.accuracy:.4f}, "
+                f"confusion TP={point.tp} FN={point.fn} TN={point.tn} FP={point.fp}"
+            )
+        if self.roc_png:
+            lines.append(f"ROC curve written to {self.roc_png}")
+        return "\n".join(lines)
+
+
+def select_samples(
+    data_dir: str | Path, split: str = "all", files: Iterable[str] | None = None, split_file: Path | None = None
+) -> list[data.Sample]:
+    """Samples of ``data_dir``; ``split='val'`` keeps the split file's patients; ``files`` keeps names."""
+    samples = data.list_samples(data_dir)
+    if split == "val":
+        val = data.read_split(split_file or data.SPLIT_FILE)
+        samples = [s for s in samples if s.patient in val]
+    elif split != "all":
+        raise ValueError("split must be 'all' or 'val'")
+    if files is not None:
+        keep = set(files)
+        samples = [s for s in samples if s.name in keep or s.path.name in keep]
+    return samples
+
+
+def write_roc_png(y: np.ndarray, prob: np.ndarray, report: EvaluationReport, out_png: str | Path) -> None:
+    """Write the ROC curve with both operating points marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpr, tpr, _ = roc_curve(y, prob)
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.plot(fpr, tpr, label=f"ROC (AUC {report.roc_auc:.4f})")
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    for name, point, marker in (
+        ("screening", report.screening, "o"),
+        ("high confidence", report.high_confidence, "s"),
+    ):
+        ax.plot(1 - point.specificity, point.sensitivity, marker, label=f"{name} (t={point.threshold:.3f})")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(report.model_version, fontsize=8)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def evaluate(
+    data_dir: str | Path,
+    model_dir: str | Path | None = None,
+    roc_png: str | Path | None = None,
+    batch_size: int = 32,
+    split: str = "all",
+    files: Iterable[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvaluationReport:
+    """Score every selected image of ``data_dir`` and report AUC and the operating points."""
+    from pipeline.inference import Scorer
+
+    scorer = Scorer.load(model_dir or default_model_dir())
+    samples = select_samples(data_dir, split, files)
+    if not samples:
+        raise ValueError("no images selected")
+    probs, virals = [], []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        for score in scorer.score_files([s.path for s in chunk], batch_size=batch_size):
+            probs.append(score.pneumonia_probability)
+            virals.append(np.nan if score.viral_probability is None else score.viral_probability)
+        if progress:
+            progress(min(start + batch_size, len(samples)), len(samples))
+    y, v = data.labels(samples)
+    prob, viral = np.array(probs), np.array(virals)
+    mask = (v >= 0) & ~np.isnan(viral)
+    viral_auc = roc_auc(v[mask], viral[mask]) if mask.any() else None
+    report = EvaluationReport(
+        model_version=scorer.version,
+        images=len(samples),
+        positives=int(y.sum()),
+        roc_auc=roc_auc(y, prob),
+        viral_roc_auc=None if viral_auc is None or np.isnan(viral_auc) else viral_auc,
+        screening=operating_point(y, prob, scorer.screening_threshold),
+        high_confidence=operating_point(y, prob, scorer.high_confidence_threshold),
+        roc_png=str(roc_png) if roc_png else None,
+    )
+    if roc_png:
+        write_roc_png(y, prob, report, roc_png)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description="Evaluate a model over a NORMAL/ + PNEUMONIA/ folder.")
+    parser.add_argument("data_dir")
+    parser.add_argument("--model-dir", default=None)
+    parser.add_argument("--roc-png", default="roc.png")
+    parser.add_argument("--split", choices=("all", "val"), default="all")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    report = evaluate(args.data_dir, args.model_dir, args.roc_png or None, split=args.split)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
+
+
+if __name__ == "__main__":
+    main()
