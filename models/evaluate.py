@@ -67,7 +67,10 @@ class EvaluationReport:
 
 
 def select_samples(
-    data_dir: str | Path, split: str = "all", files: Iterable[str] | None = None, split_file: Path | None = None
+    data_dir: str | Path,
+    split: str = "all",
+    files: Iterable[str] | None = None,
+    split_file: Path | None = None,
 ) -> list[data.Sample]:
     """Samples of ``data_dir``; ``split='val'`` keeps the split file's patients; ``files`` keeps names."""
     samples = data.list_samples(data_dir)

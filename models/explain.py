@@ -39,13 +39,13 @@ def _cam_model(model_dir: str) -> tuple[Any, int]:
     import models.architectures  # noqa: F401  registers custom layers
 
     metadata = json.loads((Path(model_dir) / "metadata.json").read_text())
-    model = keras.models.load_model(Path(model_dir) / metadata.get("model_file", "model.keras"), compile=False)
+    model_file = Path(model_dir) / metadata.get("model_file", "model.keras")
+    model = keras.models.load_model(model_file, compile=False)
     nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     if nested:  # an ensemble wrapper: explain its first member
         model = nested[0]
     feature = _feature_layer(model)
-    outputs = model.output if isinstance(model.output, dict) else dict(zip(model.output_names, model.outputs))
-    cam = keras.Model(model.inputs, [feature.output, outputs["pneumonia"]])
+    cam = keras.Model(model.inputs, [feature.output, model.get_layer("pneumonia").output])
     return cam, int(metadata["input_size"])
 
 

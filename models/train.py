@@ -132,7 +132,7 @@ class _Trainer:
         variables = self.model.trainable_variables
         grads = tape.gradient(loss, variables)
         self.optimizer.learning_rate.assign(lr)
-        self.optimizer.apply_gradients(zip(grads, variables))
+        self.optimizer.apply_gradients(zip(grads, variables, strict=True))
         return main, side
 
     def update_ema(self, step: int) -> None:
@@ -158,11 +158,12 @@ def _standardised(grey: np.ndarray) -> np.ndarray:
     return np.asarray(standardise_tf(grey))
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
+def train(cfg: TrainConfig, out_dir: str | Path, log=None) -> dict:
     """Train, calibrate on validation, write ``out_dir`` (model, metadata, history); return metadata."""
     import keras
     import tensorflow as tf
 
+    log = log or (lambda line: print(line, flush=True))
     started = time.time()
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()

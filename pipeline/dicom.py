@@ -53,6 +53,7 @@ VALIDATED_AGE_YEARS = (1.0, 5.0)
 
 # pydicom's validation warnings quote element values (UIDs, names): never let them reach logs.
 dicom_config.settings.reading_validation_mode = dicom_config.IGNORE
+dicom_config.convert_wrong_length_to_UN = True
 
 _AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$")
 _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
@@ -221,11 +222,18 @@ def to_display_grey(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
 
 def decode_dicom(path: str | Path) -> tuple[np.ndarray, DicomAttributes]:
     """Decode one DICOM file into display grey levels and the attributes kept with a score."""
-    ds = _read_dataset(Path(path))
-    attrs = read_attributes(ds)
-    check_scope(ds, attrs)
-    check_dimensions(ds)
-    return to_display_grey(_decode_pixels(ds), ds), attrs
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = _read_dataset(Path(path))
+            attrs = read_attributes(ds)
+            check_scope(ds, attrs)
+            check_dimensions(ds)
+            return to_display_grey(_decode_pixels(ds), ds), attrs
+    except (FailedImage, RejectedImage):
+        raise
+    except Exception as exc:  # noqa: BLE001 - elements are parsed lazily; any damage surfaces here
+        raise FailedImage(f"corrupt DICOM data set ({type(exc).__name__})") from exc
 
 
 def read_header(path: str | Path) -> DicomAttributes:

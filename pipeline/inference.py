@@ -7,6 +7,7 @@ Inputs are the output of :func:`pipeline.normalise.to_model_input` stacked into
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterable
@@ -36,10 +37,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 def _configure_devices(tf: Any) -> None:
     """Let TensorFlow grow GPU memory instead of grabbing all of it."""
     for gpu in tf.config.list_physical_devices("GPU"):
-        try:
+        with contextlib.suppress(RuntimeError):  # already initialised: nothing to do
             tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # already initialised: nothing to do
-            pass
 
 
 @dataclass

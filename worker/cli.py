@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
+import signal
 import sys
 import time
 from enum import StrEnum
@@ -266,6 +268,109 @@ def review(
     console.print(f"{changed} film(s) marked reviewed")
     if changed == 0:
         raise typer.Exit(1)
+
+
+@app.command()
+def watch(
+    paths: Annotated[list[Path], typer.Argument(help="Drop folders to watch (created if missing).")],
+    polling: Annotated[bool, typer.Option(help="Poll instead of inotify (SMB/NFS shares).")] = False,
+    stable_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="CXR_TRIAGE_STABLE_SECONDS",
+            help="Without a close event, take a file once its size and mtime have not changed for this long.",
+        ),
+    ] = 2.0,
+    batch_wait: Annotated[
+        float,
+        typer.Option(
+            envvar="CXR_TRIAGE_BATCH_WAIT",
+            help="Longest wait (s) for more files before a partial batch goes.",
+        ),
+    ] = 0.5,
+    rescan_interval: Annotated[
+        float,
+        typer.Option(
+            envvar="CXR_TRIAGE_RESCAN_INTERVAL", help="Seconds between reconciliation rescans of the folders."
+        ),
+    ] = 300.0,
+    follow_symlinks: Annotated[bool, typer.Option(help="Follow symbolic links (off by default).")] = False,
+    database_url: DatabaseUrl = None,
+    broker_url: BrokerUrl = None,
+    model_dir: ModelDir = None,
+    batch_size: BatchSize = 32,
+    decode_workers: DecodeWorkers = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Watch drop folders; score new files in this process, or queue them when a broker is set."""
+    from worker.watcher import Watcher, WatchOptions
+
+    settings = _settings(database_url, log_level, broker_url, model_dir, batch_size, decode_workers)
+    _prepare_database(settings)
+    options = WatchOptions(
+        polling=polling,
+        stable_seconds=stable_seconds,
+        batch_wait_seconds=batch_wait,
+        rescan_interval=rescan_interval,
+        follow_symlinks=follow_symlinks,
+    )
+    roots = [str(p.resolve()) for p in paths]
+    mode = f"queueing to {masked(settings.broker_url)}" if settings.broker_url else "scoring in this process"
+    console.print(f"watching {len(roots)} folder(s), {mode}; database {masked(settings.database_url)}")
+    watcher = Watcher(settings, roots, options)
+    signal.signal(signal.SIGTERM, lambda *_: watcher.stop_event.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        watcher.run()
+    _print_summary(watcher.summary, 0.0)
+
+
+@app.command("worker")
+def worker_command(
+    processes: Annotated[
+        int, typer.Option(min=1, help="CPU worker processes (ignored when GPUs are used).")
+    ] = 1,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated GPU ids, one worker process each (default: CUDA_VISIBLE_DEVICES, else all)."
+        ),
+    ] = None,
+    cpu_only: Annotated[bool, typer.Option("--cpu", help="Do not use GPUs even if present.")] = False,
+    lease_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="CXR_TRIAGE_LEASE_SECONDS", help="A claimed file unfinished after this long is requeued."
+        ),
+    ] = 900.0,
+    database_url: DatabaseUrl = None,
+    broker_url: BrokerUrl = None,
+    model_dir: ModelDir = None,
+    batch_size: BatchSize = 32,
+    decode_workers: DecodeWorkers = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run Celery workers that score queued files (needs --broker-url / CXR_TRIAGE_BROKER_URL)."""
+    from dataclasses import replace
+
+    from worker.supervisor import Supervisor, WorkerSpec, visible_gpus
+
+    settings = _settings(database_url, log_level, broker_url, model_dir, batch_size, decode_workers)
+    if not settings.broker_url:
+        console.print("[red]a broker is required: set --broker-url or CXR_TRIAGE_BROKER_URL[/red]")
+        raise typer.Exit(2)
+    settings = replace(settings, lease_seconds=lease_seconds)
+    _prepare_database(settings)
+    gpu_ids = [] if cpu_only else visible_gpus(gpus)
+    specs = [WorkerSpec(f"gpu{g}", g) for g in gpu_ids] or [
+        WorkerSpec(f"cpu{i}", None) for i in range(processes)
+    ]
+    per_worker = max(settings.decode_workers // len(specs), 1) if decode_workers is None else decode_workers
+    console.print(
+        f"{len(specs)} worker process(es) on {masked(settings.broker_url)}, "
+        f"{per_worker} decode process(es) each; database {masked(settings.database_url)}"
+    )
+    recover_every = max(min(settings.lease_seconds / 4, 60.0), 2.0)
+    raise typer.Exit(Supervisor(settings, specs, per_worker, log_level.upper(), recover_every).run())
 
 
 def _register_optional_commands() -> None:

@@ -1,0 +1,110 @@
+"""Inference throughput of a model on ready tensors at batch sizes 1, 8, 32 and 64.
+
+Run: ``python bench/bench_inference.py`` (shipped model) or ``--model-dir DIR``.
+Prints images/s per batch size (median of several timed repetitions after a warm-up) and
+appends the figures with date, machine and git revision to ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BATCH_SIZES = (1, 8, 32, 64)
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (or the platform string)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_revision() -> str:
+    """Short git revision of the working tree, marked ``+dirty`` when it has changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=root)
+    except OSError:
+        return "unknown"
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def measure(scorer, batch: int, seconds: float = 2.0, repetitions: int = 5) -> float:
+    """Median images/s of ``scorer.score_batch`` over ``repetitions`` timed runs."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, scorer.input_size, scorer.input_size, 1)).astype(np.float32)
+    for _ in range(3):  # warm-up (graph tracing, oneDNN primitive caches)
+        scorer.score_batch(x)
+    rates = []
+    for _ in range(repetitions):
+        calls, start = 0, time.perf_counter()
+        while True:
+            scorer.score_batch(x)
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds / repetitions and calls >= 2:
+                break
+        rates.append(calls * batch / elapsed)
+    return statistics.median(rates)
+
+
+def append_results(version: str, size: int, rates: dict[int, float]) -> str:
+    """Append one result block to bench/RESULTS.md and return it."""
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    cells = " | ".join(f"{rates[b]:.0f}" for b in BATCH_SIZES)
+    row = (
+        f"| {stamp} | {version} | {size} | {os.cpu_count()} x {cpu_model()} | {git_revision()} | {cells} |\n"
+    )
+    if not RESULTS.exists():
+        RESULTS.write_text(
+            "# Inference throughput (images/s on ready tensors, median of 5 timed repetitions)\n\n"
+            "Produced by `python bench/bench_inference.py`.\n\n"
+            "| date | model | input | machine (cores x CPU) | git | b=1 | b=8 | b=32 | b=64 |\n"
+            "|---|---|---|---|---|---|---|---|---|\n"
+        )
+    with RESULTS.open("a") as handle:
+        handle.write(row)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", default=None, help="model folder (default: the shipped model)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per batch size")
+    parser.add_argument("--no-append", action="store_true", help="do not write bench/RESULTS.md")
+    args = parser.parse_args(argv)
+
+    from models import default_model_dir
+    from pipeline.inference import Scorer
+
+    scorer = Scorer.load(args.model_dir or default_model_dir())
+    rates = {}
+    for batch in BATCH_SIZES:
+        rates[batch] = measure(scorer, batch, seconds=args.seconds)
+        print(f"batch {batch:>2}: {rates[batch]:8.1f} images/s", flush=True)
+    print(f"model {scorer.version}, input {scorer.input_size}, {os.cpu_count()} cores, {cpu_model()}")
+    if not args.no_append:
+        append_results(scorer.version, scorer.input_size, rates)
+        print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Fast checks of the shipped model, its metadata, the training preprocessing and the split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models import data, default_model_dir
+from models.metrics import operating_point, operating_thresholds, roc_auc
+from pipeline.normalise import resize_square, to_model_input
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TRAIN_DIR = SHARED / "data" / "kermany-cxr224" / "train"
+
+
+def _require_data() -> None:
+    if not TRAIN_DIR.is_dir():
+        pytest.skip(f"shared data not present at {TRAIN_DIR}")
+
+
+@pytest.fixture(scope="module")
+def metadata() -> dict:
+    return json.loads((default_model_dir() / "metadata.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    from pipeline.inference import Scorer
+
+    return Scorer.load(default_model_dir())
+
+
+def test_metadata_is_consistent(metadata: dict) -> None:
+    model_file = default_model_dir() / metadata["model_file"]
+    assert model_file.is_file()
+    assert model_file.stat().st_size < 20 * 1024 * 1024
+    assert metadata["version"].startswith(f"cxr-pneumonia-{metadata['architecture']}-")
+    assert metadata["output_names"] == ["pneumonia", "viral"]
+    assert metadata["temperature"] > 0
+    assert 0 < metadata["screening_threshold"] < metadata["high_confidence_threshold"] < 1
+    assert isinstance(metadata["seed"], int)
+    split = Path(__file__).resolve().parents[1] / metadata["split_file"]
+    assert split.is_file()
+    assert (default_model_dir() / "MODEL_CARD.md").is_file()
+
+
+def test_scorer_loads_with_metadata(scorer, metadata: dict) -> None:
+    assert scorer.version == metadata["version"]
+    assert scorer.input_size == metadata["input_size"]
+    assert scorer.temperature == pytest.approx(metadata["temperature"])
+    scores = scorer.score_batch(np.zeros((2, scorer.input_size, scorer.input_size, 1), np.float32))
+    assert len(scores) == 2
+    for score in scores:
+        assert 0.0 <= score.pneumonia_probability <= 1.0
+        assert score.viral_probability is not None and 0.0 <= score.viral_probability <= 1.0
+        expected = 1 / (1 + np.exp(-score.pneumonia_logit / scorer.temperature))
+        assert score.pneumonia_probability == pytest.approx(expected, abs=1e-6)
+
+
+def test_importing_inference_does_not_import_tensorflow() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.inference; print('tensorflow' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_training_preprocessing_equals_serving(metadata: dict) -> None:
+    from models.augment import standardise_tf
+
+    rng = np.random.default_rng(0)
+    size = metadata["input_size"]
+    greys = [rng.random((224, 224)).astype(np.float32), np.full((300, 260), 0.3, np.float32)]
+    greys.append(np.clip(rng.normal(0.5, 0.2, (180, 240)), 0, 1).astype(np.float32))
+    for grey in greys:
+        cached = resize_square(grey, size)  # what models.data caches
+        training = np.asarray(standardise_tf(cached[np.newaxis]))[0]
+        np.testing.assert_allclose(training, to_model_input(grey, size), atol=1e-4)
+
+
+def test_augmentation_is_seeded_and_in_range() -> None:
+    from models.augment import AugmentConfig, augment_tf, draw_params
+
+    grey = np.random.default_rng(1).random((4, 64, 64)).astype(np.float32)
+    first = augment_tf(grey, draw_params(np.random.default_rng(7), 4, 64, AugmentConfig()))
+    second = augment_tf(grey, draw_params(np.random.default_rng(7), 4, 64, AugmentConfig()))
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+    assert float(np.min(first)) >= 0.0 and float(np.max(first)) <= 1.0
+
+
+def test_patient_key_parsing() -> None:
+    assert data.patient_key("person1000_bacteria_2931.jpeg") == "person1000"
+    assert data.patient_key("person1000_virus_1681.jpeg") == "person1000"
+    assert data.patient_key("IM-0115-0001.jpeg") == "normal-115"
+    assert data.patient_key("NORMAL2-IM-0115-0001.jpeg") == "normal-115"
+
+
+def test_split_has_no_patient_on_both_sides() -> None:
+    _require_data()
+    samples = data.list_samples(TRAIN_DIR)
+    val_patients = data.read_split()
+    train, val = data.partition(samples, val_patients)
+    assert {s.patient for s in train}.isdisjoint({s.patient for s in val})
+    assert 0.15 <= len(val) / len(samples) <= 0.20
+    assert {s.pneumonia for s in val} == {0, 1}
+
+
+def test_duplicates_do_not_straddle_the_split() -> None:
+    import hashlib
+    from collections import defaultdict
+
+    _require_data()
+    val_patients = data.read_split()
+    sides: dict[str, set[bool]] = defaultdict(set)
+    for sample in data.list_samples(TRAIN_DIR):
+        sides[hashlib.sha256(sample.path.read_bytes()).hexdigest()].add(sample.patient in val_patients)
+    assert all(len(side) == 1 for side in sides.values())
+
+
+def test_split_is_reproducible() -> None:
+    _require_data()
+    samples = data.list_samples(TRAIN_DIR)
+    assert data.make_split(samples, seed=20240) == data.read_split()
+
+
+def _pick(folder: str, count: int) -> list[Path]:
+    files = sorted((TRAIN_DIR / folder).glob("*.jpeg"))
+    return files[:: max(1, len(files) // count)][:count]
+
+
+def test_real_images_score_in_range_and_rank(scorer) -> None:
+    _require_data()
+    normal = scorer.score_files(_pick("NORMAL", 10))
+    pneumonia = scorer.score_files(_pick("PNEUMONIA", 10))
+    for score in normal + pneumonia:
+        assert 0.0 <= score.pneumonia_probability <= 1.0
+    mean_p = np.mean([s.pneumonia_probability for s in pneumonia])
+    mean_n = np.mean([s.pneumonia_probability for s in normal])
+    assert mean_p > mean_n
+
+
+def test_batch_size_does_not_change_scores(scorer) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, scorer.input_size, scorer.input_size, 1)).astype(np.float32)
+    together = [s.pneumonia_logit for s in scorer.score_batch(x)]
+    alone = [scorer.score_batch(x[i : i + 1])[0].pneumonia_logit for i in range(len(x))]
+    np.testing.assert_allclose(together, alone, atol=1e-3)
+
+
+def test_gradcam_heatmap_shape(tmp_path: Path) -> None:
+    from models.explain import gradcam, write_overlay
+
+    grey = np.clip(np.random.default_rng(2).normal(0.5, 0.2, (200, 180)), 0, 1).astype(np.float32)
+    heatmap = gradcam(None, grey)
+    assert heatmap.shape == grey.shape
+    assert heatmap.dtype == np.float32
+    assert float(heatmap.min()) >= 0.0 and float(heatmap.max()) <= 1.0
+    out = tmp_path / "overlay.png"
+    write_overlay(grey, heatmap, out)
+    assert out.stat().st_size > 0
+
+
+def test_metrics_helpers() -> None:
+    y = np.array([0, 0, 0, 1, 1, 1])
+    assert roc_auc(y, np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])) == 1.0
+    assert roc_auc(y, np.array([0.5] * 6)) == 0.5
+    prob = np.linspace(0.01, 0.99, 200)
+    labels = (prob > 0.5).astype(int)
+    screening, high = operating_thresholds(labels, prob)
+    assert operating_point(labels, prob, screening).sensitivity >= 0.98
+    assert operating_point(labels, prob, high).specificity >= 0.95

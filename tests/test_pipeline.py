@@ -1,0 +1,212 @@
+"""Decoding and normalisation: formats by content, LUTs, and clear reasons for bad input."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.uid import JPEG2000Lossless, RLELossless
+
+from pipeline.decode import decode_file
+from pipeline.errors import FailedImage, ImageProblem, RejectedImage
+from pipeline.formats import ImageFormat, detect_file_format
+from pipeline.normalise import to_model_input
+from tests.dicom_factory import radiograph
+
+
+@pytest.fixture(scope="module")
+def film(kermany) -> np.ndarray:
+    """A real paediatric chest film, 224x224 8-bit grey."""
+    path = sorted((kermany / "PNEUMONIA").glob("*.jpeg"))[0]
+    return np.asarray(Image.open(path).convert("L"))
+
+
+def _png_with_declared_size(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares ``width`` x ``height`` but whose data is tiny."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = zlib.compress(b"\x00" * 1024)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_format_detected_from_content_not_name(tmp_path, film):
+    jpeg_named_png = tmp_path / "film.png"
+    Image.fromarray(film).save(jpeg_named_png, format="JPEG")
+    dicom_no_extension = radiograph(film.astype(np.uint16) * 16, tmp_path / "IMAGE0001")
+    upper = radiograph(film.astype(np.uint16) * 16, tmp_path / "FILM.DCM")
+    raw = radiograph(film.astype(np.uint16) * 16, tmp_path / "raw", preamble=False)
+    assert detect_file_format(jpeg_named_png) is ImageFormat.JPEG
+    assert detect_file_format(dicom_no_extension) is ImageFormat.DICOM
+    assert detect_file_format(upper) is ImageFormat.DICOM
+    assert raw.read_bytes()[128:132] != b"DICM"
+    assert detect_file_format(raw) is ImageFormat.DICOM
+    assert decode_file(raw).pixels.shape == film.shape
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "I;16"])
+def test_png_modes_decode_to_the_same_grey(tmp_path, film, mode):
+    image = Image.fromarray(film)
+    if mode == "I;16":
+        image = Image.fromarray(film.astype(np.uint16) * 257)
+    elif mode == "P":
+        image = image.convert("RGB").quantize(256)
+    else:
+        image = image.convert(mode)
+    path = tmp_path / f"film-{mode.replace(';', '')}.png"
+    image.save(path)
+    grey = decode_file(path).pixels
+    tolerance = 0.03 if mode == "P" else 1e-3  # quantised palette
+    np.testing.assert_allclose(grey, film / 255.0, atol=tolerance)
+
+
+def test_lut_pipeline_restores_display_grey(tmp_path, film):
+    """Rescale + MONOCHROME1 + 12-bit storage: after the LUTs the display grey matches the film."""
+    stored = (4095 - film.astype(np.uint16) * 16).astype(np.uint16)
+    path = radiograph(stored, tmp_path / "mono1.dcm", photometric="MONOCHROME1", slope=0.5, intercept=-100)
+    grey = decode_file(path).pixels
+    expected = (film - film.min()) / float(film.max() - film.min())
+    np.testing.assert_allclose(grey, expected, atol=1e-3)
+
+
+def test_window_is_applied(tmp_path, film):
+    stored = film.astype(np.uint16) * 16
+    path = radiograph(stored, tmp_path / "window.dcm", window=(2048, 1024))
+    grey = decode_file(path).pixels
+    assert (grey == 0).mean() > 0.01 and (grey == 1).mean() > 0.01  # clipped at both ends
+
+
+def test_inputs_from_every_container_agree(tmp_path, film):
+    """Same pixels, any container: identical model input up to lossy-JPEG noise."""
+    reference = to_model_input(film / 255.0, 160)
+    stored12 = film.astype(np.uint16) * 16
+    files = {
+        "png8": tmp_path / "a.png",
+        "png16": tmp_path / "b.png",
+        "mono2": radiograph(stored12, tmp_path / "c.dcm"),
+        "mono1": radiograph(4095 - stored12, tmp_path / "d.dcm", photometric="MONOCHROME1"),
+        "j2k": radiograph(stored12, tmp_path / "e.dcm", syntax=JPEG2000Lossless),
+        "rle": radiograph(stored12, tmp_path / "f.dcm", syntax=RLELossless, slope=2.0, intercept=-500),
+    }
+    Image.fromarray(film).save(files["png8"])
+    Image.fromarray(film.astype(np.uint16) * 257).save(files["png16"])
+    for name, path in files.items():
+        tensor = to_model_input(decode_file(path).pixels, 160)
+        np.testing.assert_allclose(tensor, reference, atol=1e-3, err_msg=name)
+
+
+# --- bad input: rejected (out of scope) -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "fragment"),
+    [
+        ({"modality": "CT"}, "modality CT"),
+        ({"view": "LL"}, "lateral"),
+        ({"body_part": "SKULL"}, "body part SKULL"),
+        ({"photometric": "RGB"}, "colour"),
+        ({"frames": 3}, "multi-frame"),
+    ],
+)
+def test_out_of_scope_dicom_is_rejected(tmp_path, film, header, fragment):
+    path = radiograph(film.astype(np.uint16) * 16, tmp_path / "x.dcm", **header)
+    with pytest.raises(RejectedImage, match=fragment):
+        decode_file(path)
+
+
+def test_small_and_colour_rasters_are_rejected(tmp_path, film):
+    Image.fromarray(film[:100, :100]).save(tmp_path / "small.png")
+    colour = np.stack([film, np.roll(film, 40, axis=1), 255 - film], axis=-1)
+    Image.fromarray(colour.astype(np.uint8)).save(tmp_path / "colour.jpg", quality=90)
+    with pytest.raises(RejectedImage, match="too small"):
+        decode_file(tmp_path / "small.png")
+    with pytest.raises(RejectedImage, match="colour"):
+        decode_file(tmp_path / "colour.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(RejectedImage, match="not a DICOM, PNG or JPEG"):
+        decode_file(tmp_path / "notes.txt")
+
+
+# --- bad input: failed (unreadable) ---------------------------------------------------------------
+
+
+def test_empty_and_truncated_files_fail(tmp_path, film):
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    buffer = io.BytesIO()
+    Image.fromarray(film).save(buffer, format="JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    Image.fromarray(film).save(tmp_path / "whole.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:3000])
+    dicom = radiograph(film.astype(np.uint16) * 16, tmp_path / "whole.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(dicom[: len(dicom) - 5000])
+    for name in ("empty.dcm", "cut.jpg", "cut.png", "cut.dcm"):
+        with pytest.raises(FailedImage) as problem:
+            decode_file(tmp_path / name)
+        assert problem.value.reason, name
+
+
+def test_bit_flipped_dicom_never_crashes(tmp_path, film):
+    original = bytearray(radiograph(film.astype(np.uint16) * 16, tmp_path / "ok.dcm").read_bytes())
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        damaged = bytearray(original)
+        for offset in rng.integers(0, 1200, size=8):
+            damaged[offset] ^= 0xFF
+        path = tmp_path / f"flip{trial}.dcm"
+        path.write_bytes(bytes(damaged))
+        try:
+            decode_file(path)
+        except ImageProblem as problem:
+            assert problem.reason
+
+
+def test_png_bomb_refused_before_allocation(tmp_path):
+    path = _png_with_declared_size(tmp_path / "bomb.png", 200_000, 200_000)
+    with pytest.raises(FailedImage, match="bomb"):
+        decode_file(path)
+
+
+def test_dicom_bomb_refused_before_allocation(tmp_path, film):
+    path = radiograph(film.astype(np.uint16) * 16, tmp_path / "bomb.dcm")
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 65535, 65535, 1
+    ds.save_as(path)
+    with pytest.raises(FailedImage, match="decode limit"):
+        decode_file(path)
+
+
+def test_pixel_data_shorter_than_header_fails(tmp_path, film):
+    import pydicom
+
+    path = radiograph(film.astype(np.uint16) * 16, tmp_path / "short.dcm")
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    ds.save_as(path)
+    with pytest.raises(FailedImage, match="does not match the header"):
+        decode_file(path)
+
+
+def test_undecodable_transfer_syntax_fails(tmp_path, film):
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    path = radiograph(film.astype(np.uint16) * 16, tmp_path / "jxl.dcm")
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.110"  # JPEG XL: no decoder here
+    ds.PixelData = encapsulate([b"\xff\x0a" + b"\x00" * 64])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(FailedImage, match="cannot be decoded|cannot decode"):
+        decode_file(path)
