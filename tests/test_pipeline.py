@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.uid import JPEG2000Lossless, RLELossless
+from pydicom.uid import JPEG2000MC, JPEG2000Lossless, RLELossless
 
 from pipeline.decode import decode_file
 from pipeline.errors import FailedImage, ImageProblem, RejectedImage
@@ -204,7 +204,7 @@ def test_undecodable_transfer_syntax_fails(tmp_path, film):
 
     path = radiograph(film.astype(np.uint16) * 16, tmp_path / "jxl.dcm")
     ds = pydicom.dcmread(path)
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.110"  # JPEG XL: no decoder here
+    ds.file_meta.TransferSyntaxUID = JPEG2000MC  # JPEG 2000 Part 2 multi-component: no decoder here
     ds.PixelData = encapsulate([b"\xff\x0a" + b"\x00" * 64])
     ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)
