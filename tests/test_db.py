@@ -1,0 +1,113 @@
+"""Queue transitions and the worklist, on SQLite and on the real PostgreSQL server."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select, update
+
+from db import queue
+from db.engine import session_scope
+from db.migrate import upgrade
+from db.queue import FileSeen, ScoreRecord
+from db.schema import Image, ImageStatus, Score, SourceFile, utcnow
+from db.worklist import build_worklist
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request):
+    value = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+    upgrade(value)
+    return value
+
+
+def _score(p: float, version: str = "m1") -> ScoreRecord:
+    return ScoreRecord(version, p, 0.0, 0.3, screening_threshold=0.2, high_confidence_threshold=0.8)
+
+
+def _register(url: str, path: str, sha: str) -> int:
+    with session_scope(url) as session:
+        image_id, _ = queue.register(session, FileSeen(path, 10, 1), sha)
+    return image_id
+
+
+def test_same_content_two_paths_is_one_image(url):
+    first = _register(url, "/drop/a.dcm", "a" * 64)
+    second = _register(url, "/archive/copy-of-a.dcm", "a" * 64)
+    assert first == second
+    with session_scope(url) as session:
+        assert session.scalar(select(func.count()).select_from(SourceFile)) == 2
+        entry = build_worklist(session)[0]
+    assert entry.paths == ["/drop/a.dcm", "/archive/copy-of-a.dcm"]
+
+
+def test_score_written_once_when_delivered_twice(url):
+    image_id = _register(url, "/drop/a.dcm", "b" * 64)
+    with session_scope(url) as session:
+        claimed, _ = queue.claim(session, [image_id], lease_seconds=60)
+    assert claimed == [image_id]
+    for _ in range(2):  # a redelivered task writes the same result again
+        with session_scope(url) as session:
+            queue.record_score(session, image_id, _score(0.9))
+    with session_scope(url) as session:
+        assert session.scalar(select(func.count()).select_from(Score)) == 1
+        assert session.get(Image, image_id).status == ImageStatus.SCORED
+        # a second claim of a final image takes nothing
+        assert queue.claim(session, [image_id], 60) == ([], [])
+
+
+def test_lease_expiry_and_attempt_limit(url):
+    image_id = _register(url, "/drop/killer.dcm", "c" * 64)
+    for attempt in range(1, queue.MAX_ATTEMPTS + 1):
+        with session_scope(url) as session:
+            claimed, exhausted = queue.claim(session, [image_id], lease_seconds=60)
+            assert claimed == [image_id] and not exhausted
+            # a live lease cannot be claimed twice
+            assert queue.claim(session, [image_id], 60) == ([], [])
+            # the worker dies: the lease runs out
+            session.execute(update(Image).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        with session_scope(url) as session:
+            assert queue.requeue_expired(session) == [image_id]
+            assert session.get(Image, image_id).attempts == attempt
+    with session_scope(url) as session:
+        claimed, exhausted = queue.claim(session, [image_id], 60)
+        assert claimed == [] and exhausted == [image_id]
+        image = session.get(Image, image_id)
+        assert image.status == ImageStatus.FAILED and "interrupted 3 times" in image.reason
+
+
+def test_unchanged_files_are_found_without_hashing(url):
+    _register(url, "/drop/a.dcm", "d" * 64)
+    with session_scope(url) as session:
+        same = queue.find_unchanged(session, [FileSeen("/drop/a.dcm", 10, 1)])
+        touched = queue.find_unchanged(session, [FileSeen("/drop/a.dcm", 10, 2)])
+    assert list(same) == ["/drop/a.dcm"] and touched == {}
+
+
+def test_worklist_order_and_aging(url):
+    names = ("high", "screen", "low-fresh", "low-old", "failed", "queued")
+    ids = {name: _register(url, f"/drop/{name}", f"{n:x}" * 64) for n, name in enumerate(names)}
+    with session_scope(url) as session:
+        queue.claim(session, list(ids.values()), 60)
+        queue.record_score(session, ids["high"], _score(0.95))
+        queue.record_score(session, ids["screen"], _score(0.4))
+        queue.record_score(session, ids["low-fresh"], _score(0.05))
+        queue.record_score(session, ids["low-old"], _score(0.05))
+        queue.record_problem(session, ids["failed"], ImageStatus.FAILED, "truncated image data")
+        queue.release(session, [ids["queued"]])
+        # low-old arrived 30 days ago: aging (10 points a day) lifts it above a fresh 0.95
+        session.execute(
+            update(Image)
+            .where(Image.id == ids["low-old"])
+            .values(first_seen_at=utcnow() - timedelta(days=30))
+        )
+    with session_scope(url) as session:
+        order = [entry.path.removeprefix("/drop/") for entry in build_worklist(session)]
+        assert order == ["low-old", "high", "screen", "low-fresh", "failed", "queued"]
+        failed = build_worklist(session, status="failed")
+        assert [e.reason for e in failed] == ["truncated image data"]
+        assert queue.mark_reviewed(session, "0" * 10, "dr-x") == 1
+    with session_scope(url) as session:
+        order = [entry.path.removeprefix("/drop/") for entry in build_worklist(session)]
+        assert order[-1] == "high"
