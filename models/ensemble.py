@@ -26,7 +26,8 @@ def _load(model_dir: Path):
     import models.architectures  # noqa: F401  registers custom layers
 
     metadata = json.loads((model_dir / "metadata.json").read_text())
-    return keras.models.load_model(model_dir / metadata.get("model_file", MODEL_FILE), compile=False), metadata
+    model = keras.models.load_model(model_dir / metadata.get("model_file", MODEL_FILE), compile=False)
+    return model, metadata
 
 
 def build_ensemble(model_dirs: list[Path]):

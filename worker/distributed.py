@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from datetime import timedelta
 
 from rich.console import Console
+from sqlalchemy import select
 
 from db import queue
 from db.engine import session_scope
@@ -81,6 +82,22 @@ def wait_until_final(
         time.sleep(poll_s)
 
 
+def _not_in_flight(settings: Settings, pending: list[int], new_images: set[int]) -> list[int]:
+    """New images, plus unfinished ones nobody has touched for a lease (their message may be lost).
+
+    Images queued recently by an earlier run are already on their way: not sent twice.
+    """
+    from db.schema import utcnow
+
+    older = [i for i in pending if i not in new_images]
+    if not older:
+        return pending
+    cutoff = utcnow() - timedelta(seconds=settings.lease_seconds)
+    with session_scope(settings.database_url) as session:
+        stale = set(session.scalars(select(Image.id).where(Image.id.in_(older), Image.updated_at < cutoff)))
+    return [i for i in pending if i in new_images or i in stale]
+
+
 def scan_distributed(
     settings: Settings,
     roots: list[str],
@@ -93,22 +110,25 @@ def scan_distributed(
     """Register files and enqueue the unfinished ones in batches; optionally wait for them."""
     summary = ScanSummary()
     enqueued: list[int] = []
+    unfinished: list[int] = []
     with DecodePool(settings.decode_workers) as pool, progress_bar(console, progress) as bar:
         task = bar.add_task("registering", total=None)
         for files in chunked(iter_files(roots, follow_symlinks), CHUNK_FILES):
             summary.files += len(files)
             pending = register_chunk(settings.database_url, files, pool.hash_many, summary)
-            if pending:
-                enqueue(settings.broker_url, pending, settings.batch_size)
-                enqueued.extend(pending)
+            unfinished.extend(pending)
+            to_send = _not_in_flight(settings, pending, summary.new_images)
+            if to_send:
+                enqueue(settings.broker_url, to_send, settings.batch_size)
+                enqueued.extend(to_send)
             bar.advance(task, len(files))
         bar.update(task, total=summary.files)
         console.print(f"enqueued {len(enqueued)} image(s) for the workers")
-        summary.outcomes["queued"] = len(enqueued)
-        if wait and enqueued:
-            wait_task = bar.add_task("waiting for workers", total=len(enqueued))
+        summary.outcomes["queued"] = len(unfinished)
+        if wait and unfinished:
+            wait_task = bar.add_task("waiting for workers", total=len(unfinished))
             counts = wait_until_final(
-                settings, enqueued, on_progress=lambda d: bar.update(wait_task, completed=d)
+                settings, unfinished, on_progress=lambda d: bar.update(wait_task, completed=d)
             )
             summary.outcomes = Counter(counts)
     return summary

@@ -78,6 +78,8 @@ class ScanSummary:
     files: int = 0
     skipped: int = 0
     duplicates: int = 0
+    #: Images first registered by this run (a distributed scan sends these at once).
+    new_images: set[int] = field(default_factory=set)
     outcomes: Counter = field(default_factory=Counter)
 
     @property
@@ -106,6 +108,8 @@ def register_chunk(
     with session_scope(database_url) as session:
         for seen, digest in zip(to_hash, hashes, strict=True):
             image_id, is_new = queue.register(session, seen, digest or unreadable_key(seen))
+            if is_new:
+                summary.new_images.add(image_id)
             if digest is None:
                 unreadable.append(image_id)
             elif not is_new and image_id not in candidates:

@@ -1,0 +1,118 @@
+"""Comparison table of trained model folders on the same patient-wise validation split.
+
+For each folder: parameters, file size, training wall time, validation ROC AUC, sensitivity
+and specificity at its own validation-fitted thresholds, bacterial-vs-viral AUC, the
+stress-test AUCs (:mod:`models.robustness`) and CPU throughput at batch 32. Optionally a
+test-time-augmentation row (original + small zooms) for the first folder.
+
+Run: ``python -m models.compare .work/runs/baseline128 .work/runs/resnet128 ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from models.metrics import fit_temperature, operating_point, operating_thresholds, roc_auc
+
+
+def _figures(y: np.ndarray, v: np.ndarray, p: np.ndarray, vl: np.ndarray) -> dict:
+    temperature = fit_temperature(y, p)
+    prob = 1 / (1 + np.exp(-p / temperature))
+    screening, high = operating_thresholds(y, prob)
+    s, h = operating_point(y, prob, screening), operating_point(y, prob, high)
+    mask = v >= 0
+    return {
+        "auc": round(roc_auc(y, p), 4),
+        "screen_sens": round(s.sensitivity, 4),
+        "screen_spec": round(s.specificity, 4),
+        "high_sens": round(h.sensitivity, 4),
+        "high_spec": round(h.specificity, 4),
+        "viral_auc": round(roc_auc(v[mask], vl[mask]), 4),
+    }
+
+
+def tta_logits(model_dir: Path, zooms: tuple[float, ...] = (1.0, 1.06, 1.12)) -> tuple[np.ndarray, ...]:
+    """Validation logits averaged over centre crops (zoom-ins) of the validation images."""
+    import tensorflow as tf
+
+    from models.augment import standardise_tf
+    from models.ensemble import _load, validation_logits
+
+    model, metadata = _load(model_dir)
+    size = metadata["input_size"]
+
+    class Zoomed:
+        def __init__(self, zoom: float) -> None:
+            self.zoom = zoom
+
+        def __call__(self, x, training=False):
+            side = int(round(size / self.zoom))
+            img = tf.image.resize_with_crop_or_pad(tf.convert_to_tensor(x), side, side)
+            img = tf.image.resize(img, (size, size), method="bilinear", antialias=True)
+            return model(standardise_tf(img[..., 0]), training=False)
+
+    runs = [validation_logits(Zoomed(z), size) for z in zooms]
+    y, v = runs[0][0], runs[0][1]
+    return y, v, np.mean([r[2] for r in runs], axis=0), np.mean([r[3] for r in runs], axis=0)
+
+
+def row(model_dir: Path, with_stress: bool = True) -> dict:
+    """All comparison figures of one model folder."""
+    from bench.bench_inference import measure
+    from models.robustness import stress_test
+    from pipeline.inference import Scorer
+
+    metadata = json.loads((model_dir / "metadata.json").read_text())
+    logits = np.load(model_dir / "val_logits.npz")
+    scorer = Scorer.load(model_dir)
+    result = {
+        "model": model_dir.name,
+        "version": metadata["version"],
+        "params": int(scorer._model.count_params()),
+        "size_mb": round((model_dir / metadata["model_file"]).stat().st_size / 2**20, 2),
+        "train_min": round(metadata["training_wall_seconds"] / 60, 1),
+        **_figures(logits["y"], logits["v"], logits["p"], logits["vl"]),
+        "img_per_s_b32": round(measure(scorer, 32, seconds=2.0), 0),
+    }
+    if with_stress:
+        stress = stress_test(model_dir)["results"]
+        result["stress_mean_auc"] = stress["mean_perturbed_auc"]
+        result["stress_min_auc"] = stress["min_perturbed_auc"]
+        result["stress"] = stress
+    return result
+
+
+def markdown(rows: list[dict]) -> str:
+    """Markdown table of comparison rows."""
+    cols = [
+        "model", "params", "size_mb", "train_min", "auc", "screen_sens", "screen_spec",
+        "high_sens", "high_spec", "viral_auc", "stress_mean_auc", "stress_min_auc", "img_per_s_b32",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dirs", nargs="+", type=Path)
+    parser.add_argument("--tta", action="store_true", help="also a zoom-TTA row for the first folder")
+    parser.add_argument("--no-stress", action="store_true")
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows = [row(d, not args.no_stress) for d in args.model_dirs]
+    if args.tta:
+        tta = _figures(*tta_logits(args.model_dirs[0]))
+        rows.append({"model": f"{args.model_dirs[0].name} + zoom TTA x3", **tta})
+    print(markdown(rows))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Distributed mode against the real servers: Redis broker, PostgreSQL, real worker processes.
+
+Every test here starts real ``cxr-triage worker`` / ``watch`` / ``scan`` processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from db.engine import session_scope
+from db.schema import FINAL_STATUSES, Image, ImageStatus, Score
+from tests.conftest import copy_into, kermany_files
+
+pytestmark = pytest.mark.services
+
+CLI = str(Path(sys.executable).parent / "cxr-triage")
+DEADLINE_S = 240
+
+
+def _env(pg_url: str, redis_url: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "CXR_TRIAGE_DATABASE_URL": pg_url,
+            "CXR_TRIAGE_BROKER_URL": redis_url,
+            "CXR_TRIAGE_LEASE_SECONDS": "20",
+            "CXR_TRIAGE_DECODE_WORKERS": "1",
+            "CXR_TRIAGE_LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    handle = open(log, "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [CLI, *args], env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _states(url: str) -> dict[str, int]:
+    with session_scope(url) as session:
+        return dict(session.execute(select(Image.status, func.count()).group_by(Image.status)).all())
+
+
+def _wait_final(url: str, expected: int, deadline_s: float = DEADLINE_S) -> dict[str, int]:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        states = _states(url)
+        if sum(states.values()) >= expected and all(s in FINAL_STATUSES for s in states):
+            return states
+        time.sleep(1)
+    pytest.fail(f"not all files final after {deadline_s} s: {_states(url)}")
+
+
+def _assert_exactly_once(url: str) -> None:
+    with session_scope(url) as session:
+        per_image = session.execute(select(Score.image_id, func.count()).group_by(Score.image_id)).all()
+        scored = session.scalar(select(func.count()).where(Image.status == ImageStatus.SCORED))
+    assert all(count == 1 for _, count in per_image), "an image was scored twice"
+    assert len(per_image) == scored
+
+
+def _scores_by_hash(url: str) -> dict[str, float]:
+    with session_scope(url) as session:
+        rows = session.execute(select(Image.sha256, Score.pneumonia_probability).join(Score)).all()
+    return dict(rows)
+
+
+@pytest.fixture
+def cluster(pg_url, redis_url, tmp_path, model_dir):
+    """A supervised worker process on the real Redis and PostgreSQL."""
+    env = _env(pg_url, redis_url)
+    subprocess.run([CLI, "db", "upgrade"], env=env, check=True, capture_output=True)
+    worker = _start(["worker", "--processes", "1"], env, tmp_path / "worker.log")
+    yield env
+    _stop(worker)
+
+
+def _write_slowly(source: Path, target: Path, chunks: int = 4, pause_s: float = 0.6) -> None:
+    data = source.read_bytes()
+    step = len(data) // chunks + 1
+    with open(target, "wb") as handle:
+        for start in range(0, len(data), step):
+            handle.write(data[start : start + step])
+            handle.flush()
+            time.sleep(pause_s)
+
+
+def test_watched_folder_scores_each_file_once_like_embedded(
+    cluster, pg_url, sqlite_url, kermany, dicom_dir, tmp_path
+):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    watcher = _start(["watch", str(drop), "--stable-seconds", "1"], cluster, tmp_path / "watch.log")
+    time.sleep(3)  # let the observer start
+    files = kermany_files(kermany, "NORMAL", 4) + kermany_files(kermany, "PNEUMONIA", 6)
+    copy_into(files[:7], drop)
+    for source in files[7:]:  # written slowly, in chunks, as a network copy would
+        _write_slowly(source, drop / source.name)
+    chest = dicom_dir / "nema-wg4-compsamples-RG1-RG3__pydicom-data-pypi" / "RG1_J2KR.dcm"
+    copy_into([chest, dicom_dir / "edge-cases__pydicom-testfiles" / "test-SR.dcm"], drop)
+    (drop / "broken.dcm").write_bytes(chest.read_bytes()[:4000])
+    states = _wait_final(pg_url, expected=13)
+    _stop(watcher)
+    assert states.get("scored") == 11 and states.get("rejected") == 1 and states.get("failed") == 1
+    _assert_exactly_once(pg_url)
+
+    # the same files through the embedded path give the same scores
+    embedded = subprocess.run(
+        [CLI, "scan", str(drop), "--database-url", sqlite_url, "--no-progress"],
+        env={**os.environ, "CXR_TRIAGE_BROKER_URL": ""},
+        capture_output=True,
+        text=True,
+    )
+    assert embedded.returncode == 0, embedded.stderr
+    distributed, local = _scores_by_hash(pg_url), _scores_by_hash(sqlite_url)
+    assert distributed.keys() == local.keys()
+    for sha, score in local.items():
+        assert abs(distributed[sha] - score) < 1e-4
+
+
+def test_watcher_picks_up_files_dropped_while_it_was_down(cluster, pg_url, kermany, tmp_path):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    watcher = _start(["watch", str(drop)], cluster, tmp_path / "watch.log")
+    time.sleep(3)
+    copy_into(kermany_files(kermany, "NORMAL", 2), drop)
+    _wait_final(pg_url, expected=2)
+    _stop(watcher)
+    copy_into(kermany_files(kermany, "PNEUMONIA", 3), drop)  # nobody is watching
+    time.sleep(1)
+    assert sum(_states(pg_url).values()) == 2
+    watcher = _start(["watch", str(drop)], cluster, tmp_path / "watch.log")
+    states = _wait_final(pg_url, expected=5)
+    _stop(watcher)
+    assert states == {"scored": 5}
+    _assert_exactly_once(pg_url)
+
+
+def _celery_pids(supervisor_env_marker: str) -> list[int]:
+    out = subprocess.run(
+        ["pgrep", "-f", "celery -A worker.celery_app worker"], capture_output=True, text=True
+    )
+    return [int(pid) for pid in out.stdout.split()]
+
+
+def test_worker_killed_mid_batch_loses_and_doubles_nothing(cluster, pg_url, kermany, tmp_path):
+    tree = tmp_path / "archive"
+    files = kermany_files(kermany, "PNEUMONIA", 48) + kermany_files(kermany, "NORMAL", 16)
+    copy_into(files, tree)
+    scan = subprocess.run(
+        [CLI, "scan", str(tree), "--no-progress"], env=cluster, capture_output=True, text=True
+    )
+    assert scan.returncode == 0, scan.stderr
+    # wait until a batch is in the worker's hands, then kill it without warning
+    end = time.monotonic() + 120
+    while _states(pg_url).get("processing", 0) == 0:
+        assert time.monotonic() < end, "the worker never started a batch"
+        time.sleep(0.2)
+    pids = _celery_pids("")
+    assert pids, "no celery worker process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    states = _wait_final(pg_url, expected=64)
+    assert states == {"scored": 64}
+    _assert_exactly_once(pg_url)
+    with session_scope(pg_url) as session:
+        assert session.scalar(select(func.max(Image.attempts))) >= 2  # the killed batch really was redone
+
+
+def test_backlog_scan_twice_enqueues_nothing_the_second_time(cluster, pg_url, kermany, tmp_path):
+    tree = tmp_path / "archive"
+    copy_into(kermany_files(kermany, "NORMAL", 5), tree / "2024")
+    copy_into(kermany_files(kermany, "PNEUMONIA", 5), tree / "2025")
+    first = subprocess.run(
+        [CLI, "scan", str(tree), "--wait", "--no-progress"],
+        env=cluster,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+    assert first.returncode == 0, first.stderr
+    assert "enqueued 10 image(s)" in first.stderr
+    assert _states(pg_url) == {"scored": 10}
+    second = subprocess.run(
+        [CLI, "scan", str(tree), "--no-progress"], env=cluster, capture_output=True, text=True
+    )
+    assert "enqueued 0 image(s)" in second.stderr
+    assert "10 skipped" in second.stderr
