@@ -95,7 +95,9 @@ def out_of_scope_reasons(attrs: DicomAttributes) -> list[str]:
     reasons = []
     low, high = VALIDATED_AGE_YEARS
     age = attrs.patient_age_years
-    if age is not None and not low <= age <= high + 1:  # "5 years" includes 5y 11m
+    if age is None:
+        reasons.append("patient age not recorded")
+    elif not low <= age < high + 1:  # "5 years" includes 5 years 11 months
         reasons.append(f"patient age {age:.1f} years is outside the validated {low:.0f}-{high:.0f} years")
     if attrs.view_position is None:
         reasons.append("view position not recorded")

@@ -210,3 +210,22 @@ def test_undecodable_transfer_syntax_fails(tmp_path, film):
     ds.save_as(path, enforce_file_format=True)
     with pytest.raises(FailedImage, match="cannot be decoded|cannot decode"):
         decode_file(path)
+
+
+@pytest.mark.parametrize(
+    ("age", "view", "flags"),
+    [
+        ("003Y", "AP", []),
+        ("030M", "PA", []),
+        ("045Y", "PA", ["age 45.0"]),
+        (None, "AP", ["age not recorded"]),
+        ("004Y", None, ["view position not recorded"]),
+        ("006M", "AP", ["age 0.5"]),
+    ],
+)
+def test_out_of_scope_flags(tmp_path, film, age, view, flags):
+    from pipeline.dicom import out_of_scope_reasons
+
+    decoded = decode_file(radiograph(film.astype(np.uint16) * 16, tmp_path / "x.dcm", age=age, view=view))
+    reasons = out_of_scope_reasons(decoded.dicom)
+    assert len(reasons) == len(flags) and all(f in r for f, r in zip(flags, reasons, strict=True))

@@ -1,0 +1,168 @@
+"""The product as a new user meets it: `cxr-triage scan` on a mixed folder, then the worklist."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from tests.conftest import kermany_files
+from tests.test_pipeline import _png_with_declared_size
+
+CLI = str(Path(sys.executable).parent / "cxr-triage")
+FINAL = {"scored", "rejected", "failed"}
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CXR_TRIAGE_")}
+    environ.update(env or {})
+    return subprocess.run([CLI, *args], capture_output=True, text=True, env=environ, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory, kermany, dicom_dir) -> Path:
+    folder = tmp_path_factory.mktemp("drop")
+    for source in kermany_files(kermany, "NORMAL", 3) + kermany_files(kermany, "PNEUMONIA", 3):
+        shutil.copyfile(source, folder / source.name)
+    film = np.asarray(Image.open(kermany_files(kermany, "PNEUMONIA", 4)[3]).convert("L"))
+    Image.fromarray(film.astype(np.uint16) * 257).save(folder / "film16.png")
+    (folder / "copies").mkdir()
+    shutil.copyfile(folder / "film16.png", folder / "copies" / "same-content.png")
+    for relative in (
+        "nema-wg4-compsamples-RG1-RG3__pydicom-data-pypi/RG1_J2KI.dcm",
+        "fo-dicom-testdata__dcmfx/CR-MONO1-10-chest.dcm",
+        "siim-acr-pneumothorax__mlmed-torchxrayvision/Fake_MONOHR1.dcm",
+        "edge-cases__pydicom-testfiles/test-SR.dcm",
+        "edge-cases__pydicom-testfiles/CT_small.dcm",
+        "edge-cases__pydicom-data-pypi/emri_small_jpeg_2k_lossless_too_short.dcm",
+    ):
+        shutil.copyfile(dicom_dir / relative, folder / Path(relative).name.upper().replace(".DCM", ""))
+    (folder / "empty.dcm").write_bytes(b"")
+    (folder / "cut.jpeg").write_bytes((folder / "film16.png").read_bytes()[:2000])
+    (folder / "README.txt").write_text("scanner notes")
+    _png_with_declared_size(folder / "bomb.png", 300_000, 300_000)
+    (folder / "upload.part").write_bytes(b"still copying")  # temporary name: ignored
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scanned(mixed_folder, tmp_path_factory):
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'w.sqlite3'}"
+    first = run("scan", str(mixed_folder), "--database-url", url)
+    listing = run("worklist", "--format", "json", "--database-url", url)
+    return url, first, json.loads(listing.stdout)
+
+
+def test_every_file_ends_final_with_a_reason(scanned, mixed_folder):
+    _, first, rows = scanned
+    assert first.returncode == 0, first.stderr
+    assert re.search(
+        r"19 files: 10 scored, 4 rejected, 4 failed, 0 skipped .* 1 duplicate content", first.stderr
+    )
+    listed = {path for row in rows for path in row["paths"]}
+    on_disk = {str(p) for p in mixed_folder.rglob("*") if p.is_file() and not p.name.endswith(".part")}
+    assert listed == on_disk
+    for row in rows:
+        assert row["status"] in FINAL
+        if row["status"] == "scored":
+            assert 0.0 <= row["score"] <= 1.0 and row["model_version"] and row["threshold"] is not None
+        else:
+            assert row["reason"], row
+    reasons = {Path(r["path"]).name: r["reason"] for r in rows if r["reason"]}
+    assert "no pixel data" in reasons["TEST-SR"]
+    assert "modality CT" in reasons["CT_SMALL"]
+    assert reasons["empty.dcm"] == "empty file"
+    assert "bomb" in reasons["bomb.png"]
+    assert "not a DICOM, PNG or JPEG" in reasons["README.txt"]
+
+
+def test_worklist_is_in_priority_order_with_dicom_identifiers(scanned):
+    _, _, rows = scanned
+    scored = [r for r in rows if r["status"] == "scored"]
+    assert rows[: len(scored)] == scored, "scored films come first"
+    priorities = [r["priority"] for r in scored]
+    assert priorities == sorted(priorities, reverse=True)
+    dicom_rows = [r for r in scored if r["source_format"] == "dicom"]
+    assert len(dicom_rows) == 3
+    assert all(r["study_uid"] and r["sop_uid"] for r in dicom_rows)
+    assert all(r["out_of_scope"] for r in dicom_rows)  # adults / no view recorded: flagged
+    duplicate = next(r for r in rows if len(r["paths"]) == 2)
+    assert {Path(p).name for p in duplicate["paths"]} == {"film16.png", "same-content.png"}
+
+
+def test_second_scan_scores_nothing(scanned, mixed_folder):
+    url, _, _ = scanned
+    again = run("scan", str(mixed_folder), "--database-url", url, "--no-progress")
+    assert again.returncode == 0
+    assert re.search(r"19 files: 0 scored, 0 rejected, 0 failed, 19 skipped", again.stderr)
+
+
+def test_table_and_csv_formats(scanned):
+    url, _, rows = scanned
+    table = run("worklist", "--database-url", url, "--limit", "3")
+    assert table.returncode == 0 and "not a diagnostic device" in table.stderr
+    csv_out = run("worklist", "--format", "csv", "--database-url", url, "--status", "failed")
+    lines = csv_out.stdout.strip().splitlines()
+    assert lines[0].startswith("path,sha256,status,reason,score") and len(lines) == 1 + 4
+
+
+def test_env_var_configures_database(mixed_folder, tmp_path):
+    url = f"sqlite:///{tmp_path / 'env.sqlite3'}"
+    result = run("worklist", "--format", "json", env={"CXR_TRIAGE_DATABASE_URL": url})
+    assert result.returncode == 0 and json.loads(result.stdout) == []
+    assert Path(tmp_path / "env.sqlite3").exists()
+
+
+def _identifying_values(dicom_dir: Path) -> set[str]:
+    keywords = (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "AccessionNumber",
+        "OtherPatientIDs",
+        "InstitutionName",
+        "ReferringPhysicianName",
+        "StudyInstanceUID",
+        "SOPInstanceUID",
+    )
+    values = set()
+    for path in dicom_dir.rglob("*"):
+        if not path.is_file() or path.suffix in (".tsv", ".csv", ".md"):
+            continue
+        try:
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+            for keyword in keywords:
+                value = str(ds.get(keyword, "") or "").strip()
+                if len(value) >= 4:
+                    values.add(value)
+        except Exception:  # noqa: BLE001 - unreadable headers have nothing to leak
+            continue
+    return values
+
+
+def test_debug_logs_hold_no_patient_identifiers(dicom_dir, tmp_path):
+    values = _identifying_values(dicom_dir)
+    assert len(values) > 20
+    result = run(
+        "scan",
+        str(dicom_dir),
+        "--database-url",
+        f"sqlite:///{tmp_path / 'p.sqlite3'}",
+        "--log-level",
+        "DEBUG",
+        "--no-progress",
+    )
+    assert result.returncode == 0
+    logs = result.stdout + result.stderr
+    assert "scored" in logs and "rejected" in logs  # debug lines were written
+    leaked = sorted(v for v in values if v in logs)
+    assert leaked == []
