@@ -90,7 +90,7 @@ def redis_url() -> str:
 def model_dir() -> Path:
     from models import default_model_dir
 
-    path = default_model_dir()
+    path = Path(os.environ.get("CXR_TRIAGE_MODEL_DIR") or default_model_dir())
     if not (path / "metadata.json").is_file():
         pytest.fail("the shipped model is missing from models/shipped")
     return path
