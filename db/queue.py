@@ -104,14 +104,16 @@ def pending_ids(session: Session, image_ids: Iterable[int]) -> list[int]:
     )
 
 
-def _claimable(now: datetime):
-    return or_(
-        Image.status == ImageStatus.QUEUED,
-        and_(Image.status == ImageStatus.PROCESSING, Image.lease_expires_at < now),
-    )
+def _claimable(now: datetime, owner: str | None = None):
+    lease_gone = Image.lease_expires_at < now
+    if owner is not None:
+        lease_gone = or_(lease_gone, Image.lease_owner == owner)
+    return or_(Image.status == ImageStatus.QUEUED, and_(Image.status == ImageStatus.PROCESSING, lease_gone))
 
 
-def claim(session: Session, image_ids: Sequence[int], lease_seconds: float) -> tuple[list[int], list[int]]:
+def claim(
+    session: Session, image_ids: Sequence[int], lease_seconds: float, owner: str | None = None
+) -> tuple[list[int], list[int]]:
     """Take ``image_ids`` for processing. Returns (claimed ids, ids failed for too many attempts).
 
     A claim increments ``attempts``; an image claimed :data:`MAX_ATTEMPTS` times
@@ -123,7 +125,7 @@ def claim(session: Session, image_ids: Sequence[int], lease_seconds: float) -> t
     exhausted = list(
         session.scalars(
             update(Image)
-            .where(Image.id.in_(image_ids), _claimable(now), Image.attempts >= MAX_ATTEMPTS)
+            .where(Image.id.in_(image_ids), _claimable(now, owner), Image.attempts >= MAX_ATTEMPTS)
             .values(
                 status=ImageStatus.FAILED,
                 finished_at=now,
@@ -138,9 +140,10 @@ def claim(session: Session, image_ids: Sequence[int], lease_seconds: float) -> t
     claimed = list(
         session.scalars(
             update(Image)
-            .where(Image.id.in_(image_ids), _claimable(now))
+            .where(Image.id.in_(image_ids), _claimable(now, owner))
             .values(
                 status=ImageStatus.PROCESSING,
+                lease_owner=owner,
                 attempts=Image.attempts + 1,
                 updated_at=now,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),

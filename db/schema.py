@@ -57,6 +57,8 @@ class Image(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_expires_at: Mapped[datetime | None]
+    #: Who holds the lease (a Celery task id): a retried or redelivered task may take its own images back.
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     source_format: Mapped[str | None] = mapped_column(String(16))
     # DICOM attributes; identifiers are stored for the worklist, never logged.

@@ -111,3 +111,13 @@ def test_worklist_order_and_aging(url):
     with session_scope(url) as session:
         order = [entry.path.removeprefix("/drop/") for entry in build_worklist(session)]
         assert order[-1] == "high"
+
+
+def test_a_retried_task_takes_back_its_own_lease(url):
+    image_id = _register(url, "/drop/a.dcm", "e" * 64)
+    with session_scope(url) as session:
+        assert queue.claim(session, [image_id], 600, owner="task-1")[0] == [image_id]
+    with session_scope(url) as session:
+        assert queue.claim(session, [image_id], 600, owner="task-2")[0] == []  # someone else's live lease
+        assert queue.claim(session, [image_id], 600, owner="task-1")[0] == [image_id]
+        assert session.get(Image, image_id).attempts == 2

@@ -53,6 +53,7 @@ class Processor:
         #: How long after its arrival a file that looks incomplete is retried before it is failed.
         self.incomplete_grace_s = incomplete_grace_s
         self._scorer = None
+        self.owner: str | None = None
 
     @property
     def scorer(self):
@@ -63,7 +64,9 @@ class Processor:
             log.info("model %s loaded (input %d px)", self._scorer.version, self._scorer.input_size)
         return self._scorer
 
-    def process(self, image_ids: Sequence[int]) -> BatchOutcome:
+    def process(self, image_ids: Sequence[int], owner: str | None = None) -> BatchOutcome:
+        """Bring ``image_ids`` to a final state; ``owner`` (a task id) may re-take its own leases."""
+        self.owner = owner
         counts: Counter = Counter()
         retry: list[int] = []
         for batch in self._batches(list(image_ids)):
@@ -85,7 +88,7 @@ class Processor:
     def _process_batch(self, image_ids: list[int]) -> BatchOutcome:
         counts: Counter = Counter()
         with session_scope(self.database_url) as session:
-            claimed, exhausted = queue.claim(session, image_ids, self.lease_seconds)
+            claimed, exhausted = queue.claim(session, image_ids, self.lease_seconds, self.owner)
             paths = queue.source_paths(session, claimed)
             known = {row.id: row for row in session.execute(_identity_query(claimed))} if claimed else {}
         counts["failed"] += len(exhausted)

@@ -42,10 +42,23 @@ def _close_pool(**_kwargs) -> None:
         _processor.pool.close()
 
 
-@app.task(name="cxr_triage.score_images", acks_late=True, reject_on_worker_lost=True)
-def score_images(image_ids: list[int]) -> dict:
+#: Seconds between retries while the database or broker is unreachable (capped exponential backoff).
+MAX_BACKOFF_S = 60
+
+
+@app.task(
+    name="cxr_triage.score_images", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None
+)
+def score_images(self, image_ids: list[int]) -> dict:
     """Score a batch of registered images; safe to run twice for the same ids."""
-    outcome = processor().process(image_ids)
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    try:
+        outcome = processor().process(image_ids, owner=self.request.id)
+    except (OperationalError, DBAPIError) as exc:
+        delay = min(2 ** min(self.request.retries, 6), MAX_BACKOFF_S)
+        log.warning("database unavailable (%s); retrying this batch in %d s", type(exc).__name__, delay)
+        raise self.retry(countdown=delay, exc=exc) from exc
     if outcome.retry_later:
         # Files still being written: try again shortly, as a new message.
         score_images.apply_async(args=[outcome.retry_later], countdown=5)

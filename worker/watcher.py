@@ -11,6 +11,7 @@ files without reading them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue as thread_queue
@@ -19,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kombu.exceptions import KombuError
+from sqlalchemy.exc import SQLAlchemyError
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
@@ -80,6 +83,7 @@ class Watcher:
         self.ready: dict[str, float] = {}
         self.stop_event = threading.Event()
         self.summary = ScanSummary()
+        self.backoff_s = 0.0
 
     # -- event intake ---------------------------------------------------------------------------
     def _observe(self, path: str, complete: bool) -> None:
@@ -183,6 +187,26 @@ class Watcher:
             log.info("resuming %d unfinished file(s) from an earlier run", len(leftover))
             self.summary.outcomes.update(processor.process(leftover).counts)
 
+    @contextlib.contextmanager
+    def _outage_guard(self, what: str):
+        """Database or broker down: log, back off, and let the loop try again (nothing is dropped)."""
+        try:
+            yield
+            self.backoff_s = 0.0
+        except (SQLAlchemyError, OSError, KombuError) as exc:
+            self.backoff_s = min(max(self.backoff_s * 2, 1.0), 30.0)
+            log.warning("%s failed (%s); retrying in %.0f s", what, type(exc).__name__, self.backoff_s)
+            self.stop_event.wait(self.backoff_s)
+
+    def _flush_safely(self, pool: DecodePool, processor) -> bool:
+        batch = dict(self.ready)
+        with self._outage_guard("handing files on"):
+            self._flush(pool, processor)
+            return True
+        for path, since in batch.items():  # put the batch back: it is retried after the backoff
+            self.ready.setdefault(path, since)
+        return False
+
     # -- main loop --------------------------------------------------------------------------------
     def run(self, max_seconds: float | None = None) -> ScanSummary:
         observer = PollingObserver(timeout=self.options.poll_interval) if self.options.polling else Observer()
@@ -203,13 +227,15 @@ class Watcher:
             try:
                 while not self.stop_event.is_set():
                     if time.monotonic() - last_rescan >= self.options.rescan_interval:
-                        self._recover(processor)
-                        self.rescan()
-                        last_rescan = time.monotonic()
+                        with self._outage_guard("reconciliation"):
+                            self._recover(processor)
+                            self.rescan()
+                            last_rescan = time.monotonic()
                     self._drain_events()
                     self._promote_stable()
-                    while self._due():
-                        self._flush(pool, processor)
+                    while self._due() and not self.stop_event.is_set():
+                        if not self._flush_safely(pool, processor):
+                            break
                     if max_seconds is not None and time.monotonic() - started >= max_seconds:
                         break
                     self.stop_event.wait(0.1)
