@@ -23,8 +23,8 @@ from worker.progress import progress_bar
 from worker.settings import Settings
 
 log = logging.getLogger("cxr_triage")
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=False)
 
 app = typer.Typer(
     help="Pneumonia triage for chest radiographs: score DICOM/PNG/JPEG files and keep a "

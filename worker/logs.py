@@ -18,7 +18,7 @@ def configure(level: str = "INFO") -> None:
     # Third-party loggers may quote header values (patient names, UIDs); keep them quiet.
     for noisy in ("pydicom", "PIL", "h5py", "absl", "tensorflow", "celery.redirected"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow C++ start-up chatter
 
 
 def short(sha256: str | None) -> str:

@@ -112,7 +112,7 @@ def register_chunk(
                 summary.new_images.add(image_id)
             if digest is None:
                 unreadable.append(image_id)
-            elif not is_new and image_id not in candidates:
+            elif not is_new:  # this content is already known under another path
                 summary.duplicates += 1
             candidates.add(image_id)
         for image_id in unreadable:
