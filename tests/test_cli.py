@@ -168,3 +168,53 @@ def test_debug_logs_hold_no_patient_identifiers(dicom_dir, tmp_path):
     assert "scored" in logs and "rejected" in logs  # debug lines were written
     leaked = sorted(v for v in values if v in logs)
     assert leaked == []
+
+
+def test_embedded_watch_takes_complete_files_only(kermany, tmp_path):
+    """Embedded watcher: a slowly written `.part` file is taken only once renamed into place."""
+    import signal
+    import time
+
+    from tests.conftest import copy_into
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    url = f"sqlite:///{tmp_path / 'watch.sqlite3'}"
+    environ = {
+        k: v for k, v in os.environ.items() if not k.startswith("CXR_TRIAGE_") or k == "CXR_TRIAGE_MODEL_DIR"
+    }
+    watcher = subprocess.Popen(
+        [CLI, "watch", str(drop), "--database-url", url],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(4)
+        copy_into(kermany_files(kermany, "NORMAL", 2), drop)
+        source = kermany_files(kermany, "PNEUMONIA", 1)[0]
+        data = source.read_bytes()
+        with open(drop / "incoming.jpeg.part", "wb") as handle:
+            for start in range(0, len(data), 4096):
+                handle.write(data[start : start + 4096])
+                handle.flush()
+                time.sleep(0.3)
+        time.sleep(1)
+        listing = json.loads(run("worklist", "--format", "json", "--database-url", url).stdout)
+        assert all(not r["path"].endswith(".part") for r in listing)
+        (drop / "incoming.jpeg.part").rename(drop / "incoming.jpeg")
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            listing = json.loads(run("worklist", "--format", "json", "--database-url", url).stdout)
+            if len(listing) == 3 and all(r["status"] == "scored" for r in listing):
+                break
+            time.sleep(1)
+        assert sorted(Path(r["path"]).name for r in listing) == sorted(
+            [p.name for p in kermany_files(kermany, "NORMAL", 2)] + ["incoming.jpeg"]
+        )
+        assert all(r["status"] == "scored" for r in listing)
+    finally:
+        watcher.send_signal(signal.SIGTERM)
+        output = watcher.communicate(timeout=60)[0]
+    assert "3 scored" in output

@@ -319,9 +319,10 @@ def watch(
     console.print(f"watching {len(roots)} folder(s), {mode}; database {masked(settings.database_url)}")
     watcher = Watcher(settings, roots, options)
     signal.signal(signal.SIGTERM, lambda *_: watcher.stop_event.set())
+    started = time.perf_counter()
     with contextlib.suppress(KeyboardInterrupt):
         watcher.run()
-    _print_summary(watcher.summary, 0.0)
+    _print_summary(watcher.summary, time.perf_counter() - started)
 
 
 @app.command("worker")

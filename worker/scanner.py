@@ -101,6 +101,8 @@ def register_chunk(
     """Register ``files``; return the ids of images that still need work."""
     with session_scope(database_url) as session:
         unchanged = queue.find_unchanged(session, files)
+    for image_id in unchanged.values():
+        log.debug("image %d: unchanged since it was registered (path, size, mtime); not read", image_id)
     to_hash = [f for f in files if f.path not in unchanged]
     hashes = hasher([f.path for f in to_hash])
     candidates = set(unchanged.values())
@@ -112,8 +114,12 @@ def register_chunk(
                 summary.new_images.add(image_id)
             if digest is None:
                 unreadable.append(image_id)
+                log.debug("image %d: file cannot be read", image_id)
             elif not is_new:  # this content is already known under another path
                 summary.duplicates += 1
+                log.debug("image %d (%s): content already known; not scored again", image_id, digest[:12])
+            else:
+                log.debug("image %d (%s): new content, queued", image_id, digest[:12])
             candidates.add(image_id)
         for image_id in unreadable:
             if queue.record_problem(
