@@ -1,0 +1,524 @@
+"""Hostile input through the real ``cxr-triage scan`` (embedded, SQLite), and a decoder fuzz loop.
+
+The corpus is generated per run (nothing is committed): damaged and lying DICOM, PNG/JPEG
+decompression bombs, a sparse multi-GB file, awkward file names, symlinks (loops, links out
+of the folder), a FIFO, a socket, device nodes. What is asserted:
+
+* the scan process exits 0 and prints its summary: it survived every file;
+* every regular file gets exactly one row in a final state, with a reason unless scored;
+* special files (FIFO, socket, devices) and symlinks (not followed by default) get no row and
+  do not hang the scan;
+* bounds: the whole scan finishes in < ``SCAN_BUDGET_S`` s and the peak RSS of the scan and
+  every process it started stays < ``RSS_BUDGET_MB`` MB (``getrusage(RUSAGE_CHILDREN)``
+  measured in a wrapper process, so other tests do not count);
+* the good file after the hostile ones is scored normally, and so is a good file dropped
+  into the folder for a second scan.
+
+The tests run as root in CI: ``chmod 000`` does not stop root from reading, so that file is
+expected to be scored as root and failed ("cannot read") otherwise.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pipeline.decode import decode_file
+from pipeline.errors import ImageProblem
+from tests.dicom_factory import radiograph
+
+CLI = str(Path(sys.executable).parent / "cxr-triage")
+FINAL = {"scored", "rejected", "failed"}
+#: Bounds asserted for the whole hostile scan: TensorFlow start-up included (~8 s on 2 idle cores),
+#: hashing the 3 GiB sparse file (~3-7 s, see test_oversized_file_is_not_hashed) and the 8000x8000
+#: JPEG (~2.5 s, ~650 MB). Generous so that a busy CI machine does not flap; a hang shows as 120 s+.
+SCAN_BUDGET_S = 60
+RSS_BUDGET_MB = 1500
+SPARSE_BYTES = 3 * 1024**3  # 3 GiB, above the 2 GiB file limit; no disk blocks used
+
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+
+
+# ----------------------------------------------------------------------------------------------
+# corpus
+# ----------------------------------------------------------------------------------------------
+def _jpeg_bytes(film: np.ndarray, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(film).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_zlib_bomb(path: Path, side: int) -> None:
+    """A *valid* grey PNG of side x side zero pixels: a few hundred KB that inflate to side**2 bytes."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)  # filter byte + pixels
+    parts = [compressor.compress(row) for _ in range(side)]
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", b"".join(parts))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _png_declared(path: Path, width: int, height: int) -> None:
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _jpeg_with_sof(jpeg: bytes, width: int, height: int) -> bytes:
+    """Patch the frame header (SOF0/1/2) of a real JPEG to declare ``width`` x ``height``."""
+    data = bytearray(jpeg)
+    i = 2
+    while i < len(data) - 9:
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2):
+            struct.pack_into(">HH", data, i + 5, height, width)
+            return bytes(data)
+        i += 2 + length
+    raise AssertionError("no SOF marker found")
+
+
+def _explicit_le(tag: tuple[int, int], vr: bytes, value: bytes = b"", length: int | None = None) -> bytes:
+    group, element = tag
+    n = len(value) if length is None else length
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"OF"):
+        return struct.pack("<HH", group, element) + vr + b"\x00\x00" + struct.pack("<I", n) + value
+    return struct.pack("<HH", group, element) + vr + struct.pack("<H", n) + value
+
+
+UNDEFINED = 0xFFFFFFFF
+ITEM = struct.pack("<HHI", 0xFFFE, 0xE000, UNDEFINED)
+ITEM_END = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+SEQ_END = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+
+def _nested_sequences(depth: int) -> bytes:
+    """(0008,1140) SQ nested ``depth`` levels, undefined lengths throughout."""
+    opening = (_explicit_le((0x0008, 0x1140), b"SQ", length=UNDEFINED) + ITEM) * depth
+    closing = (ITEM_END + SEQ_END) * depth
+    return opening + closing
+
+
+def _many_items(count: int) -> bytes:
+    """(0008,1140) SQ with ``count`` empty items."""
+    return (
+        _explicit_le((0x0008, 0x1140), b"SQ", length=UNDEFINED)
+        + (struct.pack("<HHI", 0xFFFE, 0xE000, 0)) * count
+        + SEQ_END
+    )
+
+
+def _insert_before_pixels(dicom: bytes, extra: bytes) -> bytes:
+    at = dicom.rindex(PIXEL_DATA_TAG)
+    return dicom[:at] + extra + dicom[at:]
+
+
+def _flip_bits(data: bytes, seed: int, flips: int, start: int = 128, end: int | None = None) -> bytes:
+    rng = random.Random(seed)
+    out = bytearray(data)
+    end = min(end or len(out), len(out))
+    for _ in range(flips):
+        pos = rng.randrange(start, end)
+        out[pos] ^= 1 << rng.randrange(8)
+    return bytes(out)
+
+
+def _dicom_with(film: np.ndarray, path: Path, **header) -> bytes:
+    radiograph(film.astype(np.uint16) * 16, path)
+    if header:
+        import pydicom
+
+        ds = pydicom.dcmread(path)
+        for key, value in header.items():
+            setattr(ds, key, value)
+        ds.save_as(path)
+    return path.read_bytes()
+
+
+def build_corpus(root: Path, films: list[np.ndarray], outside: Path) -> dict:
+    """Write the hostile corpus under ``root``. Returns what to expect of each entry.
+
+    ``regular``: name -> set of acceptable final states (None: any final state);
+    ``special``: names that must get no row (special files, symlinks).
+    """
+    root.mkdir(parents=True)
+    work = root.parent / "scratch"
+    work.mkdir()
+    film = films[0]
+    regular: dict[str, set[str] | None] = {}
+    special: list[str] = []
+
+    def put(name: str | bytes, data: bytes, expect: set[str] | None) -> None:
+        target = os.path.join(os.fsencode(root), os.fsencode(name))
+        with open(target, "wb") as handle:
+            handle.write(data)
+        regular[os.fsdecode(name)] = expect
+
+    good_dicom = _dicom_with(film, work / "good.dcm")
+    # --- DICOM: empty, truncated, bit-flipped, lying headers, sequences ---------------------
+    put("empty.dcm", b"", {"failed"})
+    put("truncated_pixels.dcm", good_dicom[: len(good_dicom) // 2], {"failed"})
+    put("truncated_header.dcm", good_dicom[:300], {"failed", "rejected"})
+    for seed in range(6):
+        header_end = good_dicom.rindex(PIXEL_DATA_TAG)
+        put(f"bitflip_header_{seed}.dcm", _flip_bits(good_dicom, seed, 12, 132, header_end), None)
+    put("bitflip_everywhere.dcm", _flip_bits(good_dicom, 99, 400), None)
+    put(
+        "dims_60000.dcm",
+        _dicom_with(film, work / "d1.dcm", Rows=60000, Columns=60000),
+        {"failed"},
+    )
+    put(
+        "dims_4000_small_data.dcm",
+        _dicom_with(film, work / "d2.dcm", Rows=4000, Columns=4000),
+        {"failed"},
+    )
+    put("nested_sequences_5000.dcm", _insert_before_pixels(good_dicom, _nested_sequences(5000)), None)
+    put("sequence_50k_items.dcm", _insert_before_pixels(good_dicom, _many_items(50_000)), None)
+    huge_value = _explicit_le((0x0009, 0x1010), b"OB", b"\x00" * 16, length=0xFFFFFFF0)
+    put("element_length_4gb.dcm", _insert_before_pixels(good_dicom, huge_value), {"failed", "rejected"})
+    # --- PNG and JPEG bombs, damaged rasters -----------------------------------------------
+    _png_declared(work / "p.png", 300_000, 300_000)
+    put("png_header_bomb.png", (work / "p.png").read_bytes(), {"failed"})
+    _png_zlib_bomb(work / "z.png", 12_000)  # 144 Mpixel of zeros in ~150 KB
+    put("png_zlib_bomb.png", (work / "z.png").read_bytes(), {"failed"})
+    good_jpeg = _jpeg_bytes(films[1])
+    put("jpeg_sof_65000.jpeg", _jpeg_with_sof(good_jpeg, 65000, 65000), {"failed"})
+    put("jpeg_sof_8000.jpeg", _jpeg_with_sof(good_jpeg, 8000, 8000), None)
+    put("jpeg_truncated.jpeg", good_jpeg[: len(good_jpeg) // 3], {"failed"})
+    put("jpeg_bitflip.jpeg", _flip_bits(good_jpeg, 7, 60, 2), None)
+    put("not_an_image.dcm", b"MZ\x90\x00" + os.urandom(4000), {"rejected"})
+    # --- a sparse 3 GiB file: no disk used, above the file size limit -------------------------
+    with open(root / "sparse_3g.dcm", "wb") as handle:
+        handle.write(good_dicom[:1024])
+    os.truncate(root / "sparse_3g.dcm", SPARSE_BYTES)
+    regular["sparse_3g.dcm"] = {"failed"}
+    # --- names: long, with newlines and escapes, dots ------------------------------------------
+    put("N" * 250 + ".jpeg", _jpeg_bytes(films[2]), {"scored"})
+    put("two\nlines ..\n..jpeg", _jpeg_bytes(films[3]), {"scored"})
+    put("\x1b[31mred\x1b[0m;rm -rf ~.jpeg", _jpeg_bytes(films[4]), {"scored"})
+    deep = root
+    for level in range(12):  # a path of ~3,000 characters (PATH_MAX is 4,096)
+        deep = deep / (f"{level:02d}" + "d" * 240)
+    deep.mkdir(parents=True)
+    (deep / "deep.jpeg").write_bytes(_jpeg_bytes(films[5]))
+    regular[str((deep / "deep.jpeg").relative_to(root))] = {"scored"}
+    # --- unreadable by permissions (root ignores this) ----------------------------------------
+    put("no_permission.jpeg", _jpeg_bytes(films[6]), {"scored"} if os.geteuid() == 0 else {"failed"})
+    os.chmod(root / "no_permission.jpeg", 0)
+    # --- symlinks: loops, out of the folder, dangling (none followed by default) ---------------
+    outside.mkdir(parents=True, exist_ok=True)
+    (outside / "secret.jpeg").write_bytes(_jpeg_bytes(films[7]))
+    links = {
+        "loop_a": "loop_b",
+        "loop_b": "loop_a",
+        "self_loop_dir": ".",
+        "out_of_folder.jpeg": str(outside / "secret.jpeg"),
+        "out_of_folder_dir": str(outside),
+        "etc_passwd.dcm": "/etc/passwd",
+        "dangling.jpeg": "/nonexistent/film.jpeg",
+        "dev_zero_link.dcm": "/dev/zero",
+    }
+    for name, target in links.items():
+        os.symlink(target, root / name)
+        special.append(name)
+    # --- special files --------------------------------------------------------------------------
+    os.mkfifo(root / "fifo.dcm")
+    special.append("fifo.dcm")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(root / "socket.dcm"))
+    sock.close()
+    special.append("socket.dcm")
+    for name, (major, minor) in {"zero_device.dcm": (1, 5), "random_device.jpeg": (1, 8)}.items():
+        try:
+            os.mknod(root / name, stat.S_IFCHR | 0o644, os.makedev(major, minor))
+            special.append(name)
+        except (PermissionError, OSError):
+            pass  # not permitted here (unprivileged container): nothing to test
+    # --- and a good film last: it must be scored normally -----------------------------------
+    put("zzzz_good_after.jpeg", _jpeg_bytes(films[8]), {"scored"})
+    return {"regular": regular, "special": special}
+
+
+# ----------------------------------------------------------------------------------------------
+# running the real CLI with measured bounds
+# ----------------------------------------------------------------------------------------------
+_MEASURE = textwrap.dedent(
+    """
+    import json, resource, subprocess, sys, time
+    started = time.monotonic()
+    done = subprocess.run(sys.argv[1:], capture_output=True, text=True, errors="replace")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"rc": done.returncode, "stdout": done.stdout, "stderr": done.stderr,
+                      "elapsed_s": time.monotonic() - started, "peak_rss_mb": usage.ru_maxrss / 1024}))
+    """
+)
+
+
+def run_measured(args: list[str], env: dict, timeout: float) -> dict:
+    """Run the CLI under a wrapper that reports elapsed time and the peak RSS of all its children."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, CLI, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _cli_env(model_dir: Path) -> dict:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CXR_TRIAGE_")}
+    environ["CXR_TRIAGE_MODEL_DIR"] = str(model_dir)
+    environ["CXR_TRIAGE_DECODE_WORKERS"] = "2"
+    return environ
+
+
+def _rows(url: str) -> dict[str, dict]:
+    """path -> {status, reason, image id} straight from the database (byte-exact names)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT s.path, i.status, i.reason, i.id FROM source_files s JOIN images i "
+                "ON i.id = s.image_id"
+            )
+        ).all()
+    engine.dispose()
+    return {
+        path: {"status": status, "reason": reason, "id": image_id} for path, status, reason, image_id in rows
+    }
+
+
+@pytest.fixture(scope="module")
+def films(kermany) -> list[np.ndarray]:
+    paths = (
+        sorted((kermany / "PNEUMONIA").glob("*.jpeg"))[:6] + sorted((kermany / "NORMAL").glob("*.jpeg"))[:6]
+    )
+    return [np.asarray(Image.open(p).convert("L")) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def hostile_scan(tmp_path_factory, films, model_dir):
+    base = tmp_path_factory.mktemp("hostile")
+    root = base / "drop"
+    expected = build_corpus(root, films, base / "outside")
+    url = f"sqlite:///{base / 'hostile.sqlite3'}"
+    result = run_measured(
+        ["scan", str(root), "--database-url", url, "--no-progress", "--log-level", "DEBUG"],
+        _cli_env(model_dir),
+        timeout=SCAN_BUDGET_S * 4,
+    )
+    return root, url, expected, result
+
+
+def test_scan_survives_every_hostile_file_within_bounds(hostile_scan):
+    _, _, expected, result = hostile_scan
+    assert result["rc"] == 0, result["stderr"][-3000:]
+    assert "files:" in result["stderr"] and "scored" in result["stderr"]
+    assert result["elapsed_s"] < SCAN_BUDGET_S, f"scan took {result['elapsed_s']:.1f} s"
+    assert result["peak_rss_mb"] < RSS_BUDGET_MB, f"peak RSS {result['peak_rss_mb']:.0f} MB"
+    assert "Traceback" not in result["stderr"] + result["stdout"]
+
+
+def test_every_regular_file_is_final_with_a_reason(hostile_scan):
+    root, url, expected, _ = hostile_scan
+    rows = _rows(url)
+    problems = []
+    for name, allowed in expected["regular"].items():
+        path = os.path.join(str(root), name)
+        row = rows.get(path)
+        if row is None:
+            problems.append(f"{name[:60]!r}: no row")
+            continue
+        if row["status"] not in FINAL:
+            problems.append(f"{name[:60]!r}: not final ({row['status']})")
+        elif allowed is not None and row["status"] not in allowed:
+            problems.append(f"{name[:60]!r}: {row['status']} ({row['reason']}), expected {sorted(allowed)}")
+        elif row["status"] != "scored" and not row["reason"]:
+            problems.append(f"{name[:60]!r}: {row['status']} without a reason")
+    assert problems == []
+
+
+def test_special_files_and_symlinks_are_ignored(hostile_scan):
+    root, url, expected, _ = hostile_scan
+    rows = _rows(url)
+    registered = {os.path.relpath(p, root) for p in rows}
+    for name in expected["special"]:
+        assert name not in registered, f"{name} should not be registered"
+    # nothing outside the scanned folder was registered (links out of it are not followed)
+    assert all(p.startswith(str(root) + os.sep) for p in rows)
+    assert set(registered) == set(expected["regular"])
+
+
+def test_bombs_and_lying_headers_fail_with_a_clear_reason(hostile_scan):
+    root, url, _, _ = hostile_scan
+    rows = {os.path.relpath(p, root): r for p, r in _rows(url).items()}
+    assert "bomb" in rows["png_header_bomb.png"]["reason"]
+    assert "bomb" in rows["png_zlib_bomb.png"]["reason"]
+    assert "bomb" in rows["jpeg_sof_65000.jpeg"]["reason"]
+    assert "decode limit" in rows["dims_60000.dcm"]["reason"]
+    assert "does not match" in rows["dims_4000_small_data.dcm"]["reason"]
+    assert "larger than" in rows["sparse_3g.dcm"]["reason"]
+    assert rows["empty.dcm"]["reason"] == "empty file"
+
+
+def test_good_file_after_hostile_ones_is_scored_and_next_scan_too(hostile_scan, films, model_dir):
+    root, url, _, _ = hostile_scan
+    rows = {os.path.relpath(p, root): r for p, r in _rows(url).items()}
+    assert rows["zzzz_good_after.jpeg"]["status"] == "scored"
+    (root / "zzzz_next.jpeg").write_bytes(_jpeg_bytes(films[9]))
+    again = run_measured(
+        ["scan", str(root), "--database-url", url, "--no-progress"], _cli_env(model_dir), 240
+    )
+    assert again["rc"] == 0, again["stderr"][-3000:]
+    assert "1 scored" in again["stderr"]
+    rows = {os.path.relpath(p, root): r for p, r in _rows(url).items()}
+    assert rows["zzzz_next.jpeg"]["status"] == "scored"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug (bench/chaos/FINDINGS.md F1): a non-UTF-8 name reaches the database as a str "
+    "with lone surrogates; UnicodeEncodeError aborts the whole scan, every time it is re-run",
+)
+def test_non_utf8_file_name_gets_a_final_row(tmp_path, films, model_dir):
+    """A name that is not valid UTF-8 (Latin-1 from an old Windows share) must not stop the scan."""
+    root = tmp_path / "drop"
+    root.mkdir()
+    with open(os.path.join(os.fsencode(root), b"film_\xe9t\xe9_\xff.jpeg"), "wb") as handle:
+        handle.write(_jpeg_bytes(films[10]))
+    (root / "zz_good.jpeg").write_bytes(_jpeg_bytes(films[11]))
+    url = f"sqlite:///{tmp_path / 'names.sqlite3'}"
+    result = run_measured(
+        ["scan", str(root), "--database-url", url, "--no-progress"], _cli_env(model_dir), 240
+    )
+    assert result["rc"] == 0, result["stderr"][-3000:]
+    rows = _rows(url)
+    assert len(rows) == 2 and all(r["status"] in FINAL for r in rows.values()), rows
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug (bench/chaos/FINDINGS.md F2): register_chunk hashes every file in full before "
+    "decode_file refuses it for size; a sparse 1 TiB file costs ~an hour of reading zeros",
+)
+def test_oversized_file_is_not_hashed(tmp_path):
+    from pipeline.limits import MAX_FILE_BYTES
+    from worker.scanner import ScanSummary, iter_files, register_chunk
+
+    big = tmp_path / "drop" / "sparse.dcm"
+    big.parent.mkdir()
+    with open(big, "wb") as handle:
+        handle.truncate(MAX_FILE_BYTES + 1)
+    asked: list[str] = []
+
+    def hasher(paths: list[str]) -> list[str | None]:
+        asked.extend(paths)
+        return ["0" * 64 for _ in paths]
+
+    url = f"sqlite:///{tmp_path / 'o.sqlite3'}"
+    from db.migrate import upgrade
+
+    upgrade(url)
+    register_chunk(url, list(iter_files([str(big.parent)])), hasher, ScanSummary())
+    assert str(big) not in asked, "a file above MAX_FILE_BYTES was read in full to hash it"
+
+
+# ----------------------------------------------------------------------------------------------
+# fuzz: mutated real DICOM / PNG / JPEG bytes straight into decode_file
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def seeds(films, tmp_path_factory) -> list[bytes]:
+    work = tmp_path_factory.mktemp("seeds")
+    small = np.asarray(Image.fromarray(films[0]).resize((256, 256)))
+    dicom = radiograph(small.astype(np.uint16) * 16, work / "seed.dcm").read_bytes()
+    buffer = io.BytesIO()
+    Image.fromarray(small).save(buffer, format="PNG")
+    return [dicom, buffer.getvalue(), _jpeg_bytes(small)]
+
+
+@st.composite
+def mutated(draw, seeds):
+    data = bytearray(draw(st.sampled_from(seeds)))
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["flip", "byte", "cut", "insert", "delete", "int32"]))
+        pos = draw(st.integers(0, max(len(data) - 1, 0)))
+        if kind == "flip" and data:
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "byte" and data:
+            data[pos] = draw(st.integers(0, 255))
+        elif kind == "cut":
+            del data[pos:]
+        elif kind == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+        elif kind == "delete":
+            del data[pos : pos + draw(st.integers(1, 64))]
+        elif kind == "int32" and len(data) >= 4:
+            pos = min(pos, len(data) - 4)
+            value = draw(st.sampled_from([0, 1, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 0xFFFFFFF0]))
+            data[pos : pos + 4] = struct.pack("<I", value)
+    return bytes(data)
+
+
+def test_decode_file_fuzz_never_raises_anything_but_image_problems(seeds, tmp_path):
+    target = tmp_path / "fuzzed"
+    outcomes = {"decoded": 0, "problem": 0}
+
+    @settings(
+        max_examples=150,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(data=mutated(seeds))
+    def check(data: bytes) -> None:
+        target.write_bytes(data)
+        try:
+            decoded = decode_file(target)
+        except ImageProblem as problem:
+            assert problem.status in ("failed", "rejected") and problem.reason
+            outcomes["problem"] += 1
+            return
+        assert decoded.pixels.ndim == 2 and decoded.pixels.dtype == np.float32
+        assert np.isfinite(decoded.pixels).all()
+        outcomes["decoded"] += 1
+
+    check()
+    assert outcomes["problem"] > 0
