@@ -13,7 +13,6 @@ import platform
 import statistics
 import subprocess
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -65,23 +64,23 @@ def measure(scorer, batch: int, seconds: float = 2.0, repetitions: int = 5) -> f
     return statistics.median(rates)
 
 
-def append_results(version: str, size: int, rates: dict[int, float]) -> str:
-    """Append one result block to bench/RESULTS.md and return it."""
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    cells = " | ".join(f"{rates[b]:.0f}" for b in BATCH_SIZES)
-    row = (
-        f"| {stamp} | {version} | {size} | {os.cpu_count()} x {cpu_model()} | {git_revision()} | {cells} |\n"
+def append_results(version: str, size: int, rates: dict[int, float], model_dir) -> str:
+    """Append one dated section to bench/RESULTS.md (shared format, see bench/common.py) and return it."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import common
+
+    body = common.table(
+        ["batch size"] + [str(b) for b in BATCH_SIZES],
+        [["images/s (median of 5)"] + [f"{rates[b]:.0f}" for b in BATCH_SIZES]],
     )
-    if not RESULTS.exists():
-        RESULTS.write_text(
-            "# Inference throughput (images/s on ready tensors, median of 5 timed repetitions)\n\n"
-            "Produced by `python bench/bench_inference.py`.\n\n"
-            "| date | model | input | machine (cores x CPU) | git | b=1 | b=8 | b=32 | b=64 |\n"
-            "|---|---|---|---|---|---|---|---|---|\n"
-        )
-    with RESULTS.open("a") as handle:
-        handle.write(row)
-    return row
+    return common.append_results(
+        "Inference alone on ready tensors",
+        common.model_description(Path(model_dir)),
+        body,
+        [f"input {size} px; Scorer.score_batch on random tensors after 3 warm-up calls"],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,14 +94,15 @@ def main(argv: list[str] | None = None) -> None:
     from models import default_model_dir
     from pipeline.inference import Scorer
 
-    scorer = Scorer.load(args.model_dir or default_model_dir())
+    model_dir = args.model_dir or default_model_dir()
+    scorer = Scorer.load(model_dir)
     rates = {}
     for batch in BATCH_SIZES:
         rates[batch] = measure(scorer, batch, seconds=args.seconds)
         print(f"batch {batch:>2}: {rates[batch]:8.1f} images/s", flush=True)
     print(f"model {scorer.version}, input {scorer.input_size}, {os.cpu_count()} cores, {cpu_model()}")
     if not args.no_append:
-        append_results(scorer.version, scorer.input_size, rates)
+        append_results(scorer.version, scorer.input_size, rates, model_dir)
         print(f"appended to {RESULTS}")
 
 

@@ -1,0 +1,210 @@
+"""Drop-to-score latency of ``cxr-triage watch`` (embedded, SQLite) under a steady drip of files.
+
+A drip of 2048x2048 JPEG films at ``--rate`` files/s for ``--seconds`` (default 5/s for 120 s): each file is
+written under a temporary name (``*.tmp``, which the watcher ignores), closed, its close time recorded
+(UTC), then renamed into place. Latency = ``images.finished_at`` (UTC, committed by the watcher) minus
+the close time. One warm-up file is dropped and scored first, so the one-off model load is reported
+separately (cold latency) and not mixed into the steady-state percentiles.
+
+Run: ``flock .work/heavy.lock .venv/bin/python bench/bench_latency.py`` (``--quick`` for development).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
+from bench.common import log  # noqa: E402
+
+
+def finished_times(db_path: Path) -> dict[str, tuple[str, datetime | None]]:
+    """path -> (status, finished_at in UTC) for every registered file."""
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    except sqlite3.OperationalError:
+        return {}
+    try:
+        rows = conn.execute(
+            "SELECT s.path, i.status, i.finished_at FROM source_files s JOIN images i ON i.id = s.image_id"
+        ).fetchall()
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        conn.close()
+    out = {}
+    for path, status, finished in rows:
+        moment = None
+        if finished:
+            moment = datetime.fromisoformat(str(finished))
+            if moment.tzinfo is None:  # SQLite keeps naive datetimes; the product stores UTC
+                moment = moment.replace(tzinfo=UTC)
+        out[path] = (status, moment)
+    return out
+
+
+def drop(folder: Path, name: str, data: bytes) -> float:
+    """Write ``data`` under a temporary name, close it, rename into place; return the close time (epoch)."""
+    temporary = folder / f"{name}.tmp"
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+    closed = time.time()
+    os.rename(temporary, folder / name)
+    return closed
+
+
+def wait_for(db_path: Path, paths: list[str], timeout: float, poll: float = 0.25) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = finished_times(db_path)
+        if all(p in seen and seen[p][1] is not None for p in paths) or time.monotonic() > deadline:
+            return seen
+        time.sleep(poll)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common.add_common_args(parser)
+    parser.add_argument("--rate", type=float, default=5.0, help="files per second (default 5)")
+    parser.add_argument(
+        "--seconds", type=float, default=120.0, help="drip duration (default 120; --quick: 10)"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds = min(args.seconds, 10.0)
+
+    model_dir = common.resolve_model_dir(args.model_dir)
+    model = common.model_description(model_dir)
+    count = int(round(args.rate * args.seconds))
+    corpus, manifest = common.build_corpus("drip-jpeg", count + 1, mix={"jpeg": 1.0}, seed=3)
+    files = sorted(str(p) for p in corpus.rglob("*.jpg"))
+    payloads = [Path(f).read_bytes() for f in files]
+    warm_payload, payloads = payloads[0], payloads[1:]
+    if common.training_running():
+        log("WARNING: model training is running: CPU contention, figures will be pessimistic")
+
+    work = common.WORK / "latency"
+    folder = work / "drop"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    db_path = work / "watch.sqlite3"
+    url = common.fresh_sqlite(db_path)
+    # schema first, so that polling never races the watcher's own migration
+    subprocess.run(
+        common.cli("db", "upgrade", "--database-url", url),
+        check=True,
+        capture_output=True,
+        env=dict(os.environ, **common.bench_env(model_dir)),
+    )
+
+    cmd = common.cli("watch", str(folder), "--database-url", url, "--log-level", "WARNING")
+    log(f"starting: {' '.join(cmd)}")
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, **common.bench_env(model_dir)),
+    )
+    stderr_lines: list[str] = []
+    threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True).start()
+    poller = common.RssPoller(proc.pid, interval=1.0).start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("watching" in line for line in stderr_lines):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("watcher did not start:\n" + "".join(stderr_lines[-30:]))
+            time.sleep(0.1)
+        time.sleep(1.0)  # let the observer start and the first reconciliation rescan run
+
+        closed = drop(folder, "warmup.jpg", warm_payload)
+        seen = wait_for(db_path, [str(folder / "warmup.jpg")], timeout=180)
+        status, finished = seen.get(str(folder / "warmup.jpg"), ("missing", None))
+        cold = (finished.timestamp() - closed) if finished else float("nan")
+        log(f"warm-up file {status}: cold drop-to-score {cold:.2f} s (model load included)")
+
+        log(f"drip: {count} JPEGs at {args.rate:g}/s for {args.seconds:g} s ...")
+        close_times: dict[str, float] = {}
+        started = time.monotonic()
+        behind = 0.0
+        for i, payload in enumerate(payloads):
+            due = started + i / args.rate
+            now = time.monotonic()
+            if due > now:
+                time.sleep(due - now)
+            else:
+                behind = max(behind, now - due)
+            name = f"drip{i:05d}.jpg"
+            close_times[str(folder / name)] = drop(folder, name, payload)
+            if (i + 1) % max(count // 8, 1) == 0:
+                log(f"  {i + 1}/{count} dropped")
+        drip_seconds = time.monotonic() - started
+        seen = wait_for(db_path, list(close_times), timeout=120)
+    finally:
+        common.terminate(proc)
+        poller.stop()
+
+    latencies, statuses = [], {}
+    for path, closed in close_times.items():
+        status, finished = seen.get(path, ("missing", None))
+        statuses[status] = statuses.get(status, 0) + 1
+        if finished is not None and status == "scored":
+            latencies.append(finished.timestamp() - closed)
+    p50, p95 = common.percentile(latencies, 50), common.percentile(latencies, 95)
+    body = common.table(
+        [
+            "files dropped",
+            "rate achieved",
+            "scored",
+            "p50 s",
+            "p95 s (target <= 2 s)",
+            "p99 s",
+            "max s",
+            "cold first file s",
+            "watcher peak RSS (tree)",
+        ],
+        [
+            [
+                count,
+                f"{(count - 1) / drip_seconds:.2f}/s",
+                f"{len(latencies)} ({statuses})",
+                f"{p50:.2f}",
+                f"{p95:.2f}",
+                f"{common.percentile(latencies, 99):.2f}",
+                f"{max(latencies, default=float('nan')):.2f}",
+                f"{cold:.2f}",
+                common.mib(poller.peak_tree),
+            ]
+        ],
+    )
+    notes = [
+        f"drip: {count} distinct {manifest['side']}x{manifest['side']} JPEG films (Kermany, upscaled), "
+        "written as NAME.tmp, closed, renamed to NAME.jpg; latency = images.finished_at - close time, both UTC",
+        "watcher: `cxr-triage watch DROP --database-url sqlite:///... --log-level WARNING`, defaults otherwise "
+        "(inotify, --batch-wait 0.5, batch 32, one decode process per core)",
+        f"writer fell behind schedule by at most {behind * 1000:.0f} ms",
+    ]
+    print(body)
+    if args.quick:
+        log("--quick: not appended to RESULTS.md")
+    elif not args.no_append:
+        common.append_results("Drop-to-score latency in watch mode (benchmark 4)", model, body, notes)
+        log(f"appended to {common.RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
