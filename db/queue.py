@@ -15,6 +15,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from db.paths import to_db
 from db.schema import FINAL_STATUSES, Image, ImageStatus, Score, SourceFile, utcnow
 
 #: A file whose processing killed its worker this many times is failed, not retried.
@@ -39,7 +40,7 @@ def find_unchanged(session: Session, files: Sequence[FileSeen]) -> dict[str, int
     """Paths already registered with the same size and mtime -> their image id (no hashing needed)."""
     if not files:
         return {}
-    by_path = {f.path: f for f in files}
+    by_path = {to_db(f.path): f for f in files}
     rows = session.execute(
         select(SourceFile.path, SourceFile.size_bytes, SourceFile.mtime_ns, SourceFile.image_id).where(
             SourceFile.path.in_(list(by_path))
@@ -49,7 +50,7 @@ def find_unchanged(session: Session, files: Sequence[FileSeen]) -> dict[str, int
     for path, size, mtime_ns, image_id in rows:
         seen = by_path[path]
         if size == seen.size_bytes and mtime_ns == seen.mtime_ns and image_id is not None:
-            unchanged[path] = image_id
+            unchanged[seen.path] = image_id
     return unchanged
 
 
@@ -87,7 +88,7 @@ def register(session: Session, seen: FileSeen, sha256: str) -> tuple[int, bool]:
     }
     session.execute(
         insert(SourceFile)
-        .values(path=seen.path, **values)
+        .values(path=to_db(seen.path), **values)
         .on_conflict_do_update(index_elements=["path"], set_=values)
     )
     return image_id, created is not None

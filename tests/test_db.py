@@ -121,3 +121,16 @@ def test_a_retried_task_takes_back_its_own_lease(url):
         assert queue.claim(session, [image_id], 600, owner="task-2")[0] == []  # someone else's live lease
         assert queue.claim(session, [image_id], 600, owner="task-1")[0] == [image_id]
         assert session.get(Image, image_id).attempts == 2
+
+
+def test_undecodable_file_names_round_trip(tmp_path):
+    import os
+
+    from db.paths import from_db, to_db
+
+    name = os.fsdecode(b"caf\xe9 \\x41.jpeg")  # invalid UTF-8, and a literal backslash-x in the name
+    (tmp_path / name).write_bytes(b"x")
+    stored = to_db(str(tmp_path / name))
+    stored.encode("utf-8")  # storable in any text column
+    assert any(os.path.exists(candidate) for candidate in from_db(stored))
+    assert to_db("/plain/name.dcm") == "/plain/name.dcm" and from_db("/plain/name.dcm") == ["/plain/name.dcm"]

@@ -176,4 +176,6 @@ def _identity_query(image_ids: list[int]):
 
 
 def _first_existing(paths: list[str]) -> str | None:
-    return next((path for path in paths if os.path.isfile(path)), None)
+    from db.paths import from_db
+
+    return next((c for stored in paths for c in from_db(stored) if os.path.isfile(c)), None)

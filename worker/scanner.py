@@ -20,6 +20,7 @@ from db import queue
 from db.engine import session_scope
 from db.queue import FileSeen
 from db.schema import ImageStatus
+from pipeline.limits import MAX_FILE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,13 @@ class ScanSummary:
 
 def unreadable_key(seen: FileSeen) -> str:
     """Row key for a file whose content cannot be read: it still gets a row and a reason."""
-    return hashlib.sha256(f"unreadable\0{seen.path}\0{seen.mtime_ns}".encode()).hexdigest()
+    return hashlib.sha256(os.fsencode(seen.path) + f"\0{seen.mtime_ns}".encode()).hexdigest()
+
+
+def _unreadable_reason(size: int) -> str:
+    if size > MAX_FILE_BYTES:
+        return f"file of {size} bytes is larger than the {MAX_FILE_BYTES} byte limit; not read"
+    return "cannot read the file (no permission, or removed while scanning)"
 
 
 def register_chunk(
@@ -104,16 +111,18 @@ def register_chunk(
     for image_id in unchanged.values():
         log.debug("image %d: unchanged since it was registered (path, size, mtime); not read", image_id)
     to_hash = [f for f in files if f.path not in unchanged]
-    hashes = hasher([f.path for f in to_hash])
+    # Oversized files are refused on their size alone: hashing terabytes of (sparse) zeros would stall.
+    readable = iter(hasher([f.path for f in to_hash if f.size_bytes <= MAX_FILE_BYTES]))
+    hashes = [None if f.size_bytes > MAX_FILE_BYTES else next(readable) for f in to_hash]
     candidates = set(unchanged.values())
-    unreadable: list[int] = []
+    unreadable: list[tuple[int, int]] = []
     with session_scope(database_url) as session:
         for seen, digest in zip(to_hash, hashes, strict=True):
             image_id, is_new = queue.register(session, seen, digest or unreadable_key(seen))
             if is_new:
                 summary.new_images.add(image_id)
             if digest is None:
-                unreadable.append(image_id)
+                unreadable.append((image_id, seen.size_bytes))
                 log.debug("image %d: file cannot be read", image_id)
             elif not is_new:  # this content is already known under another path
                 summary.duplicates += 1
@@ -121,13 +130,8 @@ def register_chunk(
             else:
                 log.debug("image %d (%s): new content, queued", image_id, digest[:12])
             candidates.add(image_id)
-        for image_id in unreadable:
-            if queue.record_problem(
-                session,
-                image_id,
-                ImageStatus.FAILED,
-                "cannot read the file (no permission, or removed while scanning)",
-            ):
+        for image_id, size in unreadable:
+            if queue.record_problem(session, image_id, ImageStatus.FAILED, _unreadable_reason(size)):
                 summary.outcomes["failed"] += 1
         pending = queue.pending_ids(session, candidates)
     summary.skipped += len(files) - len(to_hash) - sum(1 for i in unchanged.values() if i in pending)
