@@ -197,7 +197,8 @@ def _decode_pixels(ds: Dataset) -> np.ndarray:
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError, IndexError, OSError) as exc:
         message = str(exc).splitlines()[0][:200]
         if "less than expected" in message or "truncated" in message.lower():
-            raise FailedImage(f"pixel data does not match the header: {message}") from exc
+            # Short pixel data is also what a file still being copied looks like: retryable.
+            raise IncompleteFile(f"pixel data does not match the header: {message}") from exc
         raise FailedImage(f"cannot decode pixel data ({getattr(ts, 'name', ts)}): {message}") from exc
     if pixels.ndim != 2:
         raise RejectedImage(f"pixel array of shape {pixels.shape} is not a single greyscale frame")

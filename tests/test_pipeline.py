@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.uid import JPEG2000MC, JPEG2000Lossless, RLELossless
+from pydicom.uid import (
+    JPEG2000MC,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEG2000Lossless,
+    RLELossless,
+)
 
 from pipeline.decode import decode_file
 from pipeline.errors import FailedImage, ImageProblem, RejectedImage
@@ -86,6 +92,19 @@ def test_window_is_applied(tmp_path, film):
     assert (grey == 0).mean() > 0.01 and (grey == 1).mean() > 0.01  # clipped at both ends
 
 
+def _resave(path: Path, syntax) -> Path:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = syntax
+    if syntax == ExplicitVRBigEndian:
+        ds.PixelData = np.frombuffer(ds.PixelData, dtype="<u2").astype(">u2").tobytes()
+    little = syntax != ExplicitVRBigEndian
+    pydicom.dcmwrite(path, ds, little_endian=little, implicit_vr=False, force_encoding=not little)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == syntax
+    return path
+
+
 def test_inputs_from_every_container_agree(tmp_path, film):
     """Same pixels, any container: identical model input up to lossy-JPEG noise."""
     reference = to_model_input(film / 255.0, 160)
@@ -100,6 +119,8 @@ def test_inputs_from_every_container_agree(tmp_path, film):
     }
     Image.fromarray(film).save(files["png8"])
     Image.fromarray(film.astype(np.uint16) * 257).save(files["png16"])
+    files["deflate"] = _resave(radiograph(stored12, tmp_path / "g.dcm"), DeflatedExplicitVRLittleEndian)
+    files["big-endian"] = _resave(radiograph(stored12, tmp_path / "h.dcm"), ExplicitVRBigEndian)
     for name, path in files.items():
         tensor = to_model_input(decode_file(path).pixels, 160)
         np.testing.assert_allclose(tensor, reference, atol=1e-3, err_msg=name)
