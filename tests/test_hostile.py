@@ -412,11 +412,8 @@ def test_good_file_after_hostile_ones_is_scored_and_next_scan_too(hostile_scan, 
     assert rows["zzzz_next.jpeg"]["status"] == "scored"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug (bench/chaos/FINDINGS.md F1): a non-UTF-8 name reaches the database as a str "
-    "with lone surrogates; UnicodeEncodeError aborts the whole scan, every time it is re-run",
-)
+# Regression test for bench/chaos/FINDINGS.md F1 (fixed in c1d6fb6): a non-UTF-8 name used to reach
+# the database as a str with lone surrogates, and UnicodeEncodeError aborted the whole scan.
 def test_non_utf8_file_name_gets_a_final_row(tmp_path, films, model_dir):
     """A name that is not valid UTF-8 (Latin-1 from an old Windows share) must not stop the scan."""
     root = tmp_path / "drop"
@@ -433,11 +430,8 @@ def test_non_utf8_file_name_gets_a_final_row(tmp_path, films, model_dir):
     assert len(rows) == 2 and all(r["status"] in FINAL for r in rows.values()), rows
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug (bench/chaos/FINDINGS.md F2): register_chunk hashes every file in full before "
-    "decode_file refuses it for size; a sparse 1 TiB file costs ~an hour of reading zeros",
-)
+# Regression test for bench/chaos/FINDINGS.md F2 (fixed in c1d6fb6): register_chunk used to hash every
+# file in full before decode_file refused it for size (a sparse 1 TiB file: ~an hour of reading zeros).
 def test_oversized_file_is_not_hashed(tmp_path):
     from pipeline.limits import MAX_FILE_BYTES
     from worker.scanner import ScanSummary, iter_files, register_chunk
@@ -458,6 +452,51 @@ def test_oversized_file_is_not_hashed(tmp_path):
     upgrade(url)
     register_chunk(url, list(iter_files([str(big.parent)])), hasher, ScanSummary())
     assert str(big) not in asked, "a file above MAX_FILE_BYTES was read in full to hash it"
+
+
+def _rle_with_wrong_dimensions(film: np.ndarray, path: Path) -> Path:
+    """RLE-compressed DICOM whose Rows/Columns were lowered after encoding (found by bench/chaos/fuzz.py)."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    radiograph(film.astype(np.uint16) * 16, path, syntax=RLELossless)
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = film.shape[0] - 24, film.shape[1]
+    ds.save_as(path)
+    return path
+
+
+RLE_PANIC = (
+    "product bug (bench/chaos/FINDINGS.md F3): pylibjpeg-rle panics (pyo3 PanicException, a "
+    "BaseException) on RLE data longer than Rows x Columns; decode_dicom and prepare only catch "
+    "Exception, so the panic escapes, cannot be pickled back from the decode pool, and kills the scan"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=RLE_PANIC)
+def test_rle_pixel_data_longer_than_header_is_an_image_problem(films, tmp_path):
+    path = _rle_with_wrong_dimensions(films[0], tmp_path / "rle.dcm")
+    try:
+        decode_file(path)
+    except ImageProblem as problem:
+        assert problem.status == "failed"
+    except BaseException as exc:  # noqa: BLE001 - the bug: a BaseException that is not ImageProblem
+        pytest.fail(f"decode_file raised {type(exc).__name__}")
+
+
+@pytest.mark.xfail(strict=True, reason=RLE_PANIC)
+def test_scan_survives_rle_decoder_panic(films, tmp_path, model_dir):
+    root = tmp_path / "drop"
+    root.mkdir()
+    _rle_with_wrong_dimensions(films[0], root / "panic.dcm")
+    (root / "zz_good.jpeg").write_bytes(_jpeg_bytes(films[11]))
+    url = f"sqlite:///{tmp_path / 'rle.sqlite3'}"
+    result = run_measured(
+        ["scan", str(root), "--database-url", url, "--no-progress"], _cli_env(model_dir), 240
+    )
+    assert result["rc"] == 0, result["stderr"][-3000:]
+    rows = {os.path.basename(p): r for p, r in _rows(url).items()}
+    assert rows["panic.dcm"]["status"] == "failed" and rows["zz_good.jpeg"]["status"] == "scored"
 
 
 # ----------------------------------------------------------------------------------------------
