@@ -140,6 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--new-files", type=int, default=10_000, help="new files (default 10000; --quick: 200)"
     )
+    parser.add_argument(
+        "--setup-only",
+        action="store_true",
+        help="only generate the trees and register them (cached), then exit",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.files, args.new_files = min(args.files, 2000), min(args.new_files, 200)
@@ -160,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         registration = json.loads((tree.parent / "registered.json").read_text())
         log(f"reusing registered database {base}")
+    if args.setup_only:
+        log(f"set-up done: {base}")
+        return
     registered = common.WORK / "backlog" / "scored.sqlite3"
     counts = mark_scored(base, registered, model)
     log(f"registered database marked scored: {counts}")

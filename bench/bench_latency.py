@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--seconds", type=float, default=120.0, help="drip duration (default 120; --quick: 10)"
     )
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="attach py-spy (--idle, all processes) to the watcher during the drip; raw stacks to FILE",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = min(args.seconds, 10.0)
@@ -137,6 +142,30 @@ def main(argv: list[str] | None = None) -> None:
         cold = (finished.timestamp() - closed) if finished else float("nan")
         log(f"warm-up file {status}: cold drop-to-score {cold:.2f} s (model load included)")
 
+        spy = None
+        if args.profile:
+            from bench.profile_run import py_spy
+
+            spy = subprocess.Popen(
+                [
+                    py_spy(),
+                    "record",
+                    "--pid",
+                    str(proc.pid),
+                    "--subprocesses",
+                    "--idle",
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "50",
+                    "--duration",
+                    str(int(args.seconds) + 5),
+                    "--output",
+                    args.profile,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         log(f"drip: {count} JPEGs at {args.rate:g}/s for {args.seconds:g} s ...")
         close_times: dict[str, float] = {}
         started = time.monotonic()
@@ -154,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
                 log(f"  {i + 1}/{count} dropped")
         drip_seconds = time.monotonic() - started
         seen = wait_for(db_path, list(close_times), timeout=120)
+        if spy is not None:
+            spy.wait(timeout=60)
     finally:
         common.terminate(proc)
         poller.stop()

@@ -98,19 +98,29 @@ def run_naive(files: list[str], model_dir: Path, db_path: Path) -> dict:
     # one warm-up predict so that the one-off graph build is not charged to the first file
     model.predict(np.zeros((1, size, size, 1), np.float32), verbose=0)
     log(f"naive: {len(files)} files one at a time ...")
+    parts = {"decode+normalise": 0.0, "predict": 0.0, "insert+commit": 0.0}
     started = time.perf_counter()
     for done, path in enumerate(files, 1):
+        t0 = time.perf_counter()
         x = to_model_input(decode_file(path).pixels, size)[np.newaxis]
+        t1 = time.perf_counter()
         out = model.predict(x, verbose=0)
         logit = float(np.asarray(out["pneumonia"] if isinstance(out, dict) else out[0]).ravel()[0])
         probability = 1.0 / (1.0 + math.exp(-logit / temperature))
+        t2 = time.perf_counter()
         conn.execute("INSERT INTO scores VALUES (?, ?, datetime('now'))", (path, probability))
         conn.commit()
+        t3 = time.perf_counter()
+        parts["decode+normalise"] += t1 - t0
+        parts["predict"] += t2 - t1
+        parts["insert+commit"] += t3 - t2
         if done % max(len(files) // 10, 1) == 0:
             log(f"  {done}/{len(files)} ({done / (time.perf_counter() - started):.2f} images/s)")
     seconds = time.perf_counter() - started
     conn.close()
-    return {"files": len(files), "seconds": seconds, "rate": len(files) / seconds}
+    per_image = {k: 1000 * v / len(files) for k, v in parts.items()}
+    log("  naive per image: " + ", ".join(f"{k} {v:.1f} ms" for k, v in per_image.items()))
+    return {"files": len(files), "seconds": seconds, "rate": len(files) / seconds, "per_image_ms": per_image}
 
 
 def _warm(_: int) -> int:
@@ -124,23 +134,34 @@ def _warm(_: int) -> int:
     return os.getpid()
 
 
+def timed_prepare(path: str, size: int):
+    """worker.prepare.prepare plus its own duration (seconds), measured in the pool process."""
+    from worker.prepare import prepare
+
+    started = time.perf_counter()
+    result = prepare(path, size)
+    return result, time.perf_counter() - started
+
+
 def run_decode_limit(files: list[str], size: int, workers: int):
     """Decode-and-normalise alone across all cores; returns (rate, seconds, tensors)."""
-    from worker.prepare import limit_threads, prepare
+    from worker.prepare import limit_threads
 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=limit_threads) as pool:
         list(pool.map(_warm, range(workers * 2)))  # start the processes and import the decoders first
         log(f"limit: decode+normalise {len(files)} files on {workers} processes ...")
         started = time.perf_counter()
-        results = list(pool.map(prepare, files, [size] * len(files), chunksize=1))
+        timed = list(pool.map(timed_prepare, files, [size] * len(files), chunksize=1))
         seconds = time.perf_counter() - started
+    results = [r for r, _ in timed]
+    durations = [d for _, d in timed]
     bad = [r for r in results if r.tensor is None]
     if bad:
         raise SystemExit(f"{len(bad)} files could not be prepared: {bad[0].status}: {bad[0].reason}")
     import numpy as np
 
-    return len(files) / seconds, seconds, np.stack([r.tensor for r in results])
+    return len(files) / seconds, seconds, np.stack([r.tensor for r in results]), durations
 
 
 def run_inference_limit(tensors, model_dir: Path, min_seconds: float) -> dict[int, float]:
@@ -217,7 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     log(f"  naive: {naive['rate']:.2f} images/s")
 
     workers = os.cpu_count() or 1
-    decode_rate, decode_seconds, tensors = run_decode_limit(files, model["input_size"], workers)
+    decode_rate, decode_seconds, tensors, durations = run_decode_limit(files, model["input_size"], workers)
+    per_format: dict[str, list[float]] = {}
+    for path, d in zip(files, durations, strict=True):
+        per_format.setdefault(formats[path], []).append(d)
+    per_format_ms = {k: 1000 * sum(v) / len(v) for k, v in sorted(per_format.items())}
+    log("  decode+normalise per file: " + ", ".join(f"{k} {v:.0f} ms" for k, v in per_format_ms.items()))
     log(f"  decode+normalise alone: {decode_rate:.1f} images/s ({decode_seconds:.1f} s)")
     infer = run_inference_limit(tensors, model_dir, args.infer_seconds)
     best_batch = max(infer, key=infer.get)
@@ -260,12 +286,15 @@ def main(argv: list[str] | None = None) -> None:
                 "naive (notebook way)",
                 f"{naive['rate']:.2f}",
                 f"{naive['files']} files ({'seeded stratified subset' if naive['files'] < n else 'whole corpus'}), "
-                "decode_file + to_model_input, keras model.predict(1 image), sqlite3 INSERT+COMMIT per row",
+                "decode_file + to_model_input, keras model.predict(1 image), sqlite3 INSERT+COMMIT per row; per image: "
+                + ", ".join(f"{k} {v:.1f} ms" for k, v in naive["per_image_ms"].items()),
             ],
             [
                 "decode + normalise alone",
                 f"{decode_rate:.1f}",
-                f"worker.prepare.prepare over all {n} files, spawn pool of {workers} processes, no hashing",
+                f"worker.prepare.prepare over all {n} files, spawn pool of {workers} processes, no hashing; "
+                "mean per file in a pool process: "
+                + ", ".join(f"{k} {v:.0f} ms" for k, v in per_format_ms.items()),
             ],
             [
                 f"inference alone (best batch {best_batch})",
