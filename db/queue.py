@@ -7,7 +7,7 @@ cannot both move it, and a result written twice leaves one row.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -94,14 +94,15 @@ def register(session: Session, seen: FileSeen, sha256: str) -> tuple[int, bool]:
     return image_id, created is not None
 
 
-def pending_ids(session: Session, image_ids: Iterable[int]) -> list[int]:
-    """Those of ``image_ids`` that still need work (queued, or processing with an expired lease)."""
+def pending_ids(session: Session, image_ids: Iterable[int], owner: str | None = None) -> list[int]:
+    """Those of ``image_ids`` that still need work (queued, or processing with a lease that ran out
+    or that ``owner`` holds)."""
     ids = list(image_ids)
     if not ids:
         return []
     now = utcnow()
     return list(
-        session.scalars(select(Image.id).where(Image.id.in_(ids), _claimable(now)).order_by(Image.id))
+        session.scalars(select(Image.id).where(Image.id.in_(ids), _claimable(now, owner)).order_by(Image.id))
     )
 
 
@@ -231,6 +232,23 @@ def release(session: Session, image_ids: Sequence[int], *, refund_attempt: bool 
     session.execute(
         update(Image).where(Image.id.in_(image_ids), Image.status == ImageStatus.PROCESSING).values(**values)
     )
+
+
+def release_dead_owners(session: Session, prefix: str, is_dead: Callable[[str], bool]) -> list[int]:
+    """Requeue images leased by owners under ``prefix`` (this host's processes) that are gone."""
+    rows = session.execute(
+        select(Image.id, Image.lease_owner).where(
+            Image.status == ImageStatus.PROCESSING, Image.lease_owner.startswith(prefix)
+        )
+    ).all()
+    dead = [image_id for image_id, owner in rows if is_dead(owner)]
+    if dead:
+        session.execute(
+            update(Image)
+            .where(Image.id.in_(dead), Image.status == ImageStatus.PROCESSING)
+            .values(status=ImageStatus.QUEUED, lease_expires_at=None, lease_owner=None, updated_at=utcnow())
+        )
+    return dead
 
 
 def requeue_expired(session: Session) -> list[int]:

@@ -233,9 +233,10 @@ def decode_dicom(path: str | Path) -> tuple[np.ndarray, DicomAttributes]:
             check_scope(ds, attrs)
             check_dimensions(ds)
             return to_display_grey(_decode_pixels(ds), ds), attrs
-    except (FailedImage, RejectedImage):
+    except (FailedImage, RejectedImage, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as exc:  # noqa: BLE001 - elements are parsed lazily; any damage surfaces here
+    except BaseException as exc:  # noqa: BLE001 - lazy parsing surfaces damage anywhere; Rust decoders
+        # (pylibjpeg-rle via pyo3) raise PanicException, a BaseException, on crafted pixel data.
         raise FailedImage(f"corrupt DICOM data set ({type(exc).__name__})") from exc
 
 

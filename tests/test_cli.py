@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +219,33 @@ def test_embedded_watch_takes_complete_files_only(kermany, tmp_path):
         watcher.send_signal(signal.SIGTERM)
         output = watcher.communicate(timeout=60)[0]
     assert "3 scored" in output
+
+
+def test_scan_resumes_work_of_a_killed_scan_at_once(kermany, tmp_path):
+    """A scan killed mid-batch leaves leases owned by a dead process; the next scan takes them back."""
+    import socket
+
+    from sqlalchemy import delete, update
+
+    from db.engine import session_scope
+    from db.schema import Image, Score
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for source in kermany_files(kermany, "NORMAL", 2):
+        shutil.copyfile(source, folder / source.name)
+    url = f"sqlite:///{tmp_path / 'resume.sqlite3'}"
+    assert run("scan", str(folder), "--database-url", url, "--no-progress").returncode == 0
+    dead = f"local:{socket.gethostname()}:999999"  # no such process
+    with session_scope(url) as session:  # as if the scan had been killed after claiming the batch
+        session.execute(delete(Score))
+        session.execute(
+            update(Image).values(
+                status="processing",
+                lease_owner=dead,
+                attempts=1,
+                lease_expires_at=Image.first_seen_at + timedelta(days=1),
+            )
+        )
+    again = run("scan", str(folder), "--database-url", url, "--no-progress")
+    assert re.search(r"2 files: 2 scored", again.stderr), again.stderr

@@ -23,3 +23,10 @@ def configure(level: str = "INFO") -> None:
 
 def short(sha256: str | None) -> str:
     return (sha256 or "?")[:12]
+
+
+def describe_error(exc: BaseException) -> str:
+    """First line of a driver's message ("database or disk is full"), never SQL parameters (paths)."""
+    cause = getattr(exc, "orig", None) or exc
+    first = (str(cause).splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

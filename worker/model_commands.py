@@ -47,6 +47,9 @@ def train_command(
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (fixed cosine schedule).")] = 30,
     seed: Annotated[int, typer.Option(help="Random seed (weights, shuffling, augmentation).")] = 1337,
     size: Annotated[int, typer.Option(min=32, max=512, help="Square input size in pixels.")] = 128,
+    augment: Annotated[
+        str, typer.Option(help="Augmentation preset: 'standard' or 'strong' (wider zoom, black borders).")
+    ] = "standard",
     out: Annotated[
         Path, typer.Option(help="Output folder for model.keras, metadata.json and history.json.")
     ] = Path("models/shipped"),
@@ -56,9 +59,14 @@ def train_command(
     Validation patients are never trained on; temperature and thresholds are fitted on them.
     Expect about 15-30 s per epoch at 128 px on a 2-core CPU.
     """
+    from models.augment import PRESETS
     from models.train import TrainConfig, train
 
-    cfg = TrainConfig(arch=arch, epochs=epochs, seed=seed, size=size, data_dir=str(data_dir))
+    if augment not in PRESETS:
+        raise typer.BadParameter(f"choose one of {', '.join(sorted(PRESETS))}", param_hint="--augment")
+    cfg = TrainConfig(
+        arch=arch, epochs=epochs, seed=seed, size=size, data_dir=str(data_dir), augment=PRESETS[augment]
+    )
 
     def log(line: str) -> None:
         console.print(line, highlight=False)

@@ -73,8 +73,11 @@ def prepare(path: str, input_size: int, expected_sha256: str | None = None) -> P
         return Prepared(status=exc.status, reason=exc.reason)
     except MemoryError:
         return Prepared(status="failed", reason="out of memory while decoding")
-    except Exception as exc:  # noqa: BLE001 - one bad file must never take the worker down
-        return Prepared(status="failed", reason=f"unexpected decoder error ({type(exc).__name__})")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - one bad file must never take the worker down, and
+        # nothing unpicklable (a decoder's PanicException) may cross the decode-pool boundary.
+        return Prepared(status="failed", reason=f"the decoder crashed on this file ({type(exc).__name__})")
 
 
 def sha256_file(path: str) -> str | None:

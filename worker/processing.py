@@ -43,6 +43,7 @@ class Processor:
         lease_seconds: float = 900.0,
         retry_incomplete: bool = False,
         incomplete_grace_s: float = 600.0,
+        owner: str | None = None,
     ) -> None:
         self.database_url = database_url
         self.model_dir = model_dir
@@ -53,7 +54,9 @@ class Processor:
         #: How long after its arrival a file that looks incomplete is retried before it is failed.
         self.incomplete_grace_s = incomplete_grace_s
         self._scorer = None
-        self.owner: str | None = None
+        #: Lease owner used when a call names none (in-process work); a Celery task passes its id.
+        self.default_owner = owner
+        self.owner: str | None = owner
 
     @property
     def scorer(self):
@@ -66,7 +69,7 @@ class Processor:
 
     def process(self, image_ids: Sequence[int], owner: str | None = None) -> BatchOutcome:
         """Bring ``image_ids`` to a final state; ``owner`` (a task id) may re-take its own leases."""
-        self.owner = owner
+        self.owner = owner or self.default_owner
         counts: Counter = Counter()
         retry: list[int] = []
         for batch in self._batches(list(image_ids)):

@@ -104,6 +104,7 @@ def register_chunk(
     files: list[FileSeen],
     hasher: Callable[[list[str]], list[str | None]],
     summary: ScanSummary,
+    owner: str | None = None,
 ) -> list[int]:
     """Register ``files``; return the ids of images that still need work."""
     with session_scope(database_url) as session:
@@ -133,6 +134,6 @@ def register_chunk(
         for image_id, size in unreadable:
             if queue.record_problem(session, image_id, ImageStatus.FAILED, _unreadable_reason(size)):
                 summary.outcomes["failed"] += 1
-        pending = queue.pending_ids(session, candidates)
+        pending = queue.pending_ids(session, candidates, owner)
     summary.skipped += len(files) - len(to_hash) - sum(1 for i in unchanged.values() if i in pending)
     return pending

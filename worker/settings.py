@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,25 @@ class Settings:
     batch_size: int = 32
     decode_workers: int = max((os.cpu_count() or 1), 1)
     #: Seconds a claimed image may stay in ``processing`` before another worker may take it.
-    lease_seconds: float = 900.0
+    lease_seconds: float = field(default_factory=lambda: float(env("LEASE_SECONDS", "900")))
 
     def resolved_model_dir(self) -> Path:
         return self.model_dir or _default_model_dir()
+
+
+def local_owner() -> str:
+    """Lease owner for in-process work (scan, watch): this host and process."""
+    return f"{LOCAL_OWNER_PREFIX}{socket.gethostname()}:{os.getpid()}"
+
+
+def local_owner_is_dead(owner: str) -> bool:
+    """True when ``owner`` is a process of this host that no longer runs."""
+    pid = owner.rsplit(":", 1)[-1]
+    return pid.isdigit() and int(pid) != os.getpid() and not os.path.exists(f"/proc/{pid}")
+
+
+def local_owner_prefix() -> str:
+    return f"{LOCAL_OWNER_PREFIX}{socket.gethostname()}:"
+
+
+LOCAL_OWNER_PREFIX = "local:"

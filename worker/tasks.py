@@ -9,6 +9,7 @@ from celery.signals import worker_process_shutdown
 
 from worker.celery_app import app, database_url
 from worker.decode_pool import DecodePool
+from worker.logs import describe_error
 from worker.processing import Processor
 from worker.settings import Settings, env
 
@@ -57,7 +58,7 @@ def score_images(self, image_ids: list[int]) -> dict:
         outcome = processor().process(image_ids, owner=self.request.id)
     except (OperationalError, DBAPIError) as exc:
         delay = min(2 ** min(self.request.retries, 6), MAX_BACKOFF_S)
-        log.warning("database unavailable (%s); retrying this batch in %d s", type(exc).__name__, delay)
+        log.warning("database unavailable (%s); retrying this batch in %d s", describe_error(exc), delay)
         raise self.retry(countdown=delay, exc=exc) from exc
     if outcome.retry_later:
         # Files still being written: try again shortly, as a new message.

@@ -30,6 +30,7 @@ from db import queue
 from db.engine import session_scope
 from db.queue import FileSeen
 from worker.decode_pool import DecodePool
+from worker.logs import describe_error
 from worker.scanner import ScanSummary, is_temporary, iter_files, register_chunk
 from worker.settings import Settings
 
@@ -155,7 +156,8 @@ class Watcher:
             except OSError:
                 continue
             files.append(FileSeen(path, info.st_size, info.st_mtime_ns))
-        pending = register_chunk(self.settings.database_url, files, pool.hash_many, self.summary)
+        owner = processor.default_owner if processor is not None else None
+        pending = register_chunk(self.settings.database_url, files, pool.hash_many, self.summary, owner=owner)
         self.summary.files += len(files)
         if not pending:
             return
@@ -180,6 +182,9 @@ class Watcher:
 
             recover_lost_work(self.settings, stale_after_s=self.settings.lease_seconds)
             return
+        from worker.embedded import release_dead_local_leases
+
+        release_dead_local_leases(self.settings.database_url)
         with session_scope(self.settings.database_url) as session:
             queue.requeue_expired(session)
             leftover = queue.queued_ids(session)
@@ -195,7 +200,7 @@ class Watcher:
             self.backoff_s = 0.0
         except (SQLAlchemyError, OSError, KombuError) as exc:
             self.backoff_s = min(max(self.backoff_s * 2, 1.0), 30.0)
-            log.warning("%s failed (%s); retrying in %.0f s", what, type(exc).__name__, self.backoff_s)
+            log.warning("%s failed (%s); retrying in %.0f s", what, describe_error(exc), self.backoff_s)
             self.stop_event.wait(self.backoff_s)
 
     def _flush_safely(self, pool: DecodePool, processor) -> bool:
