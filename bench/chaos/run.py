@@ -329,6 +329,25 @@ def celery_worker_pid(supervisor: Service) -> int | None:
     return None
 
 
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _short_cmd(pid: int) -> str:
+    line = cmdline(pid)
+    if "multiprocessing" in line and "resource_tracker" in line:
+        return "multiprocessing resource tracker"
+    if "multiprocessing" in line:
+        return "multiprocessing spawn child (decode pool)"
+    return line[:60]
+
+
 def group_members(pgid: int) -> list[int]:
     members = []
     for entry in os.listdir("/proc"):
@@ -842,7 +861,22 @@ class KillWorker(Scenario):
         self.result.faults = done
         if orphans:
             self.result.notes.append(
-                f"{orphans} decode process(es) still alive 3 s after their worker was killed"
+                f"{orphans} child process(es) of killed workers still alive 3 s after the kill"
+            )
+
+    def before_stop(self) -> None:
+        """Processes of killed workers that outlived them: in the supervisor's group, not its descendants."""
+        supervisor = self.services.get("worker")
+        pid = supervisor.pid() if supervisor else None
+        if pid is None:
+            return
+        legit = {pid, *descendants(pid)}
+        stray = [p for p in group_members(pid) if p not in legit]
+        if stray:
+            rss_kb = sum(_rss_kb(p) for p in stray)
+            self.result.notes.append(
+                f"at the end, {len(stray)} orphaned process(es) of killed workers still running "
+                f"({rss_kb / 1024:.0f} MB RSS in all): {', '.join(sorted({_short_cmd(p) for p in stray}))}"
             )
 
 
@@ -1023,7 +1057,7 @@ class DiskFull(Scenario):
             self.result.notes.append(f"SQLite integrity_check: {check}")
         except sqlite3.Error as exc:
             self.result.notes.append(f"SQLite integrity_check failed to run: {exc}")
-        text = (self.dir / "watch.log").read_text(errors="replace")
+        text = " ".join((self.dir / "watch.log").read_text(errors="replace").split())  # undo wrapping
         full = text.count("database or disk is full") + text.count("No space left")
         self.result.notes.append(f"'disk is full' reported {full} time(s) in the watcher log")
 
@@ -1053,10 +1087,15 @@ def machine() -> str:
 
 def git_revision() -> str:
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(
+    status = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    return done.stdout.strip() + (" (with uncommitted changes in the tree)" if dirty else "")
+    ).stdout.splitlines()
+    product = sorted(
+        line[3:] for line in status if line[3:].startswith(("pipeline/", "db/", "worker/", "models/"))
+    )
+    if not product:
+        return done.stdout.strip()
+    return f"{done.stdout.strip()} + uncommitted changes to {', '.join(product)}"
 
 
 def table(results: list[Result]) -> str:
