@@ -13,6 +13,7 @@ seconds, re-sends work whose lease expired or whose message was lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -109,8 +110,12 @@ class Supervisor:
         self.stopping = False
 
     def _start(self, spec: WorkerSpec) -> None:
+        # Own process group: when a worker dies, its decode processes can be reaped with it (they
+        # never notice their parent's death on their own).
         self.children[spec.name] = subprocess.Popen(
-            worker_command(spec, self.log_level), env=worker_env(self.settings, spec, self.decode_workers)
+            worker_command(spec, self.log_level),
+            env=worker_env(self.settings, spec, self.decode_workers),
+            process_group=0,
         )
         log.info(
             "started worker %s (pid %d, %s)",
@@ -136,6 +141,7 @@ class Supervisor:
                 child = self.children[spec.name]
                 if child.poll() is not None:
                     log.warning("worker %s exited with code %s; restarting", spec.name, child.returncode)
+                    _kill_group(child.pid)
                     self._start(spec)
             if time.monotonic() - last_recover >= self.recover_interval:
                 last_recover = time.monotonic()
@@ -150,4 +156,11 @@ class Supervisor:
                 child.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 child.kill()
+            _kill_group(child.pid)
         return 0
+
+
+def _kill_group(pgid: int) -> None:
+    """Kill what is left of a worker's process group (orphaned decode processes)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
