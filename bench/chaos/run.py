@@ -403,9 +403,12 @@ class Feeder(threading.Thread):
     straight in. While the folder is renamed away (``away`` exists instead), files go there.
     """
 
-    def __init__(self, drop: Path, sources: list[Path], rate: float, tag: str, away: Path | None = None):
+    def __init__(
+        self, drop: Path, sources: list[Path], rate: float, tag: str, away: Path | None = None, burst: int = 1
+    ):
         super().__init__(daemon=True)
         self.drop, self.sources, self.rate, self.tag, self.away = drop, sources, rate, tag, away
+        self.burst = burst  # files dropped back to back; bursts keep the average rate
         self.dropped: dict[str, float] = {}  # final path (under drop) -> time it was dropped
         self.done = threading.Event()
         self.stop_event = threading.Event()
@@ -416,7 +419,7 @@ class Feeder(threading.Thread):
         for index, source in enumerate(self.sources):
             if self.stop_event.is_set():
                 break
-            due = started + index / self.rate
+            due = started + (index // self.burst) * self.burst / self.rate
             time.sleep(max(0.0, due - time.monotonic()))
             name = f"{self.tag}_{index:05d}.jpeg"
             for _ in range(200):
@@ -818,47 +821,62 @@ class KillWorker(Scenario):
         self.rng = random.Random(1122)
         self.last_kill_wall: datetime | None = None
 
+    def make_feeder(self, sources):
+        # bursts of 32 files: the watcher hands on full batches, which take the worker long enough
+        # (decode + model) that a kill can land while the batch is claimed but not yet stored
+        return Feeder(self.drop, sources, self.rate, self.name, burst=32)
+
     def inject(self, feeder, monitor, deadline) -> None:
+        from sqlalchemy import create_engine, text
+
         supervisor = self.services["worker"]
         spacing = self.files / self.rate / (self.kills + 1)
         next_kill = time.monotonic() + spacing * 0.6
-        done = 0
-        orphans = 0
+        engine = create_engine(self.monitor_url())
+        query = text("SELECT count(*) FROM images WHERE status = 'processing' AND updated_at > :since")
+
+        def claimed_since(since: datetime) -> int:
+            try:
+                with engine.connect() as connection:
+                    return connection.execute(query, {"since": since}).scalar_one()
+            except Exception:  # noqa: BLE001
+                return 0
+
+        done = mid_batch = orphans = 0
+        since = datetime(2000, 1, 1, tzinfo=UTC)
         while done < self.kills and time.monotonic() < deadline - 60:
             time.sleep(max(0.0, next_kill - time.monotonic()))
             # mid-batch: a batch claimed by the current worker process (not the killed one's leftovers)
-            since = self.last_kill_wall
-            fresh = wait_until(
-                lambda since=since: processing_now(self.monitor_url(), since) > 0,
-                min(deadline - 60, time.monotonic() + 90),
-                poll=0.2,
-            )
-            if not fresh:
-                self.result.notes.append("a kill found no batch in progress within 90 s; killed anyway")
-            time.sleep(self.rng.uniform(0.5, 8.0))  # somewhere in claim / model load / decode / store
+            limit = min(deadline - 60, time.monotonic() + (30 if feeder.done.is_set() else 120))
+            # a batch of several fresh files (single-file retries of a killed batch finish in ~0.1 s)
+            if not wait_until(lambda since=since: claimed_since(since) > 1, limit, poll=0.05):
+                self.result.notes.append("no new batch to kill (the feed had ended); kills stopped")
+                break
+            time.sleep(self.rng.uniform(0.0, 0.3))  # claim, model load, decode or store
             pid = celery_worker_pid(supervisor)
-            if pid is None:
-                wait_until(lambda: celery_worker_pid(supervisor) is not None, time.monotonic() + 30)
-                pid = celery_worker_pid(supervisor)
             if pid is None:
                 self.result.notes.append(f"kill {done + 1}: no Celery worker process to kill")
                 break
+            in_hand = claimed_since(since)
             pool_children = descendants(pid)
             os.kill(pid, signal.SIGKILL)
             killed_at = time.monotonic()
-            self.last_kill_wall = datetime.now(UTC)
+            since = datetime.now(UTC)
             done += 1
+            mid_batch += in_hand > 0
             self.faults_end.append(killed_at)
             log(
-                f"kill-worker: SIGKILL {done}/{self.kills} to Celery pid {pid} "
-                f"({len(pool_children)} child processes)"
+                f"kill-worker: SIGKILL {done}/{self.kills} to Celery pid {pid} with {in_hand} claimed "
+                f"image(s) in hand ({len(pool_children)} child processes)"
             )
             time.sleep(3.0)
             orphans += sum(
                 1 for child in pool_children if os.path.exists(f"/proc/{child}") and cmdline(child)
             )
-            next_kill = killed_at + spacing
+            next_kill = max(killed_at + spacing, time.monotonic())
+        engine.dispose()
         self.result.faults = done
+        self.result.notes.append(f"{mid_batch} of {done} kills hit the worker with a claimed batch in hand")
         if orphans:
             self.result.notes.append(
                 f"{orphans} child process(es) of killed workers still alive 3 s after the kill"
