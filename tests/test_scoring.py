@@ -50,3 +50,32 @@ def test_batch_and_single_scores_agree(containers, scorer):
     batch = [s.pneumonia_probability for s in scorer.score_batch(tensors)]
     single = [scorer.score_batch(t[np.newaxis])[0].pneumonia_probability for t in tensors]
     np.testing.assert_allclose(batch, single, atol=1e-5)
+
+
+def test_scan_scores_equal_evaluate_scores(kermany, scorer, model_dir, tmp_path):
+    """No train/serve skew: `cxr-triage scan` stores what `model evaluate` computes for the same file."""
+    from sqlalchemy import select
+
+    from db.engine import session_scope
+    from db.migrate import upgrade
+    from db.schema import Image, Score, SourceFile
+    from worker.embedded import scan_embedded
+    from worker.settings import Settings
+
+    files = kermany_files(kermany, "NORMAL", 3) + kermany_files(kermany, "PNEUMONIA", 5)
+    url = f"sqlite:///{tmp_path / 'skew.sqlite3'}"
+    upgrade(url)
+    settings = Settings(database_url=url, model_dir=model_dir, batch_size=4, decode_workers=2)
+    summary = scan_embedded(settings, [str(p) for p in files])
+    assert summary.outcomes["scored"] == len(files)
+    with session_scope(url) as session:
+        stored = dict(
+            session.execute(
+                select(SourceFile.path, Score.pneumonia_probability)
+                .join(Image, SourceFile.image_id == Image.id)
+                .join(Score, Score.image_id == Image.id)
+            ).all()
+        )
+    evaluated = scorer.score_files(files, batch_size=32)  # the path models.evaluate takes
+    for path, score in zip(files, evaluated, strict=True):
+        assert abs(stored[str(path)] - score.pneumonia_probability) < 1e-5
