@@ -98,6 +98,9 @@ def training_running() -> bool:
     return bool(result.stdout.strip())
 
 
+TRAINING_AT_START = training_running()
+
+
 def resolve_model_dir(model_dir: str | None) -> Path:
     if model_dir:
         return Path(model_dir).resolve()
@@ -139,7 +142,17 @@ def _under_flock() -> bool:
 
 def append_results(title: str, model: dict | None, body: str, notes: Iterable[str] = ()) -> str:
     """Append one dated section to bench/RESULTS.md and return it."""
-    contention = training_running()
+    at_end = training_running()
+    at_start = TRAINING_AT_START
+    if at_start or at_end:
+        when = (
+            "at the start and at the end"
+            if at_start and at_end
+            else ("at the start" if at_start else "at the end")
+        )
+        contention = f"**model training was running {when} of this run** (figures are pessimistic)"
+    else:
+        contention = "none (no model training running at the start or the end of this run)"
     lines = [
         f"## {title} - {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "",
@@ -152,14 +165,7 @@ def append_results(title: str, model: dict | None, body: str, notes: Iterable[st
             f"* model: {model['version']} ({model['architecture']}, input {model['input_size']} px; {where})"
         )
     lines.append(f"* command: `{command_line()}`")
-    lines.append(
-        "* CPU contention: "
-        + (
-            "**model training was running during this run** (figures are pessimistic)"
-            if contention
-            else "none (no training running)"
-        )
-    )
+    lines.append(f"* CPU contention: {contention}")
     lines += [f"* {note}" for note in notes]
     lines += ["", body.rstrip(), "", ""]
     text = "\n".join(lines)
