@@ -92,13 +92,60 @@ def git_revision() -> str:
     return rev + ("+dirty" if dirty else "")
 
 
+HEAVY_PATTERN = r"models\.(train|compare|evaluate|robustness|ensemble)|cxr-triage model"
+
+
 def training_running() -> bool:
-    """True while a model training process runs on this machine (CPU contention)."""
-    result = subprocess.run(["pgrep", "-f", "models.train"], capture_output=True, text=True)
+    """True while model training or evaluation runs on this machine (CPU contention)."""
+    result = subprocess.run(["pgrep", "-f", HEAVY_PATTERN], capture_output=True, text=True)
     return bool(result.stdout.strip())
 
 
+def _cpu_ticks() -> dict[int, tuple[int, str]]:
+    ticks = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                raw = handle.read()
+        except OSError:
+            continue
+        name = raw[raw.find("(") + 1 : raw.rfind(")")]
+        fields = raw.rsplit(")", 1)[1].split()
+        ticks[int(entry)] = (int(fields[11]) + int(fields[12]), name)
+    return ticks
+
+
+def other_cpu_load(seconds: float = 2.0) -> tuple[float, list[str]]:
+    """CPU used by processes outside this benchmark's own tree over ``seconds``: (cores, top users)."""
+    ours = set(descendants(os.getpid()))
+    before = _cpu_ticks()
+    time.sleep(seconds)
+    after = _cpu_ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    users = []
+    for pid, (t1, name) in after.items():
+        if pid in ours or pid not in before:
+            continue
+        cores = (t1 - before[pid][0]) / hz / seconds
+        if cores > 0.02:
+            users.append((cores, pid, name))
+    users.sort(reverse=True)
+    total = sum(u[0] for u in users)
+    return total, [f"{name} (pid {pid}) {100 * cores:.0f} %" for cores, pid, name in users[:4]]
+
+
 TRAINING_AT_START = training_running()
+_LOAD_AT_START: tuple[float, list[str]] | None = None
+
+
+def note_load_at_start() -> None:
+    """Sample the CPU load of other processes before measuring (reported with the figures)."""
+    global _LOAD_AT_START
+    _LOAD_AT_START = other_cpu_load()
+    if _LOAD_AT_START[0] > 0.2:
+        log(f"WARNING: other processes use {_LOAD_AT_START[0]:.1f} cores: {', '.join(_LOAD_AT_START[1])}")
 
 
 def resolve_model_dir(model_dir: str | None) -> Path:
@@ -166,6 +213,13 @@ def append_results(title: str, model: dict | None, body: str, notes: Iterable[st
         )
     lines.append(f"* command: `{command_line()}`")
     lines.append(f"* CPU contention: {contention}")
+    load_end = other_cpu_load()
+    for label, load in (("before", _LOAD_AT_START), ("right after", load_end)):
+        if load is not None:
+            users = f": {', '.join(load[1])}" if load[1] else ""
+            lines.append(
+                f"* CPU used by other processes {label} the run (2 s sample): {load[0]:.2f} cores{users}"
+            )
     lines += [f"* {note}" for note in notes]
     lines += ["", body.rstrip(), "", ""]
     text = "\n".join(lines)
@@ -620,6 +674,7 @@ def bench_env(model_dir: Path) -> dict[str, str]:
 
 
 def add_common_args(parser) -> None:
+    note_load_at_start()
     parser.add_argument(
         "--model-dir", default=None, help="model folder (default: the shipped model models/shipped)"
     )
