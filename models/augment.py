@@ -31,10 +31,18 @@ class AugmentConfig:
     window_high: float = 0.9  # white point drawn from [window_high, 1]
     noise_std: float = 0.02
     probability: float = 0.9  # chance that an image gets the geometric/intensity transforms
+    fill_black_probability: float = 0.0  # chance that a batch fills uncovered borders with black
 
 
-def draw_params(rng: np.random.Generator, n: int, size: int, cfg: AugmentConfig) -> dict[str, np.ndarray]:
-    """Per-image random parameters for :func:`augment_tf` (float32 arrays)."""
+#: Wider field-of-view changes and black borders (collimation), for robustness to framing.
+STRONG = AugmentConfig(
+    rotation_deg=10.0, zoom=(0.8, 1.25), shift=0.08, gamma=(0.6, 1.6), fill_black_probability=0.5
+)
+PRESETS = {"standard": AugmentConfig(), "strong": STRONG}
+
+
+def draw_params(rng: np.random.Generator, n: int, size: int, cfg: AugmentConfig) -> dict:
+    """Per-image random parameters for :func:`augment_tf` (float32 arrays, one bool)."""
     active = rng.random(n) < cfg.probability
     angle = np.deg2rad(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg, n)) * active
     zoom = np.where(active, np.exp(rng.uniform(math.log(cfg.zoom[0]), math.log(cfg.zoom[1]), n)), 1.0)
@@ -50,6 +58,8 @@ def draw_params(rng: np.random.Generator, n: int, size: int, cfg: AugmentConfig)
         "high": high.astype(np.float32),
         "noise": noise.astype(np.float32),
         "noise_seed": rng.integers(0, 2**31 - 1, 2).astype(np.int32),
+        # drawn only when enabled, so the "standard" stream of random numbers is unchanged
+        "fill_black": bool(cfg.fill_black_probability > 0 and rng.random() < cfg.fill_black_probability),
     }
 
 
@@ -78,7 +88,10 @@ def standardise_tf(grey):
 
 
 def augment_tf(grey, params: dict):
-    """Augment a (N, H, W) batch of grey levels in [0, 1]; returns (N, H, W, 1) in [0, 1]."""
+    """Augment a (N, H, W) batch of grey levels in [0, 1]; returns (N, H, W, 1) in [0, 1].
+
+    ``params["fill_black"]`` is a Python bool (one graph per value inside a ``tf.function``).
+    """
     import tensorflow as tf
 
     images = tf.cast(grey, tf.float32)[..., tf.newaxis]
@@ -89,7 +102,7 @@ def augment_tf(grey, params: dict):
         output_shape=size,
         fill_value=0.0,
         interpolation="BILINEAR",
-        fill_mode="NEAREST",
+        fill_mode="CONSTANT" if params.get("fill_black", False) else "NEAREST",
     )
     low = params["low"][:, None, None, None]
     high = params["high"][:, None, None, None]

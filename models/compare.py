@@ -1,9 +1,9 @@
 """Comparison table of trained model folders on the same patient-wise validation split.
 
 For each folder: parameters, file size, training wall time, validation ROC AUC, sensitivity
-and specificity at its own validation-fitted thresholds, bacterial-vs-viral AUC, the
-stress-test AUCs (:mod:`models.robustness`) and CPU throughput at batch 32. Optionally a
-test-time-augmentation row (original + small zooms) for the first folder.
+and specificity at its own validation-fitted thresholds (:func:`models.train.calibration`),
+bacterial-vs-viral AUC, the stress-test AUCs (:mod:`models.robustness`) and CPU throughput
+at batch 32. Optionally a test-time-augmentation row (original + small zooms) for the first folder.
 
 Run: ``python -m models.compare .work/runs/baseline128 .work/runs/resnet128 ...``.
 """
@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from models.metrics import fit_temperature, operating_point, operating_thresholds, roc_auc
+from models.metrics import operating_point, roc_auc
+from models.train import calibration
 
 
 def _figures(y: np.ndarray, v: np.ndarray, p: np.ndarray, vl: np.ndarray) -> dict:
-    temperature = fit_temperature(y, p)
-    prob = 1 / (1 + np.exp(-p / temperature))
-    screening, high = operating_thresholds(y, prob)
+    cal = calibration(y, p)
+    prob = 1 / (1 + np.exp(-p / cal["temperature"]))
+    screening, high = cal["screening_threshold"], cal["high_confidence_threshold"]
     s, h = operating_point(y, prob, screening), operating_point(y, prob, high)
     mask = v >= 0
     return {
@@ -60,7 +61,7 @@ def tta_logits(model_dir: Path, zooms: tuple[float, ...] = (1.0, 1.06, 1.12)) ->
     return y, v, np.mean([r[2] for r in runs], axis=0), np.mean([r[3] for r in runs], axis=0)
 
 
-def row(model_dir: Path, with_stress: bool = True) -> dict:
+def row(model_dir: Path, with_stress: bool = True, with_bench: bool = True) -> dict:
     """All comparison figures of one model folder."""
     from bench.bench_inference import measure
     from models.robustness import stress_test
@@ -76,8 +77,9 @@ def row(model_dir: Path, with_stress: bool = True) -> dict:
         "size_mb": round((model_dir / metadata["model_file"]).stat().st_size / 2**20, 2),
         "train_min": round(metadata["training_wall_seconds"] / 60, 1),
         **_figures(logits["y"], logits["v"], logits["p"], logits["vl"]),
-        "img_per_s_b32": round(measure(scorer, 32, seconds=2.0), 0),
     }
+    if with_bench:
+        result["img_per_s_b32"] = round(measure(scorer, 32, seconds=2.0), 0)
     if with_stress:
         stress = stress_test(model_dir)["results"]
         result["stress_mean_auc"] = stress["mean_perturbed_auc"]
@@ -103,9 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model_dirs", nargs="+", type=Path)
     parser.add_argument("--tta", action="store_true", help="also a zoom-TTA row for the first folder")
     parser.add_argument("--no-stress", action="store_true")
+    parser.add_argument("--no-bench", action="store_true", help="skip the throughput measurement")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
-    rows = [row(d, not args.no_stress) for d in args.model_dirs]
+    rows = [row(d, not args.no_stress, not args.no_bench) for d in args.model_dirs]
     if args.tta:
         tta = _figures(*tta_logits(args.model_dirs[0]))
         rows.append({"model": f"{args.model_dirs[0].name} + zoom TTA x3", **tta})

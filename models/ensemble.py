@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     model, metas = build_ensemble(args.model_dirs)
     size = metas[0]["input_size"]
     y, v, p, vl = validation_logits(model, size)
-    arch = "ens" + "-".join(m["architecture"] for m in metas)
+    arch = f"ens{len(metas)}-" + "-".join(m["architecture"] for m in metas)
     cfg = TrainConfig(arch=arch, size=size, epochs=max(m["epochs"] for m in metas), seed=metas[0]["seed"])
     history = [{"member": m["version"], "training_wall_seconds": m["training_wall_seconds"]} for m in metas]
     wall = sum(m["training_wall_seconds"] for m in metas) + (time.time() - started)

@@ -1,7 +1,7 @@
 """Grad-CAM heat maps of the ``pneumonia`` logit for one scored image.
 
-The heat map is computed on the last convolutional feature map (the last 4-D layer before
-global pooling or flattening), upsampled to the grey image's size and scaled to [0, 1].
+The heat map is computed on the last convolutional feature map of at least 8x8 cells
+(see :func:`_feature_layer`), upsampled to the grey image's size and scaled to [0, 1].
 It shows where the model looked; it is not a lesion segmentation.
 """
 
@@ -18,14 +18,20 @@ from models import default_model_dir
 from pipeline.normalise import to_model_input
 
 
-def _feature_layer(model: Any) -> Any:
-    """Last layer with a 4-D output that precedes the pooling/flatten layer."""
+def _feature_layer(model: Any, min_side: int = 8) -> Any:
+    """Last layer with a 4-D output of at least ``min_side`` pixels a side, before pooling.
+
+    The very last feature map of these nets is 4x4 at 128 px input, too coarse to show
+    anything; the last map of at least 8x8 keeps most of the semantics with a usable grid.
+    """
     candidate = None
     for layer in model.layers:
         if layer.name in ("gap", "flatten"):
             break
-        shape = getattr(layer, "output", None)
-        if shape is not None and len(layer.output.shape) == 4:
+        output = getattr(layer, "output", None)
+        if output is None or len(output.shape) != 4:
+            continue
+        if candidate is None or output.shape[1] >= min_side:
             candidate = layer
     if candidate is None:
         raise ValueError("no convolutional feature map found for Grad-CAM")
@@ -33,7 +39,8 @@ def _feature_layer(model: Any) -> Any:
 
 
 @lru_cache(maxsize=4)
-def _cam_model(model_dir: str) -> tuple[Any, int]:
+def _cam_models(model_dir: str) -> tuple[list[Any], int]:
+    """Grad-CAM sub-models (feature map, pneumonia logit); one per member of an ensemble."""
     import keras
 
     import models.architectures  # noqa: F401  registers custom layers
@@ -41,21 +48,18 @@ def _cam_model(model_dir: str) -> tuple[Any, int]:
     metadata = json.loads((Path(model_dir) / "metadata.json").read_text())
     model_file = Path(model_dir) / metadata.get("model_file", "model.keras")
     model = keras.models.load_model(model_file, compile=False)
-    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    if nested:  # an ensemble wrapper: explain its first member
-        model = nested[0]
-    feature = _feature_layer(model)
-    cam = keras.Model(model.inputs, [feature.output, model.get_layer("pneumonia").output])
-    return cam, int(metadata["input_size"])
+    members = [layer for layer in model.layers if isinstance(layer, keras.Model)] or [model]
+    cams = []
+    for member in members:
+        feature = _feature_layer(member)
+        cams.append(keras.Model(member.inputs, [feature.output, member.get_layer("pneumonia").output]))
+    return cams, int(metadata["input_size"])
 
 
-def gradcam(model_dir: str | Path | None, grey: np.ndarray) -> np.ndarray:
-    """Grad-CAM heat map (H, W) in [0, 1] of the pneumonia logit, at the grey image's size."""
+def _one_cam(cam_model: Any, x: Any, shape: tuple[int, int]) -> np.ndarray:
     import tensorflow as tf
     from PIL import Image
 
-    cam_model, size = _cam_model(str(Path(model_dir or default_model_dir()).resolve()))
-    x = tf.constant(to_model_input(grey, size)[np.newaxis])
     with tf.GradientTape() as tape:
         features, logit = cam_model(x, training=False)
         target = logit[:, 0]
@@ -64,9 +68,24 @@ def gradcam(model_dir: str | Path | None, grey: np.ndarray) -> np.ndarray:
     cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[0].numpy().astype(np.float32)
     peak = float(cam.max())
     cam = cam / peak if peak > 0 else np.zeros_like(cam)
-    height, width = grey.shape
+    height, width = shape
     resized = Image.fromarray(cam, mode="F").resize((width, height), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def gradcam(model_dir: str | Path | None, grey: np.ndarray) -> np.ndarray:
+    """Grad-CAM heat map (H, W) in [0, 1] of the pneumonia logit, at the grey image's size.
+
+    For an ensemble the members' normalised maps are averaged.
+    """
+    import tensorflow as tf
+
+    cam_models, size = _cam_models(str(Path(model_dir or default_model_dir()).resolve()))
+    x = tf.constant(to_model_input(grey, size)[np.newaxis])
+    cam = np.mean([_one_cam(m, x, grey.shape) for m in cam_models], axis=0)
+    peak = float(cam.max())
+    cam = cam / peak if peak > 0 else np.zeros_like(cam)
+    return np.clip(cam, 0.0, 1.0).astype(np.float32)
 
 
 def write_overlay(grey: np.ndarray, heatmap: np.ndarray, out_png: str | Path, alpha: float = 0.4) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from models import data
-from models.augment import AugmentConfig, augment_tf, draw_params, standardise_tf
+from models.augment import PRESETS, AugmentConfig, augment_tf, draw_params, standardise_tf
 from models.metrics import fit_temperature, operating_thresholds, roc_auc
 
 MODEL_FILE = "model.keras"
@@ -241,7 +241,8 @@ def calibration(y_val: np.ndarray, p_logit: np.ndarray) -> dict:
 def _command_line() -> str:
     if not sys.argv or not sys.argv[0]:
         return "models.train.train()"
-    head = "python -m models.train" if sys.argv[0].endswith("train.py") else Path(sys.argv[0]).name
+    script = Path(sys.argv[0])
+    head = f"python -m models.{script.stem}" if script.parent.name == "models" else script.name
     return " ".join([head, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
@@ -300,11 +301,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path]:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--augment", choices=sorted(PRESETS), default="standard")
     parser.add_argument("--data-dir", default=str(data.DEFAULT_DATA_DIR))
     parser.add_argument("--out", default="models/shipped")
     args = parser.parse_args(argv)
     cfg = TrainConfig(
-        arch=args.arch, size=args.size, epochs=args.epochs, seed=args.seed, lr=args.lr, data_dir=args.data_dir
+        arch=args.arch,
+        size=args.size,
+        epochs=args.epochs,
+        seed=args.seed,
+        lr=args.lr,
+        data_dir=args.data_dir,
+        augment=PRESETS[args.augment],
     )
     return cfg, Path(args.out)
 
