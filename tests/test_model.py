@@ -173,3 +173,12 @@ def test_metrics_helpers() -> None:
     screening, high = operating_thresholds(labels, prob)
     assert operating_point(labels, prob, screening).sensitivity >= 0.98
     assert operating_point(labels, prob, high).specificity >= 0.95
+
+
+def test_ensemble_members_match_metadata(scorer, metadata: dict) -> None:
+    import keras
+
+    members = [layer for layer in scorer._model.layers if isinstance(layer, keras.Model)]
+    assert len(members) == len(metadata.get("members", []))
+    for layer, member in zip(members, metadata.get("members", []), strict=True):
+        assert member["architecture"] in layer.name
