@@ -34,6 +34,27 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
 
 
+def _inference_layers(keras: Any) -> dict:
+    """Stand-ins for training-only layers, so that serving needs no training code.
+
+    ``cxr>GradientScale`` (models.architectures) scales gradients flowing from the viral head
+    into the shared trunk; its forward pass is the identity, which is all inference needs.
+    """
+
+    class GradientScale(keras.layers.Layer):
+        def __init__(self, scale: float = 1.0, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.scale = float(scale)
+
+        def call(self, inputs: Any) -> Any:
+            return inputs
+
+        def get_config(self) -> dict:
+            return {**super().get_config(), "scale": self.scale}
+
+    return {"cxr>GradientScale": GradientScale, "GradientScale": GradientScale}
+
+
 def _configure_devices(tf: Any) -> None:
     """Let TensorFlow grow GPU memory instead of grabbing all of it."""
     for gpu in tf.config.list_physical_devices("GPU"):
@@ -64,10 +85,10 @@ class Scorer:
         _configure_devices(tf)
         import keras
 
-        import models.architectures  # noqa: F401  registers custom layers
-
         model = keras.models.load_model(
-            model_dir / metadata.get("model_file", DEFAULT_MODEL_FILE), compile=False
+            model_dir / metadata.get("model_file", DEFAULT_MODEL_FILE),
+            compile=False,
+            custom_objects=_inference_layers(keras),
         )
         size = int(metadata["input_size"])
         fn = tf.function(
