@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,27 @@ class ModelScore:
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced(enabled: bool):
+    """TensorFlow's C++ start-up banners (absl, oneDNN) ignore TF_CPP_MIN_LOG_LEVEL: hide them.
+
+    Only file descriptor 2 is redirected, and only around import, load and warm-up; Python
+    exceptions still propagate and are reported once stderr is back.
+    """
+    if not enabled:
+        yield
+        return
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _inference_layers(keras: Any) -> dict:
@@ -80,21 +103,24 @@ class Scorer:
         """Load ``model_dir``; imports TensorFlow and sets GPU memory growth if a GPU is visible."""
         model_dir = Path(model_dir)
         metadata = json.loads((model_dir / METADATA_FILE).read_text())
-        import tensorflow as tf
+        quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)
+        with _native_stderr_silenced(quiet):
+            import tensorflow as tf
 
-        _configure_devices(tf)
-        import keras
+            _configure_devices(tf)
+            import keras
 
-        model = keras.models.load_model(
-            model_dir / metadata.get("model_file", DEFAULT_MODEL_FILE),
-            compile=False,
-            custom_objects=_inference_layers(keras),
-        )
-        size = int(metadata["input_size"])
-        fn = tf.function(
-            lambda x: model(x, training=False),
-            input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32)],
-        )
+            model = keras.models.load_model(
+                model_dir / metadata.get("model_file", DEFAULT_MODEL_FILE),
+                compile=False,
+                custom_objects=_inference_layers(keras),
+            )
+            size = int(metadata["input_size"])
+            fn = tf.function(
+                lambda x: model(x, training=False),
+                input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32)],
+            )
+            fn(np.zeros((1, size, size, 1), dtype=np.float32))  # warm-up: the first call prints banners too
         return cls(
             version=str(metadata["version"]),
             input_size=size,

@@ -18,6 +18,8 @@ def configure(level: str = "INFO") -> None:
     # Third-party loggers may quote header values (patient names, UIDs); keep them quiet.
     for noisy in ("pydicom", "PIL", "h5py", "absl", "tensorflow", "celery.redirected"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if level != "DEBUG":  # schema migrations: say nothing unless asked
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow C++ start-up chatter
 
 
