@@ -229,6 +229,7 @@ class Watcher:
                 from worker.embedded import make_processor
 
                 processor = make_processor(self.settings, pool, retry_incomplete=True)
+                processor.scorer  # load the model now, not when the first film arrives  # noqa: B018
             try:
                 while not self.stop_event.is_set():
                     if time.monotonic() - last_rescan >= self.options.rescan_interval:
