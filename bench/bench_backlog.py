@@ -19,7 +19,6 @@ Run: ``flock .work/heavy.lock .venv/bin/python bench/bench_backlog.py`` (``--qui
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -128,12 +127,7 @@ def measured_scan(label: str, tree: Path, url: str, model_dir: Path, extra: list
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    common.add_common_args(parser)
+    parser = common.make_parser(__doc__)
     parser.add_argument(
         "--files", type=int, default=100_000, help="known files (default 100000; --quick: 2000)"
     )
@@ -260,12 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         "tree (decode pool included) every 0.2 s",
         "page cache warm (the tree was just walked); A2 repeats A1 on a fresh copy of the database",
     ]
-    print(body)
-    if args.quick:
-        log("--quick: not appended to RESULTS.md")
-    elif not args.no_append:
-        common.append_results("Backlog scale (benchmark 5)", model, body, notes)
-        log(f"appended to {common.RESULTS}")
+    common.publish(args, "Backlog scale (benchmark 5)", model, body, notes)
 
 
 if __name__ == "__main__":

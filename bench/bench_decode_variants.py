@@ -19,7 +19,6 @@ Run: ``flock .work/heavy.lock .venv/bin/python bench/bench_decode_variants.py`` 
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import time
@@ -85,12 +84,7 @@ VARIANTS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    common.add_common_args(parser)
+    parser = common.make_parser(__doc__)
     parser.add_argument(
         "--per-format", type=int, default=30, help="files per format (default 30; --quick: 3)"
     )
@@ -169,14 +163,13 @@ def main(argv: list[str] | None = None) -> None:
         f"corpus: {common.corpus_description(manifest)}; the first {args.per_format} files of each format",
         "single process, no pool; prepare() here does not hash (as in the limit measurement)",
     ]
-    print(body)
-    if args.quick:
-        log("--quick: not appended to RESULTS.md")
-    elif not args.no_append:
-        common.append_results(
-            "What-if: reduced-resolution decoding (evidence for the throughput analysis)", model, body, notes
-        )
-        log(f"appended to {common.RESULTS}")
+    common.publish(
+        args,
+        "What-if: reduced-resolution decoding (evidence for the throughput analysis)",
+        model,
+        body,
+        notes,
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Run: ``flock .work/heavy.lock .venv/bin/python bench/bench_distributed.py`` (``-
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -134,12 +133,7 @@ def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    common.add_common_args(parser)
+    parser = common.make_parser(__doc__)
     parser.add_argument(
         "--files", type=int, default=1200, help="mixed corpus size (default 1200; --quick: 24)"
     )
@@ -179,12 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         "the scan itself (hashing in its own decode pool, registration, enqueueing, polling) runs on the same "
         "2 cores as the workers",
     ]
-    print(body)
-    if args.quick:
-        log("--quick: not appended to RESULTS.md")
-    elif not args.no_append:
-        common.append_results("Distributed scaling, Redis + PostgreSQL (benchmark 7)", model, body, notes)
-        log(f"appended to {common.RESULTS}")
+    common.publish(args, "Distributed scaling, Redis + PostgreSQL (benchmark 7)", model, body, notes)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Run: ``flock .work/heavy.lock .venv/bin/python bench/bench_latency.py`` (``--qui
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sqlite3
@@ -73,12 +72,7 @@ def wait_for(db_path: Path, paths: list[str], timeout: float, poll: float = 0.25
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    common.add_common_args(parser)
+    parser = common.make_parser(__doc__)
     parser.add_argument("--rate", type=float, default=5.0, help="files per second (default 5)")
     parser.add_argument(
         "--seconds", type=float, default=120.0, help="drip duration (default 120; --quick: 10)"
@@ -229,12 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         "(inotify, --batch-wait 0.5, batch 32, one decode process per core)",
         f"writer fell behind schedule by at most {behind * 1000:.0f} ms",
     ]
-    print(body)
-    if args.quick:
-        log("--quick: not appended to RESULTS.md")
-    elif not args.no_append:
-        common.append_results("Drop-to-score latency in watch mode (benchmark 4)", model, body, notes)
-        log(f"appended to {common.RESULTS}")
+    common.publish(args, "Drop-to-score latency in watch mode (benchmark 4)", model, body, notes)
 
 
 if __name__ == "__main__":

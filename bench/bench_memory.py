@@ -11,7 +11,6 @@ Run: ``flock .work/heavy.lock .venv/bin/python bench/bench_memory.py`` (``--quic
 
 from __future__ import annotations
 
-import argparse
 import os
 import sqlite3
 import subprocess
@@ -39,12 +38,7 @@ def finished_count(db_path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    common.add_common_args(parser)
+    parser = common.make_parser(__doc__)
     parser.add_argument(
         "--files", type=int, default=10_000, help="files to score (default 10000; --quick: 300)"
     )
@@ -144,12 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         f"scan: {summary}; wall {wall:.1f} s",
         f"RSS from /proc every {args.interval} s; finished count read from the SQLite database at the same time",
     ]
-    print(body)
-    if args.quick:
-        log("--quick: not appended to RESULTS.md")
-    elif not args.no_append:
-        common.append_results("Memory stability of the scoring process (benchmark 6)", model, body, notes)
-        log(f"appended to {common.RESULTS}")
+    common.publish(args, "Memory stability of the scoring process (benchmark 6)", model, body, notes)
 
 
 if __name__ == "__main__":

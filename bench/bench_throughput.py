@@ -14,7 +14,6 @@ Run: ``flock .work/heavy.lock .venv/bin/python bench/bench_throughput.py`` (``--
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing
@@ -193,12 +192,7 @@ def run_inference_limit(tensors, model_dir: Path, min_seconds: float) -> dict[in
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    common.add_common_args(parser)
+    parser = common.make_parser(__doc__)
     parser.add_argument("--files", type=int, default=1200, help="corpus size (default 1200; --quick: 24)")
     parser.add_argument(
         "--naive-files",
@@ -316,12 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         "and schema check",
         "product settings: defaults (batch 32, one decode process per core)",
     ]
-    print(body)
-    if args.quick:
-        log("--quick: not appended to RESULTS.md")
-    elif not args.no_append:
-        common.append_results("End-to-end throughput vs naive vs limit (benchmarks 1-3)", model, body, notes)
-        log(f"appended to {common.RESULTS}")
+    common.publish(args, "End-to-end throughput vs naive vs limit (benchmarks 1-3)", model, body, notes)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ complete once its ``manifest.json`` exists; an interrupted generation is redone 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import io
@@ -684,3 +685,25 @@ def add_common_args(parser) -> None:
     parser.add_argument(
         "--no-append", action="store_true", help="print figures but do not write bench/RESULTS.md"
     )
+
+
+def make_parser(doc: str, *, common_args: bool = True) -> argparse.ArgumentParser:
+    """The parser every benchmark uses: first docstring line as description, the rest as epilog."""
+    parser = argparse.ArgumentParser(
+        description=doc.splitlines()[0],
+        epilog=doc.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if common_args:
+        add_common_args(parser)
+    return parser
+
+
+def publish(args, title: str, model: dict | None, body: str, notes: Iterable[str] = ()) -> None:
+    """Print the figures; append them to RESULTS.md unless --quick or --no-append."""
+    print(body)
+    if args.quick:
+        log("--quick: not appended to RESULTS.md")
+    elif not args.no_append:
+        append_results(title, model, body, notes)
+        log(f"appended to {RESULTS}")

@@ -87,11 +87,7 @@ def _where(frame: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = common.make_parser(__doc__, common_args=False)
     parser.add_argument("--out", default=str(common.WORK / "profile.txt"), help="raw py-spy output file")
     parser.add_argument("--rate", type=int, default=50, help="samples per second per process")
     parser.add_argument("--top", type=int, default=25)
