@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -272,8 +272,6 @@ def queued_ids(session: Session, limit: int = 10_000, older_than: datetime | Non
 
 
 def status_counts(session: Session, image_ids: Sequence[int] | None = None) -> dict[str, int]:
-    from sqlalchemy import func
-
     query = select(Image.status, func.count()).group_by(Image.status)
     if image_ids is not None:
         query = query.where(Image.id.in_(image_ids))

@@ -13,10 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from sqlalchemy import select
 
 from db import queue
 from db.engine import session_scope
-from db.schema import ImageStatus
+from db.paths import from_db
+from db.queue import as_utc
+from db.schema import Image, ImageStatus, utcnow
 from worker.decode_pool import DecodePool
 from worker.logs import short
 from worker.prepare import Prepared
@@ -164,21 +167,12 @@ class Processor:
         return prepared.status or "failed"
 
     def _within_grace(self, first_seen_at) -> bool:
-        from db.queue import as_utc
-        from db.schema import utcnow
-
         return (utcnow() - as_utc(first_seen_at)).total_seconds() < self.incomplete_grace_s
 
 
 def _identity_query(image_ids: list[int]):
-    from sqlalchemy import select
-
-    from db.schema import Image
-
     return select(Image.id, Image.sha256, Image.first_seen_at).where(Image.id.in_(image_ids))
 
 
 def _first_existing(paths: list[str]) -> str | None:
-    from db.paths import from_db
-
     return next((c for stored in paths for c in from_db(stored) if os.path.isfile(c)), None)

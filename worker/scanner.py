@@ -135,5 +135,6 @@ def register_chunk(
             if queue.record_problem(session, image_id, ImageStatus.FAILED, _unreadable_reason(size)):
                 summary.outcomes["failed"] += 1
         pending = queue.pending_ids(session, candidates, owner)
-    summary.skipped += len(files) - len(to_hash) - sum(1 for i in unchanged.values() if i in pending)
+    still_pending = set(pending)
+    summary.skipped += len(files) - len(to_hash) - sum(1 for i in unchanged.values() if i in still_pending)
     return pending

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import queue as thread_queue
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ class Watcher:
         except OSError:
             self.candidates.pop(path, None)
             return
-        if not os.path.isfile(path) or (os.path.islink(path) and not self.options.follow_symlinks):
+        if not stat.S_ISREG(info.st_mode):  # a link (when not followed), FIFO, socket or folder
             return
         now = time.monotonic()
         known = self.candidates.get(path)
