@@ -9,40 +9,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
+from bench import common  # noqa: E402
+
 BATCH_SIZES = (1, 8, 32, 64)
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (or the platform string)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_revision() -> str:
-    """Short git revision of the working tree, marked ``+dirty`` when it has changes."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root
-        )
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=root)
-    except OSError:
-        return "unknown"
-    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def measure(scorer, batch: int, seconds: float = 2.0, repetitions: int = 5) -> float:
@@ -66,11 +43,6 @@ def measure(scorer, batch: int, seconds: float = 2.0, repetitions: int = 5) -> f
 
 def append_results(version: str, size: int, rates: dict[int, float], model_dir) -> str:
     """Append one dated section to bench/RESULTS.md (shared format, see bench/common.py) and return it."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench import common
-
     body = common.table(
         ["batch size"] + [str(b) for b in BATCH_SIZES],
         [["images/s (median of 5)"] + [f"{rates[b]:.0f}" for b in BATCH_SIZES]],
@@ -100,10 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     for batch in BATCH_SIZES:
         rates[batch] = measure(scorer, batch, seconds=args.seconds)
         print(f"batch {batch:>2}: {rates[batch]:8.1f} images/s", flush=True)
-    print(f"model {scorer.version}, input {scorer.input_size}, {os.cpu_count()} cores, {cpu_model()}")
+    print(f"model {scorer.version}, input {scorer.input_size}, {os.cpu_count()} cores, {common.cpu_model()}")
     if not args.no_append:
         append_results(scorer.version, scorer.input_size, rates, model_dir)
-        print(f"appended to {RESULTS}")
+        print(f"appended to {common.RESULTS}")
 
 
 if __name__ == "__main__":
