@@ -39,9 +39,42 @@ class ImageStatus(enum.StrEnum):
     SCORED = "scored"
     REJECTED = "rejected"
     FAILED = "failed"
+    #: The content at this row's paths was replaced or deleted before it was scored, or is no longer
+    #: at any known path: nobody can open it, so it is kept out of the worklist.
+    SUPERSEDED = "superseded"
 
 
-FINAL_STATUSES = frozenset({ImageStatus.SCORED, ImageStatus.REJECTED, ImageStatus.FAILED})
+FINAL_STATUSES = frozenset(
+    {ImageStatus.SCORED, ImageStatus.REJECTED, ImageStatus.FAILED, ImageStatus.SUPERSEDED}
+)
+
+
+class UserRole(enum.StrEnum):
+    VIEWER = "viewer"
+    REVIEWER = "reviewer"
+    ADMIN = "admin"
+
+
+class ReviewDecision(enum.StrEnum):
+    AGREE = "agree"
+    DISAGREE = "disagree"
+
+
+class ReaderLabel(enum.StrEnum):
+    PNEUMONIA = "pneumonia"
+    NORMAL = "normal"
+
+
+class OutboxKind(enum.StrEnum):
+    STRUCTURED_REPORT = "sr"
+    SECONDARY_CAPTURE = "sc"
+    KEY_OBJECT = "ko"
+
+
+class OutboxStatus(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
 
 
 class Base(DeclarativeBase):
@@ -58,7 +91,9 @@ class Image(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_expires_at: Mapped[datetime | None]
     #: Who holds the lease (a Celery task id): a retried or redelivered task may take its own images back.
-    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    #: When the image was last sent to the broker: only work sent longer ago than a lease is re-sent.
+    sent_at: Mapped[datetime | None]
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     source_format: Mapped[str | None] = mapped_column(String(16))
     # DICOM attributes; identifiers are stored for the worklist, never logged.
@@ -113,6 +148,91 @@ class Score(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="scores")
+
+
+class Calibration(Base):
+    """A site's operating points for one model version; one row per model version is active."""
+
+    __tablename__ = "calibrations"
+    __table_args__ = (UniqueConstraint("model_version", "name", name="uq_calibrations_model_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(128), index=True)
+    screening_threshold: Mapped[float] = mapped_column(Float)
+    high_confidence_threshold: Mapped[float] = mapped_column(Float)
+    temperature: Mapped[float | None] = mapped_column(Float)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Where the labels came from: ``shipped``, ``labels`` (a local labelled folder/CSV) or ``reviews``.
+    source: Mapped[str] = mapped_column(String(16))
+    sample_size: Mapped[int] = mapped_column(Integer, default=0)
+    positives: Mapped[int] = mapped_column(Integer, default=0)
+    target_sensitivity: Mapped[float | None] = mapped_column(Float)
+    target_specificity: Mapped[float | None] = mapped_column(Float)
+    #: JSON: bootstrap confidence intervals and anything else worth showing.
+    details: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Review(Base):
+    """A reader's decision on a film; a disagreement is the reader's label (local ground truth)."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    username: Mapped[str] = mapped_column(String(64))
+    decision: Mapped[str] = mapped_column(String(16))
+    reader_label: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str | None] = mapped_column(Text)
+    model_version: Mapped[str | None] = mapped_column(String(128))
+    score: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEvent(Base):
+    """Append-only: who viewed which film, who reviewed what, user changes."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    username: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))
+    image_id: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class OutboxItem(Base):
+    """A DICOM object to send to a destination; sent once per (image, model, destination, kind)."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("image_id", "model_version", "destination", "kind", name="uq_outbox_once"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    model_version: Mapped[str] = mapped_column(String(128))
+    destination: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
 
 
 Index("ix_images_status_lease", Image.status, Image.lease_expires_at)

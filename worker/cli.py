@@ -99,13 +99,13 @@ def _settings(
     decode_workers: int | None = None,
 ) -> Settings:
     logs.configure(log_level)
-    base = Settings()
-    return Settings(
-        database_url=database_url or default_database_url(),
+    return Settings.build(
+        database_url=database_url or None,
         broker_url=broker_url or None,
         model_dir=model_dir,
         batch_size=batch_size,
-        decode_workers=base.decode_workers if decode_workers is None else decode_workers,
+        decode_workers=decode_workers,
+        log_level=log_level,
     )
 
 
@@ -351,21 +351,19 @@ def worker_command(
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run Celery workers that score queued files (needs --broker-url / CXR_TRIAGE_BROKER_URL)."""
-    from dataclasses import replace
-
     from worker.supervisor import Supervisor, WorkerSpec, visible_gpus
 
     settings = _settings(database_url, log_level, broker_url, model_dir, batch_size, decode_workers)
     if not settings.broker_url:
         console.print("[red]a broker is required: set --broker-url or CXR_TRIAGE_BROKER_URL[/red]")
         raise typer.Exit(2)
-    settings = replace(settings, lease_seconds=lease_seconds)
+    settings = settings.with_changes(lease_seconds=lease_seconds)
     _prepare_database(settings)
     gpu_ids = [] if cpu_only else visible_gpus(gpus)
     specs = [WorkerSpec(f"gpu{g}", g) for g in gpu_ids] or [
         WorkerSpec(f"cpu{i}", None) for i in range(processes)
     ]
-    per_worker = max(settings.decode_workers // len(specs), 1) if decode_workers is None else decode_workers
+    per_worker = max(settings.decode_processes // len(specs), 1) if decode_workers is None else decode_workers
     console.print(
         f"{len(specs)} worker process(es) on {masked(settings.broker_url)}, "
         f"{per_worker} decode process(es) each; database {masked(settings.database_url)}"

@@ -111,7 +111,7 @@ def scan_distributed(
     summary = ScanSummary()
     enqueued: list[int] = []
     unfinished: list[int] = []
-    with DecodePool(settings.decode_workers) as pool, progress_bar(console, progress) as bar:
+    with DecodePool(settings.decode_processes) as pool, progress_bar(console, progress) as bar:
         task = bar.add_task("registering", total=None)
         for files in chunked(iter_files(roots, follow_symlinks), CHUNK_FILES):
             summary.files += len(files)

@@ -48,7 +48,7 @@ def scan_embedded(
     """Score every file under ``roots`` that is not scored yet; return what happened."""
     summary = ScanSummary()
     release_dead_local_leases(settings.database_url)
-    with DecodePool(settings.decode_workers) as pool:
+    with DecodePool(settings.decode_processes) as pool:
         processor = make_processor(settings, pool)
         for files in chunked(iter_files(roots, follow_symlinks), CHUNK_FILES):
             summary.files += len(files)

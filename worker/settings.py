@@ -1,39 +1,178 @@
-"""Settings shared by every command: flags first, then CXR_TRIAGE_* environment variables."""
+"""The one settings object: every default lives here, once.
+
+Precedence (highest first): command-line flags, ``CXR_TRIAGE_*`` environment
+variables, an optional environment file (``CXR_TRIAGE_ENV_FILE``, the same
+``KEY=value`` format systemd reads), then the defaults below. Each process
+builds one :class:`Settings` at start (:meth:`Settings.build`) and passes it
+down; a Celery child builds the same object from the same environment, which the
+supervisor hands it (:meth:`Settings.as_environment`).
+
+README's configuration table is rendered from this class
+(:func:`configuration_table`) and a test checks that they agree.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from db.engine import default_database_url
 
 ENV_PREFIX = "CXR_TRIAGE_"
+ENV_FILE_VARIABLE = ENV_PREFIX + "ENV_FILE"
+
+
+def _cores() -> int:
+    return max(os.cpu_count() or 1, 1)
+
+
+class Settings(BaseSettings):
+    """Everything a cxr-triage process can be told. Field descriptions feed ``--help`` and README."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, env_ignore_empty=True, populate_by_name=True
+    )
+
+    # -- where things are -------------------------------------------------------------------------
+    database_url: str = Field(
+        default_factory=default_database_url,
+        description="SQLAlchemy URL of the worklist database (postgresql+psycopg://user@host/db); "
+        "default: a SQLite file under $XDG_DATA_HOME/cxr-triage",
+    )
+    broker_url: str | None = Field(
+        None, description="Celery broker (redis://host:6379/0); without one, work is done in-process"
+    )
+    model_dir: Path | None = Field(
+        None, description="Model folder (metadata.json + weights); default: the shipped model"
+    )
+    data_dir: Path | None = Field(
+        None, description="Training/evaluation data (kermany-cxr224 layout) for `model` commands"
+    )
+    log_level: str = Field("INFO", description="DEBUG shows every decision about every file (no identifiers)")
+
+    # -- scoring ------------------------------------------------------------------------------------
+    batch_size: int = Field(32, ge=1, le=512, description="Images per model call")
+    decode_workers: int | None = Field(
+        None, ge=0, description="Processes decoding in parallel; default one per core; 0 decodes in-process"
+    )
+    full_resolution_decode: bool = Field(
+        False, description="Decode every film at full resolution (for checking the reduced decode)"
+    )
+    lease_seconds: float = Field(
+        900.0, gt=0, description="A claimed file unfinished after this long is requeued (machine lost)"
+    )
+    visibility_timeout: int = Field(
+        3600, gt=0, description="Seconds before Redis re-delivers an unacknowledged message"
+    )
+
+    # -- watching -----------------------------------------------------------------------------------
+    stable_seconds: float = Field(
+        2.0, ge=0, description="Without a close event, take a file once unchanged for this long"
+    )
+    batch_wait: float = Field(0.5, ge=0, description="Longest wait (s) for more files before a partial batch")
+    rescan_interval: float = Field(300.0, gt=0, description="Seconds between reconciliation rescans")
+
+    # -- services -----------------------------------------------------------------------------------
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve Prometheus /metrics, /healthz, /readyz here; off by default"
+    )
+    web_host: str = Field("127.0.0.1", description="Address the web worklist binds to")
+    web_port: int = Field(8080, ge=0, le=65535, description="Port of the web worklist")
+    web_secret_key: str | None = Field(
+        None, description="Key signing web session cookies; default: a random key kept in the database"
+    )
+    dicom_port: int = Field(11112, ge=0, le=65535, description="Port of the DICOM Storage SCP (dicom-listen)")
+    dicom_ae_title: str = Field("CXR_TRIAGE", max_length=16, description="AE title of the DICOM listener")
+    allowed_callers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Calling AE titles accepted by dicom-listen (comma-separated); empty: any",
+    )
+    results_destination: str | None = Field(
+        None, description="Send DICOM SR results to AET@host:port (scored DICOM films only)"
+    )
+    send_heatmap: bool = Field(False, description="Also send a Grad-CAM Secondary Capture (research only)")
+    send_key_object: bool = Field(False, description="Also send a Key Object Selection flagging HIGH films")
+
+    @field_validator("allowed_callers", mode="before")
+    @classmethod
+    def _split_callers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    # -- building -----------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, **flags: Any) -> Settings:
+        """Flags given on the command line (None = not given) over environment, env file, defaults."""
+        given = {name: value for name, value in flags.items() if value is not None}
+        env_file = os.environ.get(ENV_FILE_VARIABLE)
+        return cls(_env_file=env_file, **given) if env_file else cls(**given)
+
+    def with_changes(self, **changes: Any) -> Settings:
+        return self.model_copy(update=changes)
+
+    def resolved_model_dir(self) -> Path:
+        if self.model_dir is not None:
+            return self.model_dir
+        from models import default_model_dir
+
+        return default_model_dir()
+
+    @property
+    def decode_processes(self) -> int:
+        """Decode processes to start: the setting, or one per core."""
+        return _cores() if self.decode_workers is None else self.decode_workers
+
+    def as_environment(self) -> dict[str, str]:
+        """This object as ``CXR_TRIAGE_*`` variables, for child processes (None values left out)."""
+        environ = {}
+        for name, value in self.model_dump().items():
+            if value is None or value == []:
+                continue
+            if isinstance(value, list):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            environ[ENV_PREFIX + name.upper()] = str(value)
+        return environ
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def configuration_table() -> str:
+    """README's configuration table (Markdown), rendered from :class:`Settings`."""
+    rows = ["| flag | variable | default | meaning |", "|---|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        if info.default_factory is not None:
+            default = "[]" if info.default_factory is list else "see meaning"
+        else:
+            default = "none" if info.default is None else str(info.default)
+        rows.append(f"| `{flag_name(name)}` | `{env_name(name)}` | {default} | {info.description} |")
+    return "\n".join(rows)
 
 
 def env(name: str, default: str | None = None) -> str | None:
+    """Transitional: a raw ``CXR_TRIAGE_*`` value (being replaced by :class:`Settings`)."""
     return os.environ.get(ENV_PREFIX + name, default)
 
 
-def _default_model_dir() -> Path:
-    from models import default_model_dir
-
-    return default_model_dir()
-
-
-@dataclass(frozen=True)
-class Settings:
-    database_url: str = field(default_factory=default_database_url)
-    broker_url: str | None = None
-    model_dir: Path | None = None
-    batch_size: int = 32
-    decode_workers: int = max((os.cpu_count() or 1), 1)
-    #: Seconds a claimed image may stay in ``processing`` before another worker may take it.
-    lease_seconds: float = field(default_factory=lambda: float(env("LEASE_SECONDS", "900")))
-
-    def resolved_model_dir(self) -> Path:
-        return self.model_dir or _default_model_dir()
+LOCAL_OWNER_PREFIX = "local:"
 
 
 def local_owner() -> str:
@@ -49,6 +188,3 @@ def local_owner_is_dead(owner: str) -> bool:
 
 def local_owner_prefix() -> str:
     return f"{LOCAL_OWNER_PREFIX}{socket.gethostname()}:"
-
-
-LOCAL_OWNER_PREFIX = "local:"

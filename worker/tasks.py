@@ -24,7 +24,7 @@ def processor() -> Processor:
     if _processor is None:
         settings = Settings()
         model_dir = env("MODEL_DIR")
-        decode_workers = int(env("DECODE_WORKERS", str(settings.decode_workers)))
+        decode_workers = int(env("DECODE_WORKERS", str(settings.decode_processes)))
         _processor = Processor(
             database_url(),
             model_dir or settings.resolved_model_dir(),

@@ -224,7 +224,7 @@ class Watcher:
         log.info("watching %d folder(s)%s", len(self.roots), " by polling" if self.options.polling else "")
         started = time.monotonic()
         last_rescan = -float("inf")
-        with DecodePool(self.settings.decode_workers) as pool:
+        with DecodePool(self.settings.decode_processes) as pool:
             processor = None
             if not self.settings.broker_url:
                 from worker.embedded import make_processor
