@@ -1,70 +1,63 @@
-"""Entry point of the pipeline: a file path in, grey pixels and attributes out."""
+"""Entry point of the pipeline: a file (or its bytes) in, grey pixels and attributes out.
+
+The file is read once: callers that also need its content hash (``worker.prepare``) read the
+bytes with :func:`read_file`, hash them, and decode those same bytes with :func:`decode_bytes`,
+so the hash always names what was decoded.
+
+``min_side`` asks for the smallest decode whose short side is still at least that many pixels
+(the model's input size): JPEG 2000 and JPEG decoders skip resolution they would only throw
+away when resizing. ``None`` decodes at full resolution.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from pipeline.errors import FailedImage, RejectedImage
 from pipeline.formats import HEADER_BYTES, ImageFormat, detect_format
 from pipeline.limits import MAX_FILE_BYTES
+from pipeline.types import DecodedImage, DicomAttributes
+
+__all__ = ["DecodedImage", "DicomAttributes", "decode_bytes", "decode_file", "read_file"]
 
 
-@dataclass(frozen=True)
-class DicomAttributes:
-    """Header values kept with a score. Identifiers here must never be logged."""
-
-    study_uid: str | None = None
-    series_uid: str | None = None
-    sop_uid: str | None = None
-    accession_number: str | None = None
-    patient_id: str | None = None
-    patient_name: str | None = None
-    patient_age_years: float | None = None
-    modality: str | None = None
-    view_position: str | None = None
-    body_part: str | None = None
-    photometric: str | None = None
-    transfer_syntax: str | None = None
-
-
-@dataclass(frozen=True)
-class DecodedImage:
-    pixels: np.ndarray  # float32, 2-D, [0, 1], 0 = black
-    source_format: ImageFormat
-    dicom: DicomAttributes | None = None
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-
-def decode_file(path: str | Path) -> DecodedImage:
-    """Decode any supported file; raise :class:`pipeline.errors.ImageProblem` otherwise."""
-    path = Path(path)
+def read_file(path: str | Path) -> bytes:
+    """The whole file, size-checked on the open handle (no stat-then-open race)."""
     try:
-        size = os.stat(path).st_size
-        if size == 0:
-            raise FailedImage("empty file")
-        if size > MAX_FILE_BYTES:
-            raise FailedImage(f"file of {size} bytes is larger than the {MAX_FILE_BYTES} byte limit")
         with open(path, "rb") as handle:
-            head = handle.read(HEADER_BYTES)
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise FailedImage(f"file of {size} bytes is larger than the {MAX_FILE_BYTES} byte limit")
+            data = handle.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError as exc:
         raise FailedImage("file disappeared before it could be read") from exc
     except PermissionError as exc:
         raise FailedImage("no permission to read the file") from exc
     except IsADirectoryError as exc:
         raise FailedImage("not a regular file") from exc
+    if not data:
+        raise FailedImage("empty file")
+    if len(data) > MAX_FILE_BYTES:
+        raise FailedImage(f"file grew beyond the {MAX_FILE_BYTES} byte limit while it was read")
+    return data
 
-    kind = detect_format(head)
+
+def decode_bytes(data: bytes, *, min_side: int | None = None) -> DecodedImage:
+    """Decode the content of a supported file; raise :class:`pipeline.errors.ImageProblem` otherwise."""
+    kind = detect_format(data[:HEADER_BYTES])
     if kind is ImageFormat.DICOM:
         from pipeline.dicom import decode_dicom  # pydicom import is kept off the raster path
 
-        pixels, attributes = decode_dicom(path)
+        pixels, attributes = decode_dicom(data, min_side=min_side)
         return DecodedImage(pixels=pixels, source_format=kind, dicom=attributes)
-    if kind in (ImageFormat.PNG, ImageFormat.JPEG):
+    if kind in (ImageFormat.PNG, ImageFormat.JPEG, ImageFormat.JPEG2000):
         from pipeline.raster import decode_raster
 
-        return DecodedImage(pixels=decode_raster(path), source_format=kind)
-    raise RejectedImage("not a DICOM, PNG or JPEG file")
+        return DecodedImage(pixels=decode_raster(data, min_side=min_side), source_format=kind)
+    raise RejectedImage("not a DICOM, PNG or JPEG (or JPEG 2000) file")
+
+
+def decode_file(path: str | Path, *, min_side: int | None = None) -> DecodedImage:
+    """Decode any supported file; raise :class:`pipeline.errors.ImageProblem` otherwise."""
+    return decode_bytes(read_file(path), min_side=min_side)

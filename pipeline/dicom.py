@@ -13,11 +13,27 @@ for radiographs:
 
 Everything that can be checked from the header is checked before the pixel
 data are decoded, so that a file declaring enormous dimensions is refused
-before a buffer for them is allocated.
+before a buffer for them is allocated; for encapsulated transfer syntaxes
+(PS3.5 A.4) that includes the compressed frame's own header
+(:mod:`pipeline.codestream`), which is what the decoder allocates from.
+
+Reduced resolution: the model reads a small square, so with ``min_side`` a
+JPEG 2000 frame (PS3.5 A.4.4) is decoded at the highest wavelet reduction
+level whose short side is still at least ``min_side`` times a safety factor
+(:mod:`pipeline.codestream` says why), and an 8-bit JPEG baseline/extended
+frame (PS3.5 A.4.1) with DCT scaling (Pillow ``draft``).
+The LUTs and the presentation rules above then apply unchanged to the smaller
+array. Any other transfer syntax, and anything unusual (signed or more than
+16-bit JPEG 2000, colour, a decoder error), takes the full-resolution path.
+
+Validated-population rules (age, view) are model policy, not decoding: see
+:mod:`pipeline.scope`. pydicom's global configuration is set by
+:func:`configure_pydicom`, which process entry points call.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 import zlib
@@ -27,18 +43,24 @@ import numpy as np
 import pydicom
 from pydicom import config as dicom_config
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_fragmented_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import (
+    JPEG2000,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     SecondaryCaptureImageStorage,
 )
 
-from pipeline.decode import DicomAttributes
+from pipeline import codestream
 from pipeline.errors import FailedImage, IncompleteFile, RejectedImage
 from pipeline.limits import MAX_DECODED_BYTES, MAX_PIXELS, MIN_SIDE
+from pipeline.types import DicomAttributes
 
 #: Modalities of projection radiographs (PS3.3 C.7.3.1.1.1 defined terms).
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX"})
@@ -48,12 +70,20 @@ CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "CHEST_LUNG"})
 LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLD", "RLD"})
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
 GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
-#: Validated population of the shipped model: children aged 1 to 5 years.
-VALIDATED_AGE_YEARS = (1.0, 5.0)
+#: Transfer syntaxes decoded at reduced resolution when the caller asks for it.
+REDUCIBLE_J2K = frozenset({JPEG2000Lossless, JPEG2000})
+REDUCIBLE_JPEG = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})  # 8-bit frames only
 
-# pydicom's validation warnings quote element values (UIDs, names): never let them reach logs.
-dicom_config.settings.reading_validation_mode = dicom_config.IGNORE
-dicom_config.convert_wrong_length_to_UN = True
+
+def configure_pydicom() -> None:
+    """Process-wide pydicom settings; called once by each process entry point, never at import.
+
+    pydicom's validation warnings quote element values (UIDs, names), which must never reach
+    logs; and a value whose length contradicts its VR is read as UN instead of failing the file.
+    """
+    dicom_config.settings.reading_validation_mode = dicom_config.IGNORE
+    dicom_config.convert_wrong_length_to_UN = True
+
 
 _AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$")
 _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
@@ -90,25 +120,14 @@ def read_attributes(ds: Dataset) -> DicomAttributes:
     )
 
 
-def out_of_scope_reasons(attrs: DicomAttributes) -> list[str]:
-    """Why a score for this film falls outside the model's validated population."""
-    reasons = []
-    low, high = VALIDATED_AGE_YEARS
-    age = attrs.patient_age_years
-    if age is None:
-        reasons.append("patient age not recorded")
-    elif not low <= age < high + 1:  # "5 years" includes 5 years 11 months
-        reasons.append(f"patient age {age:.1f} years is outside the validated {low:.0f}-{high:.0f} years")
-    if attrs.view_position is None:
-        reasons.append("view position not recorded")
-    return reasons
-
-
-def _read_dataset(path: Path) -> Dataset:
+def _read_dataset(source: Path | bytes) -> Dataset:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, force=True, defer_size="2 MB")
+            if isinstance(source, bytes | bytearray | memoryview):
+                ds = pydicom.dcmread(io.BytesIO(source), force=True)  # already in memory: no deferral
+            else:
+                ds = pydicom.dcmread(source, force=True, defer_size="2 MB")
             ds.get("PixelData")  # force lazy reading of the header up to the pixels
     except (InvalidDicomError, EOFError) as exc:
         raise IncompleteFile(f"DICOM data set ends early: {exc}") from exc
@@ -186,6 +205,79 @@ def check_dimensions(ds: Dataset) -> None:
         raise RejectedImage(f"image too small to read: {cols}x{rows} (minimum side {MIN_SIDE})")
 
 
+def _first_frame(ds: Dataset) -> bytes | None:
+    """The single frame of encapsulated Pixel Data (PS3.5 A.4: items after the Basic Offset Table)."""
+    if not ds.file_meta.TransferSyntaxUID.is_encapsulated or "PixelData" not in ds:
+        return None
+    try:
+        fragments = next(generate_fragmented_frames(ds.PixelData, number_of_frames=1), ())
+    except (ValueError, TypeError, KeyError, IndexError, EOFError, StopIteration) as exc:
+        raise FailedImage(f"encapsulated pixel data cannot be read: {str(exc)[:120]}") from exc
+    return b"".join(fragments) or None
+
+
+def check_codestream(ds: Dataset, frame: bytes | None) -> codestream.CodestreamHeader | None:
+    """Refuse a compressed frame whose own header declares more pixels than may be allocated.
+
+    Rows/Columns were checked by :func:`check_dimensions`, but a JPEG, JPEG-LS or JPEG 2000
+    decoder allocates what the codestream's frame header (SOF, SOF55, SIZ) says.
+    """
+    if frame is None:
+        return None
+    header = codestream.read_header(frame)
+    if header is None:
+        return None  # RLE or an unknown stream: its decoder allocates from Rows/Columns
+    pixels = header.width * header.height
+    declared = _int(ds, "Rows", 0) * _int(ds, "Columns", 0)
+    if pixels > MAX_PIXELS or pixels * header.components > declared * max(_int(ds, "SamplesPerPixel", 1), 1):
+        raise FailedImage(
+            f"compressed frame declares {header.width}x{header.height}x{header.components}, more than "
+            "the data set's Rows x Columns or the decode limit (possible decompression bomb)"
+        )
+    return header
+
+
+def _decode_reduced(
+    ds: Dataset, frame: bytes | None, header: codestream.CodestreamHeader | None, min_side: int
+) -> np.ndarray | None:
+    """Stored values at reduced resolution, or None where the full-resolution path must be used."""
+    if frame is None or header is None or header.components != 1:
+        return None
+    ts = ds.file_meta.TransferSyntaxUID
+    side = min(header.width, header.height)
+    from PIL import Image
+
+    from pipeline.raster import set_j2k_reduce
+
+    try:
+        if ts in REDUCIBLE_J2K and header.kind == "jpeg2000" and not header.signed and header.precision <= 16:
+            levels = codestream.reduction_levels(
+                side, min_side * codestream.J2K_MIN_SIDE_FACTOR, header.levels
+            )
+            if levels == 0:
+                return None
+            with Image.open(io.BytesIO(frame)) as image:
+                set_j2k_reduce(image, levels)
+                image.load()
+                values = np.asarray(image)
+            if image.mode.startswith("I;16"):  # OpenJPEG output is scaled up to 16 bits by Pillow
+                values = values >> (16 - header.precision)
+        elif ts in REDUCIBLE_JPEG and header.kind == "jpeg" and header.precision == 8:
+            target = min_side * codestream.JPEG_MIN_SIDE_FACTOR
+            if side < 2 * target:
+                return None  # DCT scaling cannot go below 1/2 here: nothing to gain
+            with Image.open(io.BytesIO(frame)) as image:
+                image.draft("L", (target, target))
+                values = np.asarray(image.convert("L"))
+        else:
+            return None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None  # let the standard decoder fail with its own reason
+    if values.ndim != 2:
+        return None
+    return values.astype(np.uint8 if _int(ds, "BitsAllocated", 16) <= 8 else np.uint16)
+
+
 def _decode_pixels(ds: Dataset) -> np.ndarray:
     ts = ds.file_meta.TransferSyntaxUID
     try:
@@ -223,17 +315,28 @@ def to_display_grey(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     return grey
 
 
-def decode_dicom(path: str | Path) -> tuple[np.ndarray, DicomAttributes]:
-    """Decode one DICOM file into display grey levels and the attributes kept with a score."""
+def decode_dicom(
+    source: str | Path | bytes, *, min_side: int | None = None
+) -> tuple[np.ndarray, DicomAttributes]:
+    """Decode one DICOM file (a path, or its bytes) into display grey levels and its attributes.
+
+    With ``min_side``, JPEG 2000 and 8-bit JPEG frames are decoded at the smallest resolution
+    whose short side is still at least ``min_side`` (see the module docstring).
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = _read_dataset(Path(path))
+            ds = _read_dataset(source if isinstance(source, bytes) else Path(source))
             attrs = read_attributes(ds)
             check_scope(ds, attrs)
             check_dimensions(ds)
-            return to_display_grey(_decode_pixels(ds), ds), attrs
-    except (FailedImage, RejectedImage, KeyboardInterrupt, SystemExit):
+            frame = _first_frame(ds)
+            header = check_codestream(ds, frame)
+            pixels = _decode_reduced(ds, frame, header, min_side) if min_side else None
+            if pixels is None:
+                pixels = _decode_pixels(ds)
+            return to_display_grey(pixels, ds), attrs
+    except (FailedImage, RejectedImage, MemoryError, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - lazy parsing surfaces damage anywhere; Rust decoders
         # (pylibjpeg-rle via pyo3) raise PanicException, a BaseException, on crafted pixel data.

@@ -3,7 +3,9 @@
 DICOM files are recognised with the 128-byte preamble and ``DICM`` prefix of
 PS3.10 section 7.1, and also without them (raw data sets as written by some
 older modalities, PS3.10 section 7.2 notwithstanding): a plausible first data
-element tag of group 0x0002 or 0x0008 in little or big endian.
+element tag of group 0x0002 or 0x0008 in little or big endian. JPEG 2000 files are
+recognised as a JP2 file (ISO/IEC 15444-1 I.5.1 signature box) or a bare codestream
+(SOC followed by SIZ, A.4.1 / A.5.1).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SOI = b"\xff\xd8\xff"
+JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+J2K_CODESTREAM = b"\xff\x4f\xff\x51"
 HEADER_BYTES = 132
 
 
@@ -21,6 +25,7 @@ class ImageFormat(enum.StrEnum):
     DICOM = "dicom"
     PNG = "png"
     JPEG = "jpeg"
+    JPEG2000 = "jpeg2000"
     UNKNOWN = "unknown"
 
 
@@ -48,6 +53,8 @@ def detect_format(head: bytes) -> ImageFormat:
         return ImageFormat.PNG
     if head.startswith(JPEG_SOI):
         return ImageFormat.JPEG
+    if head.startswith(JP2_SIGNATURE) or head.startswith(J2K_CODESTREAM):
+        return ImageFormat.JPEG2000
     if _looks_like_raw_dicom(head):
         return ImageFormat.DICOM
     return ImageFormat.UNKNOWN

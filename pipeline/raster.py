@@ -1,17 +1,26 @@
-"""PNG and JPEG decoding with Pillow into display-ready grey levels in [0, 1].
+"""PNG, JPEG and JPEG 2000 decoding with Pillow into display-ready grey levels in [0, 1].
 
 Sizes are checked from the header before any pixel is decoded, so a
 decompression bomb is refused without allocating its buffer.
+
+With ``min_side`` (the model's input size), JPEG is decoded with DCT scaling
+(Pillow ``draft``: 1/2, 1/4 or 1/8) and JPEG 2000 at a reduced wavelet level
+(Pillow ``reduce``), each to the smallest size whose short side is still at
+least ``min_side`` times a per-codec safety factor
+(:data:`pipeline.codestream.J2K_MIN_SIDE_FACTOR`, ``JPEG_MIN_SIDE_FACTOR``);
+PNG has no such shortcut and is decoded in full.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline import codestream
 from pipeline.errors import FailedImage, IncompleteFile, RejectedImage
 from pipeline.limits import MAX_PIXELS, MIN_SIDE
 
@@ -58,13 +67,44 @@ def _to_grey(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB").convert("L"), dtype=np.float32) / 255.0
 
 
-def decode_raster(path: str | Path) -> np.ndarray:
-    """Decode a PNG or JPEG file into a 2-D float32 array in [0, 1] (0 = black)."""
+def _reduce(image: Image.Image, data: bytes | None, min_side: int) -> None:
+    """Ask the decoder for the smallest resolution whose short side stays >= ``min_side``."""
+    if image.format == "JPEG":
+        target = min_side * codestream.JPEG_MIN_SIDE_FACTOR
+        image.draft(image.mode, (target, target))
+    elif image.format == "JPEG2000" and data is not None:
+        header = codestream.read_header(data)
+        if header is not None:
+            target = min_side * codestream.J2K_MIN_SIDE_FACTOR
+            set_j2k_reduce(image, codestream.reduction_levels(min(image.size), target, header.levels))
+
+
+def set_j2k_reduce(image: Image.Image, levels: int) -> None:
+    """Decode a JPEG 2000 image ``levels`` resolution levels down.
+
+    Pillow 13 computes the reduced size as round(size / 2^levels), OpenJPEG produces
+    ceil(size / 2^levels) (ISO/IEC 15444-1 B.5): for sizes where the two differ (1841 px at
+    level 3) the decode fails with "broken data stream". Pre-adjusting the size Pillow starts
+    from makes its rounding land on OpenJPEG's ceiling.
+    """
+    if levels <= 0:
+        return
+    power = 1 << levels
+    width, height = (codestream.reduced_side(side, levels) * power - (power >> 1) for side in image.size)
+    image._size = (width, height)  # noqa: SLF001 - see the docstring; undone by load()
+    image.reduce = levels
+
+
+def decode_raster(source: str | Path | bytes, *, min_side: int | None = None) -> np.ndarray:
+    """Decode a PNG, JPEG or JPEG 2000 file (path or bytes) into 2-D float32 in [0, 1] (0 = black)."""
+    data = source if isinstance(source, bytes) else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data) if data is not None else source) as image:
                 _check_size(*image.size)
+                if min_side:
+                    _reduce(image, data, min_side)
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 return _to_grey(image)
@@ -73,9 +113,14 @@ def decode_raster(path: str | Path) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise FailedImage(f"decompression bomb refused: {exc}") from exc
     except OSError as exc:
-        message = str(exc)
+        message = _without_path(str(exc))
         if "truncated" in message or "broken data stream" in message:
             raise IncompleteFile(f"truncated image data: {message}") from exc
         raise FailedImage(f"cannot decode image: {message}") from exc
     except (ValueError, SyntaxError, EOFError) as exc:
-        raise FailedImage(f"corrupt image: {exc}") from exc
+        raise FailedImage(f"corrupt image: {_without_path(str(exc))}") from exc
+
+
+def _without_path(message: str) -> str:
+    """Pillow quotes the file name in some errors; a path is a patient identifier."""
+    return message.split(" '", 1)[0] if "cannot identify image file" in message else message

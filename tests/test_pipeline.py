@@ -245,8 +245,8 @@ def test_undecodable_transfer_syntax_fails(tmp_path, film):
     ],
 )
 def test_out_of_scope_flags(tmp_path, film, age, view, flags):
-    from pipeline.dicom import out_of_scope_reasons
+    from pipeline.scope import ScopePolicy
 
     decoded = decode_file(radiograph(film.astype(np.uint16) * 16, tmp_path / "x.dcm", age=age, view=view))
-    reasons = out_of_scope_reasons(decoded.dicom)
+    reasons = ScopePolicy().out_of_scope_reasons(decoded.dicom)
     assert len(reasons) == len(flags) and all(f in r for f, r in zip(flags, reasons, strict=True))
