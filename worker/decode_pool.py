@@ -1,72 +1,180 @@
-"""A pool of decode processes that survives crashing or hanging decoders.
+"""A pool of decode processes that survives crashing, hanging or memory-hungry decoders.
 
 Compressed DICOM costs far more to decode than the CNN costs to score on a CPU,
 so decoding runs in child processes (one per core by default) while the parent
 holds the model. A child killed by a decoder (segfault, OOM kill) or stuck past
-the time limit is replaced; the batch is then retried file by file so that only
-the culprit is failed.
+the time limit is replaced; the unfinished files of the batch are then retried one
+by one so that only the culprit is failed. Each child's address space is capped
+(``RLIMIT_AS``), so a decompression bomb that slips past the header checks fails
+its own file with "out of memory" instead of exhausting the machine.
+
+:meth:`DecodePool.submit` returns at once, so a caller can decode batch k+1 while it
+scores batch k (see :mod:`worker.overlap`).
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, TimeoutError
+import resource
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, TimeoutError
 from concurrent.futures.process import BrokenProcessPool
 
+from pipeline.scope import ScopePolicy
 from worker.prepare import Prepared, limit_threads, prepare, sha256_file
 
 log = logging.getLogger(__name__)
 
 #: Seconds one file may take to decode before it is failed (JPEG 2000 films take ~1 s).
 DECODE_TIMEOUT_S = 120.0
+#: Address space of one decode process. The largest accepted frame (pipeline.limits: 1 GiB
+#: decoded) needs ~2.5 GiB through the LUTs in float; an idle child maps ~0.5 GiB.
+DECODE_MEMORY_LIMIT_BYTES = 4 << 30
+
+Job = tuple[str, str | None]  # (path, expected sha256)
+
+
+def cap_memory(limit_bytes: int | None) -> None:
+    """Cap this process's address space (RLIMIT_AS); allocations beyond it raise MemoryError."""
+    if not limit_bytes:
+        return
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = limit_bytes if hard == resource.RLIM_INFINITY else min(limit_bytes, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+
+
+def init_decode_process(memory_limit_bytes: int | None = DECODE_MEMORY_LIMIT_BYTES) -> None:
+    """Initialiser of every decode child: one thread, pydicom's process settings, a memory cap."""
+    from pipeline.dicom import configure_pydicom
+
+    limit_threads()
+    configure_pydicom()
+    cap_memory(memory_limit_bytes)
+
+
+class PendingBatch:
+    """Decodes handed to the pool; :meth:`results` waits for them, in order."""
+
+    def __init__(
+        self,
+        pool: DecodePool,
+        jobs: list[Job],
+        options: dict,
+        futures: list[Future] | None = None,
+        ready: list[Prepared] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._jobs = jobs
+        self._options = options
+        self._futures = futures
+        self._ready = ready
+
+    def results(self) -> list[Prepared]:
+        if self._ready is None:
+            self._ready = self._collect()
+        return self._ready
+
+    def _collect(self) -> list[Prepared]:
+        assert self._futures is not None
+        try:
+            return [future.result(timeout=self._pool.timeout_s) for future in self._futures]
+        except (BrokenProcessPool, TimeoutError, CancelledError):
+            log.warning("a decoder crashed or hung; retrying the rest of this batch one file at a time")
+            finished = [_result_if_done(future) for future in self._futures]
+            self._pool.reset()
+            return [
+                done if done is not None else self._pool.prepare_isolated(path, sha, **self._options)
+                for done, (path, sha) in zip(finished, self._jobs, strict=True)
+            ]
+
+
+def _result_if_done(future: Future) -> Prepared | None:
+    if future.done() and not future.cancelled() and future.exception() is None:
+        return future.result()
+    return None
 
 
 class DecodePool:
-    def __init__(self, workers: int, timeout_s: float = DECODE_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        workers: int,
+        timeout_s: float = DECODE_TIMEOUT_S,
+        *,
+        full_resolution_decode: bool = False,
+        memory_limit_bytes: int | None = DECODE_MEMORY_LIMIT_BYTES,
+    ) -> None:
         self.workers = workers
         self.timeout_s = timeout_s
+        #: Decode every film at full resolution (for checking the reduced decoders).
+        self.full_resolution_decode = full_resolution_decode
+        self.memory_limit_bytes = memory_limit_bytes
         self._executor: ProcessPoolExecutor | None = None
+        if workers <= 0:  # decoding in this process: it needs pydicom's process settings too
+            from pipeline.dicom import configure_pydicom
+
+            configure_pydicom()
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             # spawn: children must not inherit TensorFlow state or open DB connections
             context = multiprocessing.get_context("spawn")
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=limit_threads)
+            self._executor = ProcessPoolExecutor(
+                self.workers,
+                mp_context=context,
+                initializer=init_decode_process,
+                initargs=(self.memory_limit_bytes,),
+            )
         return self._executor
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Kill the children (one of them crashed or hangs); the next call starts fresh ones."""
         if self._executor is not None:
             for process in list(getattr(self._executor, "_processes", {}).values()):
                 process.kill()
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
+
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
-    def prepare_many(self, jobs: list[tuple[str, str | None]], input_size: int) -> list[Prepared]:
-        """Decode (path, expected sha256) pairs in parallel, in order."""
-        if self.workers <= 0:
-            return [prepare(path, input_size, sha) for path, sha in jobs]
-        try:
-            futures = [self._pool().submit(prepare, path, input_size, sha) for path, sha in jobs]
-            return [future.result(timeout=self.timeout_s) for future in futures]
-        except (BrokenProcessPool, TimeoutError):
-            log.warning("a decoder crashed or hung; retrying this batch one file at a time")
-            self._reset()
-            return [self._prepare_isolated(path, sha, input_size) for path, sha in jobs]
+    def _submit(self, job: Job, options: dict) -> Future:
+        return self._pool().submit(prepare, job[0], expected_sha256=job[1], **options)
 
-    def _prepare_isolated(self, path: str, sha256: str | None, input_size: int) -> Prepared:
+    def submit(self, jobs: list[Job], input_size: int, scope: ScopePolicy | None = None) -> PendingBatch:
+        """Start decoding (path, expected sha256) pairs; returns at once unless decoding in-process."""
+        options = {
+            "input_size": input_size,
+            "scope": scope or ScopePolicy(),
+            "full_resolution_decode": self.full_resolution_decode,
+        }
+        if self.workers <= 0:
+            ready = [prepare(path, expected_sha256=sha, **options) for path, sha in jobs]
+            return PendingBatch(self, jobs, options, ready=ready)
         try:
-            return self._pool().submit(prepare, path, input_size, sha256).result(timeout=self.timeout_s)
+            futures = [self._submit(job, options) for job in jobs]
         except BrokenProcessPool:
-            self._reset()
+            self.reset()
+            futures = [self._submit(job, options) for job in jobs]
+        return PendingBatch(self, jobs, options, futures=futures)
+
+    def prepare_many(
+        self, jobs: list[Job], input_size: int, scope: ScopePolicy | None = None
+    ) -> list[Prepared]:
+        """Decode (path, expected sha256) pairs in parallel, in order."""
+        return self.submit(jobs, input_size, scope).results()
+
+    def prepare_isolated(self, path: str, sha256: str | None, **options) -> Prepared:
+        """Decode one file alone, so that a crash or hang names its culprit."""
+        try:
+            return self._submit((path, sha256), options).result(timeout=self.timeout_s)
+        except (BrokenProcessPool, CancelledError):
+            self.reset()
             return Prepared(status="failed", reason="the decoder crashed on this file")
         except TimeoutError:
-            self._reset()
+            self.reset()
             return Prepared(status="failed", reason=f"decoding took longer than {self.timeout_s:.0f} s")
 
     def hash_many(self, paths: list[str]) -> list[str | None]:
@@ -75,7 +183,7 @@ class DecodePool:
         try:
             return list(self._pool().map(sha256_file, paths, chunksize=8))
         except BrokenProcessPool:
-            self._reset()
+            self.reset()
             return [sha256_file(path) for path in paths]
 
     def __enter__(self) -> DecodePool:

@@ -1,22 +1,26 @@
 """Decode and normalise one file in a child process; never raises.
 
 Runs in the decode pool, so it must stay importable without TensorFlow and
-return only picklable values.
+return only picklable values. Each file is read once: the bytes that are hashed
+(to check them against the registration) are the bytes that are decoded.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.decode import decode_file
+from pipeline.decode import decode_bytes, read_file
 from pipeline.errors import ImageProblem, IncompleteFile
+from pipeline.hashing import sha256_bytes
+from pipeline.hashing import sha256_file_or_none as sha256_file
 from pipeline.normalise import to_model_input
+from pipeline.scope import ScopePolicy
+from pipeline.types import DecodedImage
 
-HASH_CHUNK_BYTES = 1 << 20
+__all__ = ["Prepared", "limit_threads", "prepare", "sha256_file"]
 
 
 @dataclass
@@ -28,11 +32,11 @@ class Prepared:
     reason: str | None = None
     incomplete: bool = False
     attributes: dict = field(default_factory=dict)
+    #: SHA-256 of the bytes that were decoded (None when the file could not be read).
+    sha256: str | None = None
 
 
-def _attributes(decoded) -> dict:
-    from pipeline.dicom import out_of_scope_reasons
-
+def _attributes(decoded: DecodedImage, scope: ScopePolicy) -> dict:
     values: dict = {"source_format": str(decoded.source_format)}
     attrs = decoded.dicom
     if attrs is None:
@@ -48,48 +52,55 @@ def _attributes(decoded) -> dict:
         modality=attrs.modality,
         view_position=attrs.view_position,
     )
-    reasons = out_of_scope_reasons(attrs)
+    reasons = scope.out_of_scope_reasons(attrs)
     values.update(out_of_scope=bool(reasons), scope_note="; ".join(reasons) or None)
     return values
 
 
-def prepare(path: str, input_size: int, expected_sha256: str | None = None) -> Prepared:
+def prepare(
+    path: str,
+    input_size: int,
+    expected_sha256: str | None = None,
+    *,
+    scope: ScopePolicy | None = None,
+    full_resolution_decode: bool = False,
+) -> Prepared:
     """Decode ``path`` and build the model input; problems become a status and a reason.
 
-    With ``expected_sha256``, a file whose content no longer matches its registration
-    (still being written, or replaced) is reported as incomplete instead of being
-    scored under the wrong hash.
+    The file is read once and its bytes hashed before they are decoded. With
+    ``expected_sha256``, content that no longer matches its registration (still being
+    written, or replaced) is reported as incomplete instead of being scored under the
+    wrong hash. ``full_resolution_decode`` turns off reduced-resolution decoding (for checks).
     """
-    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
-        return Prepared(
-            status="failed", reason="file content changed after it was registered", incomplete=True
-        )
+    sha256 = None
     try:
-        decoded = decode_file(path)
-        return Prepared(tensor=to_model_input(decoded.pixels, input_size), attributes=_attributes(decoded))
+        data = read_file(path)
+        sha256 = sha256_bytes(data)
+        if expected_sha256 is not None and sha256 != expected_sha256:
+            return Prepared(
+                status="failed",
+                reason="file content changed after it was registered",
+                incomplete=True,
+                sha256=sha256,
+            )
+        decoded = decode_bytes(data, min_side=None if full_resolution_decode else input_size)
+        del data
+        return Prepared(
+            tensor=to_model_input(decoded.pixels, input_size),
+            attributes=_attributes(decoded, scope or ScopePolicy()),
+            sha256=sha256,
+        )
     except IncompleteFile as exc:
-        return Prepared(status=exc.status, reason=exc.reason, incomplete=True)
+        return Prepared(status=exc.status, reason=exc.reason, incomplete=True, sha256=sha256)
     except ImageProblem as exc:
-        return Prepared(status=exc.status, reason=exc.reason)
+        return Prepared(status=exc.status, reason=exc.reason, sha256=sha256)
     except MemoryError:
-        return Prepared(status="failed", reason="out of memory while decoding")
+        return Prepared(status="failed", reason="out of memory while decoding", sha256=sha256)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - one bad file must never take the worker down, and
         # nothing unpicklable (a decoder's PanicException) may cross the decode-pool boundary.
         return Prepared(status="failed", reason=f"the decoder crashed on this file ({type(exc).__name__})")
-
-
-def sha256_file(path: str) -> str | None:
-    """Content hash, or None when the file cannot be read (gone, no permission)."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(HASH_CHUNK_BYTES):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 def limit_threads() -> None:
