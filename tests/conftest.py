@@ -111,3 +111,11 @@ def copy_into(files: list[Path], folder: Path) -> list[Path]:
         shutil.copyfile(source, target)
         copied.append(target)
     return copied
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pydicom_process_settings() -> None:
+    """pydicom's process-wide settings, as every cxr-triage process entry applies them."""
+    from pipeline.dicom import configure_pydicom
+
+    configure_pydicom()

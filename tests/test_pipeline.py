@@ -250,3 +250,121 @@ def test_out_of_scope_flags(tmp_path, film, age, view, flags):
     decoded = decode_file(radiograph(film.astype(np.uint16) * 16, tmp_path / "x.dcm", age=age, view=view))
     reasons = ScopePolicy().out_of_scope_reasons(decoded.dicom)
     assert len(reasons) == len(flags) and all(f in r for f, r in zip(flags, reasons, strict=True))
+
+
+# --- reduced-resolution decoding (issue 13) ---------------------------------------------------
+
+BIG_SIDE = 2048
+
+
+def _dicom_jpeg_baseline(film8: np.ndarray, path: Path) -> Path:
+    """8-bit JPEG baseline DICOM (PS3.5 A.4.1): Pillow's JPEG, encapsulated by pydicom."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    radiograph(film8, path, bits_stored=8)
+    ds = pydicom.dcmread(path)
+    buffer = io.BytesIO()
+    Image.fromarray(film8).save(buffer, format="JPEG", quality=92)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.LossyImageCompression = "01"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def big_films(kermany, tmp_path_factory) -> dict[str, Path]:
+    """Kermany films at 2048 px, as the bench corpus has them, in every reducible container and PNG."""
+    folder = tmp_path_factory.mktemp("big")
+    sources = (
+        sorted((kermany / "PNEUMONIA").glob("*.jpeg"))[:3] + sorted((kermany / "NORMAL").glob("*.jpeg"))[:3]
+    )
+    files: dict[str, Path] = {}
+    for index, source in enumerate(sources):
+        image = Image.open(source).convert("L").resize((BIG_SIDE, BIG_SIDE), Image.Resampling.BICUBIC)
+        grey8 = np.asarray(image)
+        image.save(folder / f"{index}.jpg", quality=90)
+        image.save(folder / f"{index}.png")
+        image.save(folder / f"{index}.jp2")
+        files |= {f"jpeg-{index}": folder / f"{index}.jpg", f"png-{index}": folder / f"{index}.png"}
+        files[f"jp2-{index}"] = folder / f"{index}.jp2"
+        files[f"dicom-j2k-{index}"] = radiograph(
+            grey8.astype(np.uint16) * 16, folder / f"{index}-j2k.dcm", syntax=JPEG2000Lossless
+        )
+        files[f"dicom-jpeg-{index}"] = _dicom_jpeg_baseline(grey8, folder / f"{index}-jpeg.dcm")
+    return files
+
+
+def test_reducible_formats_decode_smaller_but_not_below_the_model_input(big_films):
+    from pipeline.codestream import J2K_MIN_SIDE_FACTOR, JPEG_MIN_SIDE_FACTOR
+
+    size = 128
+    for name, path in big_films.items():
+        reduced = decode_file(path, min_side=size).pixels
+        full = decode_file(path).pixels
+        assert full.shape == (BIG_SIDE, BIG_SIDE), name
+        if name.startswith("png"):
+            assert reduced.shape == full.shape, name  # no shortcut for PNG
+            continue
+        factor = J2K_MIN_SIDE_FACTOR if "j2k" in name or "jp2" in name else JPEG_MIN_SIDE_FACTOR
+        assert size * factor <= min(reduced.shape) < BIG_SIDE, (name, reduced.shape)
+        assert 0.0 <= reduced.min() < reduced.max() <= 1.0, name
+
+
+def test_reduced_decoding_keeps_scores_of_big_films(big_films, scorer):
+    """Issue 13: the reduced decode scores within 0.01 of full decoding (shipped model)."""
+    size = scorer.input_size
+    names = list(big_films)
+    full = np.stack([to_model_input(decode_file(big_films[n]).pixels, size) for n in names])
+    reduced = np.stack([to_model_input(decode_file(big_films[n], min_side=size).pixels, size) for n in names])
+    p_full = [s.pneumonia_probability for s in scorer.score_batch(full)]
+    p_reduced = [s.pneumonia_probability for s in scorer.score_batch(reduced)]
+    gaps = {n: abs(a - b) for n, a, b in zip(names, p_full, p_reduced, strict=True)}
+    assert max(gaps.values()) <= 0.01, gaps
+
+
+def test_monochrome1_and_luts_apply_at_reduced_size(tmp_path, film):
+    """Modality LUT, window and MONOCHROME1 act on the reduced array exactly as on the full one."""
+    big = np.asarray(Image.fromarray(film).resize((1024, 1024), Image.Resampling.BICUBIC))
+    stored = (4095 - big.astype(np.uint16) * 16).astype(np.uint16)
+    path = radiograph(
+        stored,
+        tmp_path / "m1.dcm",
+        photometric="MONOCHROME1",
+        slope=0.5,
+        intercept=-100,
+        window=(900, 1800),
+        syntax=JPEG2000Lossless,
+    )
+    full = decode_file(path).pixels
+    reduced = decode_file(path, min_side=64).pixels
+    assert reduced.shape == (256, 256)  # 1024 px, level 2: the first level below 4 x 64
+    binned = full.reshape(256, 4, 256, 4).mean(axis=(1, 3))  # the same film at the same size
+    assert np.corrcoef(reduced.ravel(), binned.ravel())[0, 1] > 0.99  # inverted like the full decode
+    assert float(np.abs(reduced - binned).mean()) < 0.02  # same rescale and window
+    for level in (0.0, 1.0):  # the window clips the same share of pixels at both ends
+        assert abs(float((reduced == level).mean()) - float((full == level).mean())) < 0.01
+
+
+def test_plain_jpeg2000_files_are_recognised(big_films):
+    path = big_films["jp2-0"]
+    assert detect_file_format(path) is ImageFormat.JPEG2000
+    np.testing.assert_allclose(decode_file(path).pixels, decode_file(big_films["png-0"]).pixels, atol=1e-6)
+
+
+def test_prepare_full_resolution_switch_and_hash_of_decoded_bytes(big_films):
+    from pipeline.hashing import sha256_file
+    from worker.prepare import prepare
+
+    path = str(big_films["dicom-j2k-0"])
+    reduced = prepare(path, 128)
+    full = prepare(path, 128, full_resolution_decode=True)
+    expected = to_model_input(decode_file(path).pixels, 128)
+    np.testing.assert_array_equal(full.tensor, expected)
+    assert not np.array_equal(reduced.tensor, expected)
+    assert reduced.sha256 == full.sha256 == sha256_file(path)
+    changed = prepare(path, 128, expected_sha256="0" * 64)
+    assert changed.tensor is None and changed.incomplete and "changed" in (changed.reason or "")

@@ -147,3 +147,25 @@ def test_compressed_and_uncompressed_decode_alike(dicom_dir):
     reference = decode_file(folder / "RG1_UNCR.dcm").pixels
     lossless = decode_file(folder / "RG1_J2KR.dcm").pixels
     np.testing.assert_allclose(reference, lossless, atol=1e-6)
+
+
+def test_reduced_decoding_keeps_scores(dicom_dir, scorer):
+    """Issue 13: on every scored real DICOM file, reduced decoding scores within 0.01 of full decoding."""
+    from pipeline.normalise import to_model_input
+
+    size = scorer.input_size
+    paths = [dicom_dir / relative for relative, (status, _) in sorted(EXPECTED.items()) if status == "ok"]
+    full = np.stack([to_model_input(decode_file(p).pixels, size) for p in paths])
+    reduced = np.stack([to_model_input(decode_file(p, min_side=size).pixels, size) for p in paths])
+    p_full = [s.pneumonia_probability for s in scorer.score_batch(full)]
+    p_reduced = [s.pneumonia_probability for s in scorer.score_batch(reduced)]
+    gaps = {p.name: round(abs(a - b), 4) for p, a, b in zip(paths, p_full, p_reduced, strict=True)}
+    assert max(gaps.values()) <= 0.01, gaps
+
+
+def test_odd_sized_jpeg2000_reduces_without_error(dicom_dir):
+    """RG1 is 1841 x 1955: Pillow's and OpenJPEG's rounding of reduced sizes differ (see raster)."""
+    folder = dicom_dir / "nema-wg4-compsamples-RG1-RG3__pydicom-data-pypi"
+    for name in ("RG1_J2KR.dcm", "RG1_J2KI.dcm"):
+        reduced = decode_file(folder / name, min_side=128).pixels
+        assert reduced.shape == (978, 921), name  # ceil(1955 / 2), ceil(1841 / 2): level 1
