@@ -368,3 +368,19 @@ def test_prepare_full_resolution_switch_and_hash_of_decoded_bytes(big_films):
     assert reduced.sha256 == full.sha256 == sha256_file(path)
     changed = prepare(path, 128, expected_sha256="0" * 64)
     assert changed.tensor is None and changed.incomplete and "changed" in (changed.reason or "")
+
+
+def test_prefetched_starts_the_next_batch_before_the_current_one_is_used():
+    from worker.overlap import prefetched
+
+    started: list[int] = []
+
+    def start(batch: int) -> int:
+        started.append(batch)
+        return batch
+
+    seen = []
+    for batch in prefetched(start(b) for b in range(4)):
+        seen.append((batch, list(started)))
+    assert [b for b, _ in seen] == [0, 1, 2, 3]
+    assert [s for _, s in seen] == [[0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3]]
