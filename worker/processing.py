@@ -20,8 +20,10 @@ from db.engine import session_scope
 from db.paths import from_db
 from db.queue import as_utc
 from db.schema import Image, ImageStatus, utcnow
-from worker.decode_pool import DecodePool
+from pipeline.scope import ScopePolicy
+from worker.decode_pool import DecodePool, PendingBatch
 from worker.logs import short
+from worker.overlap import prefetched
 from worker.prepare import Prepared
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,18 @@ log = logging.getLogger(__name__)
 class BatchOutcome:
     counts: Counter
     retry_later: list[int]
+
+
+@dataclass
+class _Started:
+    """A claimed batch whose files are decoding in the pool (see ``Processor._start_batch``)."""
+
+    counts: Counter
+    claimed: list[int]
+    readable: dict
+    known: dict
+    todo: list[int]
+    pending: PendingBatch | None
 
 
 class Processor:
@@ -75,8 +89,10 @@ class Processor:
         self.owner = owner or self.default_owner
         counts: Counter = Counter()
         retry: list[int] = []
-        for batch in self._batches(list(image_ids)):
-            outcome = self._process_batch(batch)
+        # Overlap: batch k+1 is claimed and decoding in the pool while batch k is scored and stored.
+        started = (self._start_batch(batch) for batch in self._batches(list(image_ids)))
+        for batch in prefetched(started):
+            outcome = self._finish_batch(batch)
             counts.update(outcome.counts)
             retry.extend(outcome.retry_later)
         return BatchOutcome(counts, retry)
@@ -92,6 +108,10 @@ class Processor:
         return [fresh[s : s + size] for s in range(0, len(fresh), size)] + retried
 
     def _process_batch(self, image_ids: list[int]) -> BatchOutcome:
+        return self._finish_batch(self._start_batch(image_ids))
+
+    def _start_batch(self, image_ids: list[int]) -> _Started:
+        """Claim the batch and hand its files to the decode pool; returns before they are decoded."""
         counts: Counter = Counter()
         with session_scope(self.database_url) as session:
             claimed, exhausted = queue.claim(session, image_ids, self.lease_seconds, self.owner)
@@ -101,11 +121,23 @@ class Processor:
         for image_id in exhausted:
             log.warning("image %s failed: interrupted %d times", image_id, queue.MAX_ATTEMPTS)
         if not claimed:
-            return BatchOutcome(counts, [])
+            return _Started(counts, [], {}, {}, [], None)
         readable = {image_id: _first_existing(paths.get(image_id, [])) for image_id in claimed}
         todo = [image_id for image_id in claimed if readable[image_id]]
         jobs = [(readable[i], known[i].sha256) for i in todo]
-        prepared = dict(zip(todo, self.pool.prepare_many(jobs, self.scorer.input_size), strict=True))
+        scope = ScopePolicy.from_metadata(self.scorer.metadata)
+        return _Started(
+            counts, claimed, readable, known, todo, self.pool.submit(jobs, self.scorer.input_size, scope)
+        )
+
+    def _finish_batch(self, started: _Started) -> BatchOutcome:
+        """Wait for the batch's decodes, score them in one model call, store every outcome."""
+        counts, claimed, readable = started.counts, started.claimed, started.readable
+        known, todo = started.known, started.todo
+        if not claimed:
+            return BatchOutcome(counts, [])
+        assert started.pending is not None
+        prepared = dict(zip(todo, started.pending.results(), strict=True))
         ready = [image_id for image_id in todo if prepared[image_id].tensor is not None]
         scores = self.scorer.score_batch(np.stack([prepared[i].tensor for i in ready])) if ready else []
         score_of = dict(zip(ready, scores, strict=True))
