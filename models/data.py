@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.decode import decode_file
+from pipeline.hashing import sha256_file
 from pipeline.normalise import resize_square
 
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -87,7 +88,7 @@ def list_samples(data_dir: str | Path) -> list[Sample]:
 
 
 def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def split_groups(samples: list[Sample]) -> dict[str, str]:

@@ -14,7 +14,6 @@ Run: ``python -m models.train --arch resnet --epochs 30 --size 128 --out models/
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shlex
@@ -30,6 +29,7 @@ import numpy as np
 from models import data
 from models.augment import PRESETS, AugmentConfig, augment_tf, draw_params, standardise_tf
 from models.metrics import fit_temperature, operating_thresholds, roc_auc
+from pipeline.hashing import sha256_file
 
 MODEL_FILE = "model.keras"
 
@@ -252,7 +252,7 @@ def export(model, cfg: TrainConfig, out_dir, y_val, v_val, p_logit, v_logit, his
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / MODEL_FILE
     model.save(model_path)
-    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()[:8]
+    digest = sha256_file(model_path)[:8]
     today = datetime.now(UTC).strftime("%Y%m%d")
     mask = v_val >= 0
     metadata = {

@@ -533,3 +533,129 @@ def test_decode_file_fuzz_never_raises_anything_but_image_problems(seeds, tmp_pa
 
     check()
     assert outcomes["problem"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 9 item 7: the compressed frame's own header decides the allocation, not Rows/Columns
+# ----------------------------------------------------------------------------------------------
+def _encapsulated(film8: np.ndarray, path: Path, frame: bytes, syntax) -> Path:
+    """A 256 x 256 data set whose single encapsulated frame is ``frame`` (PS3.5 A.4)."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    radiograph(film8, path, bits_stored=8)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _j2k_with_siz(film8: np.ndarray, width: int, height: int) -> bytes:
+    """A real JPEG 2000 codestream whose SIZ (ISO/IEC 15444-1 A.5.1) declares ``width`` x ``height``."""
+    buffer = io.BytesIO()
+    Image.fromarray(film8).save(buffer, format="JPEG2000", irreversible=False, no_jp2=True)
+    data = bytearray(buffer.getvalue())
+    assert data[:4] == b"\xff\x4f\xff\x51"
+    struct.pack_into(">II", data, 8, width, height)  # Xsiz, Ysiz after SOC, SIZ, Lsiz, Rsiz
+    return bytes(data)
+
+
+def _jpeg_ls_header(width: int, height: int) -> bytes:
+    """SOI and a JPEG-LS frame header (SOF55, ISO/IEC 14495-1 C.2.2), then scan-like garbage."""
+    sof55 = b"\xff\xf7" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + sof55 + b"\xff\xda\x00\x08\x01\x01\x00\x00\x00\x00" + b"\x55" * 4096 + b"\xff\xd9"
+
+
+@pytest.fixture(scope="module")
+def small_film(films) -> np.ndarray:
+    return np.asarray(Image.fromarray(films[0]).resize((256, 256)))
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "jpeg2000", "jpeg-ls"])
+@pytest.mark.parametrize("min_side", [None, 128])
+def test_small_header_over_a_huge_compressed_frame_is_refused_before_decoding(
+    tmp_path, small_film, kind, min_side
+):
+    from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless
+
+    from pipeline.errors import FailedImage
+
+    side = 16000
+    frame, syntax = {
+        "jpeg": (_jpeg_with_sof(_jpeg_bytes(small_film), side, side), JPEGBaseline8Bit),
+        "jpeg2000": (_j2k_with_siz(small_film, side, side), JPEG2000Lossless),
+        "jpeg-ls": (_jpeg_ls_header(side, side), JPEGLSLossless),
+    }[kind]
+    path = _encapsulated(small_film, tmp_path / f"{kind}.dcm", frame, syntax)
+    with pytest.raises(FailedImage, match="compressed frame declares 16000x16000") as problem:
+        decode_file(path, min_side=min_side)
+    assert "bomb" in problem.value.reason
+
+
+def test_honest_compressed_frames_pass_the_header_check(tmp_path, small_film):
+    from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
+
+    expected = (small_film - small_film.min()) / float(small_film.max() - small_film.min())
+    for name, frame, syntax in (
+        ("jpeg", _jpeg_bytes(small_film), JPEGBaseline8Bit),
+        ("j2k", _j2k_with_siz(small_film, 256, 256), JPEG2000Lossless),
+    ):
+        decoded = decode_file(_encapsulated(small_film, tmp_path / f"{name}.dcm", frame, syntax))
+        np.testing.assert_allclose(decoded.pixels, expected, atol=0.05, err_msg=name)  # JPEG is lossy
+
+
+def _allocate(n_bytes: int) -> int:
+    return int(np.ones(n_bytes, dtype=np.uint8)[-1])
+
+
+def test_decode_processes_have_a_capped_address_space():
+    """RLIMIT_AS in every decode child: an allocation above the cap is a MemoryError there."""
+    import resource
+
+    from worker.decode_pool import DecodePool
+
+    cap = 1 << 30
+    with DecodePool(1, memory_limit_bytes=cap) as pool:
+        executor = pool._pool()  # noqa: SLF001 - the children themselves are what is checked
+        soft, _hard = executor.submit(resource.getrlimit, resource.RLIMIT_AS).result(timeout=60)
+        assert soft == cap
+        assert executor.submit(_allocate, 64 << 20).result(timeout=60) == 1
+        with pytest.raises(MemoryError):
+            executor.submit(_allocate, 2 * cap).result(timeout=60)
+
+
+def test_reduced_decoders_fuzz_never_raise_anything_but_image_problems(films, tmp_path):
+    """The reduced-resolution paths (Pillow reduce/draft on DICOM frames and plain files) under mutation."""
+    from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
+
+    film = np.asarray(Image.fromarray(films[0]).resize((512, 512)))
+    plain_j2k = io.BytesIO()
+    Image.fromarray(film).save(plain_j2k, format="JPEG2000", no_jp2=True)
+    reducible = [
+        _encapsulated(film, tmp_path / "j.dcm", _jpeg_bytes(film), JPEGBaseline8Bit).read_bytes(),
+        radiograph(film.astype(np.uint16) * 16, tmp_path / "k.dcm", syntax=JPEG2000Lossless).read_bytes(),
+        _jpeg_bytes(film),
+        plain_j2k.getvalue(),
+    ]
+    target = tmp_path / "fuzzed"
+
+    @settings(
+        max_examples=100,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(data=mutated(reducible))
+    def check(data: bytes) -> None:
+        target.write_bytes(data)
+        try:
+            decoded = decode_file(target, min_side=32)
+        except ImageProblem as problem:
+            assert problem.status in ("failed", "rejected") and problem.reason
+            return
+        assert decoded.pixels.ndim == 2 and np.isfinite(decoded.pixels).all()
+
+    check()

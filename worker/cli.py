@@ -385,6 +385,9 @@ _register_optional_commands()
 
 
 def main() -> None:
+    from pipeline.dicom import configure_pydicom
+
+    configure_pydicom()  # process-wide pydicom settings, set by the process entry (issue 15 item 4)
     app()
 
 
