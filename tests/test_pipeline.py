@@ -384,3 +384,39 @@ def test_prefetched_starts_the_next_batch_before_the_current_one_is_used():
         seen.append((batch, list(started)))
     assert [b for b, _ in seen] == [0, 1, 2, 3]
     assert [s for _, s in seen] == [[0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+def test_scope_policy_comes_from_the_model_metadata(tmp_path, film):
+    from pipeline.scope import ScopePolicy
+
+    attrs = decode_file(
+        radiograph(film.astype(np.uint16) * 16, tmp_path / "a.dcm", age="030Y", view=None)
+    ).dicom
+    assert len(ScopePolicy.from_metadata({}).out_of_scope_reasons(attrs)) == 2  # models before the key
+    adults = ScopePolicy.from_metadata({"validated_population": {"age_years": [18, 90]}})
+    assert adults.out_of_scope_reasons(attrs) == ["view position not recorded"]
+    anyone = ScopePolicy.from_metadata(
+        {"validated_population": {"age_years": None, "view_position_required": False}}
+    )
+    assert anyone.out_of_scope_reasons(attrs) == []
+
+
+def test_decoder_modules_do_not_import_each_other_or_set_pydicom_config_at_import():
+    """Issue 15 item 4: shared types live in pipeline.types; pydicom config is the entry's job."""
+    import ast
+    import subprocess
+    import sys
+
+    source = (Path(__file__).resolve().parents[1] / "pipeline" / "dicom.py").read_text()
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "pipeline.decode" not in imported
+    probe = (
+        "from pydicom import config; before = (config.settings.reading_validation_mode, "
+        "config.convert_wrong_length_to_UN); import pipeline.dicom, pipeline.decode; "
+        "assert before == (config.settings.reading_validation_mode, config.convert_wrong_length_to_UN)"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True)
