@@ -659,3 +659,25 @@ def test_reduced_decoders_fuzz_never_raise_anything_but_image_problems(films, tm
         assert decoded.pixels.ndim == 2 and np.isfinite(decoded.pixels).all()
 
     check()
+
+
+def test_overlapped_batches_survive_a_decoder_death(films, tmp_path):
+    """Batch k+1 is already in the pool when batch k's decoder dies: both still end with a result."""
+    import signal
+
+    from worker.decode_pool import DecodePool
+
+    paths = []
+    for index in range(6):
+        path = tmp_path / f"{index}.png"
+        Image.fromarray(films[index % len(films)]).save(path)
+        paths.append(str(path))
+    with DecodePool(2) as pool:
+        pool.prepare_many([(paths[0], None)], 64)  # start the children
+        first = pool.submit([(p, None) for p in paths[:3]], 64)
+        second = pool.submit([(p, None) for p in paths[3:]], 64)
+        for process in list(pool._executor._processes.values()):  # noqa: SLF001 - simulate a crash
+            os.kill(process.pid, signal.SIGKILL)
+        results = first.results() + second.results()
+    assert len(results) == 6
+    assert all(r.tensor is not None for r in results), [r.reason for r in results]
