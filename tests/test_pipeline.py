@@ -420,3 +420,23 @@ def test_decoder_modules_do_not_import_each_other_or_set_pydicom_config_at_impor
         "assert before == (config.settings.reading_validation_mode, config.convert_wrong_length_to_UN)"
     )
     subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+@pytest.mark.slow
+def test_reduced_decoding_keeps_scores_on_the_bench_corpus(kermany, scorer, tmp_path):
+    """Issue 13 on the benchmark's own films (bench.common's generator, 2048 px, every format): <= 0.01."""
+    from bench import common
+
+    corpus, manifest = common.build_corpus("mixed", 120)
+    paths = [corpus / entry["path"] for entry in manifest["entries"]]
+    size = scorer.input_size
+    gaps = {}
+    for start in range(0, len(paths), 32):
+        chunk = paths[start : start + 32]
+        full = np.stack([to_model_input(decode_file(p).pixels, size) for p in chunk])
+        reduced = np.stack([to_model_input(decode_file(p, min_side=size).pixels, size) for p in chunk])
+        p_full = [s.pneumonia_probability for s in scorer.score_batch(full)]
+        p_reduced = [s.pneumonia_probability for s in scorer.score_batch(reduced)]
+        gaps.update({p.name: abs(a - b) for p, a, b in zip(chunk, p_full, p_reduced, strict=True)})
+    worst = max(gaps, key=gaps.get)
+    assert gaps[worst] <= 0.01, (worst, gaps[worst])
