@@ -106,6 +106,16 @@ def pending_ids(session: Session, image_ids: Iterable[int], owner: str | None = 
     )
 
 
+def db_now(session: Session) -> datetime:
+    """The database's clock (PostgreSQL ``now()``): leases mean the same on every machine.
+
+    SQLite lives on one machine, whose clock is the database's.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return as_utc(session.scalar(select(func.now())))
+    return utcnow()
+
+
 def _claimable(now: datetime, owner: str | None = None):
     lease_gone = Image.lease_expires_at < now
     if owner is not None:
@@ -118,12 +128,15 @@ def claim(
 ) -> tuple[list[int], list[int]]:
     """Take ``image_ids`` for processing. Returns (claimed ids, ids failed for too many attempts).
 
-    A claim increments ``attempts``; an image claimed :data:`MAX_ATTEMPTS` times
-    without reaching a final state has killed its worker that often and is failed.
+    A claim does not count an attempt: ``attempts`` counts real deaths of the process
+    that held the lease (:func:`release_dead_owners`, :func:`requeue_expired`), so a
+    database outage or a retried task never looks like a file that kills its worker.
+    An image whose worker died :data:`MAX_ATTEMPTS` times is failed. The lease is
+    measured on the database's clock.
     """
     if not image_ids:
         return [], []
-    now = utcnow()
+    now = db_now(session)
     exhausted = list(
         session.scalars(
             update(Image)
@@ -146,7 +159,6 @@ def claim(
             .values(
                 status=ImageStatus.PROCESSING,
                 lease_owner=owner,
-                attempts=Image.attempts + 1,
                 updated_at=now,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
             )
@@ -193,8 +205,8 @@ def _finish(session: Session, image_id: int, status: ImageStatus, **values) -> b
     return result.rowcount == 1
 
 
-def record_score(session: Session, image_id: int, score: ScoreRecord, attributes: dict | None = None) -> bool:
-    """Write a score once per (image, model version) and mark the image scored. Idempotent."""
+def add_score(session: Session, image_id: int, score: ScoreRecord) -> None:
+    """Write a score once per (image, model version), whatever the image's state. Idempotent."""
     insert = _insert(session)
     p = score.pneumonia_probability
     session.execute(
@@ -213,6 +225,11 @@ def record_score(session: Session, image_id: int, score: ScoreRecord, attributes
         )
         .on_conflict_do_nothing(index_elements=["image_id", "model_version"])
     )
+
+
+def record_score(session: Session, image_id: int, score: ScoreRecord, attributes: dict | None = None) -> bool:
+    """Write a score once per (image, model version) and mark the image scored. Idempotent."""
+    add_score(session, image_id, score)
     return _finish(session, image_id, ImageStatus.SCORED, reason=None, **(attributes or {}))
 
 
@@ -222,46 +239,131 @@ def record_problem(
     return _finish(session, image_id, status, reason=reason[:2000], **(attributes or {}))
 
 
-def release(session: Session, image_ids: Sequence[int], *, refund_attempt: bool = False) -> None:
-    """Put claimed images back in the queue (file still being written, shutdown...)."""
+def release(session: Session, image_ids: Sequence[int]) -> None:
+    """Put claimed images back in the queue (file still being written or briefly unreadable, an error
+    that is not the worker's death, shutdown): no attempt is counted."""
     if not image_ids:
         return
-    values: dict = {"status": ImageStatus.QUEUED, "lease_expires_at": None, "updated_at": utcnow()}
-    if refund_attempt:
-        values["attempts"] = Image.attempts - 1
     session.execute(
-        update(Image).where(Image.id.in_(image_ids), Image.status == ImageStatus.PROCESSING).values(**values)
+        update(Image)
+        .where(Image.id.in_(image_ids), Image.status == ImageStatus.PROCESSING)
+        .values(status=ImageStatus.QUEUED, lease_expires_at=None, lease_owner=None, updated_at=utcnow())
+    )
+
+
+def _requeue_after_death(session: Session, condition) -> list[int]:
+    """Processing images matching ``condition`` lost their worker: back to queued, one attempt counted."""
+    return list(
+        session.scalars(
+            update(Image)
+            .where(Image.status == ImageStatus.PROCESSING, condition)
+            .values(
+                status=ImageStatus.QUEUED,
+                attempts=Image.attempts + 1,
+                lease_expires_at=None,
+                lease_owner=None,
+                updated_at=utcnow(),
+            )
+            .returning(Image.id)
+        )
     )
 
 
 def release_dead_owners(session: Session, prefix: str, is_dead: Callable[[str], bool]) -> list[int]:
-    """Requeue images leased by owners under ``prefix`` (this host's processes) that are gone."""
+    """Requeue images leased by owners under ``prefix`` that are gone (a process of this host, a
+    supervisor's dead child); each counts one attempt (a real death)."""
     rows = session.execute(
         select(Image.id, Image.lease_owner).where(
-            Image.status == ImageStatus.PROCESSING, Image.lease_owner.startswith(prefix)
+            Image.status == ImageStatus.PROCESSING, Image.lease_owner.startswith(prefix, autoescape=True)
         )
     ).all()
     dead = [image_id for image_id, owner in rows if is_dead(owner)]
-    if dead:
-        session.execute(
-            update(Image)
-            .where(Image.id.in_(dead), Image.status == ImageStatus.PROCESSING)
-            .values(status=ImageStatus.QUEUED, lease_expires_at=None, lease_owner=None, updated_at=utcnow())
-        )
-    return dead
+    if not dead:
+        return []
+    return sorted(_requeue_after_death(session, Image.id.in_(dead)))
 
 
 def requeue_expired(session: Session) -> list[int]:
-    """Images whose processing lease ran out (worker gone) go back to queued."""
-    now = utcnow()
-    return list(
+    """Images whose lease ran out on the database's clock (the machine vanished) go back to queued;
+    the backstop behind :func:`release_dead_owners`."""
+    return sorted(_requeue_after_death(session, Image.lease_expires_at < db_now(session)))
+
+
+# -- what was sent to the broker -------------------------------------------------------------------
+
+
+def mark_sent(session: Session, image_ids: Sequence[int]) -> None:
+    """Record that a message for ``image_ids`` is now in the broker."""
+    if image_ids:
+        session.execute(update(Image).where(Image.id.in_(image_ids)).values(sent_at=db_now(session)))
+
+
+def never_sent(session: Session, image_ids: Sequence[int]) -> list[int]:
+    """Those of ``image_ids`` still queued that no message was ever sent for (or that were released
+    since: :func:`release` and the requeues clear nothing here, they are sent by their caller)."""
+    if not image_ids:
+        return []
+    return sorted(
+        session.scalars(
+            select(Image.id).where(
+                Image.id.in_(image_ids), Image.status == ImageStatus.QUEUED, Image.sent_at.is_(None)
+            )
+        )
+    )
+
+
+def lost_ids(session: Session, sent_before: datetime, limit: int = 10_000) -> list[int]:
+    """Queued images whose message went out before ``sent_before`` (or never went out) and were not
+    touched since. Callers use this only when the broker's queue is empty, i.e. the message is lost."""
+    query = select(Image.id).where(
+        Image.status == ImageStatus.QUEUED,
+        or_(Image.sent_at.is_(None), Image.sent_at < sent_before),
+        Image.updated_at < sent_before,
+    )
+    return list(session.scalars(query.order_by(Image.id).limit(limit)))
+
+
+def requeue_by_status(session: Session, status: ImageStatus, reason_contains: str | None = None) -> list[int]:
+    """An operator puts final images back (``cxr-triage requeue``): queued, no attempts, unsent."""
+    condition = Image.status == status
+    if reason_contains:
+        condition = and_(condition, Image.reason.contains(reason_contains, autoescape=True))
+    return sorted(
         session.scalars(
             update(Image)
-            .where(Image.status == ImageStatus.PROCESSING, Image.lease_expires_at < now)
-            .values(status=ImageStatus.QUEUED, lease_expires_at=None, updated_at=now)
+            .where(condition)
+            .values(
+                status=ImageStatus.QUEUED,
+                reason=None,
+                attempts=0,
+                sent_at=None,
+                finished_at=None,
+                lease_expires_at=None,
+                lease_owner=None,
+                updated_at=utcnow(),
+            )
             .returning(Image.id)
         )
     )
+
+
+def _outdated(model_version: str):
+    has_current = select(Score.id).where(Score.image_id == Image.id, Score.model_version == model_version)
+    return and_(Image.status == ImageStatus.SCORED, ~has_current.exists())
+
+
+def outdated_ids(session: Session, model_version: str, limit: int) -> list[int]:
+    """Scored images with no score from ``model_version`` yet (to re-score after a model change)."""
+    query = select(Image.id).where(_outdated(model_version))
+    return list(session.scalars(query.order_by(Image.id).limit(limit)))
+
+
+def outdated_ids_among(session: Session, model_version: str, image_ids: Iterable[int]) -> list[int]:
+    ids = list(image_ids)
+    if not ids:
+        return []
+    query = select(Image.id).where(Image.id.in_(ids), _outdated(model_version))
+    return list(session.scalars(query.order_by(Image.id)))
 
 
 def queued_ids(session: Session, limit: int = 10_000, older_than: datetime | None = None) -> list[int]:

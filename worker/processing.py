@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,12 @@ from db.queue import as_utc
 from db.schema import Image, ImageStatus, utcnow
 from worker.decode_pool import DecodePool
 from worker.logs import short
+from worker.outcomes import TRANSIENT_ERRNOS, Outcome, is_transient
 from worker.prepare import Prepared
+from worker.settings import Settings, default_of
+
+#: Reason stored for a content that is no longer at any of its paths (replaced or deleted).
+GONE_REASON = "file no longer exists at any known path"
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +48,23 @@ class Processor:
         model_dir,
         pool: DecodePool,
         *,
-        batch_size: int = 32,
-        lease_seconds: float = 900.0,
+        batch_size: int | None = None,
+        lease_seconds: float | None = None,
         retry_incomplete: bool = False,
         incomplete_grace_s: float = 600.0,
         owner: str | None = None,
+        full_resolution_decode: bool = False,
+        settings: Settings | None = None,
     ) -> None:
         self.database_url = database_url
         self.model_dir = model_dir
         self.pool = pool
-        self.batch_size = batch_size
-        self.lease_seconds = lease_seconds
+        self.batch_size = batch_size or default_of("batch_size")
+        self.lease_seconds = lease_seconds or default_of("lease_seconds")
+        #: Handed to the decoder once it takes the option (reduced-resolution decode is the default).
+        self.full_resolution_decode = full_resolution_decode
+        #: The settings this processor was built from (None when built from loose arguments in tests).
+        self.settings = settings
         self.retry_incomplete = retry_incomplete
         #: How long after its arrival a file that looks incomplete is retried before it is failed.
         self.incomplete_grace_s = incomplete_grace_s
@@ -60,6 +72,22 @@ class Processor:
         #: Lease owner used when a call names none (in-process work); a Celery task passes its id.
         self.default_owner = owner
         self.owner: str | None = owner
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, pool: DecodePool, *, retry_incomplete: bool = False, owner: str | None = None
+    ) -> Processor:
+        return cls(
+            settings.database_url,
+            settings.resolved_model_dir(),
+            pool,
+            batch_size=settings.batch_size,
+            lease_seconds=settings.lease_seconds,
+            retry_incomplete=retry_incomplete,
+            owner=owner,
+            full_resolution_decode=settings.full_resolution_decode,
+            settings=settings,
+        )
 
     @property
     def scorer(self):
@@ -81,6 +109,40 @@ class Processor:
             retry.extend(outcome.retry_later)
         return BatchOutcome(counts, retry)
 
+    def rescore(self, image_ids: Sequence[int]) -> int:
+        """Add this model's score to scored films that lack one (a new model version). The image stays
+        ``scored`` throughout (the worklist keeps showing it); nothing is claimed, and writing the
+        same score twice leaves one row, so an interrupted or repeated re-score is harmless."""
+        scorer = self.scorer
+        with session_scope(self.database_url) as session:
+            ids = [i for i in queue.outdated_ids_among(session, scorer.version, image_ids)]
+            paths = queue.source_paths(session, ids)
+            known = {row.id: row for row in session.execute(_identity_query(ids))} if ids else {}
+        located = {i: _locate(paths.get(i, []))[0] for i in ids}
+        todo = [i for i in ids if located[i]]
+        jobs = [(located[i], known[i].sha256) for i in todo]
+        prepared = dict(zip(todo, self.pool.prepare_many(jobs, scorer.input_size), strict=True))
+        ready = [i for i in todo if prepared[i].tensor is not None]
+        if not ready:
+            return 0
+        scores = scorer.score_batch(np.stack([prepared[i].tensor for i in ready]))
+        with session_scope(self.database_url) as session:
+            for image_id, score in zip(ready, scores, strict=True):
+                queue.add_score(session, image_id, self._score_record(score))
+        log.info("re-scored %d film(s) with model %s", len(ready), scorer.version)
+        return len(ready)
+
+    def _score_record(self, score) -> queue.ScoreRecord:
+        scorer = self.scorer
+        return queue.ScoreRecord(
+            model_version=scorer.version,
+            pneumonia_probability=float(score.pneumonia_probability),
+            pneumonia_logit=float(score.pneumonia_logit),
+            viral_probability=None if score.viral_probability is None else float(score.viral_probability),
+            screening_threshold=scorer.screening_threshold,
+            high_confidence_threshold=scorer.high_confidence_threshold,
+        )
+
     def _batches(self, image_ids: list[int]) -> list[list[int]]:
         """Fresh images go in full batches; images whose earlier attempt was interrupted go alone,
         so that a file that kills its worker cannot take innocent batch-mates down with it."""
@@ -93,78 +155,89 @@ class Processor:
 
     def _process_batch(self, image_ids: list[int]) -> BatchOutcome:
         counts: Counter = Counter()
+        scorer = self.scorer  # loaded and checked before anything is claimed
         with session_scope(self.database_url) as session:
             claimed, exhausted = queue.claim(session, image_ids, self.lease_seconds, self.owner)
             paths = queue.source_paths(session, claimed)
             known = {row.id: row for row in session.execute(_identity_query(claimed))} if claimed else {}
-        counts["failed"] += len(exhausted)
+        counts[Outcome.FAILED] += len(exhausted)
         for image_id in exhausted:
             log.warning("image %s failed: interrupted %d times", image_id, queue.MAX_ATTEMPTS)
         if not claimed:
             return BatchOutcome(counts, [])
-        readable = {image_id: _first_existing(paths.get(image_id, [])) for image_id in claimed}
+        try:
+            return self._score_claimed(scorer, claimed, paths, known, counts)
+        except BaseException:
+            # Not a death of this process (that never reaches here): hand the batch back, uncounted.
+            with session_scope(self.database_url) as session:
+                queue.release(session, claimed)
+            raise
+
+    def _score_claimed(self, scorer, claimed: list[int], paths, known, counts: Counter) -> BatchOutcome:
+        located = {image_id: _locate(paths.get(image_id, [])) for image_id in claimed}
+        readable = {image_id: path for image_id, (path, _) in located.items()}
         todo = [image_id for image_id in claimed if readable[image_id]]
         jobs = [(readable[i], known[i].sha256) for i in todo]
-        prepared = dict(zip(todo, self.pool.prepare_many(jobs, self.scorer.input_size), strict=True))
+        prepared = dict(zip(todo, self.pool.prepare_many(jobs, scorer.input_size), strict=True))
         ready = [image_id for image_id in todo if prepared[image_id].tensor is not None]
-        scores = self.scorer.score_batch(np.stack([prepared[i].tensor for i in ready])) if ready else []
+        scores = scorer.score_batch(np.stack([prepared[i].tensor for i in ready])) if ready else []
         score_of = dict(zip(ready, scores, strict=True))
         retry: list[int] = []
+        back: list[int] = []  # not final: released to the queue
         with session_scope(self.database_url) as session:
             for image_id in claimed:
                 outcome = self._store(
                     session,
                     image_id,
-                    readable[image_id],
+                    located[image_id],
                     prepared.get(image_id),
                     score_of.get(image_id),
                     known[image_id],
                 )
-                if outcome == "retry":
+                if outcome is Outcome.RETRY:
                     retry.append(image_id)
                 else:
                     counts[outcome] += 1
-            queue.release(session, retry, refund_attempt=True)
+                if outcome in (Outcome.RETRY, Outcome.UNREACHABLE):
+                    back.append(image_id)
+            queue.release(session, back)
         return BatchOutcome(counts, retry)
 
     def _store(
-        self, session, image_id: int, path: str | None, prepared: Prepared | None, score, known
-    ) -> str:
+        self,
+        session,
+        image_id: int,
+        located: tuple[str | None, bool],
+        prepared: Prepared | None,
+        score,
+        known,
+    ) -> Outcome:
         tag = short(known.sha256)
+        path, unreachable = located
+        if path is None and unreachable:
+            log.info("%s cannot be reached now (permission or share); left queued", tag)
+            return Outcome.UNREACHABLE
         if path is None:
-            queue.record_problem(
-                session, image_id, ImageStatus.FAILED, "file no longer exists at any known path"
-            )
-            log.info("%s failed: file gone", tag)
-            return "failed"
+            queue.record_problem(session, image_id, ImageStatus.SUPERSEDED, GONE_REASON)
+            log.info("%s superseded: no longer at any known path", tag)
+            return Outcome.SUPERSEDED
         assert prepared is not None
         if score is not None:
-            scorer = self.scorer
-            queue.record_score(
-                session,
-                image_id,
-                queue.ScoreRecord(
-                    model_version=scorer.version,
-                    pneumonia_probability=float(score.pneumonia_probability),
-                    pneumonia_logit=float(score.pneumonia_logit),
-                    viral_probability=None
-                    if score.viral_probability is None
-                    else float(score.viral_probability),
-                    screening_threshold=scorer.screening_threshold,
-                    high_confidence_threshold=scorer.high_confidence_threshold,
-                ),
-                prepared.attributes,
-            )
+            queue.record_score(session, image_id, self._score_record(score), prepared.attributes)
             log.debug("%s scored %.3f", tag, score.pneumonia_probability)
-            return "scored"
+            return Outcome.SCORED
+        if is_transient(prepared.reason):
+            log.info("%s could not be read just now; left queued", tag)
+            return Outcome.UNREACHABLE
         if prepared.incomplete and self.retry_incomplete and self._within_grace(known.first_seen_at):
             log.debug("%s looks incomplete (still being written?); will retry", tag)
-            return "retry"
+            return Outcome.RETRY
+        outcome = Outcome.of_status(prepared.status)
         queue.record_problem(
-            session, image_id, ImageStatus(prepared.status), prepared.reason or "unknown", prepared.attributes
+            session, image_id, ImageStatus(outcome.value), prepared.reason or "unknown", prepared.attributes
         )
-        log.debug("%s %s: %s", tag, prepared.status, prepared.reason)
-        return prepared.status or "failed"
+        log.debug("%s %s: %s", tag, outcome, prepared.reason)
+        return outcome
 
     def _within_grace(self, first_seen_at) -> bool:
         return (utcnow() - as_utc(first_seen_at)).total_seconds() < self.incomplete_grace_s
@@ -174,5 +247,19 @@ def _identity_query(image_ids: list[int]):
     return select(Image.id, Image.sha256, Image.first_seen_at).where(Image.id.in_(image_ids))
 
 
-def _first_existing(paths: list[str]) -> str | None:
-    return next((c for stored in paths for c in from_db(stored) if os.path.isfile(c)), None)
+def _locate(paths: list[str]) -> tuple[str | None, bool]:
+    """The first readable regular file among ``paths``, and whether any path failed for a passing
+    reason (no permission, a share that is gone or hangs): then the image waits, it is not final."""
+    unreachable = False
+    for stored in paths:
+        for candidate in from_db(stored):
+            try:
+                info = os.stat(candidate)
+                if stat.S_ISREG(info.st_mode):
+                    os.close(os.open(candidate, os.O_RDONLY | os.O_NONBLOCK))
+                    return candidate, False
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                unreachable = unreachable or exc.errno in TRANSIENT_ERRNOS
+    return None, unreachable
