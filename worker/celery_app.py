@@ -59,4 +59,8 @@ def configure(settings: Settings) -> Celery:
     if not settings.broker_url:
         raise NoBrokerError("no broker configured: set --broker-url or CXR_TRIAGE_BROKER_URL")
     app.conf.update(celery_config(settings))
+    # A sender gives up after a few seconds when the broker is down (the caller says so clearly);
+    # what was not sent stays unsent in the database and goes out on the next run.
+    policy = {"max_retries": 2, "interval_start": 0.5, "interval_step": 1, "interval_max": 2}
+    app.conf.update(task_publish_retry_policy=policy)
     return app

@@ -160,7 +160,8 @@ class Processor:
             claimed, exhausted = queue.claim(session, image_ids, self.lease_seconds, self.owner)
             paths = queue.source_paths(session, claimed)
             known = {row.id: row for row in session.execute(_identity_query(claimed))} if claimed else {}
-        counts[Outcome.FAILED] += len(exhausted)
+        if exhausted:
+            counts[Outcome.FAILED] += len(exhausted)
         for image_id in exhausted:
             log.warning("image %s failed: interrupted %d times", image_id, queue.MAX_ATTEMPTS)
         if not claimed:
