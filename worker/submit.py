@@ -31,6 +31,7 @@ from db import queue
 from db.engine import session_scope
 from db.queue import FileSeen
 from worker.decode_pool import DecodePool
+from worker.logs import describe_error
 from worker.scanner import CHUNK_FILES, ScanSummary, chunked, iter_files, register_chunk
 from worker.settings import Settings, local_owner, local_owner_is_dead, local_owner_prefix
 
@@ -244,7 +245,10 @@ def scan(
     """Register and submit every file under ``roots``, chunk by chunk (constant memory); the ids
     handed on are appended to ``handed_on`` when given (``scan --wait`` waits for them)."""
     summary = ScanSummary()
-    submitter.recover()
+    try:
+        submitter.recover()
+    except BROKER_ERRORS as exc:  # sending below will say so clearly if the broker is really gone
+        log.warning("could not check for lost work (%s)", describe_error(exc))
     for files in chunked(iter_files(roots, settings.follow_symlinks), CHUNK_FILES):
         submitted = hand_on(settings, files, pool, submitter, summary)
         if handed_on is not None:
