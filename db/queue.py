@@ -358,6 +358,15 @@ def outdated_ids(session: Session, model_version: str, limit: int) -> list[int]:
     return list(session.scalars(query.order_by(Image.id).limit(limit)))
 
 
+def image_ids_at(session: Session, paths: Iterable[str]) -> list[int]:
+    """Images registered under ``paths`` (file-system paths)."""
+    stored = [to_db(path) for path in paths]
+    if not stored:
+        return []
+    query = select(SourceFile.image_id).where(SourceFile.path.in_(stored), SourceFile.image_id.is_not(None))
+    return sorted(set(session.scalars(query)))
+
+
 def outdated_ids_among(session: Session, model_version: str, image_ids: Iterable[int]) -> list[int]:
     ids = list(image_ids)
     if not ids:

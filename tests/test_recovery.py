@@ -233,7 +233,7 @@ def test_a_model_that_cannot_load_claims_nothing(kermany, tmp_path):
     worker = run(
         "worker", "--broker-url", "redis://127.0.0.1:1/0", "--database-url", url, "--model-dir", str(broken)
     )
-    assert worker.returncode == 2 and "cannot start workers" in worker.stderr
+    assert worker.returncode == 2 and "cannot load the model" in worker.stderr
 
 
 # -- item 5: errors at the CLI boundary ----------------------------------------------------------------
@@ -329,3 +329,24 @@ def test_a_crashing_worker_is_restarted_with_backoff(tmp_path):
         delays.append(child.restart_at - child.started)
     assert delays[0] < 5  # the first death is restarted at once
     assert delays == sorted(delays) and delays[-1] >= MAX_RESTART_DELAY_S - 5
+
+
+def test_a_scan_rescores_known_films_after_a_model_change(kermany, tmp_path):
+    """Item 17, embedded: films scored by an older model get the current model's score when their
+    folder is scanned again; they stay `scored` (and listed) throughout."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for source in kermany_files(kermany, "NORMAL", 2):
+        shutil.copy(source, folder)
+    url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
+    assert run("scan", str(folder), "--database-url", url, "--no-progress").returncode == 0
+    with session_scope(url) as session:
+        current = session.scalars(select(Score.model_version)).first()
+        session.execute(update(Score).values(model_version="older-model"))
+    again = run("scan", str(folder), "--database-url", url, "--no-progress")
+    assert again.returncode == 0, again.stderr
+    with session_scope(url) as session:
+        versions = sorted(session.scalars(select(Score.model_version)))
+        statuses = set(session.scalars(select(Image.status)))
+    assert versions == sorted(["older-model", "older-model", current, current])
+    assert statuses == {ImageStatus.SCORED}

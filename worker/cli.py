@@ -107,14 +107,15 @@ def db_upgrade(database_url: DatabaseUrl = None, log_level: LogLevel = None) -> 
     console.print(f"database {masked(settings.database_url)} is at the newest schema", markup=False)
 
 
-def _load_model_or_exit(processor) -> None:
-    """Load and check the model before any file is claimed: a model that cannot load stops here."""
-    try:
-        processor.scorer  # noqa: B018
-    except Exception as exc:  # noqa: BLE001 - any failure means nothing can be scored
-        problem = logs.describe_error(exc)
-        console.print(f"cannot load the model from {processor.model_dir}: {problem}", markup=False)
-        raise typer.Exit(2) from None
+def _check_model_or_exit(settings: Settings) -> None:
+    """A model folder without metadata or weights stops here, before anything is registered; the
+    model itself is loaded (and a corrupt one refused) before the first file is claimed."""
+    from worker.supervisor import check_model_dir
+
+    problem = check_model_dir(settings.resolved_model_dir())
+    if problem:
+        console.print(f"cannot load the model: {problem}", markup=False)
+        raise typer.Exit(2)
 
 
 def _resolve_roots(paths: list[Path]) -> list[str]:
@@ -179,8 +180,8 @@ def scan(
         if settings.broker_url:
             submitter = ViaCelery(settings)
         else:
+            _check_model_or_exit(settings)
             submitter = InProcess(settings, pool)
-            _load_model_or_exit(submitter.processor)
         task = bar.add_task("scanning", total=sum(per_root.values()))
         summary = scan_roots(
             settings, roots, submitter, pool, on_progress=lambda n: bar.advance(task, n), handed_on=handed_on
@@ -422,7 +423,7 @@ def worker_command(
     log_level: LogLevel = None,
 ) -> None:
     """Run Celery workers that score queued files (needs --broker-url / CXR_TRIAGE_BROKER_URL)."""
-    from worker.supervisor import Supervisor, WorkerSpec, check_model_dir, visible_gpus
+    from worker.supervisor import Supervisor, WorkerSpec, visible_gpus
 
     settings = _settings(
         processes=processes,
@@ -440,10 +441,7 @@ def worker_command(
     if not settings.broker_url:
         console.print("a broker is required: set --broker-url or CXR_TRIAGE_BROKER_URL", markup=False)
         raise typer.Exit(2)
-    problem = check_model_dir(settings.resolved_model_dir())
-    if problem:
-        console.print(f"cannot start workers: {problem}", markup=False)
-        raise typer.Exit(2)
+    _check_model_or_exit(settings)
     _prepare_database(settings)
     gpu_ids = [] if settings.cpu_only else visible_gpus(settings.gpus)
     specs = [WorkerSpec(f"gpu{g}", g) for g in gpu_ids] or [

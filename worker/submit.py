@@ -90,6 +90,21 @@ class InProcess:
         outcome = self.processor.process(image_ids)
         return Submitted(Counter(outcome.counts), list(outcome.retry_later))
 
+    def rescore_outdated(self, files: Sequence[FileSeen]) -> int:
+        """Films among ``files`` scored by an older model get the current model's score (a new model
+        version re-scores known films as their folders are scanned; resumable: the database knows
+        which lack one)."""
+        from worker.supervisor import model_version
+
+        version = model_version(self.settings.resolved_model_dir())  # without loading the model
+        if version is None:
+            return 0
+        with session_scope(self.settings.database_url) as session:
+            known = queue.image_ids_at(session, (f.path for f in files))
+            ids = queue.outdated_ids_among(session, version, known)
+        size = self.settings.batch_size
+        return sum(self.processor.rescore(ids[start : start + size]) for start in range(0, len(ids), size))
+
     def recover(self) -> Submitted:
         with session_scope(self.settings.database_url) as session:
             released = queue.release_dead_owners(session, local_owner_prefix(), local_owner_is_dead)
@@ -225,6 +240,8 @@ def hand_on(
     """Register ``files`` (hashing what changed) and submit the images that need work."""
     pending = register_chunk(settings.database_url, files, pool.hash_many, summary, owner=submitter.owner)
     summary.files += len(files)
+    if isinstance(submitter, InProcess):  # with a broker, the workers' supervisor re-scores
+        submitter.rescore_outdated(files)
     if not pending:
         return Submitted()
     submitted = submitter.submit(pending)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import time
 from datetime import UTC, datetime
@@ -83,6 +84,12 @@ class KillRecovery(chaos.KillWorker):
             )
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Worker kill recovery with the default lease.")
     parser.add_argument("--files", type=int, default=160, help="files dropped (default 160)")
@@ -90,6 +97,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=4.0, help="files dropped per second")
     parser.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
+    # free ports of our own instead of the harness's fixed ones (other runs may share this machine)
+    chaos.REDIS_PORT, chaos.PROXY_PORT = _free_port(), _free_port()
     chaos.WORK.mkdir(parents=True, exist_ok=True)
     os.chdir(chaos.REPO)
     model = chaos.model_dir()
