@@ -249,3 +249,27 @@ def test_scan_resumes_work_of_a_killed_scan_at_once(kermany, tmp_path):
         )
     again = run("scan", str(folder), "--database-url", url, "--no-progress")
     assert re.search(r"2 files: 2 scored", again.stderr), again.stderr
+
+
+def test_scan_writes_a_machine_readable_summary(scanned, mixed_folder, tmp_path):
+    """`scan --summary-json FILE`: the contract the benches read (issue 15 item 7)."""
+    url, _, _ = scanned
+    target = tmp_path / "summary.json"
+    again = run(
+        "scan", str(mixed_folder), "--database-url", url, "--no-progress", "--summary-json", str(target)
+    )
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(target.read_text())
+    assert set(summary) == {
+        "files",
+        "scored",
+        "rejected",
+        "failed",
+        "skipped",
+        "duplicates",
+        "queued",
+        "elapsed_s",
+        "images_per_s",
+    }
+    assert (summary["files"], summary["skipped"], summary["scored"], summary["queued"]) == (18, 18, 0, 0)
+    assert summary["elapsed_s"] > 0 and summary["images_per_s"] == 0

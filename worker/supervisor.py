@@ -30,7 +30,7 @@ from pathlib import Path
 
 from worker.celery_app import EXIT_MODEL_UNUSABLE, SCORE_QUEUE
 from worker.logs import describe_error
-from worker.settings import ENV_FILE_VARIABLE, ENV_PREFIX, Settings, celery_owner_prefix
+from worker.settings import ENV_FILE_VARIABLE, Settings, celery_owner_prefix, env_name
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,9 @@ def worker_command(spec: WorkerSpec, log_level: str) -> list[str]:
 
 def worker_env(settings: Settings, spec: WorkerSpec) -> dict[str, str]:
     """The child's environment: this one, plus the settings it must rebuild (Settings.as_environment)."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    environ.pop(ENV_FILE_VARIABLE, None)  # everything it needs is passed explicitly below
+    own = {env_name(name) for name in Settings.model_fields} | {ENV_FILE_VARIABLE}
+    # Settings' own variables come from ``settings`` only (a None setting must not leak the parent's).
+    environ = {k: v for k, v in os.environ.items() if k not in own}
     environ.update(settings.as_environment())
     environ["CUDA_VISIBLE_DEVICES"] = spec.gpu if spec.gpu is not None else ""
     environ["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
