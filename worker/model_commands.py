@@ -12,6 +12,7 @@ from rich.console import Console
 
 from models import default_model_dir
 from models.data import DEFAULT_DATA_DIR
+from worker.settings import default_of
 
 console = Console(stderr=True)
 
@@ -85,7 +86,9 @@ def evaluate_command(
     split: Annotated[
         Split, typer.Option(help="'val': only the validation patients of the shipped split file.")
     ] = Split.all,
-    batch_size: Annotated[int, typer.Option(min=1, max=512, help="Images per model call.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, max=512, help="Images per model call.")] = default_of(
+        "batch_size"
+    ),
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Score DATA_DIR through the serving path; print ROC AUC and both operating points."""
