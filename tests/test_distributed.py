@@ -297,3 +297,34 @@ def test_backlog_scan_twice_enqueues_nothing_the_second_time(cluster, pg_url, ke
     )
     assert "enqueued 0 image(s)" in second.stderr
     assert "10 skipped" in second.stderr
+
+
+def test_workers_rescore_films_of_an_older_model_in_the_background(cluster, pg_url, kermany, tmp_path):
+    """Issue 9 item 17: with a new model version, the supervisor has the workers add the current
+    model's score to known films while the queue is empty; the films stay `scored` meanwhile."""
+    from sqlalchemy import update
+
+    tree = tmp_path / "archive"
+    copy_into(kermany_files(kermany, "NORMAL", 3), tree)
+    first = subprocess.run(
+        [CLI, "scan", str(tree), "--wait", "--no-progress"],
+        env=cluster,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+    assert first.returncode == 0, first.stderr
+    with session_scope(pg_url) as session:
+        current = session.scalars(select(Score.model_version)).first()
+        session.execute(update(Score).values(model_version="older-model"))  # as if scored by the old model
+    end = time.monotonic() + DEADLINE_S
+    while True:
+        with session_scope(pg_url) as session:
+            fresh = session.scalar(select(func.count()).where(Score.model_version == current))
+        assert _states(pg_url) == {"scored": 3}
+        if fresh == 3:
+            break
+        assert time.monotonic() < end, f"only {fresh} of 3 films re-scored"
+        time.sleep(1)
+    with session_scope(pg_url) as session:
+        assert session.scalar(select(func.count()).select_from(Score)) == 6  # old scores kept, one new each
