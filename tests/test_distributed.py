@@ -237,7 +237,7 @@ def test_redis_down_during_scan_is_a_clear_error_and_a_rerun_sends_the_rest(
         [CLI, "scan", str(tree), "--no-progress"], env=down, capture_output=True, text=True
     )
     assert first.returncode == 1
-    assert "cxr-triage: error:" in first.stderr and "Traceback" not in first.stderr
+    assert "cannot reach the broker" in first.stderr and "Traceback" not in first.stderr
     assert _states(pg_url) == {"queued": 3}
     again = subprocess.run(
         [CLI, "scan", str(tree), "--no-progress"], env=_env(pg_url, redis_url), capture_output=True, text=True

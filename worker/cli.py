@@ -154,7 +154,7 @@ def scan(
     """
     from worker.decode_pool import DecodePool
     from worker.scanner import count_files
-    from worker.submit import InProcess, ViaCelery, wait_until_final
+    from worker.submit import BROKER_ERRORS, InProcess, ViaCelery, wait_until_final
     from worker.submit import scan as scan_roots
 
     settings = _settings(
@@ -183,9 +183,11 @@ def scan(
             _check_model_or_exit(settings)
             submitter = InProcess(settings, pool)
         task = bar.add_task("scanning", total=sum(per_root.values()))
-        summary = scan_roots(
-            settings, roots, submitter, pool, on_progress=lambda n: bar.advance(task, n), handed_on=handed_on
-        )
+        try:
+            advance = lambda n: bar.advance(task, n)  # noqa: E731
+            summary = scan_roots(settings, roots, submitter, pool, on_progress=advance, handed_on=handed_on)
+        except BROKER_ERRORS as exc:
+            _broker_down(settings, exc)
         if settings.broker_url:
             console.print(f"enqueued {summary.outcomes.get('queued', 0)} image(s) for the workers")
             if wait and handed_on:
@@ -203,6 +205,15 @@ def scan(
         summary_json.write_text(json.dumps(summary_record(summary, elapsed), indent=2) + "\n")
     if sum(per_root.values()) == 0:
         raise typer.Exit(1)
+
+
+def _broker_down(settings: Settings, exc: BaseException) -> None:
+    console.print(
+        f"cannot reach the broker {masked(settings.broker_url or '')}: {logs.describe_error(exc)} -- "
+        "files registered so far are kept, and the next run sends what was not sent",
+        markup=False,
+    )
+    raise typer.Exit(1) from None
 
 
 def summary_record(summary, elapsed: float) -> dict:
@@ -349,9 +360,12 @@ def requeue(
         ids = queue.requeue_by_status(session, status, reason)
     console.print(f"{len(ids)} image(s) put back in the queue")
     if ids and settings.broker_url:
-        from worker.submit import send_batches
+        from worker.submit import BROKER_ERRORS, send_batches
 
-        send_batches(settings, ids)
+        try:
+            send_batches(settings, ids)
+        except BROKER_ERRORS as exc:
+            _broker_down(settings, exc)
         console.print(f"sent {len(ids)} image(s) to the workers")
 
 
