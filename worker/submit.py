@@ -88,7 +88,8 @@ class InProcess:
 
     def submit(self, image_ids: Sequence[int]) -> Submitted:
         outcome = self.processor.process(image_ids)
-        return Submitted(Counter(outcome.counts), list(outcome.retry_later))
+        counts = Counter({str(kind): n for kind, n in outcome.counts.items()})  # plain names for logs
+        return Submitted(counts, list(outcome.retry_later))
 
     def rescore_outdated(self, files: Sequence[FileSeen]) -> int:
         """Films among ``files`` scored by an older model get the current model's score (a new model
