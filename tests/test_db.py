@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pytest
@@ -134,3 +135,53 @@ def test_undecodable_file_names_round_trip(tmp_path):
     stored.encode("utf-8")  # storable in any text column
     assert any(os.path.exists(candidate) for candidate in from_db(stored))
     assert to_db("/plain/name.dcm") == "/plain/name.dcm" and from_db("/plain/name.dcm") == ["/plain/name.dcm"]
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 9: regression tests (each failed on the main branch before its fix)
+# ----------------------------------------------------------------------------------------------
+def test_masked_hides_every_password():
+    from db.engine import masked
+
+    cases = {
+        "redis://:p@ss@host/0": "redis://:***@host/0",  # unescaped '@' in the password
+        "postgresql+psycopg://u@h/db?password=s3cret&sslmode=require": (
+            "postgresql+psycopg://u@h/db?password=***&sslmode=require"
+        ),
+        "postgresql+psycopg://u:p%40w@h:5432/db": "postgresql+psycopg://u:***@h:5432/db",
+        "sqlite:////var/lib/x.sqlite3": "sqlite:////var/lib/x.sqlite3",
+        "redis://127.0.0.1:6379/0": "redis://127.0.0.1:6379/0",
+    }
+    for url, shown in cases.items():
+        assert masked(url) == shown
+        assert "ss@host" not in masked(url) and "s3cret" not in masked(url)
+
+
+def test_database_errors_never_show_bound_parameters(url):
+    from sqlalchemy import insert
+    from sqlalchemy.exc import IntegrityError
+
+    values = {"sha256": "f" * 64, "status": "queued", "size_bytes": 1, "attempts": 0, "out_of_scope": False}
+    values.update(patient_name="DOE^JOHN", patient_id="MRN12345", first_seen_at=utcnow(), updated_at=utcnow())
+    with session_scope(url) as session:
+        session.execute(insert(Image).values(**values))
+    with pytest.raises(IntegrityError) as raised, session_scope(url) as session:
+        session.execute(insert(Image).values(**values))
+    assert "DOE^JOHN" not in str(raised.value) and "MRN12345" not in str(raised.value)
+
+
+def test_sqlite_database_folder_and_file_are_private(tmp_path):
+    import stat
+
+    folder = tmp_path / "data" / "cxr-triage"
+    url = f"sqlite:///{folder / 'worklist.sqlite3'}"
+    old_umask = os.umask(0o022)
+    try:
+        upgrade(url)
+        _register(url, "/drop/a.dcm", "a" * 64)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
+    for path in folder.iterdir():  # the database and its -wal/-shm files
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
