@@ -7,6 +7,8 @@ cannot both move it, and a result written twice leaves one row.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,7 +17,8 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.paths import to_db
+from db.attributes import clean_text, to_columns
+from db.paths import from_db, to_db
 from db.schema import FINAL_STATUSES, Image, ImageStatus, Score, SourceFile, utcnow
 
 #: A file whose processing killed its worker this many times is failed, not retried.
@@ -213,13 +216,43 @@ def record_score(session: Session, image_id: int, score: ScoreRecord, attributes
         )
         .on_conflict_do_nothing(index_elements=["image_id", "model_version"])
     )
-    return _finish(session, image_id, ImageStatus.SCORED, reason=None, **(attributes or {}))
+    return _finish(session, image_id, ImageStatus.SCORED, reason=None, **to_columns(attributes))
 
 
 def record_problem(
     session: Session, image_id: int, status: ImageStatus, reason: str, attributes: dict | None = None
 ) -> bool:
-    return _finish(session, image_id, status, reason=reason[:2000], **(attributes or {}))
+    """Move an image to a final problem state; the reason is stored without any file path in it."""
+    stored = scrub_reason(reason, source_paths(session, [image_id]).get(image_id, []))
+    return _finish(session, image_id, status, reason=stored, **to_columns(attributes))
+
+
+#: A quoted path ('/drop/x.png', "C:\\x", PosixPath('x/y')) or a bare absolute one (/drop/x.png).
+_QUOTED_PATH = re.compile(r"""(['"])(?:[A-Za-z]:\\|~?/|\.\.?/)[^'"\n]*\1""")
+_BARE_PATH = re.compile(r"""(?<![\w.:/\\-])/[^\s'"]+""")
+MAX_REASON_CHARS = 2000
+
+
+def _trailing_punctuation(path: str) -> str:
+    return path[len(path.rstrip(".,:;)]")) :]
+
+
+def scrub_reason(reason: str, paths: Iterable[str] = ()) -> str:
+    """``reason`` with file paths (and the file's own names) taken out: paths identify patients.
+
+    A backstop: pipeline messages should not carry paths in the first place, but a
+    library's message (Pillow's "cannot identify image file '/drop/DOE_JOHN.png'") can.
+    """
+    text = clean_text(reason)
+    for stored in paths:
+        for form in {stored, *from_db(stored)}:
+            text = text.replace(form, "<file>")
+            name = os.path.basename(form)
+            if len(name) >= 4:
+                text = text.replace(name, "<file>")
+    text = _QUOTED_PATH.sub("<file>", text)
+    text = _BARE_PATH.sub(lambda found: "<file>" + _trailing_punctuation(found.group()), text)
+    return text[:MAX_REASON_CHARS]
 
 
 def release(session: Session, image_ids: Sequence[int], *, refund_attempt: bool = False) -> None:

@@ -185,3 +185,65 @@ def test_sqlite_database_folder_and_file_are_private(tmp_path):
     assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
     for path in folder.iterdir():  # the database and its -wal/-shm files
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+
+
+def _claimed(url: str, path: str, sha: str) -> int:
+    image_id = _register(url, path, sha)
+    with session_scope(url) as session:
+        assert queue.claim(session, [image_id], 60)[0] == [image_id]
+    return image_id
+
+
+def test_header_values_longer_than_their_columns_are_stored_safely(url):
+    """PostgreSQL raised DataError for a View Position longer than 16 characters: the film failed."""
+    from db.attributes import DICOM_ATTRIBUTES
+
+    long_uid = "1.2." + "3" * 200
+    attributes = {
+        "view_position": "POSTERO-ANTERIOR ERECT",
+        "modality": "DX" * 20,
+        "patient_name": "DOE^" + "J" * 400 + "\x00",
+        "patient_id": "M" * 300,
+        "accession_number": "A" * 100,
+        "study_uid": long_uid,
+        "series_uid": "1.2.3",
+        "sop_uid": long_uid,
+        "patient_age_years": float("nan"),
+        "source_format": "dicom",
+        "out_of_scope": True,
+        "scope_note": "x" * 5000,
+        "a_field_without_a_column": "ignored",
+    }
+    scored = _claimed(url, "/drop/long.dcm", "1" * 64)
+    failed = _claimed(url, "/drop/long2.dcm", "2" * 64)
+    with session_scope(url) as session:
+        assert queue.record_score(session, scored, _score(0.5), attributes)
+        assert queue.record_problem(session, failed, ImageStatus.REJECTED, "lateral view", attributes)
+    with session_scope(url) as session:
+        for image_id in (scored, failed):
+            image = session.get(Image, image_id)
+            assert image.view_position == "POSTERO-ANTERIOR"  # cut to the 16-character column
+            assert image.patient_name.startswith("DOE^J") and "\x00" not in image.patient_name
+            assert image.study_uid is None and image.sop_uid is None  # a cut UID would name another study
+            assert image.series_uid == "1.2.3" and image.patient_age_years is None
+            assert image.out_of_scope is True and image.source_format == "dicom"
+    assert {a.name for a in DICOM_ATTRIBUTES} >= {"study_uid", "view_position", "patient_name"}
+
+
+def test_reasons_never_carry_file_paths(url, tmp_path):
+    """Pillow's message names the file; the stored reason must not (paths identify patients)."""
+    from pipeline.decode import decode_file
+    from pipeline.errors import ImageProblem
+
+    bad = tmp_path / "DOE_JOHN_MRN12345.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR" + b"\x00" * 13)
+    with pytest.raises(ImageProblem) as raised:
+        decode_file(bad)
+    image_id, other = _claimed(url, str(bad), "3" * 64), _claimed(url, "/x/y", "4" * 64)
+    with session_scope(url) as session:
+        queue.record_problem(session, image_id, ImageStatus.FAILED, raised.value.reason)
+        queue.record_problem(session, other, ImageStatus.FAILED, "at /drop/A B/c.png.")
+    with session_scope(url) as session:
+        reasons = [session.get(Image, i).reason for i in (image_id, other)]
+    assert all("DOE_JOHN" not in r and "/drop" not in r and str(tmp_path) not in r for r in reasons), reasons
+    assert reasons[0].startswith("cannot decode image")
