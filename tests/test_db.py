@@ -124,19 +124,6 @@ def test_a_retried_task_takes_back_its_own_lease(url):
         assert session.get(Image, image_id).attempts == 2
 
 
-def test_undecodable_file_names_round_trip(tmp_path):
-    import os
-
-    from db.paths import from_db, to_db
-
-    name = os.fsdecode(b"caf\xe9 \\x41.jpeg")  # invalid UTF-8, and a literal backslash-x in the name
-    (tmp_path / name).write_bytes(b"x")
-    stored = to_db(str(tmp_path / name))
-    stored.encode("utf-8")  # storable in any text column
-    assert any(os.path.exists(candidate) for candidate in from_db(stored))
-    assert to_db("/plain/name.dcm") == "/plain/name.dcm" and from_db("/plain/name.dcm") == ["/plain/name.dcm"]
-
-
 # ----------------------------------------------------------------------------------------------
 # issue 9: regression tests (each failed on the main branch before its fix)
 # ----------------------------------------------------------------------------------------------
@@ -247,3 +234,54 @@ def test_reasons_never_carry_file_paths(url, tmp_path):
         reasons = [session.get(Image, i).reason for i in (image_id, other)]
     assert all("DOE_JOHN" not in r and "/drop" not in r and str(tmp_path) not in r for r in reasons), reasons
     assert reasons[0].startswith("cannot decode image")
+
+
+def test_file_names_with_backslash_x_round_trip_and_never_collide(tmp_path):
+    """A literal ``\\x`` crashed codecs.escape_decode; ``a\\xff`` and the byte name ``a<ff>`` were one row."""
+    from db.paths import from_db, to_db
+
+    names = [
+        "plain.dcm",
+        "a\\x",  # literal backslash-x, nothing after it
+        "a\\x4",
+        "a\\xff",  # literal text, valid UTF-8
+        os.fsdecode(b"a\xff"),  # the raw byte 0xff
+        os.fsdecode(b"caf\xe9 \\x41.jpeg"),
+        "back\\\\slashes\\",
+        "caf\u00e9.png",
+    ]
+    stored = []
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+        text = to_db(str(tmp_path / name))
+        text.encode("utf-8")  # storable in any text column
+        assert from_db(text) == [str(tmp_path / name)], name
+        assert os.path.exists(from_db(text)[0])
+        stored.append(text)
+    assert len(set(stored)) == len(names)
+    assert to_db("/plain/name.dcm") == "/plain/name.dcm" and from_db("/plain/name.dcm") == ["/plain/name.dcm"]
+
+
+def test_migration_0004a_rewrites_old_ambiguous_paths(url, tmp_path):
+    from alembic import command
+    from sqlalchemy import insert, text
+
+    from db.migrate import alembic_config
+    from db.paths import from_db
+
+    command.downgrade(alembic_config(url), "0003")
+    literal = str(tmp_path / "C:\\x41 scan.dcm")  # valid UTF-8, stored literally by the old code
+    (tmp_path / "C:\\x41 scan.dcm").write_bytes(b"x")
+    undecodable = "/drop/caf\\xe9 \\\\x41.jpeg"  # the old escaped form of b"caf\xe9 \x41.jpeg"
+    with session_scope(url) as session:
+        session.execute(text("DELETE FROM source_files"))
+        for n, path in enumerate([literal, undecodable, "/drop/plain.dcm"]):
+            session.execute(
+                insert(SourceFile).values(id=n + 1, path=path, size_bytes=1, mtime_ns=1, seen_at=utcnow())
+            )
+    upgrade(url)
+    with session_scope(url) as session:
+        rows = dict(session.execute(select(SourceFile.id, SourceFile.path)).all())
+    assert from_db(rows[1]) == [literal] and rows[1] == literal.replace("\\", "\\\\")
+    assert from_db(rows[2]) == [os.fsdecode(b"/drop/caf\xe9 \\x41.jpeg")] and rows[2] == undecodable
+    assert rows[3] == "/drop/plain.dcm"
