@@ -311,12 +311,45 @@ def status_counts(session: Session, image_ids: Sequence[int] | None = None) -> d
     return {status: count for status, count in session.execute(query)}
 
 
-def mark_reviewed(session: Session, sha256_prefix: str, reviewer: str | None) -> int:
-    if len(sha256_prefix) < 8:
-        raise ValueError("give at least 8 characters of the SHA-256")
+class AmbiguousReference(ValueError):
+    """A SHA-256 prefix that matches more than one film."""
+
+
+#: Shortest SHA-256 prefix ``review`` accepts: 8 hex digits (4 billion values).
+MIN_PREFIX_CHARS = 8
+_HEX_REFERENCE = re.compile(rf"[0-9a-f]{{{MIN_PREFIX_CHARS},64}}")
+
+
+def find_by_sha256(session: Session, reference: str) -> int | None:
+    """The image whose SHA-256 is ``reference`` or starts with it (a unique prefix of >= 8 hex digits).
+
+    Raises ValueError for anything that is not hex (``%`` and ``_`` are not wildcards
+    here), and :class:`AmbiguousReference` when the prefix names several films.
+    """
+    prefix = reference.strip().lower()
+    if not _HEX_REFERENCE.fullmatch(prefix):
+        raise ValueError(
+            f"give the film's SHA-256 or at least {MIN_PREFIX_CHARS} of its leading hex digits (0-9, a-f)"
+        )
+    matches = list(
+        session.scalars(select(Image.id).where(Image.sha256.startswith(prefix, autoescape=True)).limit(2))
+    )
+    if len(matches) > 1:
+        count = session.scalar(
+            select(func.count()).select_from(Image).where(Image.sha256.startswith(prefix, autoescape=True))
+        )
+        raise AmbiguousReference(f"{count} films start with {prefix}; give more digits of the SHA-256")
+    return matches[0] if matches else None
+
+
+def mark_reviewed(session: Session, reference: str, reviewer: str | None) -> int:
+    """Mark one film reviewed. Returns 1, or 0 when no film matches or it was already reviewed."""
+    image_id = find_by_sha256(session, reference)
+    if image_id is None:
+        return 0
     result = session.execute(
         update(Image)
-        .where(Image.sha256.startswith(sha256_prefix.lower()), Image.reviewed_at.is_(None))
+        .where(Image.id == image_id, Image.reviewed_at.is_(None))
         .values(reviewed_at=utcnow(), reviewed_by=reviewer)
     )
     return result.rowcount

@@ -285,3 +285,47 @@ def test_migration_0004a_rewrites_old_ambiguous_paths(url, tmp_path):
     assert from_db(rows[1]) == [literal] and rows[1] == literal.replace("\\", "\\\\")
     assert from_db(rows[2]) == [os.fsdecode(b"/drop/caf\xe9 \\x41.jpeg")] and rows[2] == undecodable
     assert rows[3] == "/drop/plain.dcm"
+
+
+def test_review_takes_a_full_sha256_or_a_unique_hex_prefix(url):
+    """``review '%%%%%%%%'`` marked every film reviewed: % and _ were LIKE wildcards."""
+    ids = {
+        sha: _register(url, f"/drop/{n}", sha)
+        for n, sha in enumerate(["ab12cd34" + "0" * 56, "ab12cd34" + "1" * 56, "9" * 64])
+    }
+    with session_scope(url) as session:
+        for hostile in ("%%%%%%%%", "________", "ab12cd3%", "ab12cd3_", "ab12cd3", "not-hex-at-all"):
+            with pytest.raises(ValueError):
+                queue.mark_reviewed(session, hostile, "dr-x")
+        with pytest.raises(queue.AmbiguousReference, match="2 films"):
+            queue.mark_reviewed(session, "AB12CD34", "dr-x")
+        assert queue.mark_reviewed(session, "9" * 64, "dr-x") == 1  # full SHA-256
+        assert queue.mark_reviewed(session, "ab12cd341", "dr-x") == 1  # unique prefix
+        assert queue.mark_reviewed(session, "ab12cd341", "dr-x") == 0  # already reviewed
+        assert queue.mark_reviewed(session, "deadbeef", "dr-x") == 0  # no such film
+    with session_scope(url) as session:
+        reviewed = set(session.scalars(select(Image.id).where(Image.reviewed_at.is_not(None))))
+    assert reviewed == {ids["9" * 64], ids["ab12cd34" + "1" * 56]}
+
+
+def test_review_command_refuses_wildcards_and_ambiguity(sqlite_url):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    upgrade(sqlite_url)
+    for n, sha in enumerate(["ab12cd34" + "0" * 56, "ab12cd34" + "1" * 56]):
+        _register(sqlite_url, f"/drop/{n}", sha)
+    cli = str(Path(sys.executable).parent / "cxr-triage")
+    for reference, message in (("%%%%%%%%", "hex digits"), ("ab12cd34", "2 films start with")):
+        result = subprocess.run(
+            [cli, "review", reference, "--database-url", sqlite_url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    with session_scope(sqlite_url) as session:
+        assert (
+            session.scalar(select(func.count()).select_from(Image).where(Image.reviewed_at.is_not(None))) == 0
+        )

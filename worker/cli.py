@@ -252,7 +252,9 @@ def _print_table(rows: list[dict]) -> None:
 
 @app.command()
 def review(
-    sha256: Annotated[str, typer.Argument(help="SHA-256 of the film (at least 8 leading characters).")],
+    sha256: Annotated[
+        str, typer.Argument(help="SHA-256 of the film, or a prefix of it naming one film (>= 8 hex digits).")
+    ],
     reviewer: Annotated[str | None, typer.Option(help="Who reviewed it.")] = None,
     database_url: DatabaseUrl = None,
     log_level: LogLevel = "WARNING",
@@ -263,8 +265,12 @@ def review(
 
     settings = _settings(database_url, log_level)
     _prepare_database(settings)
-    with session_scope(settings.database_url) as session:
-        changed = mark_reviewed(session, sha256, reviewer)
+    try:
+        with session_scope(settings.database_url) as session:
+            changed = mark_reviewed(session, sha256, reviewer)
+    except ValueError as exc:  # not hex, too short, or a prefix of several films: nothing changed
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
     console.print(f"{changed} film(s) marked reviewed")
     if changed == 0:
         raise typer.Exit(1)
