@@ -115,7 +115,9 @@ def scan_distributed(
         task = bar.add_task("registering", total=None)
         for files in chunked(iter_files(roots, follow_symlinks), CHUNK_FILES):
             summary.files += len(files)
-            pending = register_chunk(settings.database_url, files, pool.hash_many, summary)
+            pending = register_chunk(
+                settings.database_url, files, pool.hash_many, summary, follow_symlinks=follow_symlinks
+            )
             unfinished.extend(pending)
             to_send = _not_in_flight(settings, pending, summary.new_images)
             if to_send:

@@ -53,7 +53,12 @@ def scan_embedded(
         for files in chunked(iter_files(roots, follow_symlinks), CHUNK_FILES):
             summary.files += len(files)
             pending = register_chunk(
-                settings.database_url, files, pool.hash_many, summary, owner=processor.default_owner
+                settings.database_url,
+                files,
+                pool.hash_many,
+                summary,
+                owner=processor.default_owner,
+                follow_symlinks=follow_symlinks,
             )
             if pending:
                 summary.outcomes.update(processor.process(pending).counts)
