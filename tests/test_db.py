@@ -329,3 +329,15 @@ def test_review_command_refuses_wildcards_and_ambiguity(sqlite_url):
         assert (
             session.scalar(select(func.count()).select_from(Image).where(Image.reviewed_at.is_not(None))) == 0
         )
+
+
+def test_content_at_no_known_path_is_superseded_not_failed(url):
+    """Item 9: the worker's "file no longer exists at any known path" is ``superseded`` via record_gone."""
+    image_id = _claimed(url, "/drop/gone.dcm", "5" * 64)
+    with session_scope(url) as session:
+        assert queue.record_gone(session, image_id)
+        assert not queue.record_gone(session, image_id)  # final: a second call changes nothing
+    with session_scope(url) as session:
+        image = session.get(Image, image_id)
+        assert image.status == ImageStatus.SUPERSEDED and image.reason == queue.GONE_REASON
+        assert queue.claim(session, [image_id], 60) == ([], [])

@@ -233,6 +233,9 @@ def build_corpus(root: Path, films: list[np.ndarray], outside: Path) -> dict:
     put("\x1b[31mred\x1b[0m;rm -rf ~.jpeg", _jpeg_bytes(films[4]), {"scored"})
     # not valid UTF-8 (Latin-1 from an old share); regression test for FINDINGS.md F1
     put(b"film_\xe9t\xe9_\xff.jpeg", _jpeg_bytes(films[10]), {"scored"})
+    # a literal backslash-x (crashed codecs.escape_decode: issue 9 item 3), and the text twin of a byte name
+    put("literal \\x4 escape.jpeg", _jpeg_bytes(films[11]), {"scored"})
+    put("film_\\xe9t\\xe9_\\xff.jpeg", _jpeg_bytes(np.ascontiguousarray(films[1][:, ::-1])), {"scored"})
     deep = root
     for level in range(12):  # a path of ~3,000 characters (PATH_MAX is 4,096)
         deep = deep / (f"{level:02d}" + "d" * 240)

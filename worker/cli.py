@@ -187,6 +187,11 @@ def _print_summary(summary, elapsed: float) -> None:
         f"{summary.duplicates} duplicate content; {outcomes.get('queued', 0)} queued; "
         f"{elapsed:.1f} s, {rate:.1f} images/s"
     )
+    if getattr(summary, "unreadable", 0):
+        console.print(
+            f"[yellow]{summary.unreadable} file(s) could not be read now (permission, share down, not a "
+            "regular file): not registered; the next scan tries them again[/yellow]"
+        )
 
 
 class OutputFormat(StrEnum):
