@@ -787,3 +787,31 @@ def test_watcher_ignores_files_in_dot_folders(sqlite_url, tmp_path):
         (root / name).write_bytes(b"x")
         watcher._observe(str(root / name), complete=True)
     assert list(watcher.candidates) == [str(root / "ok" / "film.jpeg")]
+
+
+def test_header_values_longer_than_their_columns_are_scored_on_postgresql(films, model_dir, pg_url, tmp_path):
+    """Item 4: a View Position or UID longer than its column raised DataError on PostgreSQL."""
+    import pydicom
+
+    root = tmp_path / "drop"
+    root.mkdir()
+    path = radiograph(films[3].astype(np.uint16) * 16, root / "long_values.dcm")
+    ds = pydicom.dcmread(path)
+    ds.ViewPosition = "POSTERO-ANTERIOR ERECT"  # CS allows 16 characters (PS3.5 6.2)
+    ds.StudyInstanceUID = "1.2." + "3" * 200  # UI allows 64
+    ds.PatientName = "DOE^JOHN^" + "X" * 400
+    ds.PatientID = "MRN12345" + "9" * 200
+    ds.AccessionNumber = "ACC" + "7" * 100
+    ds.save_as(path)
+    done = subprocess.run(
+        [CLI, "scan", str(root), "--database-url", pg_url, "--no-progress", "--log-level", "DEBUG"],
+        capture_output=True,
+        text=True,
+        env=_cli_env(model_dir),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "DataError" not in output and "DOE^JOHN" not in output and "MRN12345" not in output
+    row = _rows(pg_url)[str(path)]
+    assert row["status"] == "scored", row
