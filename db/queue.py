@@ -341,7 +341,7 @@ def scrub_reason(reason: str, paths: Iterable[str] = ()) -> str:
         for form in {stored, *from_db(stored)}:
             text = text.replace(form, "<file>")
             name = os.path.basename(form)
-            if len(name) >= 4:
+            if len(name) >= 6 and not name.isalpha():  # "DICOM" or "image" may be words of the reason
                 text = text.replace(name, "<file>")
     text = _QUOTED_PATH.sub("<file>", text)
     text = _BARE_PATH.sub(lambda found: "<file>" + _trailing_punctuation(found.group()), text)
