@@ -7,15 +7,19 @@ cannot both move it, and a result written twice leaves one row.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.paths import to_db
+from db.attributes import clean_text, to_columns
+from db.paths import from_db, from_db_one, to_db
 from db.schema import FINAL_STATUSES, Image, ImageStatus, Score, SourceFile, utcnow
 
 #: A file whose processing killed its worker this many times is failed, not retried.
@@ -36,20 +40,34 @@ class FileSeen:
     mtime_ns: int
 
 
+def path_key(path: str, mtime_ns: int) -> str:
+    """Row key for a file whose content is not hashed (too large to read): path and mtime, not content."""
+    return hashlib.sha256(os.fsencode(path) + f"\0{mtime_ns}".encode()).hexdigest()
+
+
 def find_unchanged(session: Session, files: Sequence[FileSeen]) -> dict[str, int | None]:
-    """Paths already registered with the same size and mtime -> their image id (no hashing needed)."""
+    """Paths already registered with the same size and mtime -> their image id (no hashing needed).
+
+    Only a path registered under its content's hash counts: a row keyed by path
+    (content never read) or superseded is looked at again, since ``chmod`` does not
+    change mtime and a file that could not be read before may be readable now.
+    """
     if not files:
         return {}
     by_path = {to_db(f.path): f for f in files}
     rows = session.execute(
-        select(SourceFile.path, SourceFile.size_bytes, SourceFile.mtime_ns, SourceFile.image_id).where(
-            SourceFile.path.in_(list(by_path))
+        select(
+            SourceFile.path, SourceFile.size_bytes, SourceFile.mtime_ns, Image.id, Image.sha256, Image.status
         )
+        .join(Image, Image.id == SourceFile.image_id)
+        .where(SourceFile.path.in_(list(by_path)))
     )
     unchanged = {}
-    for path, size, mtime_ns, image_id in rows:
+    for path, size, mtime_ns, image_id, sha256, status in rows:
         seen = by_path[path]
-        if size == seen.size_bytes and mtime_ns == seen.mtime_ns and image_id is not None:
+        if (size, mtime_ns) != (seen.size_bytes, seen.mtime_ns) or status == ImageStatus.SUPERSEDED:
+            continue
+        if sha256 != path_key(seen.path, seen.mtime_ns):
             unchanged[seen.path] = image_id
     return unchanged
 
@@ -58,9 +76,23 @@ def _insert(session: Session):
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
+#: Why an image is superseded when its last path shows other content (or none).
+REPLACED_REASON = (
+    "the file was replaced or was still being written: this content is no longer at any known path"
+)
+GONE_REASON = "file no longer exists at any known path"
+
+
 def register(session: Session, seen: FileSeen, sha256: str) -> tuple[int, bool]:
-    """Record ``seen`` with its content hash. Returns (image id, whether the content is new)."""
+    """Record ``seen`` with its content hash. Returns (image id, whether the content needs work anew).
+
+    The content that ``seen.path`` showed before (a replaced file, or a half-written one
+    registered early) is superseded once no path shows it any more; content seen again
+    after it was superseded is queued again.
+    """
     insert = _insert(session)
+    stored_path = to_db(seen.path)
+    previous = session.scalar(select(SourceFile.image_id).where(SourceFile.path == stored_path))
     created = session.execute(
         insert(Image)
         .values(
@@ -88,10 +120,74 @@ def register(session: Session, seen: FileSeen, sha256: str) -> tuple[int, bool]:
     }
     session.execute(
         insert(SourceFile)
-        .values(path=to_db(seen.path), **values)
+        .values(path=stored_path, **values)
         .on_conflict_do_update(index_elements=["path"], set_=values)
     )
-    return image_id, created is not None
+    if previous is not None and previous != image_id:
+        supersede_if_orphaned(session, previous)
+    revived = created is None and _revive(session, image_id)
+    return image_id, created is not None or revived
+
+
+def supersede_if_orphaned(session: Session, image_id: int, reason: str = REPLACED_REASON) -> bool:
+    """Mark ``image_id`` superseded if no path shows its content any more (whatever its state)."""
+    now = utcnow()
+    result = session.execute(
+        update(Image)
+        .where(
+            Image.id == image_id,
+            Image.status != ImageStatus.SUPERSEDED,
+            ~select(SourceFile.id).where(SourceFile.image_id == image_id).exists(),
+        )
+        .values(
+            status=ImageStatus.SUPERSEDED,
+            reason=reason,
+            lease_expires_at=None,
+            lease_owner=None,
+            finished_at=func.coalesce(Image.finished_at, now),
+            updated_at=now,
+        )
+    )
+    return result.rowcount == 1
+
+
+def _revive(session: Session, image_id: int) -> bool:
+    """Superseded content that a path shows again is queued again (its old score, if any, is kept)."""
+    now = utcnow()
+    result = session.execute(
+        update(Image)
+        .where(Image.id == image_id, Image.status == ImageStatus.SUPERSEDED)
+        .values(status=ImageStatus.QUEUED, reason=None, attempts=0, finished_at=None, updated_at=now)
+    )
+    return result.rowcount == 1
+
+
+def record_gone(session: Session, image_id: int) -> bool:
+    """The claimed image's content is at no known path (deleted or replaced): superseded, not failed."""
+    return _finish(session, image_id, ImageStatus.SUPERSEDED, reason=GONE_REASON)
+
+
+def prune_missing_paths(
+    session: Session, image_id: int, seen_path: str, exists: Callable[[str], bool]
+) -> int:
+    """Forget the other paths of ``image_id`` that no longer exist (a renamed file's old name).
+
+    ``seen_path`` was just seen, so the image keeps at least one path. ``exists`` is
+    asked about the file-system name of each stored path.
+    """
+    keep = to_db(seen_path)
+    stale = [
+        row_id
+        for row_id, stored in session.execute(
+            select(SourceFile.id, SourceFile.path).where(
+                SourceFile.image_id == image_id, SourceFile.path != keep
+            )
+        )
+        if not exists(from_db_one(stored))
+    ]
+    if stale:
+        session.execute(delete(SourceFile).where(SourceFile.id.in_(stale)))
+    return len(stale)
 
 
 def pending_ids(session: Session, image_ids: Iterable[int], owner: str | None = None) -> list[int]:
@@ -230,13 +326,43 @@ def add_score(session: Session, image_id: int, score: ScoreRecord) -> None:
 def record_score(session: Session, image_id: int, score: ScoreRecord, attributes: dict | None = None) -> bool:
     """Write a score once per (image, model version) and mark the image scored. Idempotent."""
     add_score(session, image_id, score)
-    return _finish(session, image_id, ImageStatus.SCORED, reason=None, **(attributes or {}))
+    return _finish(session, image_id, ImageStatus.SCORED, reason=None, **to_columns(attributes))
 
 
 def record_problem(
     session: Session, image_id: int, status: ImageStatus, reason: str, attributes: dict | None = None
 ) -> bool:
-    return _finish(session, image_id, status, reason=reason[:2000], **(attributes or {}))
+    """Move an image to a final problem state; the reason is stored without any file path in it."""
+    stored = scrub_reason(reason, source_paths(session, [image_id]).get(image_id, []))
+    return _finish(session, image_id, status, reason=stored, **to_columns(attributes))
+
+
+#: A quoted path ('/drop/x.png', "C:\\x", PosixPath('x/y')) or a bare absolute one (/drop/x.png).
+_QUOTED_PATH = re.compile(r"""(['"])(?:[A-Za-z]:\\|~?/|\.\.?/)[^'"\n]*\1""")
+_BARE_PATH = re.compile(r"""(?<![\w.:/\\-])/[^\s'"]+""")
+MAX_REASON_CHARS = 2000
+
+
+def _trailing_punctuation(path: str) -> str:
+    return path[len(path.rstrip(".,:;)]")) :]
+
+
+def scrub_reason(reason: str, paths: Iterable[str] = ()) -> str:
+    """``reason`` with file paths (and the file's own names) taken out: paths identify patients.
+
+    A backstop: pipeline messages should not carry paths in the first place, but a
+    library's message (Pillow's "cannot identify image file '/drop/DOE_JOHN.png'") can.
+    """
+    text = clean_text(reason)
+    for stored in paths:
+        for form in {stored, *from_db(stored)}:
+            text = text.replace(form, "<file>")
+            name = os.path.basename(form)
+            if len(name) >= 6 and not name.isalpha():  # "DICOM" or "image" may be words of the reason
+                text = text.replace(name, "<file>")
+    text = _QUOTED_PATH.sub("<file>", text)
+    text = _BARE_PATH.sub(lambda found: "<file>" + _trailing_punctuation(found.group()), text)
+    return text[:MAX_REASON_CHARS]
 
 
 def release(session: Session, image_ids: Sequence[int]) -> None:
@@ -389,12 +515,45 @@ def status_counts(session: Session, image_ids: Sequence[int] | None = None) -> d
     return {status: count for status, count in session.execute(query)}
 
 
-def mark_reviewed(session: Session, sha256_prefix: str, reviewer: str | None) -> int:
-    if len(sha256_prefix) < 8:
-        raise ValueError("give at least 8 characters of the SHA-256")
+class AmbiguousReference(ValueError):
+    """A SHA-256 prefix that matches more than one film."""
+
+
+#: Shortest SHA-256 prefix ``review`` accepts: 8 hex digits (4 billion values).
+MIN_PREFIX_CHARS = 8
+_HEX_REFERENCE = re.compile(rf"[0-9a-f]{{{MIN_PREFIX_CHARS},64}}")
+
+
+def find_by_sha256(session: Session, reference: str) -> int | None:
+    """The image whose SHA-256 is ``reference`` or starts with it (a unique prefix of >= 8 hex digits).
+
+    Raises ValueError for anything that is not hex (``%`` and ``_`` are not wildcards
+    here), and :class:`AmbiguousReference` when the prefix names several films.
+    """
+    prefix = reference.strip().lower()
+    if not _HEX_REFERENCE.fullmatch(prefix):
+        raise ValueError(
+            f"give the film's SHA-256 or at least {MIN_PREFIX_CHARS} of its leading hex digits (0-9, a-f)"
+        )
+    matches = list(
+        session.scalars(select(Image.id).where(Image.sha256.startswith(prefix, autoescape=True)).limit(2))
+    )
+    if len(matches) > 1:
+        count = session.scalar(
+            select(func.count()).select_from(Image).where(Image.sha256.startswith(prefix, autoescape=True))
+        )
+        raise AmbiguousReference(f"{count} films start with {prefix}; give more digits of the SHA-256")
+    return matches[0] if matches else None
+
+
+def mark_reviewed(session: Session, reference: str, reviewer: str | None) -> int:
+    """Mark one film reviewed. Returns 1, or 0 when no film matches or it was already reviewed."""
+    image_id = find_by_sha256(session, reference)
+    if image_id is None:
+        return 0
     result = session.execute(
         update(Image)
-        .where(Image.sha256.startswith(sha256_prefix.lower()), Image.reviewed_at.is_(None))
+        .where(Image.id == image_id, Image.reviewed_at.is_(None))
         .values(reviewed_at=utcnow(), reviewed_by=reviewer)
     )
     return result.rowcount

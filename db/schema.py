@@ -1,8 +1,10 @@
 """Database schema (SQLAlchemy 2.0 typed ORM). Changes go through Alembic migrations.
 
 * ``images``: one row per distinct file content (SHA-256). Its ``status`` walks
-  ``queued -> processing -> scored | rejected | failed``; ``attempts`` counts claims
-  so that a file that keeps killing its worker is failed, not retried forever.
+  ``queued -> processing -> scored | rejected | failed``, or ends ``superseded`` when no
+  known path shows the content any more (replaced, half-written, deleted); ``attempts``
+  counts claims so that a file that keeps killing its worker is failed, not retried forever.
+  The DICOM attributes among its columns are mapped in ``db/attributes.py``.
 * ``source_files``: every path a content was seen under, with size and mtime so a
   backlog rescan can skip known files without hashing them.
 * ``scores``: one row per (image, model version): the unique key makes result

@@ -244,6 +244,11 @@ def _print_summary(summary, elapsed: float) -> None:
         + f"{elapsed:.1f} s, {record['images_per_s']:.1f} images/s",
         markup=False,
     )
+    if getattr(summary, "unreadable", 0):
+        console.print(
+            f"[yellow]{summary.unreadable} file(s) could not be read now (permission, share down, not a "
+            "regular file): not registered; the next scan tries them again[/yellow]"
+        )
 
 
 class OutputFormat(StrEnum):
@@ -309,7 +314,9 @@ def _print_table(rows: list[dict]) -> None:
 
 @app.command()
 def review(
-    sha256: Annotated[str, typer.Argument(help="SHA-256 of the film (at least 8 leading characters).")],
+    sha256: Annotated[
+        str, typer.Argument(help="SHA-256 of the film, or a prefix of it naming one film (>= 8 hex digits).")
+    ],
     reviewer: Annotated[str | None, typer.Option(help="Who reviewed it.")] = None,
     database_url: DatabaseUrl = None,
     log_level: LogLevel = None,

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, TimeoutError
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, TimeoutError, wait
 from concurrent.futures.process import BrokenProcessPool
 
-from worker.prepare import Prepared, limit_threads, prepare, sha256_file
+from worker.hashing import sha256_following_links, sha256_regular_file
+from worker.prepare import Prepared, limit_threads, prepare
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +70,39 @@ class DecodePool:
             self._reset()
             return Prepared(status="failed", reason=f"decoding took longer than {self.timeout_s:.0f} s")
 
-    def hash_many(self, paths: list[str]) -> list[str | None]:
-        if self.workers <= 0 or len(paths) < 4:
-            return [sha256_file(path) for path in paths]
+    def hash_many(self, paths: list[str], follow_symlinks: bool = False) -> list[str | None]:
+        """Content hashes (None: not a regular file, or unreadable now), in order.
+
+        A hash that makes no progress for ``timeout_s`` (a stalled share) is given up:
+        that file and those not yet hashed get None (looked at again on a later scan).
+        Without decode processes, hashing runs in-process without a time limit (FIFOs
+        are still refused: see :mod:`worker.hashing`).
+        """
+        function = sha256_following_links if follow_symlinks else sha256_regular_file
+        if self.workers <= 0 or not paths:
+            return [function(path) for path in paths]
         try:
-            return list(self._pool().map(sha256_file, paths, chunksize=8))
+            futures = [self._pool().submit(function, path) for path in paths]
         except BrokenProcessPool:
             self._reset()
-            return [sha256_file(path) for path in paths]
+            return [None] * len(paths)
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=self.timeout_s, return_when=FIRST_COMPLETED)
+            if not done:
+                log.warning("hashing stalled for %.0f s; those files wait for a later scan", self.timeout_s)
+                self._reset()
+                break
+        return [_result_or_none(future) for future in futures]
 
     def __enter__(self) -> DecodePool:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _result_or_none(future: Future) -> str | None:
+    if not future.done() or future.cancelled() or future.exception() is not None:
+        return None
+    return future.result()

@@ -239,7 +239,14 @@ def hand_on(
     settings: Settings, files: list[FileSeen], pool: DecodePool, submitter: Submitter, summary: ScanSummary
 ) -> Submitted:
     """Register ``files`` (hashing what changed) and submit the images that need work."""
-    pending = register_chunk(settings.database_url, files, pool.hash_many, summary, owner=submitter.owner)
+    pending = register_chunk(
+        settings.database_url,
+        files,
+        pool.hash_many,
+        summary,
+        owner=submitter.owner,
+        follow_symlinks=settings.follow_symlinks,
+    )
     summary.files += len(files)
     if isinstance(submitter, InProcess):  # with a broker, the workers' supervisor re-scores
         submitter.rescore_outdated(files)

@@ -101,14 +101,11 @@ class Watcher:
 
     # -- event intake ---------------------------------------------------------------------------
     def _observe(self, path: str, complete: bool) -> None:
-        if is_temporary(os.path.basename(path)) or not self._inside_roots(path):
+        if self._ignored(path):
             return
-        try:
-            info = os.stat(path, follow_symlinks=self.options.follow_symlinks)
-        except OSError:
+        info = self._regular_stat(path)
+        if info is None:  # gone, or a link (when not followed), FIFO, socket or folder
             self.candidates.pop(path, None)
-            return
-        if not stat.S_ISREG(info.st_mode):  # a link (when not followed), FIFO, socket or folder
             return
         now = time.monotonic()
         known = self.candidates.get(path)
@@ -117,9 +114,26 @@ class Watcher:
             self.candidates[path] = known
         known.complete = known.complete or complete
 
-    def _inside_roots(self, path: str) -> bool:
+    def _regular_stat(self, path: str) -> os.stat_result | None:
+        """The file's stat if it is a regular file now (lstat unless links are followed), else None.
+
+        Asked at every step (event, promotion, hand-off), not only on the first event: a
+        file can be swapped for a symlink to outside the drop folder, or for a FIFO.
+        """
+        try:
+            info = os.stat(path, follow_symlinks=self.options.follow_symlinks)
+        except OSError:
+            return None
+        return info if stat.S_ISREG(info.st_mode) else None
+
+    def _ignored(self, path: str) -> bool:
+        """Outside the roots, or a temporary name anywhere below a root (``.incoming/x.dcm``), as in scan."""
         real = os.path.abspath(path)
-        return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in self.roots)
+        for root in self.roots:
+            base = root.rstrip(os.sep) + os.sep
+            if real.startswith(base):
+                return any(is_temporary(part) for part in real[len(base) :].split(os.sep))
+        return True
 
     def _drain_events(self) -> None:
         while True:
@@ -132,9 +146,8 @@ class Watcher:
     def _promote_stable(self) -> None:
         now = time.monotonic()
         for path, candidate in list(self.candidates.items()):
-            try:
-                info = os.stat(path)
-            except OSError:
+            info = self._regular_stat(path)
+            if info is None:
                 del self.candidates[path]
                 continue
             if (info.st_size, info.st_mtime_ns) != (candidate.size, candidate.mtime_ns):
@@ -158,17 +171,20 @@ class Watcher:
             time.monotonic() - oldest >= self.options.batch_wait_seconds
         )
 
+    def _still_regular(self, paths: list[str]) -> list[FileSeen]:
+        """Those of ``paths`` that are still regular files, as seen now (the hash re-checks on its fd)."""
+        files = []
+        for path in paths:
+            info = self._regular_stat(path)
+            if info is not None:
+                files.append(FileSeen(path, info.st_size, info.st_mtime_ns))
+        return files
+
     def _flush(self, pool: DecodePool, submitter: Submitter) -> None:
         paths = sorted(self.ready, key=self.ready.get)[: self.settings.batch_size * 4]
         for path in paths:
             del self.ready[path]
-        files = []
-        for path in paths:
-            try:
-                info = os.stat(path)
-            except OSError:
-                continue
-            files.append(FileSeen(path, info.st_size, info.st_mtime_ns))
+        files = self._still_regular(paths)
         submitted = hand_on(self.settings, files, pool, submitter, self.summary)
         if submitted.counts:
             log.info("handed on %d file(s): %s", len(submitted.image_ids), dict(submitted.counts))
