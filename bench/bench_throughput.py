@@ -14,8 +14,6 @@ Run: ``flock .work/heavy.lock .venv/bin/python bench/bench_throughput.py`` (``--
 
 from __future__ import annotations
 
-import json
-import math
 import multiprocessing
 import os
 import random
@@ -78,17 +76,16 @@ def stratified_subset(files: list[str], formats: dict[str, str], n: int, seed: i
 
 def run_naive(files: list[str], model_dir: Path, db_path: Path) -> dict:
     """The notebook way: one file, one predict, one committed row at a time."""
-    import keras
     import numpy as np
 
-    import models.architectures  # noqa: F401  custom layers
+    from models.architectures import load_trained
     from pipeline.decode import decode_file
+    from pipeline.inference import logit_to_probability
     from pipeline.normalise import to_model_input
 
-    meta = json.loads((model_dir / "metadata.json").read_text())  # same metadata the product reads
+    model, meta = load_trained(model_dir)  # same file and metadata the product reads
     size = int(meta["input_size"])
     temperature = float(meta["temperature"])
-    model = keras.models.load_model(model_dir / meta.get("model_file", "model.keras"), compile=False)
     for suffix in ("", "-journal"):
         Path(str(db_path) + suffix).unlink(missing_ok=True)
     conn = sqlite3.connect(db_path)
@@ -105,7 +102,7 @@ def run_naive(files: list[str], model_dir: Path, db_path: Path) -> dict:
         t1 = time.perf_counter()
         out = model.predict(x, verbose=0)
         logit = float(np.asarray(out["pneumonia"] if isinstance(out, dict) else out[0]).ravel()[0])
-        probability = 1.0 / (1.0 + math.exp(-logit / temperature))
+        probability = logit_to_probability(logit, temperature)
         t2 = time.perf_counter()
         conn.execute("INSERT INTO scores VALUES (?, ?, datetime('now'))", (path, probability))
         conn.commit()

@@ -31,6 +31,9 @@ class Settings:
     decode_workers: int = max((os.cpu_count() or 1), 1)
     #: Seconds a claimed image may stay in ``processing`` before another worker may take it.
     lease_seconds: float = field(default_factory=lambda: float(env("LEASE_SECONDS", "900")))
+    #: Training/evaluation data: a folder with NORMAL/ and PNEUMONIA/ (``CXR_TRIAGE_DATA_DIR``). No
+    #: default: the installed package cannot know where a checkout's data lives.
+    data_dir: Path | None = field(default_factory=lambda: Path(env("DATA_DIR")) if env("DATA_DIR") else None)
 
     def resolved_model_dir(self) -> Path:
         return self.model_dir or _default_model_dir()
