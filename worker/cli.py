@@ -146,6 +146,9 @@ def scan(
     ] = False,
     wait: Annotated[bool, typer.Option(help="With a broker: wait until every queued file is final.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    summary_json: Annotated[
+        Path | None, typer.Option("--summary-json", help="Also write the summary to this file as JSON.")
+    ] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Score every supported file under PATHS that is not scored yet (a backlog scan).
@@ -176,6 +179,18 @@ def scan(
             )
     elapsed = time.perf_counter() - started
     _print_summary(summary, elapsed)
+    if summary_json:
+        _write_summary_json(summary, elapsed, summary_json)
+
+
+def _write_summary_json(summary, elapsed: float, path: Path) -> None:
+    """The summary line as JSON, for scripts (benchmarks) that must not parse the human text."""
+    outcomes = summary.outcomes
+    counts = {key: outcomes.get(key, 0) for key in ("scored", "rejected", "failed")}
+    data = {"files": summary.files, **counts, "skipped": summary.skipped, "duplicates": summary.duplicates}
+    data |= {"queued": outcomes.get("queued", 0), "elapsed_s": round(elapsed, 3)}
+    data["images_per_s"] = round(summary.processed / elapsed, 3) if elapsed > 0 else 0.0
+    path.write_text(json.dumps(data) + "\n")
 
 
 def _print_summary(summary, elapsed: float) -> None:
