@@ -169,17 +169,13 @@ def sqlite_url(tmp_path: Path) -> str:
 @pytest.fixture
 def pg_url():
     """A fresh PostgreSQL database for one test, dropped afterwards."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
+    from bench.databases import create_postgres, drop_postgres
 
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     name = f"cxr_test_{uuid.uuid4().hex[:12]}"
     try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        url = create_postgres(name, PG_ADMIN_URL)
     except Exception:  # noqa: BLE001
         _missing_service("PostgreSQL at " + PG_ADMIN_URL)
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     yield url
     from db import engine as db_engine
 
@@ -187,9 +183,7 @@ def pg_url():
         if key[1] == url:
             engine.dispose()
             del db_engine._engines[key]
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    drop_postgres(name, PG_ADMIN_URL)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from db.engine import default_database_url, masked
 from worker import logs
+from worker.options import ModelDir
 from worker.progress import progress_bar
 from worker.settings import Settings
 
@@ -62,15 +63,6 @@ LogLevel = Annotated[
         envvar="CXR_TRIAGE_LOG_LEVEL",
         show_envvar=True,
         help="DEBUG shows every decision about every file (never patient identifiers).",
-    ),
-]
-ModelDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--model-dir",
-        envvar="CXR_TRIAGE_MODEL_DIR",
-        show_envvar=True,
-        help="Model folder (metadata.json + weights). Default: the shipped model.",
     ),
 ]
 BatchSize = Annotated[

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from models import default_model_dir
+from worker.options import ModelDir
 from worker.settings import Settings
 
 console = Console(stderr=True)
@@ -24,16 +25,6 @@ model_app = typer.Typer(
     help="Train, evaluate and inspect the pneumonia model (research triage aid, not a diagnostic device).",
     no_args_is_help=True,
 )
-
-ModelDirOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--model-dir",
-        envvar="CXR_TRIAGE_MODEL_DIR",
-        show_envvar=True,
-        help="Model folder (metadata.json + model.keras). Default: the shipped model.",
-    ),
-]
 
 
 DataDirArgument = Annotated[
@@ -109,16 +100,9 @@ def train_command(
 
     if augment not in PRESETS:
         raise typer.BadParameter(f"choose one of {', '.join(sorted(PRESETS))}", param_hint="--augment")
-    cfg = TrainConfig(
-        arch=arch,
-        epochs=epochs,
-        seed=seed,
-        size=size,
-        lr=lr,
-        data_dir=str(_data_dir(data_dir)),
-        cache_dir=str(_cache_dir(cache_dir)),
-        augment=PRESETS[augment],
-    )
+    folders = {"data_dir": str(_data_dir(data_dir)), "cache_dir": str(_cache_dir(cache_dir))}
+    recipe = {"arch": arch, "epochs": epochs, "seed": seed, "size": size, "lr": lr}
+    cfg = TrainConfig(**recipe, **folders, augment=PRESETS[augment])
     metadata = train(cfg, out, log=_log)
     typer.echo(json.dumps(metadata, indent=2))
 
@@ -168,7 +152,7 @@ def compare_command(
 
 
 @model_app.command("stress-test")
-def stress_test_command(data_dir: DataDirArgument = None, model_dir: ModelDirOption = None) -> None:
+def stress_test_command(data_dir: DataDirArgument = None, model_dir: ModelDir = None) -> None:
     """Validation AUC and operating points under gamma, blur, JPEG, equalisation, crop and pad."""
     from models.robustness import stress_test
 
@@ -178,7 +162,7 @@ def stress_test_command(data_dir: DataDirArgument = None, model_dir: ModelDirOpt
 @model_app.command("evaluate")
 def evaluate_command(
     data_dir: DataDirArgument = None,
-    model_dir: ModelDirOption = None,
+    model_dir: ModelDir = None,
     roc_png: Annotated[Path, typer.Option("--roc-png", help="Where to write the ROC curve.")] = Path(
         "roc.png"
     ),
@@ -211,7 +195,7 @@ def evaluate_command(
 def explain_command(
     file: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG chest radiograph.", exists=True)],
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG file for the Grad-CAM overlay.")],
-    model_dir: ModelDirOption = None,
+    model_dir: ModelDir = None,
 ) -> None:
     """Score FILE and write a Grad-CAM overlay of where the pneumonia score came from."""
     from models.explain import gradcam, write_overlay
