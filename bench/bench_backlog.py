@@ -7,7 +7,7 @@ INSERT, enqueue); the Redis queue is then flushed and the images are marked scor
 100,000 films would take far longer than the benchmark budget). Each measurement starts from a copy of
 that registered SQLite database.
 
-Measured, with ``/usr/bin/time -v`` and a /proc poller of the whole process tree:
+Measured, with ``/usr/bin/time -v`` and a psutil poller of the whole process tree:
 
 A. ``cxr-triage scan TREE --no-progress`` (embedded) when nothing is new (target <= 30 s, peak RSS <= 300 MB).
 B. the same after adding ``--new-files`` new files among them: (B1) registration only, by

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         f"files: {args.files:,} unique small JPEGs (224 px Kermany films + a unique comment segment), "
         "embedded `cxr-triage scan TREE --no-progress --database-url sqlite:///...`",
         f"scan: {summary}; wall {wall:.1f} s",
-        f"RSS from /proc every {args.interval} s; finished count read from the SQLite database at the same time",
+        f"RSS (psutil) every {args.interval} s; finished count read from the SQLite database at the same time",
     ]
     results.publish(args, "Memory stability of the scoring process (benchmark 6)", model, body, notes)
 
