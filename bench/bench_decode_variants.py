@@ -28,8 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
-from bench.common import log  # noqa: E402
+from bench import common, processes, results  # noqa: E402
+from bench import corpus as corpora  # noqa: E402
+from bench.results import log  # noqa: E402
 
 
 def _standardised(grey: np.ndarray, size: int) -> np.ndarray:
@@ -99,14 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     from worker.prepare import prepare
 
     model_dir = common.resolve_model_dir(args.model_dir)
-    model = common.model_description(model_dir)
-    corpus, manifest = common.build_corpus("mixed", args.files)
+    model = results.model_description(model_dir)
+    corpus, manifest = corpora.build_corpus("mixed", args.files)
     scorer = Scorer.load(model_dir)
     size = scorer.input_size
     by_format: dict[str, list[str]] = {}
     for entry in manifest["entries"]:
         by_format.setdefault(entry["format"], []).append(str(corpus / entry["path"]))
-    if common.training_running():
+    if processes.training_running():
         log("WARNING: model training is running: CPU contention, figures will be pessimistic")
 
     rows = []
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         log(f"  {kind}: {1000 * t_current:.0f} ms -> {1000 * t_variant:.0f} ms")
     n = manifest["files"]
-    body = common.table(
+    body = results.table(
         [
             "format",
             "files",
@@ -160,10 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         f"with the variants {1000 * variant_total / n:.0f} ms ({current_total / variant_total:.1f}x)."
     )
     notes = [
-        f"corpus: {common.corpus_description(manifest)}; the first {args.per_format} files of each format",
+        f"corpus: {corpora.corpus_description(manifest)}; the first {args.per_format} files of each format",
         "single process, no pool; prepare() here does not hash (as in the limit measurement)",
     ]
-    common.publish(
+    results.publish(
         args,
         "What-if: reduced-resolution decoding (evidence for the throughput analysis)",
         model,

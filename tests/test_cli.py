@@ -32,7 +32,7 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def mixed_folder(tmp_path_factory, kermany, dicom_dir) -> Path:
+def mixed_folder(tmp_path_factory, kermany, dicom_samples) -> Path:
     folder = tmp_path_factory.mktemp("drop")
     for source in kermany_files(kermany, "NORMAL", 3) + kermany_files(kermany, "PNEUMONIA", 3):
         shutil.copyfile(source, folder / source.name)
@@ -40,15 +40,9 @@ def mixed_folder(tmp_path_factory, kermany, dicom_dir) -> Path:
     Image.fromarray(film.astype(np.uint16) * 257).save(folder / "film16.png")
     (folder / "copies").mkdir()
     shutil.copyfile(folder / "film16.png", folder / "copies" / "same-content.png")
-    for relative in (
-        "nema-wg4-compsamples-RG1-RG3__pydicom-data-pypi/RG1_J2KI.dcm",
-        "fo-dicom-testdata__dcmfx/CR-MONO1-10-chest.dcm",
-        "siim-acr-pneumothorax__mlmed-torchxrayvision/Fake_MONOHR1.dcm",
-        "edge-cases__pydicom-testfiles/test-SR.dcm",
-        "edge-cases__pydicom-testfiles/CT_small.dcm",
-        "edge-cases__pydicom-data-pypi/emri_small_jpeg_2k_lossless_too_short.dcm",
-    ):
-        shutil.copyfile(dicom_dir / relative, folder / Path(relative).name.upper().replace(".DCM", ""))
+    for role in ("chest_j2k", "chest_mono1", "chest_dx", "sr", "ct", "truncated"):
+        source = dicom_samples[role]
+        shutil.copyfile(source, folder / source.name.upper().replace(".DCM", ""))
     (folder / "empty.dcm").write_bytes(b"")
     (folder / "cut.jpeg").write_bytes((folder / "film16.png").read_bytes()[:2000])
     (folder / "README.txt").write_text("scanner notes")

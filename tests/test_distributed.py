@@ -109,7 +109,7 @@ def _write_slowly(source: Path, target: Path, chunks: int = 4, pause_s: float = 
 
 
 def test_watched_folder_scores_each_file_once_like_embedded(
-    cluster, pg_url, sqlite_url, kermany, dicom_dir, tmp_path
+    cluster, pg_url, sqlite_url, kermany, dicom_samples, tmp_path
 ):
     drop = tmp_path / "drop"
     drop.mkdir()
@@ -119,8 +119,8 @@ def test_watched_folder_scores_each_file_once_like_embedded(
     copy_into(files[:7], drop)
     for source in files[7:]:  # written slowly, in chunks, as a network copy would
         _write_slowly(source, drop / source.name)
-    chest = dicom_dir / "nema-wg4-compsamples-RG1-RG3__pydicom-data-pypi" / "RG1_J2KR.dcm"
-    copy_into([chest, dicom_dir / "edge-cases__pydicom-testfiles" / "test-SR.dcm"], drop)
+    chest = dicom_samples["chest_j2k_lossless"]
+    copy_into([chest, dicom_samples["sr"]], drop)
     (drop / "broken.dcm").write_bytes(chest.read_bytes()[:4000])
     states = _wait_final(pg_url, expected=13)
     _stop(watcher)

@@ -20,8 +20,9 @@ from rich.table import Table
 from db.engine import masked
 from db.schema import ImageStatus
 from worker import logs
+from worker.options import ModelDir, setting
 from worker.progress import progress_bar
-from worker.settings import Settings, env_name, flag_name
+from worker.settings import Settings
 
 log = logging.getLogger("cxr_triage")
 console = Console(stderr=True, soft_wrap=True)
@@ -40,26 +41,9 @@ db_app = typer.Typer(help="Database schema management (Alembic).", no_args_is_he
 app.add_typer(db_app, name="db")
 
 
-def setting(name: str, *aliases: str, **extra: Any) -> Any:
-    """A command-line option for the setting ``name``: its flag, help, variable and default come from
-    :class:`Settings` (the option is None when not given, so the environment and defaults apply)."""
-    info = Settings.model_fields[name]
-    if info.default_factory is not None:
-        default = ""
-    elif isinstance(info.default, bool):
-        default = f"; default: {'on' if info.default else 'off'}"
-    else:
-        default = f"; default: {'none' if info.default is None else info.default}"
-    flags = [flag_name(name), *aliases]
-    if info.annotation is bool:
-        flags = [f"{flag_name(name)}/--no-{flag_name(name)[2:]}", *aliases]
-    return typer.Option(*flags, help=f"{info.description} \\[env var: {env_name(name)}{default}]", **extra)
-
-
 DatabaseUrl = Annotated[str | None, setting("database_url")]
 BrokerUrl = Annotated[str | None, setting("broker_url")]
 LogLevel = Annotated[str | None, setting("log_level")]
-ModelDir = Annotated[Path | None, setting("model_dir")]
 BatchSize = Annotated[int | None, setting("batch_size", min=1, max=512)]
 DecodeWorkers = Annotated[int | None, setting("decode_workers", min=0)]
 FullResolution = Annotated[bool | None, setting("full_resolution_decode")]
