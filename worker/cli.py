@@ -22,7 +22,7 @@ from db.schema import ImageStatus
 from worker import logs
 from worker.options import ModelDir, setting
 from worker.progress import progress_bar
-from worker.settings import Settings
+from worker.settings import Settings, env_name, flag_name
 
 log = logging.getLogger("cxr_triage")
 console = Console(stderr=True, soft_wrap=True)
