@@ -20,6 +20,7 @@ from db.engine import session_scope
 from db.paths import from_db
 from db.queue import as_utc
 from db.schema import Image, ImageStatus, utcnow
+from worker import metrics
 from worker.decode_pool import DecodePool
 from worker.logs import short
 from worker.prepare import Prepared
@@ -68,6 +69,7 @@ class Processor:
 
             self._scorer = Scorer.load(self.model_dir)
             log.info("model %s loaded (input %d px)", self._scorer.version, self._scorer.input_size)
+            metrics.model_loaded(self._scorer)
         return self._scorer
 
     def process(self, image_ids: Sequence[int], owner: str | None = None) -> BatchOutcome:
@@ -98,16 +100,20 @@ class Processor:
             paths = queue.source_paths(session, claimed)
             known = {row.id: row for row in session.execute(_identity_query(claimed))} if claimed else {}
         counts["failed"] += len(exhausted)
+        metrics.claimed(known[i].first_seen_at for i in claimed)
         for image_id in exhausted:
             log.warning("image %s failed: interrupted %d times", image_id, queue.MAX_ATTEMPTS)
+            metrics.outcome("failed", reason="interrupted")
         if not claimed:
             return BatchOutcome(counts, [])
         readable = {image_id: _first_existing(paths.get(image_id, [])) for image_id in claimed}
         todo = [image_id for image_id in claimed if readable[image_id]]
         jobs = [(readable[i], known[i].sha256) for i in todo]
         prepared = dict(zip(todo, self.pool.prepare_many(jobs, self.scorer.input_size), strict=True))
+        metrics.decoded(prepared.values())
         ready = [image_id for image_id in todo if prepared[image_id].tensor is not None]
-        scores = self.scorer.score_batch(np.stack([prepared[i].tensor for i in ready])) if ready else []
+        stacked = np.stack([prepared[i].tensor for i in ready]) if ready else None
+        scores = metrics.timed_inference(self.scorer.score_batch, stacked) if ready else []
         score_of = dict(zip(ready, scores, strict=True))
         retry: list[int] = []
         with session_scope(self.database_url) as session:
@@ -120,6 +126,7 @@ class Processor:
                     score_of.get(image_id),
                     known[image_id],
                 )
+                metrics.outcome(outcome, prepared.get(image_id), known[image_id].first_seen_at)
                 if outcome == "retry":
                     retry.append(image_id)
                 else:
