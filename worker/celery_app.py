@@ -42,7 +42,9 @@ def make_app() -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # Task events on, so Flower (`celery -A worker.celery_app flower`) and exporters can follow work.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         enable_utc=True,
     )
     return celery
