@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from worker import metrics
 from worker.celery_app import SCORE_QUEUE
 from worker.settings import Settings
 
@@ -124,6 +125,10 @@ class Supervisor:
             f"GPU {spec.gpu}" if spec.gpu is not None else "CPU",
         )
 
+    def alive(self) -> int:
+        """Worker processes running now (for the workers-alive gauge)."""
+        return sum(1 for child in self.children.values() if child.poll() is None)
+
     def _stop(self, *_args) -> None:
         self.stopping = True
 
@@ -141,12 +146,13 @@ class Supervisor:
                 child = self.children[spec.name]
                 if child.poll() is not None:
                     log.warning("worker %s exited with code %s; restarting", spec.name, child.returncode)
+                    metrics.worker_restarted(child.pid)
                     _kill_group(child.pid)
                     self._start(spec)
             if time.monotonic() - last_recover >= self.recover_interval:
                 last_recover = time.monotonic()
                 try:
-                    recover_lost_work(self.settings, stale_after_s=self.settings.lease_seconds)
+                    metrics.resent(recover_lost_work(self.settings, stale_after_s=self.settings.lease_seconds))
                 except Exception as exc:  # noqa: BLE001 - a DB or broker outage must not stop supervision
                     log.warning("could not check for lost work (%s); will retry", type(exc).__name__)
         for child in self.children.values():
