@@ -152,7 +152,7 @@ class Supervisor:
             if time.monotonic() - last_recover >= self.recover_interval:
                 last_recover = time.monotonic()
                 try:
-                    metrics.resent(recover_lost_work(self.settings, stale_after_s=self.settings.lease_seconds))
+                    metrics.resent(recover_lost_work(self.settings, self.settings.lease_seconds))
                 except Exception as exc:  # noqa: BLE001 - a DB or broker outage must not stop supervision
                     log.warning("could not check for lost work (%s); will retry", type(exc).__name__)
         for child in self.children.values():
