@@ -82,7 +82,7 @@ class Settings(BaseSettings):
         None, ge=0, le=65535, description="Serve Prometheus /metrics, /healthz, /readyz here; off by default"
     )
     metrics_host: str = Field(
-        "127.0.0.1", description="Address /metrics binds to (0.0.0.0 lets a Prometheus on another host scrape)"
+        "127.0.0.1", description="Address /metrics binds to (0.0.0.0: a Prometheus on another host scrapes)"
     )
     min_free_disk_mb: float = Field(
         1024.0, ge=0, description="/readyz answers 503 when the database, drop or work disk has less free"
