@@ -185,6 +185,7 @@ def workers_alive(count: int) -> None:
 
 
 def model_loaded(scorer: Any = None) -> None:
+    _state["model"] = True
     if _state["on"]:
         _d().MODEL_LOADED.set(1)
 
@@ -205,3 +206,37 @@ def _epoch(moment: datetime) -> float:
 
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
+
+
+# -- one call per service ---------------------------------------------------------------------------
+def model_is_loaded() -> bool:
+    """Readiness of a process that scores in-process: a model was loaded here."""
+    return bool(_state.get("model"))
+
+
+def _with_port(settings, port: int | None):
+    """A ``--metrics-port`` flag overrides the setting; without it the setting stands."""
+    return settings if port is None else settings.with_changes(metrics_port=port)
+
+
+def for_worker(settings, supervisor, port: int | None = None) -> MetricsServer | None:
+    """``cxr-triage worker``: multiprocess mode set up before the supervisor starts any child, then
+    the server (in the supervisor) answers with the sum over its worker processes."""
+    settings = _with_port(settings, port)
+    if settings.metrics_port is None:
+        return None
+    prepare_multiprocess()
+    return start(settings, workers=supervisor.alive)
+
+
+def for_watch(settings, roots: list[str], port: int | None = None) -> MetricsServer | None:
+    """``cxr-triage watch``: scoring in-process needs the model loaded here; queueing needs only
+    the broker. Free space is checked on the drop folders too."""
+    settings = _with_port(settings, port)
+    if settings.metrics_port is None:
+        return None
+    from worker.metrics.server import default_disk_paths, model_files_present
+
+    disks = {**default_disk_paths(settings), "drop_folder": list(roots)}
+    model_check = (lambda: model_files_present(settings)) if settings.broker_url else model_is_loaded
+    return start(settings, model_check=model_check, disk_paths=disks)
