@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from db.engine import default_database_url, masked
-from worker import logs
+from worker import logs, metrics
 from worker.progress import progress_bar
 from worker.settings import Settings
 
@@ -86,6 +86,18 @@ DecodeWorkers = Annotated[
         envvar="CXR_TRIAGE_DECODE_WORKERS",
         min=0,
         help="Processes decoding images in parallel (default: one per core; 0 decodes in this process).",
+    ),
+]
+
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        envvar="CXR_TRIAGE_METRICS_PORT",
+        show_envvar=True,
+        min=0,
+        max=65535,
+        help="Serve Prometheus /metrics, /healthz and /readyz on this port (off by default).",
     ),
 ]
 
@@ -300,6 +312,7 @@ def watch(
     model_dir: ModelDir = None,
     batch_size: BatchSize = 32,
     decode_workers: DecodeWorkers = None,
+    metrics_port: MetricsPort = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Watch drop folders; score new files in this process, or queue them when a broker is set."""
@@ -318,6 +331,7 @@ def watch(
     mode = f"queueing to {masked(settings.broker_url)}" if settings.broker_url else "scoring in this process"
     console.print(f"watching {len(roots)} folder(s), {mode}; database {masked(settings.database_url)}")
     watcher = Watcher(settings, roots, options)
+    metrics.for_watch(settings, roots, port=metrics_port)
     signal.signal(signal.SIGTERM, lambda *_: watcher.stop_event.set())
     started = time.perf_counter()
     with contextlib.suppress(KeyboardInterrupt):
@@ -348,6 +362,7 @@ def worker_command(
     model_dir: ModelDir = None,
     batch_size: BatchSize = 32,
     decode_workers: DecodeWorkers = None,
+    metrics_port: MetricsPort = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run Celery workers that score queued files (needs --broker-url / CXR_TRIAGE_BROKER_URL)."""
@@ -369,7 +384,9 @@ def worker_command(
         f"{per_worker} decode process(es) each; database {masked(settings.database_url)}"
     )
     recover_every = max(min(settings.lease_seconds / 4, 60.0), 2.0)
-    raise typer.Exit(Supervisor(settings, specs, per_worker, log_level.upper(), recover_every).run())
+    supervisor = Supervisor(settings, specs, per_worker, log_level.upper(), recover_every)
+    metrics.for_worker(settings, supervisor, port=metrics_port)
+    raise typer.Exit(supervisor.run())
 
 
 def _register_optional_commands() -> None:
