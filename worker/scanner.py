@@ -21,6 +21,7 @@ from db.engine import session_scope
 from db.queue import FileSeen
 from db.schema import ImageStatus
 from pipeline.limits import MAX_FILE_BYTES
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def register_chunk(
     owner: str | None = None,
 ) -> list[int]:
     """Register ``files``; return the ids of images that still need work."""
+    metrics.files_seen(len(files))
     with session_scope(database_url) as session:
         unchanged = queue.find_unchanged(session, files)
     for image_id in unchanged.values():
