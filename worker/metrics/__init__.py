@@ -154,7 +154,7 @@ def outcome(status: str, prepared: Any = None, first_seen: datetime | None = Non
 
 
 def retried(cause: str, count: int = 1) -> None:
-    """``cause``: incomplete_file, database_unavailable or interrupted_batch."""
+    """``cause``: incomplete_file or database_unavailable (definitions.RETRY_CAUSES)."""
     if _state["on"] and count:
         _d().RETRIES.labels(cause).inc(count)
 

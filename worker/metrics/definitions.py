@@ -19,7 +19,7 @@ SOURCE_FORMATS = ("dicom", "png", "jpeg", "unknown")
 FINAL_STATUSES = ("scored", "rejected", "failed", "superseded")
 QUEUE_STATUSES = ("queued", "processing")
 TIERS = ("high", "screening", "below")
-RETRY_CAUSES = ("incomplete_file", "database_unavailable", "interrupted_batch")
+RETRY_CAUSES = ("incomplete_file", "database_unavailable")
 DISK_ROLES = ("database", "drop_folder", "work")
 DEPENDENCIES = ("database", "broker", "model", "disk")
 
