@@ -190,3 +190,26 @@ def _until_ready(port: int) -> None:
     while get(port, "/readyz")[0] != 200:
         assert time.monotonic() < deadline, get(port, "/readyz")
         time.sleep(0.5)
+
+
+def test_starlette_routes_for_the_web_app(sqlite_url):
+    """The web worklist adds these routes to its app; the same answers as the standalone server."""
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from db.migrate import upgrade
+    from worker.metrics.server import starlette_routes
+    from worker.settings import Settings
+
+    upgrade(sqlite_url)
+    settings = Settings.build(database_url=sqlite_url, broker_url="", min_free_disk_mb=1)
+    with TestClient(Starlette(routes=starlette_routes(settings))) as client:
+        scrape = client.get("/metrics")
+        assert scrape.status_code == 200 and "text/plain" in scrape.headers["content-type"]
+        found = samples(scrape.text)
+        assert total(found, "cxr_triage_build_info") == 1
+        assert total(found, "cxr_triage_queue_depth") == 0
+        assert client.get("/healthz").json() == {"status": "alive"}
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"] == {"database": "ok", "model": "ok", "disk": "ok"}
