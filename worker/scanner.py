@@ -136,6 +136,7 @@ def register_chunk(
         for image_id, size in unreadable:
             if queue.record_problem(session, image_id, ImageStatus.FAILED, _unreadable_reason(size)):
                 summary.outcomes["failed"] += 1
+                metrics.outcome("failed", reason=_unreadable_reason(size))
         pending = queue.pending_ids(session, candidates, owner)
     still_pending = set(pending)
     summary.skipped += len(files) - len(to_hash) - sum(1 for i in unchanged.values() if i in still_pending)
