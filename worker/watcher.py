@@ -30,6 +30,7 @@ from watchdog.observers.polling import PollingObserver
 from db import queue
 from db.engine import session_scope
 from db.queue import FileSeen
+from worker import metrics
 from worker.decode_pool import DecodePool
 from worker.logs import describe_error
 from worker.scanner import ScanSummary, is_temporary, iter_files, register_chunk
@@ -181,7 +182,7 @@ class Watcher:
         if processor is None:
             from worker.distributed import recover_lost_work
 
-            recover_lost_work(self.settings, stale_after_s=self.settings.lease_seconds)
+            metrics.resent(recover_lost_work(self.settings, stale_after_s=self.settings.lease_seconds))
             return
         from worker.embedded import release_dead_local_leases
 
