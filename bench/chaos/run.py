@@ -661,6 +661,7 @@ class Scenario:
         self.result = Result(self.name)
         self.faults_end: list[float] = []
         self.services: dict[str, Service] = {}
+        self.metrics_port: int | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
     def database_url(self) -> str:
@@ -699,9 +700,9 @@ class Scenario:
 
     def start_services(self) -> None:
         if not self.embedded:
-            self.services["worker"] = Service(
-                "worker", ["worker", "--processes", "1", "--cpu"], self.env(), self.dir / "worker.log"
-            )
+            self.metrics_port = free_port()
+            args = ["worker", "--processes", "1", "--cpu", "--metrics-port", str(self.metrics_port)]
+            self.services["worker"] = Service("worker", args, self.env(), self.dir / "worker.log")
         self.services["watcher"] = Service(
             "watcher", ["watch", str(self.drop)], self.env(), self.dir / "watch.log"
         )
@@ -782,6 +783,45 @@ class Scenario:
         if not self.embedded:
             with contextlib.suppress(Exception):
                 drop_database(self.db_name)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Readiness(threading.Thread):
+    """Polls the worker's /readyz every 0.2 s from a fault's start until it is 200 again after it."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.started_at = time.monotonic()
+        self.answers: list[tuple[float, int]] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        import urllib.error
+        import urllib.request
+
+        while not self.stop_event.wait(0.2):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=5) as answer:
+                    code = answer.status
+            except urllib.error.HTTPError as error:
+                code = error.code
+            except OSError:
+                code = 0
+            self.answers.append((time.monotonic(), code))
+
+    def note(self, what: str, fault_end: float) -> str:
+        """Seconds from the fault to the first 503, and from the end of the fault to the next 200."""
+        self.stop_event.set()
+        down = next((t - self.started_at for t, code in self.answers if code == 503), None)
+        up = next((t - fault_end for t, code in self.answers if t >= fault_end and code == 200), None)
+        shown = [f"{x:.1f} s" if x is not None else "never" for x in (down, up)]
+        return f"worker /readyz: 503 {shown[0]} after {what} went away, 200 again {shown[1]} after it came back"
 
 
 def wait_until(predicate, deadline: float, poll: float = 0.1) -> bool:
@@ -904,10 +944,14 @@ class RedisRestart(Scenario):
     def inject(self, feeder, monitor, deadline) -> None:
         time.sleep(self.files / self.rate * 0.35)
         log("redis-restart: SIGKILL redis-server")
+        readiness = Readiness(self.metrics_port)
+        readiness.start()
         self.ctx.redis.kill()
         time.sleep(5.0)
         self.ctx.redis.start()
         self.faults_end.append(time.monotonic())
+        time.sleep(10.0)
+        self.result.notes.append(readiness.note("Redis", self.faults_end[-1]))
         self.result.faults = 1
         log("redis-restart: redis-server restarted from its append-only file")
 
@@ -918,10 +962,14 @@ class PgOutage(Scenario):
     def inject(self, feeder, monitor, deadline) -> None:
         time.sleep(self.files / self.rate * 0.3)
         log(f"pg-outage: PostgreSQL unreachable for {self.ctx.proxy.outage_seconds:.0f} s")
+        readiness = Readiness(self.metrics_port)
+        readiness.start()
         self.ctx.proxy.outage()
         time.sleep(self.ctx.proxy.outage_seconds)
         wait_until(lambda: wait_port(PROXY_PORT, 0.2), time.monotonic() + 10)
         self.faults_end.append(time.monotonic())
+        time.sleep(10.0)
+        self.result.notes.append(readiness.note("PostgreSQL", self.faults_end[-1]))
         self.result.faults = 1
 
 

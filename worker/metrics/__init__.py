@@ -71,8 +71,11 @@ def prepare_multiprocess() -> str:
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path, exist_ok=True)
     else:
+        import atexit
+
         path = tempfile.mkdtemp(prefix="cxr-triage-metrics-")
         os.environ[MULTIPROC_VARIABLE] = path
+        atexit.register(shutil.rmtree, path, True)  # ours: gone with the supervisor
     enable()
     return path
 
@@ -88,7 +91,12 @@ def start(settings, **kwargs) -> MetricsServer | None:
     from worker.metrics.server import MetricsServer, Probe
 
     enable()
-    server = MetricsServer(Probe(settings, **kwargs), settings.metrics_host, settings.metrics_port)
+    try:
+        server = MetricsServer(Probe(settings, **kwargs), settings.metrics_host, settings.metrics_port)
+    except OSError as exc:  # port taken, address not local: a clear message, not a traceback
+        raise SystemExit(
+            f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}"
+        ) from exc
     server.start()
     return server
 
