@@ -41,7 +41,9 @@ def celery_config(settings: Settings) -> dict:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
+        # Task events on, so Flower (`celery -A worker.celery_app flower`) and exporters can follow work.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
         "enable_utc": True,
     }
     if settings.broker_url:

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from db.engine import masked
 from db.schema import ImageStatus
-from worker import logs
+from worker import logs, metrics
 from worker.options import ModelDir, setting
 from worker.progress import progress_bar
 from worker.settings import Settings, env_name, flag_name
@@ -48,6 +48,8 @@ BatchSize = Annotated[int | None, setting("batch_size", min=1, max=512)]
 DecodeWorkers = Annotated[int | None, setting("decode_workers", min=0)]
 FullResolution = Annotated[bool | None, setting("full_resolution_decode")]
 FollowSymlinks = Annotated[bool | None, setting("follow_symlinks")]
+
+MetricsPort = Annotated[int | None, setting("metrics_port", min=0, max=65535)]
 
 
 def _settings(*, quiet: bool = False, **flags: Any) -> Settings:
@@ -374,6 +376,7 @@ def watch(
     batch_size: BatchSize = None,
     decode_workers: DecodeWorkers = None,
     full_resolution_decode: FullResolution = None,
+    metrics_port: MetricsPort = None,
     log_level: LogLevel = None,
 ) -> None:
     """Watch drop folders; score new files in this process, or queue them when a broker is set."""
@@ -406,6 +409,7 @@ def watch(
         f"watching {len(roots)} folder(s), {mode}; database {masked(settings.database_url)}", markup=False
     )
     watcher = Watcher(settings, roots)
+    metrics.for_watch(settings, roots, port=settings.metrics_port)
     signal.signal(signal.SIGTERM, lambda *_: watcher.stop_event.set())
     started = time.perf_counter()
     with contextlib.suppress(KeyboardInterrupt):
@@ -425,6 +429,7 @@ def worker_command(
     batch_size: BatchSize = None,
     decode_workers: DecodeWorkers = None,
     full_resolution_decode: FullResolution = None,
+    metrics_port: MetricsPort = None,
     log_level: LogLevel = None,
 ) -> None:
     """Run Celery workers that score queued files (needs --broker-url / CXR_TRIAGE_BROKER_URL)."""
@@ -459,7 +464,9 @@ def worker_command(
         f"{settings.decode_processes} decode process(es) each; database {masked(settings.database_url)}",
         markup=False,
     )
-    raise typer.Exit(Supervisor(settings, specs).run())
+    supervisor = Supervisor(settings, specs)
+    metrics.for_worker(settings, supervisor, port=settings.metrics_port)
+    raise typer.Exit(supervisor.run())
 
 
 def _register_optional_commands() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,8 @@ class Prepared:
     reason: str | None = None
     incomplete: bool = False
     attributes: dict = field(default_factory=dict)
+    #: Wall time of decoding and normalising (for the decode-seconds histogram).
+    decode_seconds: float | None = None
 
 
 def _attributes(decoded) -> dict:
@@ -64,6 +67,13 @@ def prepare(path: str, input_size: int, expected_sha256: str | None = None) -> P
         return Prepared(
             status="failed", reason="file content changed after it was registered", incomplete=True
         )
+    started = time.perf_counter()
+    prepared = _decode(path, input_size)
+    prepared.decode_seconds = time.perf_counter() - started
+    return prepared
+
+
+def _decode(path: str, input_size: int) -> Prepared:
     try:
         decoded = decode_file(path)
         return Prepared(tensor=to_model_input(decoded.pixels, input_size), attributes=_attributes(decoded))

@@ -21,6 +21,7 @@ from db.engine import session_scope
 from db.paths import from_db
 from db.queue import as_utc
 from db.schema import Image, ImageStatus, utcnow
+from worker import metrics
 from worker.decode_pool import DecodePool
 from worker.logs import short
 from worker.outcomes import TRANSIENT_ERRNOS, Outcome, is_transient
@@ -96,6 +97,7 @@ class Processor:
 
             self._scorer = Scorer.load(self.model_dir)
             log.info("model %s loaded (input %d px)", self._scorer.version, self._scorer.input_size)
+            metrics.model_loaded(self._scorer)
         return self._scorer
 
     def process(self, image_ids: Sequence[int], owner: str | None = None) -> BatchOutcome:
@@ -162,8 +164,10 @@ class Processor:
             known = {row.id: row for row in session.execute(_identity_query(claimed))} if claimed else {}
         if exhausted:
             counts[Outcome.FAILED] += len(exhausted)
+        metrics.claimed(known[i].first_seen_at for i in claimed)
         for image_id in exhausted:
             log.warning("image %s failed: interrupted %d times", image_id, queue.MAX_ATTEMPTS)
+            metrics.outcome("failed", reason="interrupted")
         if not claimed:
             return BatchOutcome(counts, [])
         try:
@@ -180,8 +184,10 @@ class Processor:
         todo = [image_id for image_id in claimed if readable[image_id]]
         jobs = [(readable[i], known[i].sha256) for i in todo]
         prepared = dict(zip(todo, self.pool.prepare_many(jobs, scorer.input_size), strict=True))
+        metrics.decoded(prepared.values())
         ready = [image_id for image_id in todo if prepared[image_id].tensor is not None]
-        scores = scorer.score_batch(np.stack([prepared[i].tensor for i in ready])) if ready else []
+        stacked = np.stack([prepared[i].tensor for i in ready]) if ready else None
+        scores = metrics.timed_inference(scorer.score_batch, stacked) if ready else []
         score_of = dict(zip(ready, scores, strict=True))
         retry: list[int] = []
         back: list[int] = []  # not final: released to the queue
@@ -195,6 +201,7 @@ class Processor:
                     score_of.get(image_id),
                     known[image_id],
                 )
+                metrics.outcome(outcome, prepared.get(image_id), known[image_id].first_seen_at)
                 if outcome is Outcome.RETRY:
                     retry.append(image_id)
                 else:

@@ -20,6 +20,7 @@ from db.engine import session_scope
 from db.queue import FileSeen
 from db.schema import ImageStatus
 from pipeline.limits import MAX_FILE_BYTES
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ def register_chunk(
     A file that cannot be read now is not registered at all (a permission error or a
     share that is down is transient): it stays unknown, so the next scan hashes it again.
     """
+    metrics.files_seen(len(files))
     with session_scope(database_url) as session:
         unchanged = queue.find_unchanged(session, files)
     for image_id in unchanged.values():
@@ -172,6 +174,7 @@ def register_chunk(
         for image_id, size in oversized:
             if queue.record_problem(session, image_id, ImageStatus.FAILED, _oversized_reason(size)):
                 summary.outcomes["failed"] += 1
+                metrics.outcome("failed", reason=_oversized_reason(size))
         pending = queue.pending_ids(session, candidates, owner)
     summary.unreadable += unreadable
     if unreadable:

@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Serve Prometheus /metrics, /healthz, /readyz here; off by default"
     )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address /metrics binds to (0.0.0.0: a Prometheus on another host scrapes)"
+    )
+    min_free_disk_mb: float = Field(
+        1024.0, ge=0, description="/readyz answers 503 when the database, drop or work disk has less free"
+    )
     web_host: str = Field("127.0.0.1", description="Address the web worklist binds to")
     web_port: int = Field(8080, ge=0, le=65535, description="Port of the web worklist")
     web_secret_key: str | None = Field(

@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from db import queue
 from db.engine import session_scope
 from db.queue import FileSeen
+from worker import metrics
 from worker.decode_pool import DecodePool
 from worker.logs import describe_error
 from worker.scanner import CHUNK_FILES, ScanSummary, chunked, iter_files, register_chunk
@@ -222,6 +223,7 @@ class ViaCelery:
             if ids:
                 log.info("re-sending %d lost image(s) (%d with an expired lease)", len(ids), len(expired))
                 send_batches(self.settings, ids)
+                metrics.resent(len(ids))
         return Submitted(Counter({"queued": len(ids)}) if ids else Counter())
 
 

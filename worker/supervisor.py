@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker import metrics
 from worker.celery_app import EXIT_MODEL_UNUSABLE, SCORE_QUEUE
 from worker.logs import describe_error
 from worker.settings import ENV_FILE_VARIABLE, Settings, celery_owner_prefix, env_name
@@ -161,6 +162,10 @@ class Supervisor:
             f"GPU {spec.gpu}" if spec.gpu is not None else "CPU",
         )
 
+    def alive(self) -> int:
+        """Worker processes running now (for the workers-alive gauge)."""
+        return sum(1 for c in self.children.values() if c.process is not None and c.process.poll() is None)
+
     def _stop(self, *_args) -> None:
         self.stopping = True
 
@@ -175,6 +180,7 @@ class Supervisor:
             self.exit_code, self.stopping = 2, True
             return
         log.warning("worker %s exited with code %s", spec.name, process.returncode)
+        metrics.worker_restarted(process.pid)
         self._release_dead(process.pid)
         lived = time.monotonic() - child.started
         child.crashes = child.crashes + 1 if lived < HEALTHY_AFTER_S else 0
@@ -194,6 +200,7 @@ class Supervisor:
                 ids = queue.release_dead_owners(session, celery_owner_prefix(pid), lambda _owner: True)
             if ids:
                 send_batches(self.settings, ids)
+                metrics.resent(len(ids))
                 log.info("re-sent %d image(s) the dead worker held", len(ids))
         except Exception as exc:  # noqa: BLE001 - lease expiry remains the backstop
             problem = describe_error(exc)

@@ -14,6 +14,7 @@ import sys
 
 from celery.signals import worker_init, worker_process_shutdown
 
+from worker import metrics
 from worker.celery_app import EXIT_MODEL_UNUSABLE, app
 from worker.decode_pool import DecodePool
 from worker.logs import describe_error
@@ -68,6 +69,7 @@ def score_images(self, image_ids: list[int]) -> dict:
     except (OperationalError, DBAPIError) as exc:
         delay = min(2 ** min(self.request.retries, 6), MAX_BACKOFF_S)
         log.warning("database unavailable (%s); retrying this batch in %d s", describe_error(exc), delay)
+        metrics.retried("database_unavailable", len(image_ids))
         raise self.retry(countdown=delay, exc=exc) from exc
     if outcome.retry_later:
         # Files still being written or briefly unreadable: try again shortly, as a new message.

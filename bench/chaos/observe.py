@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.chaos.feed import Feeder, files_on_disk
 
-FINAL = ("scored", "rejected", "failed")
+FINAL = ("scored", "rejected", "failed", "superseded")
 
 
 class Monitor(threading.Thread):
@@ -219,3 +219,36 @@ def notes(results: list[Result]) -> str:
         if len(r.lost_detail) > 5:
             out.append(f"* {r.name}: ... and {len(r.lost_detail) - 5} more lost")
     return "\n".join(out) + "\n"
+
+
+class Readiness(threading.Thread):
+    """Polls the worker's /readyz every 0.2 s from a fault's start until it is 200 again after it."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.started_at = time.monotonic()
+        self.answers: list[tuple[float, int]] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        import urllib.error
+        import urllib.request
+
+        while not self.stop_event.wait(0.2):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=5) as answer:
+                    code = answer.status
+            except urllib.error.HTTPError as error:
+                code = error.code
+            except OSError:
+                code = 0
+            self.answers.append((time.monotonic(), code))
+
+    def note(self, what: str, fault_end: float) -> str:
+        """Seconds from the fault to the first 503, and from the end of the fault to the next 200."""
+        self.stop_event.set()
+        down = next((t - self.started_at for t, code in self.answers if code == 503), None)
+        up = next((t - fault_end for t, code in self.answers if t >= fault_end and code == 200), None)
+        shown = [f"{x:.1f} s" if x is not None else "never" for x in (down, up)]
+        return f"worker /readyz: 503 {shown[0]} after {what} went away, 200 again {shown[1]} after it came back"

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.chaos.feed import Feeder
-from bench.chaos.observe import Monitor, Result, evaluate, wait_all_final
+from bench.chaos.observe import Monitor, Readiness, Result, evaluate, wait_all_final
 from bench.chaos.services import (
     CLI,
     LEASE_SECONDS,
@@ -56,6 +56,7 @@ class Scenario:
 
     def __init__(self, ctx: Context, files: int, rate: float) -> None:
         self.ctx, self.files, self.rate = ctx, files, rate
+        self.metrics_port: int | None = None
         self.dir = WORK / self.name
         self.drop = self.dir / "drop"
         self.db_name = f"cxr_chaos_{self.name.replace('-', '_')}"
@@ -100,9 +101,9 @@ class Scenario:
 
     def start_services(self) -> None:
         if not self.embedded:
-            self.services["worker"] = Service(
-                "worker", ["worker", "--processes", "1", "--cpu"], self.env(), self.dir / "worker.log"
-            )
+            self.metrics_port = free_port()
+            args = ["worker", "--processes", "1", "--cpu", "--metrics-port", str(self.metrics_port)]
+            self.services["worker"] = Service("worker", args, self.env(), self.dir / "worker.log")
         self.services["watcher"] = Service(
             "watcher", ["watch", str(self.drop)], self.env(), self.dir / "watch.log"
         )
@@ -183,6 +184,14 @@ class Scenario:
         if not self.embedded:
             with contextlib.suppress(Exception):
                 drop_postgres(self.db_name, PG_ADMIN)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_until(predicate, deadline: float, poll: float = 0.1) -> bool:
@@ -303,10 +312,14 @@ class RedisRestart(Scenario):
     def inject(self, feeder, monitor, deadline) -> None:
         time.sleep(self.files / self.rate * 0.35)
         log("redis-restart: SIGKILL redis-server")
+        readiness = Readiness(self.metrics_port)
+        readiness.start()
         self.ctx.redis.kill()
         time.sleep(5.0)
         self.ctx.redis.start()
         self.faults_end.append(time.monotonic())
+        time.sleep(10.0)
+        self.result.notes.append(readiness.note("Redis", self.faults_end[-1]))
         self.result.faults = 1
         log("redis-restart: redis-server restarted from its append-only file")
 
@@ -317,10 +330,14 @@ class PgOutage(Scenario):
     def inject(self, feeder, monitor, deadline) -> None:
         time.sleep(self.files / self.rate * 0.3)
         log(f"pg-outage: PostgreSQL unreachable for {self.ctx.proxy.outage_seconds:.0f} s")
+        readiness = Readiness(self.metrics_port)
+        readiness.start()
         self.ctx.proxy.outage()
         time.sleep(self.ctx.proxy.outage_seconds)
         wait_until(lambda: wait_port(PROXY_PORT, 0.2), time.monotonic() + 10)
         self.faults_end.append(time.monotonic())
+        time.sleep(10.0)
+        self.result.notes.append(readiness.note("PostgreSQL", self.faults_end[-1]))
         self.result.faults = 1
 
 
