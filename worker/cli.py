@@ -19,6 +19,7 @@ from rich.table import Table
 
 from db.engine import default_database_url, masked
 from worker import logs
+from worker.dicomnet.commands import SendResults, with_results  # DICOM results (issue 11)
 from worker.progress import progress_bar
 from worker.settings import Settings
 
@@ -146,6 +147,7 @@ def scan(
     ] = False,
     wait: Annotated[bool, typer.Option(help="With a broker: wait until every queued file is final.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    send_results: SendResults = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Score every supported file under PATHS that is not scored yet (a backlog scan).
@@ -155,6 +157,10 @@ def scan(
     """
     settings = _settings(database_url, log_level, broker_url, model_dir, batch_size, decode_workers)
     _prepare_database(settings)
+    settings = with_results(settings, send_results)
+    from worker.dicomnet.sender import start_results_sender
+
+    results = start_results_sender(settings)
     roots = [str(p) for p in paths]
     console.print(f"database: {masked(settings.database_url)}")
     started = time.perf_counter()
@@ -176,6 +182,7 @@ def scan(
             )
     elapsed = time.perf_counter() - started
     _print_summary(summary, elapsed)
+    results.close(drain_s=120.0)  # send the results of this scan before exiting (bounded wait)
 
 
 def _print_summary(summary, elapsed: float) -> None:
@@ -300,6 +307,7 @@ def watch(
     model_dir: ModelDir = None,
     batch_size: BatchSize = 32,
     decode_workers: DecodeWorkers = None,
+    send_results: SendResults = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Watch drop folders; score new files in this process, or queue them when a broker is set."""
@@ -317,11 +325,16 @@ def watch(
     roots = [str(p.resolve()) for p in paths]
     mode = f"queueing to {masked(settings.broker_url)}" if settings.broker_url else "scoring in this process"
     console.print(f"watching {len(roots)} folder(s), {mode}; database {masked(settings.database_url)}")
+    settings = with_results(settings, send_results)
+    from worker.dicomnet.sender import start_results_sender
+
     watcher = Watcher(settings, roots, options)
     signal.signal(signal.SIGTERM, lambda *_: watcher.stop_event.set())
     started = time.perf_counter()
+    results = start_results_sender(settings)
     with contextlib.suppress(KeyboardInterrupt):
         watcher.run()
+    results.close()
     _print_summary(watcher.summary, time.perf_counter() - started)
 
 
@@ -348,6 +361,7 @@ def worker_command(
     model_dir: ModelDir = None,
     batch_size: BatchSize = 32,
     decode_workers: DecodeWorkers = None,
+    send_results: SendResults = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run Celery workers that score queued files (needs --broker-url / CXR_TRIAGE_BROKER_URL)."""
@@ -369,7 +383,13 @@ def worker_command(
         f"{per_worker} decode process(es) each; database {masked(settings.database_url)}"
     )
     recover_every = max(min(settings.lease_seconds / 4, 60.0), 2.0)
-    raise typer.Exit(Supervisor(settings, specs, per_worker, log_level.upper(), recover_every).run())
+    settings = with_results(settings, send_results)
+    from worker.dicomnet.sender import start_results_sender
+
+    results = start_results_sender(settings)  # the supervisor sends; workers only create outbox rows
+    code = Supervisor(settings, specs, per_worker, log_level.upper(), recover_every).run()
+    results.close()
+    raise typer.Exit(code)
 
 
 def _register_optional_commands() -> None:
@@ -379,6 +399,11 @@ def _register_optional_commands() -> None:
         return
     app.add_typer(model_app, name="model")
     app.command("explain")(explain_command)
+
+
+from worker.dicomnet.commands import register as _register_dicom_commands  # noqa: E402
+
+_register_dicom_commands(app)  # dicom-listen, outbox list|retry (issue 11)
 
 
 _register_optional_commands()

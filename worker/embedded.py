@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from db import queue
 from db.engine import session_scope
 from worker.decode_pool import DecodePool
+from worker.dicomnet.plan import results_plan
 from worker.processing import Processor
 from worker.scanner import CHUNK_FILES, ScanSummary, chunked, iter_files, register_chunk
 from worker.settings import Settings, local_owner, local_owner_is_dead, local_owner_prefix
@@ -26,6 +27,7 @@ def make_processor(settings: Settings, pool: DecodePool, *, retry_incomplete: bo
         lease_seconds=settings.lease_seconds,
         retry_incomplete=retry_incomplete,
         owner=local_owner(),
+        outbox_plan=results_plan(settings),
     )
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import select
 
-from db import queue
+from db import outbox, queue
 from db.engine import session_scope
 from db.paths import from_db
 from db.queue import as_utc
@@ -47,6 +47,7 @@ class Processor:
         retry_incomplete: bool = False,
         incomplete_grace_s: float = 600.0,
         owner: str | None = None,
+        outbox_plan: outbox.OutboxPlan = outbox.NO_RESULTS,
     ) -> None:
         self.database_url = database_url
         self.model_dir = model_dir
@@ -60,6 +61,8 @@ class Processor:
         #: Lease owner used when a call names none (in-process work); a Celery task passes its id.
         self.default_owner = owner
         self.owner: str | None = owner
+        #: DICOM objects to send back for each scored DICOM film (issue 11; empty: nothing is sent).
+        self.outbox_plan = outbox_plan
 
     @property
     def scorer(self):
@@ -155,6 +158,7 @@ class Processor:
                 ),
                 prepared.attributes,
             )
+            outbox.enqueue_results(session, image_id, scorer.version, self.outbox_plan, prepared.attributes)
             log.debug("%s scored %.3f", tag, score.pneumonia_probability)
             return "scored"
         if prepared.incomplete and self.retry_incomplete and self._within_grace(known.first_seen_at):

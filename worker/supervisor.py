@@ -89,6 +89,9 @@ def worker_env(settings: Settings, spec: WorkerSpec, decode_workers: int) -> dic
     )
     if settings.model_dir:
         environ["CXR_TRIAGE_MODEL_DIR"] = str(settings.model_dir)
+    from worker.dicomnet.plan import results_environment
+
+    environ.update(results_environment(settings))  # workers create the outbox rows (issue 11)
     return environ
 
 

@@ -9,6 +9,7 @@ from celery.signals import worker_process_shutdown
 
 from worker.celery_app import app, database_url
 from worker.decode_pool import DecodePool
+from worker.dicomnet.plan import results_plan
 from worker.logs import describe_error
 from worker.processing import Processor
 from worker.settings import Settings, env
@@ -32,6 +33,7 @@ def processor() -> Processor:
             batch_size=int(env("BATCH_SIZE", "32")),
             lease_seconds=float(env("LEASE_SECONDS", str(settings.lease_seconds))),
             retry_incomplete=True,
+            outbox_plan=results_plan(settings),
         )
         log.info("worker process %d ready (decode workers: %d)", os.getpid(), decode_workers)
     return _processor
