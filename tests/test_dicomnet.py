@@ -48,10 +48,10 @@ PLAN = outbox.OutboxPlan(("PACS@127.0.0.1:104",), (OutboxKind.STRUCTURED_REPORT,
 DCMTK = shutil.which("dsrdump") is not None
 
 
-def sparse_film(folder: Path, name: str = "sparse.dcm", **kwargs) -> Path:
+def sparse_film(folder: Path, name: str = "sparse.dcm", size: int = 64, **kwargs) -> Path:
     """A factory film without the type 2 attributes real sparse films lack, and without file meta."""
     rng = np.random.default_rng(7)
-    path = radiograph(rng.integers(0, 4095, (64, 64)), folder / name, modality="DX", **kwargs)
+    path = radiograph(rng.integers(0, 4095, (size, size)), folder / name, modality="DX", **kwargs)
     ds = pydicom.dcmread(path)
     for keyword in SPARSE_DROPS:
         ds.pop(keyword, None)
