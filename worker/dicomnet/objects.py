@@ -18,6 +18,7 @@ source header before highdicom copies them.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -27,6 +28,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from db.schema import OutboxKind
+
+#: highdicom logs UIDs of the datasets it copies from at INFO: identifiers stay out of our logs.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 MANUFACTURER = "cxr-triage"
 #: Local coding scheme for concepts no standard code covers (PS3.3 8.1: a "99" prefix is private).
