@@ -56,6 +56,7 @@ def sparse_film(folder: Path, name: str = "sparse.dcm", size: int = 64, **kwargs
     for keyword in SPARSE_DROPS:
         ds.pop(keyword, None)
     ds.file_meta = FileMetaDataset()  # no File Meta Information, no preamble: a raw data set
+    ds.preamble = None
     ds.save_as(path, enforce_file_format=False, implicit_vr=False, little_endian=True)
     return path
 
@@ -99,6 +100,7 @@ def test_sr_from_sparse_source_is_valid_and_holds_the_result(tmp_path):
     source = sparse_film(tmp_path)
     src = header(source)
     assert "PatientBirthDate" not in src and not getattr(src, "file_meta", None)
+    assert source.read_bytes()[128:132] != b"DICM"
     uid = generate_uid()
     sr = objects.structured_report(src, result(), uid)
     out = tmp_path / "sr.dcm"
