@@ -76,7 +76,7 @@ class OutboxSender:
         *,
         calling_ae_title: str = "CXR_TRIAGE",
         model_dir: Path | None = None,
-        poll_seconds: float = 0.5,
+        poll_seconds: float = 0.25,
         batch: int = 16,
     ) -> None:
         self.database_url = database_url
