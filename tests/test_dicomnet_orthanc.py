@@ -281,23 +281,16 @@ def test_orthanc_down_mid_run_outbox_delivers_once_when_back(tmp_path, film_fact
         orthanc.stop()
 
 
-def test_scan_sends_before_it_exits(tmp_path, film_factory):
+def test_scan_sends_sr_heatmap_and_key_object_before_it_exits(tmp_path, film_factory):
     orthanc = Orthanc(tmp_path / "orthanc").start()
     url = f"sqlite:///{tmp_path / 'worklist.sqlite3'}"
     folder = tmp_path / "made"
     film = film_factory("scan.dcm")
+    command = [CLI, "scan", str(folder), "--database-url", url, "--no-progress"]
+    command += ["--send-results", orthanc.destination, "--send-heatmap", "--send-key-object"]
     try:
         done = subprocess.run(
-            [
-                CLI,
-                "scan",
-                str(folder),
-                "--database-url",
-                url,
-                "--no-progress",
-                "--send-results",
-                orthanc.destination,
-            ],
+            command,
             capture_output=True,
             text=True,
             timeout=600,
@@ -307,13 +300,24 @@ def test_scan_sends_before_it_exits(tmp_path, film_factory):
         ds = pydicom.dcmread(film)
         (_, study_uid, score) = final_images(url)[ds.SOPInstanceUID]
         assert_sr_matches(orthanc, ds.SOPInstanceUID, study_uid, score)
+        with session_scope(url) as session:
+            high = session.scalar(select(Score.high_confidence_positive))
+        returned = [
+            pydicom.dcmread(io.BytesIO(orthanc.instance_file(i["ID"])))
+            for i in orthanc.instances_of_study(study_uid)
+        ]
+        by_class = {r.SOPClassUID.name: r for r in returned}
+        capture = by_class["Secondary Capture Image Storage"]
+        assert capture.BurnedInAnnotation == "YES" and capture.SamplesPerPixel == 3
+        assert capture.pixel_array.shape[:2] == (256, 256)
+        assert ("Key Object Selection Document Storage" in by_class) == bool(high)  # KOS for HIGH films only
         listed = subprocess.run(
             [CLI, "outbox", "list", "--database-url", url, "--format", "json"],
             capture_output=True,
             text=True,
             timeout=120,
         )
-        assert '"status": "sent"' in listed.stdout
+        assert listed.stdout.count('"status": "sent"') == (3 if high else 2), listed.stdout
     finally:
         orthanc.stop()
 

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from db.engine import default_database_url, masked
 from worker import logs
-from worker.dicomnet.commands import SendResults, with_results  # DICOM results (issue 11)
+from worker.dicomnet.commands import SendHeatmap, SendKeyObject, SendResults, with_results  # issue 11
 from worker.progress import progress_bar
 from worker.settings import Settings
 
@@ -148,6 +148,8 @@ def scan(
     wait: Annotated[bool, typer.Option(help="With a broker: wait until every queued file is final.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     send_results: SendResults = None,
+    send_heatmap: SendHeatmap = None,
+    send_key_object: SendKeyObject = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Score every supported file under PATHS that is not scored yet (a backlog scan).
@@ -157,7 +159,7 @@ def scan(
     """
     settings = _settings(database_url, log_level, broker_url, model_dir, batch_size, decode_workers)
     _prepare_database(settings)
-    settings = with_results(settings, send_results)
+    settings = with_results(settings, send_results, send_heatmap, send_key_object)
     from worker.dicomnet.sender import start_results_sender
 
     results = start_results_sender(settings)
@@ -308,6 +310,8 @@ def watch(
     batch_size: BatchSize = 32,
     decode_workers: DecodeWorkers = None,
     send_results: SendResults = None,
+    send_heatmap: SendHeatmap = None,
+    send_key_object: SendKeyObject = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Watch drop folders; score new files in this process, or queue them when a broker is set."""
@@ -325,7 +329,7 @@ def watch(
     roots = [str(p.resolve()) for p in paths]
     mode = f"queueing to {masked(settings.broker_url)}" if settings.broker_url else "scoring in this process"
     console.print(f"watching {len(roots)} folder(s), {mode}; database {masked(settings.database_url)}")
-    settings = with_results(settings, send_results)
+    settings = with_results(settings, send_results, send_heatmap, send_key_object)
     from worker.dicomnet.sender import start_results_sender
 
     watcher = Watcher(settings, roots, options)
@@ -362,6 +366,8 @@ def worker_command(
     batch_size: BatchSize = 32,
     decode_workers: DecodeWorkers = None,
     send_results: SendResults = None,
+    send_heatmap: SendHeatmap = None,
+    send_key_object: SendKeyObject = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run Celery workers that score queued files (needs --broker-url / CXR_TRIAGE_BROKER_URL)."""
@@ -383,7 +389,7 @@ def worker_command(
         f"{per_worker} decode process(es) each; database {masked(settings.database_url)}"
     )
     recover_every = max(min(settings.lease_seconds / 4, 60.0), 2.0)
-    settings = with_results(settings, send_results)
+    settings = with_results(settings, send_results, send_heatmap, send_key_object)
     from worker.dicomnet.sender import start_results_sender
 
     results = start_results_sender(settings)  # the supervisor sends; workers only create outbox rows

@@ -40,6 +40,24 @@ SendResults = Annotated[
         "film's study. Kept in the database outbox and retried while the PACS is down.",
     ),
 ]
+SendHeatmap = Annotated[
+    bool | None,
+    typer.Option(
+        "--send-heatmap/--no-send-heatmap",
+        envvar="CXR_TRIAGE_SEND_HEATMAP",
+        show_envvar=True,
+        help="With --send-results: also a Grad-CAM Secondary Capture, labelled research only (default: off).",
+    ),
+]
+SendKeyObject = Annotated[
+    bool | None,
+    typer.Option(
+        "--send-key-object/--no-send-key-object",
+        envvar="CXR_TRIAGE_SEND_KEY_OBJECT",
+        show_envvar=True,
+        help="With --send-results: also a Key Object Selection flagging HIGH films (default: off).",
+    ),
+]
 DatabaseUrl = Annotated[
     str | None,
     typer.Option(
@@ -49,12 +67,21 @@ DatabaseUrl = Annotated[
 LogLevel = Annotated[str, typer.Option("--log-level", envvar="CXR_TRIAGE_LOG_LEVEL", show_envvar=True)]
 
 
-def with_results(settings: Settings, send_results: str | None) -> Settings:
-    """``--send-results`` over the settings, checked: a malformed destination fails early and clearly."""
+def with_results(
+    settings: Settings,
+    send_results: str | None,
+    send_heatmap: bool | None = None,
+    send_key_object: bool | None = None,
+) -> Settings:
+    """The result flags over the settings, checked: a malformed destination fails early and clearly."""
     from worker.dicomnet.plan import DestinationError, results_plan
 
-    if send_results:
-        settings = settings.with_changes(results_destination=send_results)
+    flags = {
+        "results_destination": send_results or None,
+        "send_heatmap": send_heatmap,
+        "send_key_object": send_key_object,
+    }
+    settings = settings.with_changes(**{k: v for k, v in flags.items() if v is not None})
     try:
         results_plan(settings)
     except DestinationError as exc:
@@ -75,7 +102,7 @@ def dicom_listen_command(
             show_envvar=True,
             min=0,
             max=65535,
-            help="TCP port to listen on [default: 11112].",
+            help="TCP port to listen on (default: 11112).",
         ),
     ] = None,
     ae_title: Annotated[
@@ -84,7 +111,7 @@ def dicom_listen_command(
             "--ae-title",
             envvar="CXR_TRIAGE_DICOM_AE_TITLE",
             show_envvar=True,
-            help="Our AE title, as configured in the modality or PACS [default: CXR_TRIAGE].",
+            help="Our AE title, as configured in the modality or PACS (default: CXR_TRIAGE).",
         ),
     ] = None,
     allowed_callers: Annotated[
