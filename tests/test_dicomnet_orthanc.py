@@ -338,3 +338,55 @@ def test_bad_destination_is_a_clear_error(tmp_path):
         timeout=120,
     )
     assert done.returncode == 2 and "AET@host:port" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_distributed_workers_create_rows_and_the_supervisor_sends(pg_url, redis_url, tmp_path, film_factory):
+    """`worker --send-results`: Celery children write the outbox rows, the supervisor sends them."""
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    env = dict(
+        os.environ,
+        CXR_TRIAGE_DATABASE_URL=pg_url,
+        CXR_TRIAGE_BROKER_URL=redis_url,
+        CXR_TRIAGE_DECODE_WORKERS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("CXR_TRIAGE_RESULTS_DESTINATION", None)
+    subprocess.run([CLI, "db", "upgrade"], env=env, check=True, capture_output=True, timeout=120)
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen(
+        [CLI, "worker", "--processes", "1", "--send-results", orthanc.destination],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    film = pydicom.dcmread(film_factory("distributed.dcm"))
+    try:
+        done = subprocess.run(
+            [CLI, "scan", str(tmp_path / "made"), "--wait", "--no-progress"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+        def sent() -> bool:
+            return outbox_statuses(pg_url) == ["sent"]
+
+        deadline = time.monotonic() + 120
+        while not sent() and time.monotonic() < deadline:
+            assert worker.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        assert sent(), log.read_text()[-3000:]
+        (_, study_uid, score) = final_images(pg_url)[film.SOPInstanceUID]
+        assert_sr_matches(orthanc, film.SOPInstanceUID, study_uid, score)
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+        orthanc.stop()
