@@ -348,3 +348,38 @@ def test_listener_output_is_taken_by_the_pipeline(listener, tmp_path):
     decoded = decode_file(str(written))
     assert decoded.dicom.sop_uid == film.SOPInstanceUID
     assert io.BytesIO(written.read_bytes()).getvalue()[128:132] == b"DICM"
+
+
+def test_write_errors_map_to_dicom_failure_statuses():
+    import errno
+
+    from worker.dicomnet.listener import OUT_OF_RESOURCES, PROCESSING_FAILURE, store_status
+
+    assert store_status(OSError(errno.ENOSPC, "full")) == OUT_OF_RESOURCES == 0xA700
+    assert store_status(OSError(errno.EDQUOT, "quota")) == OUT_OF_RESOURCES
+    assert store_status(OSError(errno.EACCES, "denied")) == PROCESSING_FAILURE == 0x0110
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs as the drop folder (needs root and mount permission; skipped otherwise)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True, timeout=30
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield folder
+    subprocess.run(["umount", str(folder)], capture_output=True, timeout=30)
+
+
+def test_full_disk_answers_out_of_resources_and_leaves_no_partial_file(full_disk, tmp_path):
+    scp = StorageListener(full_disk, port=0, ae_title="CXR_TRIAGE", host="127.0.0.1")
+    scp.start()
+    try:
+        film = pydicom.dcmread(radiograph(np.ones((1024, 1024)), tmp_path / "big.dcm"))  # 2 MiB
+        assert _send(scp.port, [film]) == [0xA700]
+        assert list(full_disk.iterdir()) == []
+    finally:
+        scp.stop()

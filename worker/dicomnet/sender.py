@@ -178,6 +178,12 @@ class OutboxSender:
                 assoc.release()
 
     def _store_one(self, assoc, item: Claimed, dataset) -> None:
+        accepted = {context.abstract_syntax for context in assoc.accepted_contexts}
+        if SOP_CLASSES[item.kind] not in accepted:  # PS3.8 9.3.3.2: the PACS refused this SOP class
+            self._finish(
+                item, f"the destination does not accept {SOP_CLASSES[item.kind].name}", permanent=True
+            )
+            return
         try:
             status = assoc.send_c_store(dataset)
         except Exception as exc:  # noqa: BLE001 - network errors become a retry
