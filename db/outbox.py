@@ -22,7 +22,7 @@ from db.queue import _insert, as_utc
 from db.schema import Image, OutboxItem, OutboxKind, OutboxStatus, Score, SourceFile, utcnow
 
 #: A claimed row not finished within this long (sender killed) is due again.
-CLAIM_LEASE_S = 300.0
+CLAIM_LEASE_S = 120.0
 #: Retry delays grow as FIRST_RETRY_S * 2**(attempts-1), capped; after MAX_ATTEMPTS the row is failed.
 FIRST_RETRY_S = 2.0
 MAX_RETRY_S = 60.0

@@ -124,8 +124,14 @@ def dicom_listen_command(
         ),
     ] = None,
     bind: Annotated[
-        str, typer.Option("--bind", help="Address to listen on (0.0.0.0: every interface).")
-    ] = "0.0.0.0",
+        str | None,
+        typer.Option(
+            "--bind",
+            envvar="CXR_TRIAGE_DICOM_BIND_ADDRESS",
+            show_envvar=True,
+            help="Address to listen on (default: 0.0.0.0, every interface).",
+        ),
+    ] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Receive films over DICOM (C-STORE, C-ECHO) and drop them into DROP_DIR for `watch`.
@@ -143,7 +149,11 @@ def dicom_listen_command(
     logs.configure(log_level)
     try:
         settings = Settings.build(
-            dicom_port=port, dicom_ae_title=ae_title, allowed_callers=allowed_callers, log_level=log_level
+            dicom_port=port,
+            dicom_ae_title=ae_title,
+            allowed_callers=allowed_callers,
+            dicom_bind_address=bind,
+            log_level=log_level,
         )
     except ValueError as exc:
         console.print(f"[red]invalid option: {str(exc).splitlines()[0]}[/red]")
@@ -153,7 +163,7 @@ def dicom_listen_command(
         port=settings.dicom_port,
         ae_title=settings.dicom_ae_title,
         allowed_callers=settings.allowed_callers,
-        host=bind,
+        host=settings.dicom_bind_address,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -161,11 +171,13 @@ def dicom_listen_command(
     try:
         bound = listener.start()
     except OSError as exc:
-        console.print(f"[red]cannot listen on {bind}:{settings.dicom_port}: {exc.strerror or exc}[/red]")
+        where = f"{settings.dicom_bind_address}:{settings.dicom_port}"
+        console.print(f"[red]cannot listen on {where}: {exc.strerror or exc}[/red]")
         raise typer.Exit(2) from exc
     callers = ",".join(settings.allowed_callers) or "any calling AE title"
     console.print(
-        f"listening as {settings.dicom_ae_title} on {bind}:{bound} ({callers}); dropping into {drop_dir}"
+        f"listening as {settings.dicom_ae_title} on {settings.dicom_bind_address}:{bound} ({callers}); "
+        f"dropping into {drop_dir}"
     )
     try:
         stop.wait()
