@@ -226,6 +226,8 @@ def secondary_capture(header: Dataset, overlay_rgb: np.ndarray, sop_instance_uid
     )
     if orientation is None:  # unknown: PatientOrientation is type 2C, empty rather than guessed
         sc.PatientOrientation = None
+    if "Laterality" not in sc:  # PS3.3 C.7.3.1 type 2C: a chest is not paired, but say so (empty)
+        sc.Laterality = header.get("Laterality") or None
     sc.BurnedInAnnotation = "YES"  # PS3.3 C.7.6.3: the label is in the pixels
     sc.ImageComments = RESEARCH_LABEL
     sc.SeriesDescription = "cxr-triage Grad-CAM, research only, not diagnostic"
