@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -29,8 +30,10 @@ from pydicom.uid import generate_uid
 
 from db.schema import OutboxKind
 
-#: highdicom logs UIDs of the datasets it copies from at INFO: identifiers stay out of our logs.
+#: highdicom logs UIDs of the datasets it copies from at INFO, and highdicom and pydicom quote header
+#: values (patient names, UIDs) in their warnings: identifiers stay out of our logs.
 logging.getLogger("highdicom").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"(highdicom|pydicom)(\.|$)")
 
 MANUFACTURER = "cxr-triage"
 #: Local coding scheme for concepts no standard code covers (PS3.3 8.1: a "99" prefix is private).
@@ -107,6 +110,7 @@ def usable_source(header: Dataset) -> Dataset:
         if not str(header.get(keyword, "") or ""):
             raise SourceProblem(f"the source has no {keyword}: no study to return a result to")
     source = copy.deepcopy(header)
+    _drop_invalid_values(source)
     for keyword, vr in _TYPE2.items():
         if keyword not in source:
             source.add_new(keyword, vr, None)
@@ -116,6 +120,24 @@ def usable_source(header: Dataset) -> Dataset:
         source.Modality = "OT"
     source.pop("PixelData", None)
     return source
+
+
+def _drop_invalid_values(source: Dataset) -> None:
+    """Values the source got wrong for their VR (PS3.5 6.2; e.g. PatientAge "62" for AS "062Y") are not
+    copied into our objects: type 2 ones become empty, others are left out (guessing would be worse)."""
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+
+    for element in list(source):
+        if element.VR == "SQ" or element.tag.group not in (0x0008, 0x0010, 0x0020) or element.value is None:
+            continue
+        try:
+            validate_value(element.VR, element.value, config.RAISE)
+        except (ValueError, TypeError):
+            if element.keyword in _TYPE2:
+                element.value = None
+            else:
+                del source[element.tag]
 
 
 def series_uid_for(sop_instance_uid: str) -> str:
