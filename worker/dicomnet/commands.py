@@ -1,7 +1,7 @@
 """CLI: ``cxr-triage dicom-listen`` and ``cxr-triage outbox list|retry``.
 
 Registered in :mod:`worker.cli`; the ``--send-results`` option of watch/scan/worker is
-:data:`SendResults` and starts the sender with :func:`worker.dicomnet.sender.results_sender`.
+:data:`SendResults` and starts the sender with :func:`worker.dicomnet.sender.start_results_sender`.
 """
 
 from __future__ import annotations

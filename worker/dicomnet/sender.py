@@ -1,7 +1,7 @@
 """The outbox sender: build each pending object and C-STORE it to its destination, with backoff.
 
 Runs as a background thread in ``watch``, ``scan`` and the ``worker`` supervisor
-(:func:`results_sender`). Rows live in the database (:mod:`db.outbox`), so a
+(:func:`start_results_sender`). Rows live in the database (:mod:`db.outbox`), so a
 restart resumes where the last run stopped, and a destination that is down is
 retried with a growing delay (2 s doubling to 60 s) until it is back.
 
@@ -14,14 +14,12 @@ treats as the same object (PS3.4 B.4.1.3), not as a second report.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -327,18 +325,3 @@ def _drain_and_report(sender: OutboxSender, drain_s: float) -> None:
             counts[OutboxStatus.PENDING],
             drain_s,
         )
-
-
-@contextlib.contextmanager
-def results_sender(settings: Settings, *, drain_s: float | None = None) -> Iterator[OutboxSender | None]:
-    """Run the outbox sender in a thread while the block runs (nothing without a destination).
-
-    ``drain_s`` (``scan``): on leaving, wait up to that long for pending objects before stopping.
-    """
-    handle = start_results_sender(settings)
-    ok = False
-    try:
-        yield handle.sender
-        ok = True
-    finally:
-        handle.close(drain_s if ok and drain_s else 0.0)
