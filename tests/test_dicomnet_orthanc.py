@@ -234,24 +234,32 @@ def test_round_trip_modality_and_pacs_push_to_sr_in_orthanc(tmp_path, dicom_dir,
     assert not [value for value in identifiers if len(value) > 3 and value in logged]
 
 
+def _pending_with_errors(url: str, pending: int, sent: int) -> Callable[[], bool]:
+    """True once the outbox holds ``sent`` sent rows and ``pending`` rows that failed at least once."""
+
+    def check() -> bool:
+        with session_scope(url) as session:
+            rows = session.execute(select(OutboxItem.status, OutboxItem.last_error)).all()
+        retried = [e for s, e in rows if s == "pending" and e]
+        return (
+            sorted(s for s, _ in rows) == ["pending"] * pending + ["sent"] * sent and len(retried) == pending
+        )
+
+    return check
+
+
 def test_orthanc_down_mid_run_outbox_delivers_once_when_back(tmp_path, film_factory):
-    """Stop the PACS mid-run: results wait in the outbox, go when it is back, once each; a restarted
-    watch sends nothing again. Sparse films (no type 2 attributes, no file meta) get a valid SR."""
+    """Stop the PACS mid-run: results wait in the outbox and go when it is back, once each; results left
+    pending by a watch that stopped are sent by the next one. Sparse films (no type 2 attributes, no
+    file meta) get a valid SR."""
     orthanc = Orthanc(tmp_path / "orthanc").start()
     drop, url = tmp_path / "drop", f"sqlite:///{tmp_path / 'worklist.sqlite3'}"
     drop.mkdir()
     upgrade(url)  # so that the test can read the outbox before watch has started
-    args = (
-        "watch",
-        str(drop),
-        "--database-url",
-        url,
-        "--batch-wait",
-        "0.2",
-        "--send-results",
-        orthanc.destination,
-    )
+    args = ("watch", str(drop), "--database-url", url, "--batch-wait", "0.2")
+    args += ("--send-results", orthanc.destination)
     watch = Cli(tmp_path, "watch", *args)
+    restarted = None
     try:
         shutil.copy(film_factory("first.dcm"), drop / "first.dcm")
         wait_for("the first SR", lambda: outbox_statuses(url) == ["sent"], 300, watch)
@@ -260,33 +268,31 @@ def test_orthanc_down_mid_run_outbox_delivers_once_when_back(tmp_path, film_fact
         sparse = sparse_film(tmp_path / "made", "sparse.dcm", size=300)
         assert sparse.read_bytes()[128:132] != b"DICM"  # no preamble, no file meta
         shutil.copy(sparse, drop / "sparse.dcm")
-
-        def retrying() -> bool:
-            with session_scope(url) as session:
-                rows = session.execute(select(OutboxItem.status, OutboxItem.last_error)).all()
-            pending_with_error = [e for s, e in rows if s == "pending" and e]
-            return (
-                sorted(s for s, _ in rows) == ["pending", "pending", "sent"] and len(pending_with_error) == 2
-            )
-
-        wait_for("the outbox to retry while Orthanc is down", retrying, 300, watch)
+        wait_for("retries while Orthanc is down", _pending_with_errors(url, 2, 1), 300, watch)
         orthanc.start()
         wait_for("delivery once Orthanc is back", lambda: outbox_statuses(url) == ["sent"] * 3, 120, watch)
-        watch.stop()
+        # down again, and the watch stops with a result pending: the next watch sends it
+        orthanc.stop()
+        shutil.copy(film_factory("third.dcm"), drop / "third.dcm")
+        wait_for("a retry of the third", _pending_with_errors(url, 1, 3), 300, watch)
+        assert watch.stop() == 0
+        orthanc.start()
         restarted = Cli(tmp_path, "watch-again", *args)
-        time.sleep(15)  # long enough for a rescan and several sender rounds
+        wait_for("delivery by the next watch", lambda: outbox_statuses(url) == ["sent"] * 4, 300, restarted)
+        time.sleep(3)  # a few more sender rounds: nothing is sent twice
         restarted.stop()
-        assert outbox_statuses(url) == ["sent"] * 3
         images = final_images(url)
-        assert sorted(v[0] for v in images.values()) == ["scored"] * 3
+        assert sorted(v[0] for v in images.values()) == ["scored"] * 4
         sparse_seen = False
         for sop_uid, (_, study_uid, score) in images.items():
-            sr = assert_sr_matches(orthanc, sop_uid, study_uid, score)  # valid for dcmtk, sparse or not
+            sr = assert_sr_matches(orthanc, sop_uid, study_uid, score)  # one each, valid for dcmtk
             sparse_seen = sparse_seen or sr.PatientBirthDate == ""
-        assert sr_count(orthanc) == 3
+        assert sr_count(orthanc) == 4
         assert sparse_seen, "the sparse film's SR has an empty PatientBirthDate"
     finally:
         watch.stop()
+        if restarted is not None:
+            restarted.stop()
         orthanc.stop()
 
 
