@@ -20,6 +20,7 @@ from rich.table import Table
 from db.engine import masked
 from db.schema import ImageStatus
 from worker import logs, metrics
+from worker.dicomnet.commands import SendHeatmap, SendKeyObject, SendResults, with_results  # issue 11
 from worker.options import ModelDir, setting
 from worker.progress import progress_bar
 from worker.settings import Settings, env_name, flag_name
@@ -131,6 +132,9 @@ def scan(
             "duplicates, queued, elapsed_s, images_per_s."
         ),
     ] = None,
+    send_results: SendResults = None,
+    send_heatmap: SendHeatmap = None,
+    send_key_object: SendKeyObject = None,
     log_level: LogLevel = None,
 ) -> None:
     """Score every supported file under PATHS that is not scored yet (a backlog scan).
@@ -154,6 +158,10 @@ def scan(
         log_level=log_level,
     )
     _prepare_database(settings)
+    settings = with_results(settings, send_results, send_heatmap, send_key_object)
+    from worker.dicomnet.sender import start_results_sender
+
+    results = start_results_sender(settings)
     roots = _resolve_roots(paths)
     console.print(f"database: {masked(settings.database_url)}", markup=False)
     per_root = {root: count_files([root], settings.follow_symlinks) for root in roots}
@@ -187,6 +195,7 @@ def scan(
                 summary.outcomes["queued"] = len(handed_on)
     elapsed = time.perf_counter() - started
     _print_summary(summary, elapsed)
+    results.close(drain_s=120.0)  # send the results of this scan before exiting (bounded wait)
     if summary_json is not None:
         summary_json.write_text(json.dumps(summary_record(summary, elapsed), indent=2) + "\n")
     if sum(per_root.values()) == 0:
@@ -377,6 +386,9 @@ def watch(
     decode_workers: DecodeWorkers = None,
     full_resolution_decode: FullResolution = None,
     metrics_port: MetricsPort = None,
+    send_results: SendResults = None,
+    send_heatmap: SendHeatmap = None,
+    send_key_object: SendKeyObject = None,
     log_level: LogLevel = None,
 ) -> None:
     """Watch drop folders; score new files in this process, or queue them when a broker is set."""
@@ -405,6 +417,9 @@ def watch(
             console.print(f"cannot create or open the drop folder {path}: {exc.strerror}", markup=False)
             raise typer.Exit(2) from None
     mode = f"queueing to {masked(settings.broker_url)}" if settings.broker_url else "scoring in this process"
+    settings = with_results(settings, send_results, send_heatmap, send_key_object)
+    from worker.dicomnet.sender import start_results_sender
+
     console.print(
         f"watching {len(roots)} folder(s), {mode}; database {masked(settings.database_url)}", markup=False
     )
@@ -412,8 +427,10 @@ def watch(
     metrics.for_watch(settings, roots, port=settings.metrics_port)
     signal.signal(signal.SIGTERM, lambda *_: watcher.stop_event.set())
     started = time.perf_counter()
+    results = start_results_sender(settings)
     with contextlib.suppress(KeyboardInterrupt):
         watcher.run()
+    results.close()
     _print_summary(watcher.summary, time.perf_counter() - started)
 
 
@@ -430,6 +447,9 @@ def worker_command(
     decode_workers: DecodeWorkers = None,
     full_resolution_decode: FullResolution = None,
     metrics_port: MetricsPort = None,
+    send_results: SendResults = None,
+    send_heatmap: SendHeatmap = None,
+    send_key_object: SendKeyObject = None,
     log_level: LogLevel = None,
 ) -> None:
     """Run Celery workers that score queued files (needs --broker-url / CXR_TRIAGE_BROKER_URL)."""
@@ -464,9 +484,15 @@ def worker_command(
         f"{settings.decode_processes} decode process(es) each; database {masked(settings.database_url)}",
         markup=False,
     )
+    settings = with_results(settings, send_results, send_heatmap, send_key_object)
+    from worker.dicomnet.sender import start_results_sender
+
+    results = start_results_sender(settings)  # the supervisor sends; workers only create outbox rows
     supervisor = Supervisor(settings, specs)
     metrics.for_worker(settings, supervisor, port=settings.metrics_port)
-    raise typer.Exit(supervisor.run())
+    code = supervisor.run()
+    results.close()
+    raise typer.Exit(code)
 
 
 def _register_optional_commands() -> None:
@@ -476,6 +502,11 @@ def _register_optional_commands() -> None:
         return
     app.add_typer(model_app, name="model")
     app.command("explain")(explain_command)
+
+
+from worker.dicomnet.commands import register as _register_dicom_commands  # noqa: E402
+
+_register_dicom_commands(app)  # dicom-listen, outbox list|retry (issue 11)
 
 
 _register_optional_commands()

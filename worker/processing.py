@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import select
 
-from db import queue
+from db import outbox, queue
 from db.engine import session_scope
 from db.paths import from_db
 from db.queue import as_utc
 from db.schema import Image, ImageStatus, utcnow
 from worker import metrics
 from worker.decode_pool import DecodePool
+from worker.dicomnet.plan import results_plan
 from worker.logs import short
 from worker.outcomes import TRANSIENT_ERRNOS, Outcome, is_transient
 from worker.prepare import Prepared
@@ -56,6 +57,7 @@ class Processor:
         owner: str | None = None,
         full_resolution_decode: bool = False,
         settings: Settings | None = None,
+        outbox_plan: outbox.OutboxPlan = outbox.NO_RESULTS,
     ) -> None:
         self.database_url = database_url
         self.model_dir = model_dir
@@ -73,6 +75,8 @@ class Processor:
         #: Lease owner used when a call names none (in-process work); a Celery task passes its id.
         self.default_owner = owner
         self.owner: str | None = owner
+        #: DICOM objects to send back for each scored DICOM film (issue 11; empty: nothing is sent).
+        self.outbox_plan = outbox_plan
 
     @classmethod
     def from_settings(
@@ -88,6 +92,7 @@ class Processor:
             owner=owner,
             full_resolution_decode=settings.full_resolution_decode,
             settings=settings,
+            outbox_plan=results_plan(settings),
         )
 
     @property
@@ -232,6 +237,9 @@ class Processor:
         assert prepared is not None
         if score is not None:
             queue.record_score(session, image_id, self._score_record(score), prepared.attributes)
+            outbox.enqueue_results(
+                session, image_id, self.scorer.version, self.outbox_plan, prepared.attributes
+            )
             log.debug("%s scored %.3f", tag, score.pneumonia_probability)
             return Outcome.SCORED
         if is_transient(prepared.reason):

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     )
     dicom_port: int = Field(11112, ge=0, le=65535, description="Port of the DICOM Storage SCP (dicom-listen)")
     dicom_ae_title: str = Field("CXR_TRIAGE", max_length=16, description="AE title of the DICOM listener")
+    dicom_bind_address: str = Field(
+        "0.0.0.0", description="Address dicom-listen binds to (0.0.0.0: every interface)"
+    )
     allowed_callers: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Calling AE titles accepted by dicom-listen (comma-separated); empty: any",
