@@ -236,3 +236,23 @@ class OutboxItem(Base):
 
 
 Index("ix_images_status_lease", Image.status, Image.lease_expires_at)
+
+
+class AppSecret(Base):
+    """Keys a service generates once and shares between its processes (the web session key)."""
+
+    __tablename__ = "app_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# Migration 0004: what the worklist view's order and the web page's filters need.
+Index("ix_scores_image_id_id", Score.image_id, Score.id)
+Index("ix_source_files_image_seen", SourceFile.image_id, SourceFile.seen_at, SourceFile.id)
+Index("ix_images_first_seen_at", Image.first_seen_at)
+Index("ix_images_reviewed_at", Image.reviewed_at)
+Index("ix_images_accession_number", Image.accession_number)
+Index("ix_images_patient_id", Image.patient_id)
+Index("ix_calibrations_model_active", Calibration.model_version, Calibration.active)

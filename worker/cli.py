@@ -206,15 +206,21 @@ def worklist(
     database_url: DatabaseUrl = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
-    """Print the worklist, most urgent first (unreviewed likely pneumonia on top; see README for aging)."""
-    from db.engine import session_scope
-    from db.worklist import INTENDED_USE, build_worklist
+    """Print the worklist, most urgent first (unreviewed likely pneumonia on top; see README for aging).
 
+    The rows are those of the database view: SELECT * FROM triage_worklist ORDER BY worklist_rank.
+    """
+    from db.engine import session_scope
+    from db.worklist import INTENDED_USE, WorklistFilter, query_rows
+
+    try:
+        wanted = WorklistFilter(status=status)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--status") from exc
     settings = _settings(database_url, log_level)
     _prepare_database(settings)
     with session_scope(settings.database_url) as session:
-        entries = build_worklist(session, status=status, limit=limit)
-    rows = [entry.as_dict() for entry in entries]
+        rows = query_rows(session, wanted, limit=limit)
     if format is OutputFormat.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     elif format is OutputFormat.csv:
