@@ -179,7 +179,8 @@ def _filtered(query, view, wanted: WorklistFilter):
     if wanted.arrived_from:
         query = query.where(c.first_seen_at >= datetime.combine(wanted.arrived_from, time.min))
     if wanted.arrived_to:
-        query = query.where(c.first_seen_at < datetime.combine(wanted.arrived_to + timedelta(days=1), time.min))
+        day_after = datetime.combine(wanted.arrived_to + timedelta(days=1), time.min)
+        query = query.where(c.first_seen_at < day_after)
     if wanted.search:
         term = wanted.search.strip()
         query = query.where((c.patient_id == term) | (c.accession_number == term))
