@@ -388,6 +388,9 @@ def _register_optional_commands() -> None:
 
 
 _register_optional_commands()
+from worker.web_commands import register as _register_web_commands  # noqa: E402 - web, users, audit
+
+_register_web_commands(app)
 
 
 def main() -> None:
