@@ -248,7 +248,24 @@ class AppSecret(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class WorklistOrder(Base):
+    """Each film's place in the worklist, kept up to date by triggers (migration 0004); read through
+    the ``triage_worklist`` view, never written by the application."""
+
+    __tablename__ = "worklist_order"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    score_id: Mapped[int | None] = mapped_column(Integer)
+    calibration_id: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    tier: Mapped[str | None] = mapped_column(String(8))
+    worklist_rank: Mapped[float] = mapped_column(Float)
+
+
 # Migration 0004: what the worklist view's order and the web page's filters need.
+Index("ix_worklist_order_rank", WorklistOrder.worklist_rank)
+Index("ix_worklist_order_tier_rank", WorklistOrder.tier, WorklistOrder.worklist_rank)
+Index("ix_worklist_order_status_rank", WorklistOrder.status, WorklistOrder.worklist_rank)
 Index("ix_scores_image_id_id", Score.image_id, Score.id)
 Index("ix_source_files_image_seen", SourceFile.image_id, SourceFile.seen_at, SourceFile.id)
 Index("ix_images_first_seen_at", Image.first_seen_at)

@@ -170,7 +170,7 @@ def _filtered(query, view, wanted: WorklistFilter):
     if wanted.tier:
         query = query.where(c.tier == wanted.tier)
     if wanted.reviewed is not None:
-        query = query.where(c.reviewed_at.is_not(None) if wanted.reviewed else c.reviewed_at.is_(None))
+        query = query.where(_reviewed(view, wanted.reviewed, _include_superseded(wanted)))
     if wanted.out_of_scope is not None:
         query = query.where(c.out_of_scope == wanted.out_of_scope)
     if wanted.folder:
@@ -185,6 +185,23 @@ def _filtered(query, view, wanted: WorklistFilter):
         term = wanted.search.strip()
         query = query.where((c.patient_id == term) | (c.accession_number == term))
     return query
+
+
+#: Reviewed films rank from here (below: unreviewed), superseded ones from SUPERSEDED_RANK.
+REVIEWED_RANK = 3_000_000.0
+SUPERSEDED_RANK = 4_000_000.0
+
+
+def _reviewed(view, reviewed: bool, with_superseded: bool):
+    """Reviewed or not, as a range of ``worklist_rank`` (an index range, no join to the images)."""
+    rank = view.c.worklist_rank
+    in_range = (rank >= REVIEWED_RANK) & (rank < SUPERSEDED_RANK) if reviewed else rank < REVIEWED_RANK
+    if not with_superseded:
+        return in_range
+    superseded = (rank >= SUPERSEDED_RANK) & (
+        view.c.reviewed_at.is_not(None) if reviewed else view.c.reviewed_at.is_(None)
+    )
+    return in_range | superseded
 
 
 def _include_superseded(wanted: WorklistFilter) -> bool:
