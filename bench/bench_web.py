@@ -192,6 +192,7 @@ def main() -> None:
             for label, t in results.items()
         ]
         body = table(["request", "n", "p50 ms", "p95 ms", "max ms"], rows)
+        log("latencies:\n" + body)
 
         rss = [rss_bytes(server.pid)]
         total, offset, started = 0, 0, time.perf_counter()

@@ -214,11 +214,18 @@ def query_rows(
     """Rows of the worklist (JSON-ready dicts in :data:`COLUMNS` order), most urgent first."""
     wanted = wanted or WorklistFilter()
     view = view_table(_include_superseded(wanted))
-    query = _filtered(select(view), view, wanted).order_by(view.c.worklist_rank, view.c.sha256)
-    if limit is not None:
-        query = query.limit(limit)
+    order = (view.c.worklist_rank, view.c.sha256)
+    query = _filtered(select(view), view, wanted).order_by(*order)
     if offset:
-        query = query.offset(offset)
+        # Deep pages: find the page's films by their keys first (cheap columns only), then compute the
+        # full rows (paths, priority) for those films alone, not for every film skipped by OFFSET.
+        keys = _filtered(select(view.c.sha256), view, wanted).order_by(*order).offset(offset)
+        if limit is not None:
+            keys = keys.limit(limit)
+        page = keys.subquery("page")
+        query = select(view).join(page, page.c.sha256 == view.c.sha256).order_by(*order)
+    elif limit is not None:
+        query = query.limit(limit)
     return [row_to_dict(row) for row in session.execute(query).mappings()]
 
 
