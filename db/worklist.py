@@ -41,7 +41,7 @@ from sqlalchemy import Boolean, DateTime, Float, String, Text, column, func, sel
 from sqlalchemy.orm import Session
 
 from db.queue import as_utc
-from db.schema import ImageStatus
+from db.schema import Image, ImageStatus, SourceFile
 
 AGING_POINTS_PER_DAY = 10.0
 SCREENING_BONUS = 100.0
@@ -174,8 +174,14 @@ def _filtered(query, view, wanted: WorklistFilter):
     if wanted.out_of_scope is not None:
         query = query.where(c.out_of_scope == wanted.out_of_scope)
     if wanted.folder:
+        # Films seen under the folder (at any of their paths): a prefix range on source_files.path.
         prefix = wanted.folder.rstrip("/") + "/"
-        query = query.where(c.path.like(_escape_like(prefix) + "%", escape="\\"))
+        seen_there = (
+            select(Image.sha256)
+            .join(SourceFile, SourceFile.image_id == Image.id)
+            .where(SourceFile.path.like(_escape_like(prefix) + "%", escape="\\"))
+        )
+        query = query.where(c.sha256.in_(seen_there))
     if wanted.arrived_from:
         query = query.where(c.first_seen_at >= datetime.combine(wanted.arrived_from, time.min))
     if wanted.arrived_to:

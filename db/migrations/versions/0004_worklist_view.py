@@ -261,6 +261,8 @@ def upgrade() -> None:
     )
     for name, table, columns in _INDEXES:
         op.create_index(name, table, columns)
+    if dialect == "postgresql":  # folder filter: LIKE 'prefix%' as an index range whatever the collation
+        op.execute("CREATE INDEX ix_source_files_path_prefix ON source_files (path text_pattern_ops)")
     for statement in view_sql(dialect) + _trigger_sql(dialect):
         op.execute(sa.text(statement))
     op.execute(
@@ -301,6 +303,7 @@ def downgrade() -> None:
         for statement in _TRIGGERS_SQLITE:
             op.execute("DROP TRIGGER IF EXISTS " + statement.split()[2])
     op.drop_table("app_secrets")
+    op.execute("DROP INDEX IF EXISTS ix_source_files_path_prefix")
     op.execute("DROP VIEW IF EXISTS triage_worklist")
     op.execute("DROP VIEW IF EXISTS triage_worklist_all")
     op.execute("DROP VIEW IF EXISTS worklist_source")
