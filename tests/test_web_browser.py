@@ -2,9 +2,9 @@
 
 Films from ../shared/data/kermany-cxr224 are scored by the real `cxr-triage scan`; users are made by
 `cxr-triage users add`; the page is served by `cxr-triage web`. The test signs in, checks the rows
-are in the CLI's order, opens a film with the keyboard, toggles the Grad-CAM overlay, presses Agree,
-sees the film leave the top, signs out; a viewer cannot review. It saves the README's screenshots
-to docs/screenshots/.
+are in the CLI's order, sees a newly scored film appear without a reload, opens a film with the
+keyboard, toggles the Grad-CAM overlay, presses Agree, sees the film leave the top, signs out; a
+viewer cannot review. It saves the README's screenshots to docs/screenshots/.
 """
 
 from __future__ import annotations
@@ -91,16 +91,28 @@ def _rows(page) -> list[str]:
     )
 
 
-def test_reader_signs_in_opens_a_film_agrees_and_signs_out(browser, scored_site):
-    url, base, _ = scored_site
+def test_reader_signs_in_opens_a_film_agrees_and_signs_out(browser, scored_site, kermany):
+    url, base, root = scored_site
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     page = context.new_page()
     csp_errors: list[str] = []
     page.on("console", lambda m: csp_errors.append(m.text) if "Content Security Policy" in m.text else None)
 
     _sign_in(page, base, "dr-reader")
+    assert _rows(page) == _cli_order(url) and len(_rows(page)) == 7, "the page shows the CLI's order"
+
+    # a new urgent film arrives: the open page shows it at its place without a reload
+    page.evaluate("window.notReloaded = true")
+    new_film = kermany_files(kermany, "PNEUMONIA", 41)[-1]
+    copy_into([new_film], root / "drop" / "ward-4")
+    scan = cli("scan", str(root / "drop"), "--database-url", url, "--no-progress", "--decode-workers", "0")
+    assert scan.returncode == 0, scan.stderr
+    page.wait_for_function(
+        "document.querySelectorAll('#worklist tbody tr[data-sha256]').length === 8", timeout=90_000
+    )
+    assert page.evaluate("window.notReloaded === true")
     before = _cli_order(url)
-    assert _rows(page) == before and len(before) == 7, "the page shows the CLI's order"
+    assert _rows(page) == before, "refreshed in the CLI's order"
     page.wait_for_function("Array.from(document.querySelectorAll('img.thumb')).every(i => i.complete)")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     _screenshot(page, "worklist.png")
