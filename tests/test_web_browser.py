@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,14 @@ def _sign_in(page, base: str, username: str) -> None:
     page.wait_for_url(base + "/")
 
 
+def _until(page, predicate: str, seconds: float) -> None:
+    """Poll a page predicate from here: the page's CSP forbids the eval that wait_for_function uses."""
+    deadline = time.monotonic() + seconds
+    while not page.evaluate(predicate):
+        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
+        page.wait_for_timeout(250)
+
+
 def _screenshot(page, name: str) -> None:
     """Save a README screenshot, reduced to a 256-colour palette so the committed PNG stays small."""
     from PIL import Image
@@ -107,13 +116,11 @@ def test_reader_signs_in_opens_a_film_agrees_and_signs_out(browser, scored_site,
     copy_into([new_film], root / "drop" / "ward-4")
     scan = cli("scan", str(root / "drop"), "--database-url", url, "--no-progress", "--decode-workers", "0")
     assert scan.returncode == 0, scan.stderr
-    page.wait_for_function(
-        "document.querySelectorAll('#worklist tbody tr[data-sha256]').length === 8", timeout=90_000
-    )
+    _until(page, "() => document.querySelectorAll('#worklist tbody tr[data-sha256]').length === 8", 90)
     assert page.evaluate("window.notReloaded === true")
     before = _cli_order(url)
     assert _rows(page) == before, "refreshed in the CLI's order"
-    page.wait_for_function("Array.from(document.querySelectorAll('img.thumb')).every(i => i.complete)")
+    _until(page, "() => Array.from(document.querySelectorAll('img.thumb')).every(i => i.complete)", 60)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     _screenshot(page, "worklist.png")
 
@@ -129,8 +136,10 @@ def test_reader_signs_in_opens_a_film_agrees_and_signs_out(browser, scored_site,
     assert page.is_visible("#film") and not page.is_visible("#heatmap")
     assert not page.is_checked("#heatmap-toggle")
     assert "research visualisation, not a diagnosis" in page.inner_text("label.heat")
-    page.wait_for_function(
-        "document.getElementById('film').complete && document.getElementById('film').naturalWidth > 0"
+    _until(
+        page,
+        "() => document.getElementById('film').complete && document.getElementById('film').naturalWidth > 0",
+        60,
     )
     page.check("#heatmap-toggle")
     page.wait_for_selector("#heatmap[data-loaded='1']", state="visible", timeout=240_000)
