@@ -238,3 +238,22 @@ def test_the_audit_log_is_append_only(url):
 def test_worklist_refuses_an_unknown_status(tmp_path):
     result = cli("worklist", "--status", "bogus", "--database-url", f"sqlite:///{tmp_path / 'w.sqlite3'}")
     assert result.returncode == 2 and "unknown status" in result.stderr
+
+
+def test_a_later_table_rebuild_keeps_the_worklist_current(url):
+    """A later migration that rebuilds `images` (SQLite batch mode) wraps it in `lifted(op)`."""
+    import sqlalchemy as sa
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    from db.worklist_sql import lifted
+
+    _scored(url, 1, p=0.1)
+    with get_engine(url).begin() as connection:
+        op = Operations(MigrationContext.configure(connection))
+        rebuild = "always" if connection.dialect.name == "sqlite" else "auto"  # PostgreSQL alters in place
+        with lifted(op), op.batch_alter_table("images", recreate=rebuild) as batch:
+            batch.add_column(sa.Column("later_column", sa.Integer()))
+    _scored(url, 2, p=0.9)  # written after the rebuild: the triggers are back
+    with session_scope(url) as session:
+        assert [r["sha256"] for r in query_rows(session)] == [f"{2:064x}", f"{1:064x}"]

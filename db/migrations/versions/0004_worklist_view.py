@@ -15,237 +15,26 @@ which triggers on ``images``, ``scores`` and ``calibrations`` keep current whoev
 workers, calibration). The first page is then an index scan, not a sort of every film; only
 ``priority``'s aging term is computed at read time.
 
-The SQL is frozen here on purpose (a migration is a snapshot): a later change of the rule is a new
-migration that replaces the views.
+The SQL lives in :mod:`db.worklist_sql`, which also gives later migrations ``lifted(op)`` to wrap a
+SQLite table rebuild (SQLite refuses to rename a table that a view depends on). A later change of
+the rule is a new migration that replaces the views.
 """
 
 import sqlalchemy as sa
 from alembic import op
 
+from db.worklist_sql import (
+    APPEND_ONLY_POSTGRESQL,
+    APPEND_ONLY_SQLITE,
+    INDEXES,
+    create_sql,
+    drop_sql,
+)
+
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
 depends_on = None
-
-#: Per-dialect pieces of the view. ``{x}`` is substituted with an SQL expression.
-_DIALECT = {
-    "sqlite": {
-        "days": "(julianday({x}) - 2440587.5)",
-        "now_days": "(julianday('now') - 2440587.5)",
-        "round2": "round({x}, 2)",
-        "round4": "round({x}, 4)",
-        "clamp_exp": "exp(min(max({x}, -700.0), 700.0))",
-        "at_least_zero": "max({x}, 0.0)",
-        "paths": "(SELECT json_group_array(p.path) FROM (SELECT sf.path FROM source_files sf "
-        "WHERE sf.image_id = i.id ORDER BY sf.id) p)",
-    },
-    "postgresql": {
-        "days": "(extract(epoch FROM {x}) / 86400.0)",
-        "now_days": "(extract(epoch FROM now()) / 86400.0)",
-        "round2": "round(({x})::numeric, 2)::double precision",
-        "round4": "round(({x})::numeric, 4)::double precision",
-        "clamp_exp": "exp(least(greatest({x}, -700.0), 700.0))",
-        "at_least_zero": "greatest({x}, 0.0)",
-        "paths": "coalesce((SELECT json_agg(sf.path ORDER BY sf.id) FROM source_files sf "
-        "WHERE sf.image_id = i.id)::text, '[]')",
-    },
-}
-
-# Each film with its newest score and the active calibration of that score's model version.
-_BASE = """
-SELECT
-    i.id AS image_id, i.status, i.reviewed_at, s.id AS score_id, c.id AS calibration_id,
-    CASE WHEN c.id IS NULL OR c.temperature IS NULL THEN s.pneumonia_probability
-         ELSE 1.0 / (1.0 + {sigmoid_exp}) END AS p,
-    CASE WHEN c.id IS NULL THEN s.screening_threshold ELSE c.screening_threshold END AS thr,
-    CASE WHEN c.id IS NULL THEN s.high_confidence_threshold ELSE c.high_confidence_threshold END AS hthr,
-    {first_days} AS first_days
-FROM images i
-LEFT JOIN scores s ON s.image_id = i.id
-    AND NOT EXISTS (SELECT 1 FROM scores newer WHERE newer.image_id = s.image_id AND newer.id > s.id)
-LEFT JOIN calibrations c ON c.model_version = s.model_version AND c.active
-    AND NOT EXISTS (SELECT 1 FROM calibrations later WHERE later.model_version = c.model_version
-                    AND later.active AND later.id > c.id)
-"""
-
-# What ``worklist_order`` stores for each film: the order does not depend on the clock (every film
-# ages at the same rate), so it is kept up to date by triggers and read through an index.
-_SOURCE = """
-CREATE VIEW worklist_source AS
-SELECT
-    b.image_id, b.score_id, b.calibration_id, b.status,
-    CASE WHEN NOT b.scored THEN NULL WHEN b.p >= b.hthr THEN 'HIGH' WHEN b.p >= b.thr THEN 'screen+'
-         ELSE 'below' END AS tier,
-    CASE
-        WHEN b.status = 'superseded' THEN 4000000.0 + (100000.0 - b.first_days)
-        WHEN b.reviewed_at IS NOT NULL THEN 3000000.0 + (100000.0 - {reviewed_days})
-        WHEN b.scored THEN 10.0 * b.first_days - {static_priority}
-        WHEN b.status = 'scored' THEN 999999.0
-        WHEN b.status IN ('failed', 'rejected') THEN 1000000.0 + (100000.0 - b.first_days)
-        ELSE 2000000.0 + b.first_days
-    END AS worklist_rank
-FROM (
-    SELECT base.*, (base.status = 'scored' AND base.score_id IS NOT NULL) AS scored FROM ({base}) base
-) b
-"""
-
-# The rows people read: every column of `worklist --format json`, computed for the rows asked for.
-_VIEW = """
-CREATE VIEW triage_worklist_all AS
-SELECT
-    (SELECT sf.path FROM source_files sf WHERE sf.image_id = b.image_id
-     ORDER BY sf.seen_at DESC, sf.id DESC LIMIT 1) AS path,
-    {paths} AS paths,
-    b.sha256, b.status, b.reason,
-    CASE WHEN b.scored THEN {round4_p} END AS score,
-    CASE WHEN b.scored THEN b.thr END AS threshold,
-    CASE WHEN b.scored THEN b.hthr END AS high_confidence_threshold,
-    CASE WHEN b.scored THEN b.p >= b.thr END AS screening_positive,
-    CASE WHEN b.scored THEN b.p >= b.hthr END AS high_confidence,
-    CASE WHEN b.scored THEN {round4_viral} END AS viral_probability,
-    CASE WHEN b.scored AND b.reviewed_at IS NULL THEN {round2_priority} END AS priority,
-    CASE WHEN b.scored THEN b.model_version END AS model_version,
-    b.out_of_scope, b.scope_note, b.study_uid, b.sop_uid, b.accession_number, b.source_format,
-    b.first_seen_at, b.reviewed_at,
-    CASE WHEN b.scored THEN b.calibration END AS calibration,
-    b.tier, b.patient_id, b.patient_name, b.patient_age_years, b.modality, b.view_position, b.reviewed_by,
-    b.worklist_rank
-FROM (
-    SELECT
-        o.image_id, o.status, o.tier, o.worklist_rank,
-        (o.status = 'scored' AND o.score_id IS NOT NULL) AS scored,
-        i.sha256, i.reason, i.out_of_scope, i.scope_note, i.study_uid, i.sop_uid, i.accession_number,
-        i.patient_id, i.patient_name, i.patient_age_years, i.modality, i.view_position, i.source_format,
-        i.first_seen_at, i.reviewed_at, i.reviewed_by,
-        s.model_version, s.viral_probability,
-        CASE WHEN c.id IS NULL OR c.temperature IS NULL THEN s.pneumonia_probability
-             ELSE 1.0 / (1.0 + {sigmoid_exp}) END AS p,
-        CASE WHEN c.id IS NULL THEN s.screening_threshold ELSE c.screening_threshold END AS thr,
-        CASE WHEN c.id IS NULL THEN s.high_confidence_threshold ELSE c.high_confidence_threshold END AS hthr,
-        CASE WHEN c.id IS NULL THEN 'shipped' ELSE c.name END AS calibration,
-        {first_days} AS first_days
-    FROM worklist_order o
-    LEFT JOIN images i ON i.id = o.image_id
-    LEFT JOIN scores s ON s.id = o.score_id
-    LEFT JOIN calibrations c ON c.id = o.calibration_id
-) b
-"""
-
-# 100 x P + 100 if screening-positive + 100 more if high-confidence (the aging part is added apart).
-_STATIC_PRIORITY = (
-    "(100.0 * b.p + CASE WHEN b.p >= b.thr THEN 100.0 ELSE 0.0 END "
-    "+ CASE WHEN b.p >= b.hthr THEN 100.0 ELSE 0.0 END)"
-)
-
-_ORDER_COLUMNS = "image_id, score_id, calibration_id, status, tier, worklist_rank"
-
-_INDEXES = (
-    ("ix_scores_image_id_id", "scores", ["image_id", "id"]),
-    ("ix_source_files_image_seen", "source_files", ["image_id", "seen_at", "id"]),
-    ("ix_images_first_seen_at", "images", ["first_seen_at"]),
-    ("ix_images_reviewed_at", "images", ["reviewed_at"]),
-    ("ix_images_accession_number", "images", ["accession_number"]),
-    ("ix_images_patient_id", "images", ["patient_id"]),
-    ("ix_calibrations_model_active", "calibrations", ["model_version", "active"]),
-    ("ix_worklist_order_rank", "worklist_order", ["worklist_rank"]),
-    ("ix_worklist_order_tier_rank", "worklist_order", ["tier", "worklist_rank"]),
-    ("ix_worklist_order_status_rank", "worklist_order", ["status", "worklist_rank"]),
-)
-
-# Triggers keep worklist_order in step with every write, whoever makes it (scan, workers, calibration).
-_TRIGGERS_SQLITE = (
-    "CREATE TRIGGER worklist_order_image_insert AFTER INSERT ON images BEGIN {refresh_new_id}; END",
-    "CREATE TRIGGER worklist_order_image_update AFTER UPDATE OF status, reviewed_at, first_seen_at ON images "
-    "BEGIN {refresh_new_id}; END",
-    "CREATE TRIGGER worklist_order_score_insert AFTER INSERT ON scores BEGIN {refresh_new_image}; END",
-    "CREATE TRIGGER worklist_order_score_update AFTER UPDATE ON scores BEGIN {refresh_new_image}; "
-    "{refresh_old_image}; END",
-    "CREATE TRIGGER worklist_order_score_delete AFTER DELETE ON scores BEGIN {refresh_old_image}; END",
-    "CREATE TRIGGER worklist_order_calibration_insert AFTER INSERT ON calibrations BEGIN {refresh_all}; END",
-    "CREATE TRIGGER worklist_order_calibration_update AFTER UPDATE ON calibrations BEGIN {refresh_all}; END",
-    "CREATE TRIGGER worklist_order_calibration_delete AFTER DELETE ON calibrations BEGIN {refresh_all}; END",
-)
-_SQLITE_REFRESH = (
-    f"INSERT OR REPLACE INTO worklist_order ({_ORDER_COLUMNS}) SELECT {_ORDER_COLUMNS} FROM worklist_source"
-)
-
-_TRIGGERS_POSTGRESQL = (
-    f"""CREATE FUNCTION worklist_order_refresh(film integer) RETURNS void LANGUAGE sql AS $$
-        INSERT INTO worklist_order ({_ORDER_COLUMNS})
-        SELECT {_ORDER_COLUMNS} FROM worklist_source WHERE image_id = film
-        ON CONFLICT (image_id) DO UPDATE SET score_id = EXCLUDED.score_id,
-            calibration_id = EXCLUDED.calibration_id, status = EXCLUDED.status, tier = EXCLUDED.tier,
-            worklist_rank = EXCLUDED.worklist_rank
-    $$""",
-    """CREATE FUNCTION worklist_order_on_image() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN PERFORM worklist_order_refresh(NEW.id); RETURN NULL; END $$""",
-    """CREATE FUNCTION worklist_order_on_score() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF TG_OP <> 'DELETE' THEN PERFORM worklist_order_refresh(NEW.image_id); END IF;
-            IF TG_OP <> 'INSERT' THEN PERFORM worklist_order_refresh(OLD.image_id); END IF;
-            RETURN NULL;
-        END $$""",
-    f"""CREATE FUNCTION worklist_order_on_calibration() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            INSERT INTO worklist_order ({_ORDER_COLUMNS}) SELECT {_ORDER_COLUMNS} FROM worklist_source
-            ON CONFLICT (image_id) DO UPDATE SET score_id = EXCLUDED.score_id,
-                calibration_id = EXCLUDED.calibration_id, status = EXCLUDED.status, tier = EXCLUDED.tier,
-                worklist_rank = EXCLUDED.worklist_rank;
-            RETURN NULL;
-        END $$""",
-    "CREATE TRIGGER worklist_order_image AFTER INSERT OR UPDATE OF status, reviewed_at, first_seen_at "
-    "ON images FOR EACH ROW EXECUTE FUNCTION worklist_order_on_image()",
-    "CREATE TRIGGER worklist_order_score AFTER INSERT OR UPDATE OR DELETE ON scores "
-    "FOR EACH ROW EXECUTE FUNCTION worklist_order_on_score()",
-    "CREATE TRIGGER worklist_order_calibration AFTER INSERT OR UPDATE OR DELETE ON calibrations "
-    "FOR EACH STATEMENT EXECUTE FUNCTION worklist_order_on_calibration()",
-)
-
-_APPEND_ONLY_SQLITE = (
-    "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log "
-    "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
-    "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log "
-    "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
-)
-_APPEND_ONLY_POSTGRESQL = (
-    "CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS "
-    "$$ BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$",
-    "CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log "
-    "FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only()",
-)
-
-
-def view_sql(dialect: str) -> list[str]:
-    """The CREATE VIEW statements for ``dialect`` (sqlite or postgresql)."""
-    d = _DIALECT[dialect]
-    sigmoid = d["clamp_exp"].format(x="-s.pneumonia_logit / c.temperature")
-    base = _BASE.format(sigmoid_exp=sigmoid, first_days=d["days"].format(x="i.first_seen_at"))
-    source = _SOURCE.format(
-        base=base, reviewed_days=d["days"].format(x="b.reviewed_at"), static_priority=_STATIC_PRIORITY
-    )
-    aging = "10.0 * " + d["at_least_zero"].format(x=f"{d['now_days']} - b.first_days")
-    full = _VIEW.format(
-        paths=d["paths"].replace("i.id", "b.image_id"),
-        round4_p=d["round4"].format(x="b.p"),
-        round4_viral=d["round4"].format(x="b.viral_probability"),
-        round2_priority=d["round2"].format(x=f"{_STATIC_PRIORITY} + {aging}"),
-        sigmoid_exp=sigmoid,
-        first_days=d["days"].format(x="i.first_seen_at"),
-    )
-    visible = "CREATE VIEW triage_worklist AS SELECT * FROM triage_worklist_all WHERE status <> 'superseded'"
-    return [source, full, visible]
-
-
-def _trigger_sql(dialect: str) -> list[str]:
-    if dialect == "postgresql":
-        return list(_TRIGGERS_POSTGRESQL)
-    pieces = {
-        "refresh_new_id": f"{_SQLITE_REFRESH} WHERE image_id = NEW.id",
-        "refresh_new_image": f"{_SQLITE_REFRESH} WHERE image_id = NEW.image_id",
-        "refresh_old_image": f"{_SQLITE_REFRESH} WHERE image_id = OLD.image_id",
-        "refresh_all": _SQLITE_REFRESH,
-    }
-    return [statement.format(**pieces) for statement in _TRIGGERS_SQLITE]
 
 
 def upgrade() -> None:
@@ -259,15 +48,12 @@ def upgrade() -> None:
         sa.Column("tier", sa.String(length=8), nullable=True),
         sa.Column("worklist_rank", sa.Float(), nullable=False),
     )
-    for name, table, columns in _INDEXES:
+    for name, table, columns in INDEXES:
         op.create_index(name, table, columns)
     if dialect == "postgresql":  # folder filter: LIKE 'prefix%' as an index range whatever the collation
         op.execute("CREATE INDEX ix_source_files_path_prefix ON source_files (path text_pattern_ops)")
-    for statement in view_sql(dialect) + _trigger_sql(dialect):
+    for statement in create_sql(dialect):
         op.execute(sa.text(statement))
-    op.execute(
-        sa.text(f"INSERT INTO worklist_order ({_ORDER_COLUMNS}) SELECT {_ORDER_COLUMNS} FROM worklist_source")
-    )
     op.create_table(
         "app_secrets",
         sa.Column("name", sa.String(length=64), nullable=False),
@@ -275,7 +61,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("name"),
     )
-    for statement in _APPEND_ONLY_POSTGRESQL if dialect == "postgresql" else _APPEND_ONLY_SQLITE:
+    for statement in APPEND_ONLY_POSTGRESQL if dialect == "postgresql" else APPEND_ONLY_SQLITE:
         op.execute(sa.text(statement))
 
 
@@ -284,29 +70,13 @@ def downgrade() -> None:
     if dialect == "postgresql":
         op.execute("DROP TRIGGER IF EXISTS audit_log_append_only ON audit_log")
         op.execute("DROP FUNCTION IF EXISTS audit_log_append_only()")
-        for trigger, table in (
-            ("worklist_order_image", "images"),
-            ("worklist_order_score", "scores"),
-            ("worklist_order_calibration", "calibrations"),
-        ):
-            op.execute(f"DROP TRIGGER IF EXISTS {trigger} ON {table}")
-        for function in (
-            "worklist_order_on_image()",
-            "worklist_order_on_score()",
-            "worklist_order_on_calibration()",
-            "worklist_order_refresh(integer)",
-        ):
-            op.execute(f"DROP FUNCTION IF EXISTS {function}")
     else:
         op.execute("DROP TRIGGER IF EXISTS audit_log_no_update")
         op.execute("DROP TRIGGER IF EXISTS audit_log_no_delete")
-        for statement in _TRIGGERS_SQLITE:
-            op.execute("DROP TRIGGER IF EXISTS " + statement.split()[2])
+    for statement in drop_sql(dialect):
+        op.execute(sa.text(statement))
     op.drop_table("app_secrets")
     op.execute("DROP INDEX IF EXISTS ix_source_files_path_prefix")
-    op.execute("DROP VIEW IF EXISTS triage_worklist")
-    op.execute("DROP VIEW IF EXISTS triage_worklist_all")
-    op.execute("DROP VIEW IF EXISTS worklist_source")
-    for name, table, _ in _INDEXES:
+    for name, table, _ in INDEXES:
         op.drop_index(name, table_name=table)
     op.drop_table("worklist_order")
