@@ -178,10 +178,14 @@ TRIGGERS_POSTGRESQL = (
         END $$""",
     f"""CREATE FUNCTION worklist_order_on_calibration() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
+            -- in image order, as workers write, so that the two take row locks in the same order
             INSERT INTO worklist_order ({ORDER_COLUMNS}) SELECT {ORDER_COLUMNS} FROM worklist_source
+            ORDER BY image_id
             ON CONFLICT (image_id) DO UPDATE SET score_id = EXCLUDED.score_id,
                 calibration_id = EXCLUDED.calibration_id, status = EXCLUDED.status, tier = EXCLUDED.tier,
-                worklist_rank = EXCLUDED.worklist_rank;
+                worklist_rank = EXCLUDED.worklist_rank
+            WHERE (worklist_order.calibration_id, worklist_order.tier, worklist_order.worklist_rank)
+                IS DISTINCT FROM (EXCLUDED.calibration_id, EXCLUDED.tier, EXCLUDED.worklist_rank);
             RETURN NULL;
         END $$""",
     "CREATE TRIGGER worklist_order_image AFTER INSERT OR UPDATE OF status, reviewed_at, first_seen_at "
