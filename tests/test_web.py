@@ -336,3 +336,37 @@ def test_users_commands(tmp_path):
     audit = cli("audit", "--since", "2000-01-01", "--database-url", url)
     assert "user_add" in audit.stdout and "user_remove" in audit.stdout
     assert cli("audit", "--since", "yesterday-ish", "--database-url", url).returncode == 2
+
+
+def test_only_admins_manage_users_on_the_page(client, site):
+    url, _, _ = site
+    token = _sign_in(client, "reader")
+    assert client.get("/admin/users").status_code == 403
+    new = {"csrf_token": token, "username": "intruder", "role": "admin", "password": PASSWORD}
+    assert client.post("/admin/users", data=new, headers=ORIGIN).status_code == 403
+    client.cookies.clear()
+    token = _sign_in(client, "boss")
+    assert "reader" in client.get("/admin/users").text
+    added = client.post(
+        "/admin/users",
+        data={**new, "csrf_token": token, "username": "nurse"},
+        headers=ORIGIN,
+        follow_redirects=False,
+    )
+    assert added.status_code == 303
+    short = client.post(
+        "/admin/users",
+        data={**new, "csrf_token": token, "username": "x", "password": "short"},
+        headers=ORIGIN,
+    )
+    assert short.status_code == 400 and "at least 8" in short.text
+    removed = client.post(
+        "/admin/users/viewer/remove", data={"csrf_token": token}, headers=ORIGIN, follow_redirects=False
+    )
+    assert removed.status_code == 303
+    assert (
+        client.post("/admin/users/boss/remove", data={"csrf_token": token}, headers=ORIGIN).status_code == 400
+    )
+    with session_scope(url) as session:
+        changes = [(e["action"], e["detail"]) for e in events(session) if e["action"].startswith("user_")]
+    assert changes == [("user_add", "nurse as admin"), ("user_remove", "viewer")]

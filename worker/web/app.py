@@ -31,7 +31,7 @@ from db.audit import AuditAction
 from db.engine import session_scope
 from db.reviews import ReviewError, record_review, reviews_of
 from db.schema import Image, ReviewDecision, UserRole
-from db.users import authenticate, session_key
+from db.users import UserError, add_user, authenticate, list_users, remove_user, session_key
 from db.worklist import INTENDED_USE, TIERS, WorklistFilter, count_rows, film, query_rows
 from worker.logs import short
 from worker.settings import Settings
@@ -53,6 +53,7 @@ CONTENT_SECURITY_POLICY = (
 
 Viewer = Annotated[Principal, Depends(require(UserRole.VIEWER))]
 Reviewer = Annotated[Principal, Depends(require(UserRole.REVIEWER))]
+Admin = Annotated[Principal, Depends(require(UserRole.ADMIN))]
 
 
 @dataclass
@@ -319,6 +320,44 @@ def model_card(request: Request, who: Viewer) -> Response:
     path = _state(request).settings.resolved_model_dir() / "MODEL_CARD.md"
     body = path.read_text(encoding="utf-8") if path.is_file() else "No model card ships with this model."
     return PlainTextResponse(body)
+
+
+@pages.get("/admin/users")
+def users_page(request: Request, who: Admin) -> Response:
+    return _users_page(request, who, None)
+
+
+def _users_page(request: Request, who: Principal, message: str | None, status_code: int = 200) -> Response:
+    with session_scope(_state(request).database_url) as session:
+        users = [(u.username, u.role, u.created_at) for u in list_users(session)]
+    context = {"who": who, "users": users, "roles": [r.value for r in UserRole], "message": message}
+    return _page(request, "users.html", context, status_code=status_code)
+
+
+@pages.post("/admin/users")
+async def users_add(request: Request, who: Admin) -> Response:
+    form = await request.form()
+    name, role = str(form.get("username") or ""), str(form.get("role") or "")
+    try:
+        with session_scope(_state(request).database_url) as session:
+            add_user(session, name, str(form.get("password") or ""), UserRole(role))
+            audit.record(session, AuditAction.USER_ADD, who.username, detail=f"{name} as {role}")
+    except (UserError, ValueError) as exc:
+        return _users_page(request, who, str(exc) if isinstance(exc, UserError) else "unknown role", 400)
+    return RedirectResponse("/admin/users", status_code=303)
+
+
+@pages.post("/admin/users/{username}/remove")
+def users_remove(request: Request, username: str, who: Admin) -> Response:
+    if username == who.username:
+        return _users_page(request, who, "you cannot remove yourself", 400)
+    try:
+        with session_scope(_state(request).database_url) as session:
+            remove_user(session, username)
+            audit.record(session, AuditAction.USER_REMOVE, who.username, detail=username)
+    except UserError as exc:
+        return _users_page(request, who, str(exc), 404)
+    return RedirectResponse("/admin/users", status_code=303)
 
 
 # -- JSON API ------------------------------------------------------------------------------------------------
