@@ -262,16 +262,17 @@ def worklist(
 ) -> None:
     """Print the worklist, most urgent first (unreviewed likely pneumonia on top; see README for aging).
 
-    Data goes to standard output, log lines to standard error (safe to pipe into jq).
+    Data goes to standard output, log lines to standard error (safe to pipe into jq). The rows are those
+    of the database view: SELECT * FROM triage_worklist ORDER BY worklist_rank.
     """
     from db.engine import session_scope
-    from db.worklist import INTENDED_USE, build_worklist
+    from db.worklist import INTENDED_USE, WorklistFilter, query_rows
 
     settings = _settings(quiet=True, database_url=database_url, log_level=log_level)
     _prepare_database(settings)
+    wanted = WorklistFilter(status=None if status is None else status.value)
     with session_scope(settings.database_url) as session:
-        entries = build_worklist(session, status=None if status is None else status.value, limit=limit)
-    rows = [entry.as_dict() for entry in entries]
+        rows = query_rows(session, wanted, limit=limit)
     if format is OutputFormat.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     elif format is OutputFormat.csv:
@@ -510,6 +511,9 @@ _register_dicom_commands(app)  # dicom-listen, outbox list|retry (issue 11)
 
 
 _register_optional_commands()
+from worker.web_commands import register as _register_web_commands  # noqa: E402 - web, users, audit
+
+_register_web_commands(app)
 
 
 def main() -> None:
