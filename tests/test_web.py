@@ -370,3 +370,19 @@ def test_only_admins_manage_users_on_the_page(client, site):
     with session_scope(url) as session:
         changes = [(e["action"], e["detail"]) for e in events(session) if e["action"].startswith("user_")]
     assert changes == [("user_add", "nurse as admin"), ("user_remove", "viewer")]
+
+
+def test_web_serves_its_own_metrics_and_readiness_without_patient_data(client, site):
+    """Issue 14: the web process exposes /metrics and /readyz; the gauges come from the database."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, shas, _ = site
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    families = {family.name: family for family in text_string_to_metric_families(response.text)}
+    unreviewed = families["cxr_triage_unreviewed_images"]
+    assert sum(sample.value for sample in unreviewed.samples) == 3  # three scored films, none reviewed
+    assert PATIENT_ID not in response.text and not any(sha in response.text for sha in shas)
+    assert url.split("/")[-1] not in response.text  # no database name either
+    ready = client.get("/readyz")
+    assert ready.status_code in (200, 503) and "status" in ready.json()

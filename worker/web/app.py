@@ -1,6 +1,7 @@
 """The web worklist: pages for readers and a JSON API, over the same database view as the CLI.
 
-Nothing but ``/login``, ``/healthz`` and ``/static`` is served without signing in. Pages are
+Nothing but ``/login``, ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus: counts, no patient data,
+no identifiers in labels) and ``/static`` is served without signing in. Pages are
 rendered on the server (Jinja2); htmx (vendored under ``static/``) refreshes the rows in place.
 No patient data goes into a URL (filters and searches are posted) or into the access log.
 """
@@ -534,6 +535,14 @@ def _install_middleware(app: FastAPI) -> None:
         return response
 
 
+def _add_metrics_routes(app: FastAPI, settings: Settings) -> None:
+    """``/metrics`` and ``/readyz`` of the web process (issue 14); the page's own ``/healthz`` stays."""
+    from worker.metrics.server import starlette_routes
+
+    routes = [route for route in starlette_routes(settings) if route.path != "/healthz"]
+    app.router.routes.extend(routes)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The web application for ``settings.database_url`` (the schema must be current)."""
     key = settings.web_secret_key
@@ -557,6 +566,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(pages)
     app.include_router(api)
+    _add_metrics_routes(app, settings)
     _install_handlers(app)
     _install_middleware(app)
     return app
