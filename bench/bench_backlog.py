@@ -7,7 +7,7 @@ INSERT, enqueue); the Redis queue is then flushed and the images are marked scor
 100,000 films would take far longer than the benchmark budget). Each measurement starts from a copy of
 that registered SQLite database.
 
-Measured, with ``/usr/bin/time -v`` and a /proc poller of the whole process tree:
+Measured, with ``/usr/bin/time -v`` and a psutil poller of the whole process tree:
 
 A. ``cxr-triage scan TREE --no-progress`` (embedded) when nothing is new (target <= 30 s, peak RSS <= 300 MB).
 B. the same after adding ``--new-files`` new files among them: (B1) registration only, by
@@ -29,38 +29,41 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
-from bench.common import log  # noqa: E402
+from bench import common, databases, processes, results  # noqa: E402
+from bench import corpus as corpora  # noqa: E402
+from bench.results import log  # noqa: E402
 
 
 def register_tree(tree: Path, db_path: Path, model_dir: Path) -> dict:
     """Register every file with the product's own scan (broker mode, no worker); they stay queued."""
-    url = common.fresh_sqlite(db_path)
-    common.flush_redis()
+    url = databases.fresh_sqlite(db_path)
+    databases.flush_redis()
     log(f"registering {tree} with cxr-triage scan --broker-url (no worker) ...")
-    timed = common.run_timed(
-        common.cli(
-            "scan",
+    summary_file = db_path.with_suffix(".summary.json")
+    timed = processes.run_timed(
+        common.scan_cli(
+            summary_file,
             str(tree),
             "--no-progress",
             "--database-url",
             url,
             "--broker-url",
-            common.REDIS_URL,
+            databases.REDIS_URL,
             "--log-level",
             "WARNING",
         ),
         env=common.bench_env(model_dir),
     )
-    common.flush_redis()
+    databases.flush_redis()
     if timed.returncode != 0:
         sys.stderr.write(timed.stderr[-3000:])
         raise SystemExit("registration scan failed")
-    log(f"  {common.summary_line(timed.stderr)} (wall {timed.seconds:.1f} s)")
+    line = results.read_scan_summary(summary_file)["line"]
+    log(f"  {line} (wall {timed.seconds:.1f} s)")
     conn = sqlite3.connect(db_path)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
-    return {"seconds": timed.seconds, "line": common.summary_line(timed.stderr)}
+    return {"seconds": timed.seconds, "line": line}
 
 
 def mark_scored(source: Path, target: Path, model: dict) -> dict:
@@ -86,16 +89,18 @@ def mark_scored(source: Path, target: Path, model: dict) -> dict:
 
 
 def copy_db(source: Path, target: Path) -> str:
-    url = common.fresh_sqlite(target)
+    url = databases.fresh_sqlite(target)
     shutil.copyfile(source, target)
     return url
 
 
 def measured_scan(label: str, tree: Path, url: str, model_dir: Path, extra: list[str] | None = None) -> dict:
     log(f"{label} ...")
-    timed = common.run_timed(
-        common.cli(
-            "scan",
+    slug = "".join(c if c.isalnum() else "-" for c in label)[:40]
+    summary_file = corpora.WORK / f"backlog-{slug}.summary.json"
+    timed = processes.run_timed(
+        common.scan_cli(
+            summary_file,
             str(tree),
             "--no-progress",
             "--database-url",
@@ -111,17 +116,16 @@ def measured_scan(label: str, tree: Path, url: str, model_dir: Path, extra: list
     if timed.returncode != 0:
         sys.stderr.write(timed.stderr[-3000:])
         raise SystemExit(f"{label} failed with code {timed.returncode}")
-    summary = common.parse_summary(timed.stderr)
+    summary = results.read_scan_summary(summary_file)
     summary.update(
         wall=timed.seconds,
         peak_tree=timed.peak_tree,
         peak_main=timed.peak_main,
         max_rss=timed.max_rss_time_v,
-        line=common.summary_line(timed.stderr),
     )
     log(
-        f"  {summary['line']} | wall {timed.seconds:.1f} s, peak RSS main {common.mib(timed.peak_main)}, "
-        f"tree {common.mib(timed.peak_tree)}, time -v max {common.mib(timed.max_rss_time_v)}"
+        f"  {summary['line']} | wall {timed.seconds:.1f} s, peak RSS main {processes.mib(timed.peak_main)}, "
+        f"tree {processes.mib(timed.peak_tree)}, time -v max {processes.mib(timed.max_rss_time_v)}"
     )
     return summary
 
@@ -144,9 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         args.files, args.new_files = min(args.files, 2000), min(args.new_files, 200)
 
     model_dir = common.resolve_model_dir(args.model_dir)
-    model = common.model_description(model_dir)
-    tree, manifest = common.build_small_tree("backlog", args.files)
-    new_tree, _ = common.build_small_tree("backlog-new", args.new_files, seed=11, tag="-new")
+    model = results.model_description(model_dir)
+    tree, manifest = corpora.build_small_tree("backlog", args.files)
+    new_tree, _ = corpora.build_small_tree("backlog-new", args.new_files, seed=11, tag="-new")
     extra_dir = tree / "zz-new"
     shutil.rmtree(extra_dir, ignore_errors=True)
 
@@ -162,13 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.setup_only:
         log(f"set-up done: {base}")
         return
-    registered = common.WORK / "backlog" / "scored.sqlite3"
+    registered = corpora.WORK / "backlog" / "scored.sqlite3"
     counts = mark_scored(base, registered, model)
     log(f"registered database marked scored: {counts}")
-    if common.training_running():
+    if processes.training_running():
         log("WARNING: model training is running: CPU contention, figures will be pessimistic")
 
-    work = common.WORK / "backlog"
+    work = corpora.WORK / "backlog"
     # A: nothing to do (run twice: the second is the steady state; both reported)
     runs_a = []
     for attempt in (1, 2):
@@ -181,16 +185,16 @@ def main(argv: list[str] | None = None) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(source, target)
     try:
-        common.flush_redis()
+        databases.flush_redis()
         url = copy_db(registered, work / "register-new.sqlite3")
         b1 = measured_scan(
             f"B1: registration only, {args.files} known + {args.new_files} new (broker, no worker)",
             tree,
             url,
             model_dir,
-            ["--broker-url", common.REDIS_URL],
+            ["--broker-url", databases.REDIS_URL],
         )
-        common.flush_redis()
+        databases.flush_redis()
         url = copy_db(registered, work / "score-new.sqlite3")
         b2 = measured_scan(
             f"B2: embedded scan, {args.files} known + {args.new_files} new (scores them)",
@@ -200,16 +204,16 @@ def main(argv: list[str] | None = None) -> None:
         )
     finally:
         shutil.rmtree(extra_dir, ignore_errors=True)
-        common.flush_redis()
+        databases.flush_redis()
 
     def row(label, r, target_s="", target_mb=""):
         return [
             label,
             f"{r['wall']:.1f}",
             target_s,
-            common.mib(r["max_rss"]),
-            common.mib(r["peak_main"]),
-            common.mib(r["peak_tree"]),
+            processes.mib(r["max_rss"]),
+            processes.mib(r["peak_main"]),
+            processes.mib(r["peak_tree"]),
             target_mb,
             r["line"],
         ]
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         row(f"B1: registration only, {args.files:,} known + {args.new_files:,} new (broker, no worker)", b1)
     )
     rows.append(row(f"B2: embedded scan, {args.files:,} known + {args.new_files:,} new, scores the new", b2))
-    body = common.table(
+    body = results.table(
         [
             "run",
             "wall s",
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         "tree (decode pool included) every 0.2 s",
         "page cache warm (the tree was just walked); A2 repeats A1 on a fresh copy of the database",
     ]
-    common.publish(args, "Backlog scale (benchmark 5)", model, body, notes)
+    results.publish(args, "Backlog scale (benchmark 5)", model, body, notes)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
-from bench.common import log  # noqa: E402
+from bench import common, results  # noqa: E402
+from bench import corpus as corpora  # noqa: E402
+from bench.results import log  # noqa: E402
 
 
 def _timed(files: list[str], size: int, full: bool) -> tuple[list, float, float]:
@@ -54,8 +55,8 @@ def main(argv: list[str] | None = None) -> None:
 
     configure_pydicom()
     model_dir = common.resolve_model_dir(args.model_dir)
-    model = common.model_description(model_dir)
-    corpus, manifest = common.build_corpus("mixed", args.files)
+    model = results.model_description(model_dir)
+    corpus, manifest = corpora.build_corpus("mixed", args.files)
     scorer = Scorer.load(model_dir)
     size = scorer.input_size
     by_format: dict[str, list[str]] = {}
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         log(f"  {kind}: {1000 * cpu_full:.0f} ms -> {1000 * cpu_reduced:.0f} ms CPU per file")
     n = manifest["files"]
-    body = common.table(
+    body = results.table(
         [
             "format",
             "files",
@@ -108,10 +109,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{1000 / reduced_ms:.0f} films/s."
     )
     notes = [
-        f"corpus: {common.corpus_description(manifest)}; the first {args.per_format} files of each format",
+        f"corpus: {corpora.corpus_description(manifest)}; the first {args.per_format} files of each format",
         "single process, no pool; prepare() reads each file once and hashes the bytes it decodes",
     ]
-    common.publish(args, "Decode cost per format on one core: reduced vs full resolution", model, body, notes)
+    results.publish(
+        args, "Decode cost per format on one core: reduced vs full resolution", model, body, notes
+    )
 
 
 if __name__ == "__main__":

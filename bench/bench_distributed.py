@@ -22,8 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
-from bench.common import log  # noqa: E402
+from bench import common, databases, processes  # noqa: E402
+from bench import corpus as corpora  # noqa: E402
+from bench import results as report  # noqa: E402
+from bench.results import log  # noqa: E402
 
 PG_NAME = "cxr_bench_distributed"
 
@@ -31,7 +33,7 @@ PG_NAME = "cxr_bench_distributed"
 def ping_workers(expected: int, timeout: float = 180.0) -> int:
     from worker.celery_app import app
 
-    app.conf.broker_url = common.REDIS_URL
+    app.conf.broker_url = databases.REDIS_URL
     deadline = time.monotonic() + timeout
     replies = []
     while time.monotonic() < deadline:
@@ -44,23 +46,23 @@ def ping_workers(expected: int, timeout: float = 180.0) -> int:
 
 def warm_tree(count: int, tag: str) -> Path:
     """``count`` small unique JPEGs for the warm-up scan."""
-    folder = common.WORK / "distributed" / f"warm-{tag}"
+    folder = corpora.WORK / "distributed" / f"warm-{tag}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    sources = [p for p in common.source_images(99)[: count * 2] if p.read_bytes()[:2] == b"\xff\xd8"][:count]
+    sources = [p for p in corpora.source_images(99)[: count * 2] if p.read_bytes()[:2] == b"\xff\xd8"][:count]
     for i, source in enumerate(sources):
-        (folder / f"warm{i:03d}.jpg").write_bytes(common.tagged_jpeg(source.read_bytes(), f"warm {tag} {i}"))
+        (folder / f"warm{i:03d}.jpg").write_bytes(corpora.tagged_jpeg(source.read_bytes(), f"warm {tag} {i}"))
     return folder
 
 
 def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_dir: Path) -> dict:
     env = dict(os.environ, **common.bench_env(model_dir))
-    url = common.fresh_postgres(PG_NAME)
-    common.flush_redis()
+    url = databases.create_postgres(PG_NAME)
+    databases.flush_redis()
     subprocess.run(
         common.cli("db", "upgrade", "--database-url", url), check=True, capture_output=True, env=env
     )
-    log_path = common.WORK / "distributed" / f"worker-{processes}x{decode_workers}.log"
+    log_path = corpora.WORK / "distributed" / f"worker-{processes}x{decode_workers}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = common.cli(
         "worker",
@@ -71,7 +73,7 @@ def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_
         "--database-url",
         url,
         "--broker-url",
-        common.REDIS_URL,
+        databases.REDIS_URL,
         "--log-level",
         "WARNING",
     )
@@ -95,7 +97,7 @@ def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_
                 "--database-url",
                 url,
                 "--broker-url",
-                common.REDIS_URL,
+                databases.REDIS_URL,
                 "--log-level",
                 "WARNING",
             ),
@@ -104,16 +106,17 @@ def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_
             env=env,
         )
         log(f"  measured: cxr-triage scan CORPUS --wait ({n} files) ...")
-        timed = common.run_timed(
-            common.cli(
-                "scan",
+        summary_file = corpora.WORK / "distributed.summary.json"
+        timed = processes.run_timed(
+            common.scan_cli(
+                summary_file,
                 str(corpus),
                 "--no-progress",
                 "--wait",
                 "--database-url",
                 url,
                 "--broker-url",
-                common.REDIS_URL,
+                databases.REDIS_URL,
                 "--log-level",
                 "WARNING",
             ),
@@ -123,13 +126,12 @@ def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_
             sys.stderr.write(timed.stderr[-3000:])
             raise SystemExit("distributed scan failed")
     finally:
-        common.terminate(supervisor, timeout=150)
-        common.drop_postgres(PG_NAME)
-        common.flush_redis()
-    summary = common.parse_summary(timed.stderr)
-    line = common.summary_line(timed.stderr)
-    log(f"  {line} (wall {timed.seconds:.1f} s, {n / timed.seconds:.1f} images/s)")
-    return {"wall": timed.seconds, "rate": n / timed.seconds, "line": line, **summary}
+        processes.terminate(supervisor, timeout=150)
+        databases.drop_postgres(PG_NAME)
+        databases.flush_redis()
+    summary = report.read_scan_summary(summary_file)
+    log(f"  {summary['line']} (wall {timed.seconds:.1f} s, {n / timed.seconds:.1f} images/s)")
+    return {**summary, "wall": timed.seconds, "rate": n / timed.seconds}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,9 +147,9 @@ def main(argv: list[str] | None = None) -> None:
         args.files = min(args.files, 24)
 
     model_dir = common.resolve_model_dir(args.model_dir)
-    model = common.model_description(model_dir)
-    corpus, manifest = common.build_corpus("mixed", args.files)
-    if common.training_running():
+    model = report.model_description(model_dir)
+    corpus, manifest = corpora.build_corpus("mixed", args.files)
+    if processes.training_running():
         log("WARNING: model training is running: CPU contention, figures will be pessimistic")
     configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
     results = {c: run_config(c[0], c[1], corpus, args.files, model_dir) for c in configs}
@@ -163,17 +165,17 @@ def main(argv: list[str] | None = None) -> None:
         ]
         for (p, k), r in results.items()
     ]
-    body = common.table(
+    body = report.table(
         ["workers", "images/s", "wall s", f"vs {configs[0][0]}x{configs[0][1]}", "scan summary"], rows
     )
     notes = [
-        f"corpus: {common.corpus_description(manifest)} (the same as bench_throughput.py)",
+        f"corpus: {corpora.corpus_description(manifest)} (the same as bench_throughput.py)",
         "Redis 127.0.0.1:6379/13, PostgreSQL 127.0.0.1:5432 (fresh database per configuration); "
         "no GPU in this session: every worker scores on the CPU",
         "the scan itself (hashing in its own decode pool, registration, enqueueing, polling) runs on the same "
         "2 cores as the workers",
     ]
-    common.publish(args, "Distributed scaling, Redis + PostgreSQL (benchmark 7)", model, body, notes)
+    report.publish(args, "Distributed scaling, Redis + PostgreSQL (benchmark 7)", model, body, notes)
 
 
 if __name__ == "__main__":

@@ -9,47 +9,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
-from bench import common  # noqa: E402
+from bench import results  # noqa: E402
 
 BATCH_SIZES = (1, 8, 32, 64)
 
 
-def measure(scorer, batch: int, seconds: float = 2.0, repetitions: int = 5) -> float:
-    """Median images/s of ``scorer.score_batch`` over ``repetitions`` timed runs."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, scorer.input_size, scorer.input_size, 1)).astype(np.float32)
-    for _ in range(3):  # warm-up (graph tracing, oneDNN primitive caches)
-        scorer.score_batch(x)
-    rates = []
-    for _ in range(repetitions):
-        calls, start = 0, time.perf_counter()
-        while True:
-            scorer.score_batch(x)
-            calls += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds / repetitions and calls >= 2:
-                break
-        rates.append(calls * batch / elapsed)
-    return statistics.median(rates)
-
-
 def append_results(version: str, size: int, rates: dict[int, float], model_dir) -> str:
     """Append one dated section to bench/RESULTS.md (shared format, see bench/common.py) and return it."""
-    body = common.table(
+    body = results.table(
         ["batch size"] + [str(b) for b in BATCH_SIZES],
         [["images/s (median of 5)"] + [f"{rates[b]:.0f}" for b in BATCH_SIZES]],
     )
-    return common.append_results(
+    return results.append_results(
         "Inference alone on ready tensors",
-        common.model_description(Path(model_dir)),
+        results.model_description(Path(model_dir)),
         body,
         [f"input {size} px; Scorer.score_batch on random tensors after 3 warm-up calls"],
     )
@@ -62,20 +39,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per batch size")
     parser.add_argument("--no-append", action="store_true", help="do not write bench/RESULTS.md")
     args = parser.parse_args(argv)
+    results.run_started()
 
     from models import default_model_dir
+    from models.compare import inference_rate
     from pipeline.inference import Scorer
 
     model_dir = args.model_dir or default_model_dir()
     scorer = Scorer.load(model_dir)
     rates = {}
     for batch in BATCH_SIZES:
-        rates[batch] = measure(scorer, batch, seconds=args.seconds)
+        rates[batch] = inference_rate(scorer, batch, seconds=args.seconds)
         print(f"batch {batch:>2}: {rates[batch]:8.1f} images/s", flush=True)
-    print(f"model {scorer.version}, input {scorer.input_size}, {os.cpu_count()} cores, {common.cpu_model()}")
+    print(f"model {scorer.version}, input {scorer.input_size}, {os.cpu_count()} cores, {results.cpu_model()}")
     if not args.no_append:
         append_results(scorer.version, scorer.input_size, rates, model_dir)
-        print(f"appended to {common.RESULTS}")
+        print(f"appended to {results.RESULTS}")
 
 
 if __name__ == "__main__":

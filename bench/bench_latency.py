@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
-from bench.common import log  # noqa: E402
+from bench import common, databases, processes, results  # noqa: E402
+from bench import corpus as corpora  # noqa: E402
+from bench.results import log  # noqa: E402
 
 
 def finished_times(db_path: Path) -> dict[str, tuple[str, datetime | None]]:
@@ -87,21 +88,21 @@ def main(argv: list[str] | None = None) -> None:
         args.seconds = min(args.seconds, 10.0)
 
     model_dir = common.resolve_model_dir(args.model_dir)
-    model = common.model_description(model_dir)
+    model = results.model_description(model_dir)
     count = int(round(args.rate * args.seconds))
-    corpus, manifest = common.build_corpus("drip-jpeg", count + 1, mix={"jpeg": 1.0}, seed=3)
+    corpus, manifest = corpora.build_corpus("drip-jpeg", count + 1, mix={"jpeg": 1.0}, seed=3)
     files = sorted(str(p) for p in corpus.rglob("*.jpg"))
     payloads = [Path(f).read_bytes() for f in files]
     warm_payload, payloads = payloads[0], payloads[1:]
-    if common.training_running():
+    if processes.training_running():
         log("WARNING: model training is running: CPU contention, figures will be pessimistic")
 
-    work = common.WORK / "latency"
+    work = corpora.WORK / "latency"
     folder = work / "drop"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     db_path = work / "watch.sqlite3"
-    url = common.fresh_sqlite(db_path)
+    url = databases.fresh_sqlite(db_path)
     # schema first, so that polling never races the watcher's own migration
     subprocess.run(
         common.cli("db", "upgrade", "--database-url", url),
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     stderr_lines: list[str] = []
     threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True).start()
-    poller = common.RssPoller(proc.pid, interval=1.0).start()
+    poller = processes.RssPoller(proc.pid, interval=1.0).start()
     try:
         deadline = time.monotonic() + 120
         while not any("watching" in line for line in stderr_lines):
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         if spy is not None:
             spy.wait(timeout=60)
     finally:
-        common.terminate(proc)
+        processes.terminate(proc)
         poller.stop()
 
     latencies, statuses = [], {}
@@ -189,8 +190,8 @@ def main(argv: list[str] | None = None) -> None:
         statuses[status] = statuses.get(status, 0) + 1
         if finished is not None and status == "scored":
             latencies.append(finished.timestamp() - closed)
-    p50, p95 = common.percentile(latencies, 50), common.percentile(latencies, 95)
-    body = common.table(
+    p50, p95 = results.percentile(latencies, 50), results.percentile(latencies, 95)
+    body = results.table(
         [
             "files dropped",
             "rate achieved",
@@ -209,10 +210,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"{len(latencies)} ({statuses})",
                 f"{p50:.2f}",
                 f"{p95:.2f}",
-                f"{common.percentile(latencies, 99):.2f}",
+                f"{results.percentile(latencies, 99):.2f}",
                 f"{max(latencies, default=float('nan')):.2f}",
                 f"{cold:.2f}",
-                common.mib(poller.peak_tree),
+                processes.mib(poller.peak_tree),
             ]
         ],
     )
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         "(inotify, --batch-wait 0.5, batch 32, one decode process per core)",
         f"writer fell behind schedule by at most {behind * 1000:.0f} ms",
     ]
-    common.publish(args, "Drop-to-score latency in watch mode (benchmark 4)", model, body, notes)
+    results.publish(args, "Drop-to-score latency in watch mode (benchmark 4)", model, body, notes)
 
 
 if __name__ == "__main__":

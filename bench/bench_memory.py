@@ -20,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
-from bench.common import log  # noqa: E402
+from bench import common, databases, processes, results  # noqa: E402
+from bench import corpus as corpora  # noqa: E402
+from bench.results import log  # noqa: E402
 
 
 def finished_count(db_path: Path) -> int:
@@ -51,21 +52,24 @@ def main(argv: list[str] | None = None) -> None:
         args.files, args.first = min(args.files, 300), min(args.first, 50)
 
     model_dir = common.resolve_model_dir(args.model_dir)
-    model = common.model_description(model_dir)
+    model = results.model_description(model_dir)
     # the same cached set of unique small files as the "new files" of bench_backlog.py
-    tree, manifest = common.build_small_tree("backlog-new", args.files, seed=11, tag="-new")
-    if common.training_running():
+    tree, manifest = corpora.build_small_tree("backlog-new", args.files, seed=11, tag="-new")
+    if processes.training_running():
         log("WARNING: model training is running: CPU contention, figures will be pessimistic")
 
-    db_path = common.WORK / "memory" / "memory.sqlite3"
-    url = common.fresh_sqlite(db_path)
+    db_path = corpora.WORK / "memory" / "memory.sqlite3"
+    url = databases.fresh_sqlite(db_path)
     subprocess.run(
         common.cli("db", "upgrade", "--database-url", url),
         check=True,
         capture_output=True,
         env=dict(os.environ, **common.bench_env(model_dir)),
     )
-    cmd = common.cli("scan", str(tree), "--no-progress", "--database-url", url, "--log-level", "WARNING")
+    summary_file = db_path.with_suffix(".summary.json")
+    cmd = common.scan_cli(
+        summary_file, str(tree), "--no-progress", "--database-url", url, "--log-level", "WARNING"
+    )
     log(f"scoring {args.files} files: {' '.join(cmd)}")
     started = time.perf_counter()
     proc = subprocess.Popen(
@@ -75,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
         text=True,
         env=dict(os.environ, **common.bench_env(model_dir)),
     )
-    poller = common.RssPoller(proc.pid, interval=args.interval, probe=lambda: finished_count(db_path)).start()
+    poller = processes.RssPoller(
+        proc.pid, interval=args.interval, probe=lambda: finished_count(db_path)
+    ).start()
     last_report = 0
     while proc.poll() is None:
         time.sleep(1.0)
@@ -86,14 +92,16 @@ def main(argv: list[str] | None = None) -> None:
         ):
             s = poller.samples[-1]
             last_report = s.extra
-            log(f"  {s.extra} finished, scoring process RSS {common.mib(s.main)}, tree {common.mib(s.tree)}")
+            log(
+                f"  {s.extra} finished, scoring process RSS {processes.mib(s.main)}, tree {processes.mib(s.tree)}"
+            )
     stderr = proc.stderr.read()
     wall = time.perf_counter() - started
     poller.stop()
     if proc.returncode != 0:
         sys.stderr.write(stderr[-3000:])
         raise SystemExit(f"scan failed with code {proc.returncode}")
-    summary = common.summary_line(stderr)
+    summary = results.read_scan_summary(summary_file)["line"]
     log(f"  {summary}")
 
     samples = [s for s in poller.samples if isinstance(s.extra, int) and s.extra >= 0]
@@ -112,23 +120,23 @@ def main(argv: list[str] | None = None) -> None:
         target = args.files * k // 10
         s = next((x for x in samples if x.extra >= target), at_end)
         curve.append(f"{s.extra}: {s.main / 2**20:.0f}")
-    body = common.table(
+    body = results.table(
         ["checkpoint", "finished files", "RSS scoring process", "RSS whole tree (with decode pool)"],
         [
             [
                 f"first sample >= {args.first:,}",
                 at_first.extra,
-                common.mib(at_first.main),
-                common.mib(at_first.tree),
+                processes.mib(at_first.main),
+                processes.mib(at_first.tree),
             ],
             [
                 "first sample at the final count",
                 at_end.extra,
-                common.mib(at_end.main),
-                common.mib(at_end.tree),
+                processes.mib(at_end.main),
+                processes.mib(at_end.tree),
             ],
             ["growth (target < 10 %)", "", f"{growth * 100:+.1f} %", f"{growth_tree * 100:+.1f} %"],
-            ["peak", "", common.mib(peak), common.mib(max(s.tree for s in samples))],
+            ["peak", "", processes.mib(peak), processes.mib(max(s.tree for s in samples))],
         ],
     )
     body += "\n\nScoring-process RSS (MiB) by finished files: " + ", ".join(curve)
@@ -136,9 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         f"files: {args.files:,} unique small JPEGs (224 px Kermany films + a unique comment segment), "
         "embedded `cxr-triage scan TREE --no-progress --database-url sqlite:///...`",
         f"scan: {summary}; wall {wall:.1f} s",
-        f"RSS from /proc every {args.interval} s; finished count read from the SQLite database at the same time",
+        f"RSS (psutil) every {args.interval} s; finished count read from the SQLite database at the same time",
     ]
-    common.publish(args, "Memory stability of the scoring process (benchmark 6)", model, body, notes)
+    results.publish(args, "Memory stability of the scoring process (benchmark 6)", model, body, notes)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ Run: ``flock .work/heavy.lock .venv/bin/python bench/bench_throughput.py`` (``--
 
 from __future__ import annotations
 
-import json
-import math
 import multiprocessing
 import os
 import random
@@ -32,8 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
-from bench.common import log  # noqa: E402
+from bench import common, databases, processes  # noqa: E402
+from bench import corpus as corpora  # noqa: E402
+from bench import results as report  # noqa: E402
+from bench.results import log  # noqa: E402
 
 BATCH_SIZES = (1, 8, 16, 32, 64, 128)
 
@@ -43,15 +43,23 @@ def list_files(corpus: Path) -> list[str]:
 
 
 def run_scan(corpus: Path, database_url: str, model_dir: Path, label: str, code: Path | None = None) -> dict:
-    """One ``cxr-triage scan``; with ``code``, that checkout's modules are imported (an A/B run)."""
+    """One ``cxr-triage scan``; with ``code``, that checkout's modules are imported (an A/B run;
+    it must know ``--summary-json``)."""
     log(f"end-to-end: cxr-triage scan into {label} ...")
     env = common.bench_env(model_dir)
     if code is not None:
         env["PYTHONPATH"] = str(code)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    timed = common.run_timed(
-        common.cli(
-            "scan", str(corpus), "--no-progress", "--database-url", database_url, "--log-level", "WARNING"
+    summary_file = corpora.WORK / f"throughput-{label.split()[0].lower()}.summary.json"
+    timed = processes.run_timed(
+        common.scan_cli(
+            summary_file,
+            str(corpus),
+            "--no-progress",
+            "--database-url",
+            database_url,
+            "--log-level",
+            "WARNING",
         ),
         env=env,
         poll_rss=True,
@@ -60,16 +68,11 @@ def run_scan(corpus: Path, database_url: str, model_dir: Path, label: str, code:
     if timed.returncode != 0:
         sys.stderr.write(timed.stderr[-4000:])
         raise SystemExit(f"cxr-triage scan into {label} failed with code {timed.returncode}")
-    summary = common.parse_summary(timed.stderr)
-    summary.update(
-        # CPU of the scan and every process it waited for (decode pool): robust to other load
-        cpu=(after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-        wall=timed.seconds,
-        peak_tree=timed.peak_tree,
-        peak_main=timed.peak_main,
-        line=common.summary_line(timed.stderr),
-    )
-    log(f"  {summary['line']}  (wall {timed.seconds:.1f} s, CPU {summary['cpu']:.1f} s)")
+    summary = report.read_scan_summary(summary_file)
+    # CPU of the scan and every process it waited for (the decode pool): robust to other load
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    summary.update(wall=timed.seconds, peak_tree=timed.peak_tree, peak_main=timed.peak_main, cpu=cpu)
+    log(f"  {summary['line']}  (wall {timed.seconds:.1f} s, CPU {cpu:.1f} s)")
     return summary
 
 
@@ -91,17 +94,16 @@ def stratified_subset(files: list[str], formats: dict[str, str], n: int, seed: i
 
 def run_naive(files: list[str], model_dir: Path, db_path: Path) -> dict:
     """The notebook way: one file, one predict, one committed row at a time."""
-    import keras
     import numpy as np
 
-    import models.architectures  # noqa: F401  custom layers
+    from models.architectures import load_trained
     from pipeline.decode import decode_file
+    from pipeline.inference import logit_to_probability
     from pipeline.normalise import to_model_input
 
-    meta = json.loads((model_dir / "metadata.json").read_text())  # same metadata the product reads
+    model, meta = load_trained(model_dir)  # same file and metadata the product reads
     size = int(meta["input_size"])
     temperature = float(meta["temperature"])
-    model = keras.models.load_model(model_dir / meta.get("model_file", "model.keras"), compile=False)
     for suffix in ("", "-journal"):
         Path(str(db_path) + suffix).unlink(missing_ok=True)
     conn = sqlite3.connect(db_path)
@@ -118,7 +120,7 @@ def run_naive(files: list[str], model_dir: Path, db_path: Path) -> dict:
         t1 = time.perf_counter()
         out = model.predict(x, verbose=0)
         logit = float(np.asarray(out["pneumonia"] if isinstance(out, dict) else out[0]).ravel()[0])
-        probability = 1.0 / (1.0 + math.exp(-logit / temperature))
+        probability = logit_to_probability(logit, temperature)
         t2 = time.perf_counter()
         conn.execute("INSERT INTO scores VALUES (?, ?, datetime('now'))", (path, probability))
         conn.commit()
@@ -232,15 +234,15 @@ def main(argv: list[str] | None = None) -> None:
         args.files, args.naive_files, args.infer_seconds = min(args.files, 24), min(args.naive_files, 8), 1.0
 
     model_dir = common.resolve_model_dir(args.model_dir)
-    model = common.model_description(model_dir)
-    corpus, manifest = common.build_corpus("mixed", args.files)
+    model = report.model_description(model_dir)
+    corpus, manifest = corpora.build_corpus("mixed", args.files)
     formats = {str(corpus / e["path"]): e["format"] for e in manifest["entries"]}
     files = list_files(corpus)
     assert len(files) == args.files, f"corpus has {len(files)} files, expected {args.files}"
-    if common.training_running():
+    if processes.training_running():
         log("WARNING: model training is running: CPU contention, figures will be pessimistic")
 
-    work = common.WORK / "throughput"
+    work = corpora.WORK / "throughput"
     results: dict = {}
     if args.baseline_code:
         revision = subprocess.run(
@@ -249,17 +251,17 @@ def main(argv: list[str] | None = None) -> None:
             text=True,
         ).stdout.strip()
         label = f"SQLite, baseline code {revision or args.baseline_code}"
-        baseline_url = common.fresh_sqlite(work / "e2e-baseline.sqlite3")
+        baseline_url = databases.fresh_sqlite(work / "e2e-baseline.sqlite3")
         results[label] = run_scan(corpus, baseline_url, model_dir, label, code=args.baseline_code)
-    sqlite_url = common.fresh_sqlite(work / "e2e.sqlite3")
+    sqlite_url = databases.fresh_sqlite(work / "e2e.sqlite3")
     results["sqlite"] = run_scan(corpus, sqlite_url, model_dir, "SQLite")
     pg_name = "cxr_bench_throughput"
     if not args.no_postgres:
-        pg_url = common.fresh_postgres(pg_name)
+        pg_url = databases.create_postgres(pg_name)
         try:
             results["postgres"] = run_scan(corpus, pg_url, model_dir, "PostgreSQL")
         finally:
-            common.drop_postgres(pg_name)
+            databases.drop_postgres(pg_name)
 
     subset = stratified_subset(files, formats, args.naive_files)
     naive = run_naive(subset, model_dir, work / "naive.sqlite3")
@@ -297,13 +299,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r['wall']:.1f}",
                 f"{e2e / naive['rate']:.1f}x",
                 f"{e2e / ideal:.2f}",
-                f"{r['cli_rate']:.1f}",
+                f"{r['images_per_s']:.1f}",
                 f"{1000 * r['cpu'] / n:.0f}",
                 f"{r['scored']}/{n}",
-                common.mib(r["peak_tree"]),
+                processes.mib(r["peak_tree"]),
             ]
         )
-    body = common.table(
+    body = report.table(
         [
             "pipeline",
             "images/s (wall)",
@@ -317,14 +319,15 @@ def main(argv: list[str] | None = None) -> None:
         ],
         rows,
     )
-    body += "\n\n" + common.table(
+    body += "\n\n" + report.table(
         ["reference", "images/s", "how"],
         [
             [
                 "naive (notebook way)",
                 f"{naive['rate']:.2f}",
                 f"{naive['files']} files ({'seeded stratified subset' if naive['files'] < n else 'whole corpus'}), "
-                "decode_file + to_model_input, keras model.predict(1 image), sqlite3 INSERT+COMMIT per row; per image: "
+                "decode_file + to_model_input at full resolution, keras model.predict(1 image), "
+                "sqlite3 INSERT+COMMIT per row; per image: "
                 + ", ".join(f"{k} {v:.1f} ms" for k, v in naive["per_image_ms"].items()),
             ],
             [
@@ -360,14 +363,14 @@ def main(argv: list[str] | None = None) -> None:
         ],
     )
     notes = [
-        f"corpus: {common.corpus_description(manifest)}",
+        f"corpus: {corpora.corpus_description(manifest)}",
         "images/s (wall) = files / wall clock of the whole `cxr-triage scan` command, process start, "
         "TensorFlow import, schema check and model load included; the CLI's own figure excludes start-up "
         "and schema check",
         "product settings: defaults (batch 32, one decode process per core, reduced-resolution decoding, "
         "decode of batch k+1 overlapped with scoring of batch k)",
     ]
-    common.publish(args, "End-to-end throughput vs naive vs limit (benchmarks 1-3)", model, body, notes)
+    report.publish(args, "End-to-end throughput vs naive vs limit (benchmarks 1-3)", model, body, notes)
 
 
 if __name__ == "__main__":

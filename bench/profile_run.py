@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
+from bench import corpus as corpora  # noqa: E402
 
 
 def py_spy() -> str:
@@ -88,7 +89,7 @@ def _where(frame: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = common.make_parser(__doc__, common_args=False)
-    parser.add_argument("--out", default=str(common.WORK / "profile.txt"), help="raw py-spy output file")
+    parser.add_argument("--out", default=str(corpora.WORK / "profile.txt"), help="raw py-spy output file")
     parser.add_argument("--rate", type=int, default=50, help="samples per second per process")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument(

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 LOCK=.work/heavy.lock
 mkdir -p .work
-if pgrep -f models.train >/dev/null; then
+if pgrep -f "models.train|cxr-triage model train" >/dev/null; then
     echo "WARNING: model training is running: figures will be pessimistic (and say so in RESULTS.md)" >&2
 fi
 $PY bench/bench_backlog.py --setup-only "$@"   # one-off, cached corpus set-up; not a measurement

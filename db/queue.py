@@ -7,15 +7,19 @@ cannot both move it, and a result written twice leaves one row.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.paths import to_db
+from db.attributes import clean_text, to_columns
+from db.paths import from_db, from_db_one, to_db
 from db.schema import FINAL_STATUSES, Image, ImageStatus, Score, SourceFile, utcnow
 
 #: A file whose processing killed its worker this many times is failed, not retried.
@@ -36,20 +40,34 @@ class FileSeen:
     mtime_ns: int
 
 
+def path_key(path: str, mtime_ns: int) -> str:
+    """Row key for a file whose content is not hashed (too large to read): path and mtime, not content."""
+    return hashlib.sha256(os.fsencode(path) + f"\0{mtime_ns}".encode()).hexdigest()
+
+
 def find_unchanged(session: Session, files: Sequence[FileSeen]) -> dict[str, int | None]:
-    """Paths already registered with the same size and mtime -> their image id (no hashing needed)."""
+    """Paths already registered with the same size and mtime -> their image id (no hashing needed).
+
+    Only a path registered under its content's hash counts: a row keyed by path
+    (content never read) or superseded is looked at again, since ``chmod`` does not
+    change mtime and a file that could not be read before may be readable now.
+    """
     if not files:
         return {}
     by_path = {to_db(f.path): f for f in files}
     rows = session.execute(
-        select(SourceFile.path, SourceFile.size_bytes, SourceFile.mtime_ns, SourceFile.image_id).where(
-            SourceFile.path.in_(list(by_path))
+        select(
+            SourceFile.path, SourceFile.size_bytes, SourceFile.mtime_ns, Image.id, Image.sha256, Image.status
         )
+        .join(Image, Image.id == SourceFile.image_id)
+        .where(SourceFile.path.in_(list(by_path)))
     )
     unchanged = {}
-    for path, size, mtime_ns, image_id in rows:
+    for path, size, mtime_ns, image_id, sha256, status in rows:
         seen = by_path[path]
-        if size == seen.size_bytes and mtime_ns == seen.mtime_ns and image_id is not None:
+        if (size, mtime_ns) != (seen.size_bytes, seen.mtime_ns) or status == ImageStatus.SUPERSEDED:
+            continue
+        if sha256 != path_key(seen.path, seen.mtime_ns):
             unchanged[seen.path] = image_id
     return unchanged
 
@@ -58,9 +76,23 @@ def _insert(session: Session):
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
+#: Why an image is superseded when its last path shows other content (or none).
+REPLACED_REASON = (
+    "the file was replaced or was still being written: this content is no longer at any known path"
+)
+GONE_REASON = "file no longer exists at any known path"
+
+
 def register(session: Session, seen: FileSeen, sha256: str) -> tuple[int, bool]:
-    """Record ``seen`` with its content hash. Returns (image id, whether the content is new)."""
+    """Record ``seen`` with its content hash. Returns (image id, whether the content needs work anew).
+
+    The content that ``seen.path`` showed before (a replaced file, or a half-written one
+    registered early) is superseded once no path shows it any more; content seen again
+    after it was superseded is queued again.
+    """
     insert = _insert(session)
+    stored_path = to_db(seen.path)
+    previous = session.scalar(select(SourceFile.image_id).where(SourceFile.path == stored_path))
     created = session.execute(
         insert(Image)
         .values(
@@ -88,10 +120,74 @@ def register(session: Session, seen: FileSeen, sha256: str) -> tuple[int, bool]:
     }
     session.execute(
         insert(SourceFile)
-        .values(path=to_db(seen.path), **values)
+        .values(path=stored_path, **values)
         .on_conflict_do_update(index_elements=["path"], set_=values)
     )
-    return image_id, created is not None
+    if previous is not None and previous != image_id:
+        supersede_if_orphaned(session, previous)
+    revived = created is None and _revive(session, image_id)
+    return image_id, created is not None or revived
+
+
+def supersede_if_orphaned(session: Session, image_id: int, reason: str = REPLACED_REASON) -> bool:
+    """Mark ``image_id`` superseded if no path shows its content any more (whatever its state)."""
+    now = utcnow()
+    result = session.execute(
+        update(Image)
+        .where(
+            Image.id == image_id,
+            Image.status != ImageStatus.SUPERSEDED,
+            ~select(SourceFile.id).where(SourceFile.image_id == image_id).exists(),
+        )
+        .values(
+            status=ImageStatus.SUPERSEDED,
+            reason=reason,
+            lease_expires_at=None,
+            lease_owner=None,
+            finished_at=func.coalesce(Image.finished_at, now),
+            updated_at=now,
+        )
+    )
+    return result.rowcount == 1
+
+
+def _revive(session: Session, image_id: int) -> bool:
+    """Superseded content that a path shows again is queued again (its old score, if any, is kept)."""
+    now = utcnow()
+    result = session.execute(
+        update(Image)
+        .where(Image.id == image_id, Image.status == ImageStatus.SUPERSEDED)
+        .values(status=ImageStatus.QUEUED, reason=None, attempts=0, finished_at=None, updated_at=now)
+    )
+    return result.rowcount == 1
+
+
+def record_gone(session: Session, image_id: int) -> bool:
+    """The claimed image's content is at no known path (deleted or replaced): superseded, not failed."""
+    return _finish(session, image_id, ImageStatus.SUPERSEDED, reason=GONE_REASON)
+
+
+def prune_missing_paths(
+    session: Session, image_id: int, seen_path: str, exists: Callable[[str], bool]
+) -> int:
+    """Forget the other paths of ``image_id`` that no longer exist (a renamed file's old name).
+
+    ``seen_path`` was just seen, so the image keeps at least one path. ``exists`` is
+    asked about the file-system name of each stored path.
+    """
+    keep = to_db(seen_path)
+    stale = [
+        row_id
+        for row_id, stored in session.execute(
+            select(SourceFile.id, SourceFile.path).where(
+                SourceFile.image_id == image_id, SourceFile.path != keep
+            )
+        )
+        if not exists(from_db_one(stored))
+    ]
+    if stale:
+        session.execute(delete(SourceFile).where(SourceFile.id.in_(stale)))
+    return len(stale)
 
 
 def pending_ids(session: Session, image_ids: Iterable[int], owner: str | None = None) -> list[int]:
@@ -106,6 +202,16 @@ def pending_ids(session: Session, image_ids: Iterable[int], owner: str | None = 
     )
 
 
+def db_now(session: Session) -> datetime:
+    """The database's clock (PostgreSQL ``now()``): leases mean the same on every machine.
+
+    SQLite lives on one machine, whose clock is the database's.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return as_utc(session.scalar(select(func.now())))
+    return utcnow()
+
+
 def _claimable(now: datetime, owner: str | None = None):
     lease_gone = Image.lease_expires_at < now
     if owner is not None:
@@ -118,12 +224,15 @@ def claim(
 ) -> tuple[list[int], list[int]]:
     """Take ``image_ids`` for processing. Returns (claimed ids, ids failed for too many attempts).
 
-    A claim increments ``attempts``; an image claimed :data:`MAX_ATTEMPTS` times
-    without reaching a final state has killed its worker that often and is failed.
+    A claim does not count an attempt: ``attempts`` counts real deaths of the process
+    that held the lease (:func:`release_dead_owners`, :func:`requeue_expired`), so a
+    database outage or a retried task never looks like a file that kills its worker.
+    An image whose worker died :data:`MAX_ATTEMPTS` times is failed. The lease is
+    measured on the database's clock.
     """
     if not image_ids:
         return [], []
-    now = utcnow()
+    now = db_now(session)
     exhausted = list(
         session.scalars(
             update(Image)
@@ -146,7 +255,6 @@ def claim(
             .values(
                 status=ImageStatus.PROCESSING,
                 lease_owner=owner,
-                attempts=Image.attempts + 1,
                 updated_at=now,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
             )
@@ -193,8 +301,8 @@ def _finish(session: Session, image_id: int, status: ImageStatus, **values) -> b
     return result.rowcount == 1
 
 
-def record_score(session: Session, image_id: int, score: ScoreRecord, attributes: dict | None = None) -> bool:
-    """Write a score once per (image, model version) and mark the image scored. Idempotent."""
+def add_score(session: Session, image_id: int, score: ScoreRecord) -> None:
+    """Write a score once per (image, model version), whatever the image's state. Idempotent."""
     insert = _insert(session)
     p = score.pneumonia_probability
     session.execute(
@@ -213,55 +321,184 @@ def record_score(session: Session, image_id: int, score: ScoreRecord, attributes
         )
         .on_conflict_do_nothing(index_elements=["image_id", "model_version"])
     )
-    return _finish(session, image_id, ImageStatus.SCORED, reason=None, **(attributes or {}))
+
+
+def record_score(session: Session, image_id: int, score: ScoreRecord, attributes: dict | None = None) -> bool:
+    """Write a score once per (image, model version) and mark the image scored. Idempotent."""
+    add_score(session, image_id, score)
+    return _finish(session, image_id, ImageStatus.SCORED, reason=None, **to_columns(attributes))
 
 
 def record_problem(
     session: Session, image_id: int, status: ImageStatus, reason: str, attributes: dict | None = None
 ) -> bool:
-    return _finish(session, image_id, status, reason=reason[:2000], **(attributes or {}))
+    """Move an image to a final problem state; the reason is stored without any file path in it."""
+    stored = scrub_reason(reason, source_paths(session, [image_id]).get(image_id, []))
+    return _finish(session, image_id, status, reason=stored, **to_columns(attributes))
 
 
-def release(session: Session, image_ids: Sequence[int], *, refund_attempt: bool = False) -> None:
-    """Put claimed images back in the queue (file still being written, shutdown...)."""
+#: A quoted path ('/drop/x.png', "C:\\x", PosixPath('x/y')) or a bare absolute one (/drop/x.png).
+_QUOTED_PATH = re.compile(r"""(['"])(?:[A-Za-z]:\\|~?/|\.\.?/)[^'"\n]*\1""")
+_BARE_PATH = re.compile(r"""(?<![\w.:/\\-])/[^\s'"]+""")
+MAX_REASON_CHARS = 2000
+
+
+def _trailing_punctuation(path: str) -> str:
+    return path[len(path.rstrip(".,:;)]")) :]
+
+
+def scrub_reason(reason: str, paths: Iterable[str] = ()) -> str:
+    """``reason`` with file paths (and the file's own names) taken out: paths identify patients.
+
+    A backstop: pipeline messages should not carry paths in the first place, but a
+    library's message (Pillow's "cannot identify image file '/drop/DOE_JOHN.png'") can.
+    """
+    text = clean_text(reason)
+    for stored in paths:
+        for form in {stored, *from_db(stored)}:
+            text = text.replace(form, "<file>")
+            name = os.path.basename(form)
+            if len(name) >= 6 and not name.isalpha():  # "DICOM" or "image" may be words of the reason
+                text = text.replace(name, "<file>")
+    text = _QUOTED_PATH.sub("<file>", text)
+    text = _BARE_PATH.sub(lambda found: "<file>" + _trailing_punctuation(found.group()), text)
+    return text[:MAX_REASON_CHARS]
+
+
+def release(session: Session, image_ids: Sequence[int]) -> None:
+    """Put claimed images back in the queue (file still being written or briefly unreadable, an error
+    that is not the worker's death, shutdown): no attempt is counted."""
     if not image_ids:
         return
-    values: dict = {"status": ImageStatus.QUEUED, "lease_expires_at": None, "updated_at": utcnow()}
-    if refund_attempt:
-        values["attempts"] = Image.attempts - 1
     session.execute(
-        update(Image).where(Image.id.in_(image_ids), Image.status == ImageStatus.PROCESSING).values(**values)
+        update(Image)
+        .where(Image.id.in_(image_ids), Image.status == ImageStatus.PROCESSING)
+        .values(status=ImageStatus.QUEUED, lease_expires_at=None, lease_owner=None, updated_at=utcnow())
+    )
+
+
+def _requeue_after_death(session: Session, condition) -> list[int]:
+    """Processing images matching ``condition`` lost their worker: back to queued, one attempt counted."""
+    return list(
+        session.scalars(
+            update(Image)
+            .where(Image.status == ImageStatus.PROCESSING, condition)
+            .values(
+                status=ImageStatus.QUEUED,
+                attempts=Image.attempts + 1,
+                lease_expires_at=None,
+                lease_owner=None,
+                updated_at=utcnow(),
+            )
+            .returning(Image.id)
+        )
     )
 
 
 def release_dead_owners(session: Session, prefix: str, is_dead: Callable[[str], bool]) -> list[int]:
-    """Requeue images leased by owners under ``prefix`` (this host's processes) that are gone."""
+    """Requeue images leased by owners under ``prefix`` that are gone (a process of this host, a
+    supervisor's dead child); each counts one attempt (a real death)."""
     rows = session.execute(
         select(Image.id, Image.lease_owner).where(
-            Image.status == ImageStatus.PROCESSING, Image.lease_owner.startswith(prefix)
+            Image.status == ImageStatus.PROCESSING, Image.lease_owner.startswith(prefix, autoescape=True)
         )
     ).all()
     dead = [image_id for image_id, owner in rows if is_dead(owner)]
-    if dead:
-        session.execute(
-            update(Image)
-            .where(Image.id.in_(dead), Image.status == ImageStatus.PROCESSING)
-            .values(status=ImageStatus.QUEUED, lease_expires_at=None, lease_owner=None, updated_at=utcnow())
-        )
-    return dead
+    if not dead:
+        return []
+    return sorted(_requeue_after_death(session, Image.id.in_(dead)))
 
 
 def requeue_expired(session: Session) -> list[int]:
-    """Images whose processing lease ran out (worker gone) go back to queued."""
-    now = utcnow()
-    return list(
+    """Images whose lease ran out on the database's clock (the machine vanished) go back to queued;
+    the backstop behind :func:`release_dead_owners`."""
+    return sorted(_requeue_after_death(session, Image.lease_expires_at < db_now(session)))
+
+
+# -- what was sent to the broker -------------------------------------------------------------------
+
+
+def mark_sent(session: Session, image_ids: Sequence[int]) -> None:
+    """Record that a message for ``image_ids`` is now in the broker."""
+    if image_ids:
+        session.execute(update(Image).where(Image.id.in_(image_ids)).values(sent_at=db_now(session)))
+
+
+def never_sent(session: Session, image_ids: Sequence[int]) -> list[int]:
+    """Those of ``image_ids`` still queued that no message was ever sent for (or that were released
+    since: :func:`release` and the requeues clear nothing here, they are sent by their caller)."""
+    if not image_ids:
+        return []
+    return sorted(
+        session.scalars(
+            select(Image.id).where(
+                Image.id.in_(image_ids), Image.status == ImageStatus.QUEUED, Image.sent_at.is_(None)
+            )
+        )
+    )
+
+
+def lost_ids(session: Session, sent_before: datetime, limit: int = 10_000) -> list[int]:
+    """Queued images whose message went out before ``sent_before`` (or never went out) and were not
+    touched since. Callers use this only when the broker's queue is empty, i.e. the message is lost."""
+    query = select(Image.id).where(
+        Image.status == ImageStatus.QUEUED,
+        or_(Image.sent_at.is_(None), Image.sent_at < sent_before),
+        Image.updated_at < sent_before,
+    )
+    return list(session.scalars(query.order_by(Image.id).limit(limit)))
+
+
+def requeue_by_status(session: Session, status: ImageStatus, reason_contains: str | None = None) -> list[int]:
+    """An operator puts final images back (``cxr-triage requeue``): queued, no attempts, unsent."""
+    condition = Image.status == status
+    if reason_contains:
+        condition = and_(condition, Image.reason.contains(reason_contains, autoescape=True))
+    return sorted(
         session.scalars(
             update(Image)
-            .where(Image.status == ImageStatus.PROCESSING, Image.lease_expires_at < now)
-            .values(status=ImageStatus.QUEUED, lease_expires_at=None, updated_at=now)
+            .where(condition)
+            .values(
+                status=ImageStatus.QUEUED,
+                reason=None,
+                attempts=0,
+                sent_at=None,
+                finished_at=None,
+                lease_expires_at=None,
+                lease_owner=None,
+                updated_at=utcnow(),
+            )
             .returning(Image.id)
         )
     )
+
+
+def _outdated(model_version: str):
+    has_current = select(Score.id).where(Score.image_id == Image.id, Score.model_version == model_version)
+    return and_(Image.status == ImageStatus.SCORED, ~has_current.exists())
+
+
+def outdated_ids(session: Session, model_version: str, limit: int) -> list[int]:
+    """Scored images with no score from ``model_version`` yet (to re-score after a model change)."""
+    query = select(Image.id).where(_outdated(model_version))
+    return list(session.scalars(query.order_by(Image.id).limit(limit)))
+
+
+def image_ids_at(session: Session, paths: Iterable[str]) -> list[int]:
+    """Images registered under ``paths`` (file-system paths)."""
+    stored = [to_db(path) for path in paths]
+    if not stored:
+        return []
+    query = select(SourceFile.image_id).where(SourceFile.path.in_(stored), SourceFile.image_id.is_not(None))
+    return sorted(set(session.scalars(query)))
+
+
+def outdated_ids_among(session: Session, model_version: str, image_ids: Iterable[int]) -> list[int]:
+    ids = list(image_ids)
+    if not ids:
+        return []
+    query = select(Image.id).where(Image.id.in_(ids), _outdated(model_version))
+    return list(session.scalars(query.order_by(Image.id)))
 
 
 def queued_ids(session: Session, limit: int = 10_000, older_than: datetime | None = None) -> list[int]:
@@ -278,12 +515,45 @@ def status_counts(session: Session, image_ids: Sequence[int] | None = None) -> d
     return {status: count for status, count in session.execute(query)}
 
 
-def mark_reviewed(session: Session, sha256_prefix: str, reviewer: str | None) -> int:
-    if len(sha256_prefix) < 8:
-        raise ValueError("give at least 8 characters of the SHA-256")
+class AmbiguousReference(ValueError):
+    """A SHA-256 prefix that matches more than one film."""
+
+
+#: Shortest SHA-256 prefix ``review`` accepts: 8 hex digits (4 billion values).
+MIN_PREFIX_CHARS = 8
+_HEX_REFERENCE = re.compile(rf"[0-9a-f]{{{MIN_PREFIX_CHARS},64}}")
+
+
+def find_by_sha256(session: Session, reference: str) -> int | None:
+    """The image whose SHA-256 is ``reference`` or starts with it (a unique prefix of >= 8 hex digits).
+
+    Raises ValueError for anything that is not hex (``%`` and ``_`` are not wildcards
+    here), and :class:`AmbiguousReference` when the prefix names several films.
+    """
+    prefix = reference.strip().lower()
+    if not _HEX_REFERENCE.fullmatch(prefix):
+        raise ValueError(
+            f"give the film's SHA-256 or at least {MIN_PREFIX_CHARS} of its leading hex digits (0-9, a-f)"
+        )
+    matches = list(
+        session.scalars(select(Image.id).where(Image.sha256.startswith(prefix, autoescape=True)).limit(2))
+    )
+    if len(matches) > 1:
+        count = session.scalar(
+            select(func.count()).select_from(Image).where(Image.sha256.startswith(prefix, autoescape=True))
+        )
+        raise AmbiguousReference(f"{count} films start with {prefix}; give more digits of the SHA-256")
+    return matches[0] if matches else None
+
+
+def mark_reviewed(session: Session, reference: str, reviewer: str | None) -> int:
+    """Mark one film reviewed. Returns 1, or 0 when no film matches or it was already reviewed."""
+    image_id = find_by_sha256(session, reference)
+    if image_id is None:
+        return 0
     result = session.execute(
         update(Image)
-        .where(Image.sha256.startswith(sha256_prefix.lower()), Image.reviewed_at.is_(None))
+        .where(Image.id == image_id, Image.reviewed_at.is_(None))
         .values(reviewed_at=utcnow(), reviewed_by=reviewer)
     )
     return result.rowcount

@@ -1,8 +1,10 @@
 """Database schema (SQLAlchemy 2.0 typed ORM). Changes go through Alembic migrations.
 
 * ``images``: one row per distinct file content (SHA-256). Its ``status`` walks
-  ``queued -> processing -> scored | rejected | failed``; ``attempts`` counts claims
-  so that a file that keeps killing its worker is failed, not retried forever.
+  ``queued -> processing -> scored | rejected | failed``, or ends ``superseded`` when no
+  known path shows the content any more (replaced, half-written, deleted); ``attempts``
+  counts claims so that a file that keeps killing its worker is failed, not retried forever.
+  The DICOM attributes among its columns are mapped in ``db/attributes.py``.
 * ``source_files``: every path a content was seen under, with size and mtime so a
   backlog rescan can skip known files without hashing them.
 * ``scores``: one row per (image, model version): the unique key makes result
@@ -236,3 +238,40 @@ class OutboxItem(Base):
 
 
 Index("ix_images_status_lease", Image.status, Image.lease_expires_at)
+
+
+class AppSecret(Base):
+    """Keys a service generates once and shares between its processes (the web session key)."""
+
+    __tablename__ = "app_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WorklistOrder(Base):
+    """Each film's place in the worklist, kept up to date by triggers (migration 0004); read through
+    the ``triage_worklist`` view, never written by the application."""
+
+    __tablename__ = "worklist_order"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    score_id: Mapped[int | None] = mapped_column(Integer)
+    calibration_id: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    tier: Mapped[str | None] = mapped_column(String(8))
+    worklist_rank: Mapped[float] = mapped_column(Float)
+
+
+# Migration 0004: what the worklist view's order and the web page's filters need.
+Index("ix_worklist_order_rank", WorklistOrder.worklist_rank)
+Index("ix_worklist_order_tier_rank", WorklistOrder.tier, WorklistOrder.worklist_rank)
+Index("ix_worklist_order_status_rank", WorklistOrder.status, WorklistOrder.worklist_rank)
+Index("ix_scores_image_id_id", Score.image_id, Score.id)
+Index("ix_source_files_image_seen", SourceFile.image_id, SourceFile.seen_at, SourceFile.id)
+Index("ix_images_first_seen_at", Image.first_seen_at)
+Index("ix_images_reviewed_at", Image.reviewed_at)
+Index("ix_images_accession_number", Image.accession_number)
+Index("ix_images_patient_id", Image.patient_id)
+Index("ix_calibrations_model_active", Calibration.model_version, Calibration.active)

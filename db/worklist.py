@@ -1,42 +1,102 @@
 """The triage worklist: what a radiologist should read first.
 
-Ordering (the aging rule, also in the README):
+The list is the database view ``triage_worklist`` (migration 0004), so ``psql``, a BI tool, the
+CLI, the JSON API and the web page all read the same rows in the same order::
+
+    SELECT * FROM triage_worklist ORDER BY worklist_rank LIMIT 20;
+
+Ordering (the aging rule, also in the README), ascending ``worklist_rank``:
 
 1. Unreviewed scored films, by ``priority`` (highest first), where
 
        priority = 100 x P(pneumonia)
-                + 100 if P >= the model's screening threshold
+                + 100 if P >= the screening threshold
                 + 100 more if P >= the high-confidence threshold
                 + AGING_POINTS_PER_DAY (10) x days since the file arrived
 
    so likely pneumonia comes first, and a film below the threshold gains 10
    points a day: it cannot sink forever (after ~10 days it reaches the
-   screening-positive tier, after ~20 days the high-confidence tier).
+   screening-positive tier, after ~20 days the high-confidence tier). Since every
+   film ages at the same rate, the order does not depend on the clock:
+   ``worklist_rank = 10 x days-since-1970(arrival) - (priority without aging)``.
 2. Films that could not be scored (failed, rejected): a person must look at
-   them by hand; newest first.
-3. Films still in progress (queued, processing).
-4. Reviewed films, most recently reviewed first.
+   them by hand; newest first (rank 1,000,000 and up).
+3. Films still in progress (queued, processing): oldest first (2,000,000 and up).
+4. Reviewed films, most recently reviewed first (3,000,000 and up).
+5. ``superseded`` films (content replaced or gone): only in ``triage_worklist_all``.
+
+Thresholds, tiers and priority follow the *active* calibration of the score's model version when
+there is one (``calibrations.active``); otherwise the thresholds stored with the score
+(``calibration`` = ``shipped``). The score shown is each film's newest score; ``path`` is the
+path the content was most recently seen at; ties in rank are broken by ``sha256``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from datetime import datetime
+import json
+from dataclasses import asdict, dataclass, fields
+from datetime import date, datetime, time, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import Boolean, DateTime, Float, String, Text, column, func, select, table
 from sqlalchemy.orm import Session
 
 from db.queue import as_utc
-from db.schema import Image, ImageStatus, Score, SourceFile, utcnow
+from db.schema import Image, ImageStatus, SourceFile
 
 AGING_POINTS_PER_DAY = 10.0
 SCREENING_BONUS = 100.0
 HIGH_CONFIDENCE_BONUS = 100.0
 
+VIEW = "triage_worklist"
+VIEW_WITH_SUPERSEDED = "triage_worklist_all"
+
 INTENDED_USE = (
     "Research triage aid, not a diagnostic device. Validated on paediatric (1-5 years) "
     "anterior-posterior chest films from one hospital; every film still needs a radiologist's read."
 )
+
+TIERS = ("HIGH", "screen+", "below")
+
+#: The view's columns in order, with the types their values are read back as.
+_COLUMNS = (
+    ("path", Text),
+    ("paths", Text),
+    ("sha256", String),
+    ("status", String),
+    ("reason", Text),
+    ("score", Float),
+    ("threshold", Float),
+    ("high_confidence_threshold", Float),
+    ("screening_positive", Boolean),
+    ("high_confidence", Boolean),
+    ("viral_probability", Float),
+    ("priority", Float),
+    ("model_version", String),
+    ("out_of_scope", Boolean),
+    ("scope_note", Text),
+    ("study_uid", String),
+    ("sop_uid", String),
+    ("accession_number", String),
+    ("source_format", String),
+    ("first_seen_at", DateTime(timezone=True)),
+    ("reviewed_at", DateTime(timezone=True)),
+    ("calibration", String),
+    ("tier", String),
+    ("patient_id", String),
+    ("patient_name", String),
+    ("patient_age_years", Float),
+    ("modality", String),
+    ("view_position", String),
+    ("reviewed_by", String),
+    ("worklist_rank", Float),
+)
+COLUMNS = tuple(name for name, _ in _COLUMNS)
+
+
+def view_table(include_superseded: bool = False):
+    """The worklist view as a selectable (lightweight table clause with typed columns)."""
+    name = VIEW_WITH_SUPERSEDED if include_superseded else VIEW
+    return table(name, *(column(n, t) for n, t in _COLUMNS))
 
 
 @dataclass(frozen=True)
@@ -62,97 +122,156 @@ class WorklistEntry:
     source_format: str | None
     first_seen_at: str
     reviewed_at: str | None
+    calibration: str | None
+    tier: str | None
+    patient_id: str | None
+    patient_name: str | None
+    patient_age_years: float | None
+    modality: str | None
+    view_position: str | None
+    reviewed_by: str | None
+    worklist_rank: float
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def priority_of(score: Score, first_seen_at: datetime, now: datetime) -> float:
-    days_waiting = max((now - as_utc(first_seen_at)).total_seconds(), 0.0) / 86400.0
-    value = 100.0 * score.pneumonia_probability + AGING_POINTS_PER_DAY * days_waiting
-    if score.screening_positive:
-        value += SCREENING_BONUS
-    if score.high_confidence_positive:
-        value += HIGH_CONFIDENCE_BONUS
-    return round(value, 2)
+assert tuple(f.name for f in fields(WorklistEntry)) == COLUMNS
 
 
-def _sort_key(entry: WorklistEntry) -> tuple:
-    if entry.reviewed_at is not None:
-        return (3, _negated_time(entry.reviewed_at))
-    if entry.status == ImageStatus.SCORED:
-        return (0, -(entry.priority or 0.0))
-    if entry.status in (ImageStatus.FAILED, ImageStatus.REJECTED):
-        return (1, _negated_time(entry.first_seen_at))
-    return (2, entry.first_seen_at)
+@dataclass(frozen=True)
+class WorklistFilter:
+    """What a reader narrowed the list to; every field is applied in SQL."""
+
+    status: str | None = None
+    tier: str | None = None
+    reviewed: bool | None = None
+    out_of_scope: bool | None = None
+    folder: str | None = None
+    arrived_from: date | None = None
+    arrived_to: date | None = None
+    search: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status is not None and self.status not in {s.value for s in ImageStatus}:
+            raise ValueError(f"unknown status {self.status!r}")
+        if self.tier is not None and self.tier not in TIERS:
+            raise ValueError(f"unknown tier {self.tier!r}")
 
 
-def _negated_time(iso: str) -> float:
-    return -datetime.fromisoformat(iso).timestamp()
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def latest_scores(session: Session, image_ids: list[int]) -> dict[int, Score]:
-    latest: dict[int, Score] = {}
-    for score in session.scalars(select(Score).where(Score.image_id.in_(image_ids)).order_by(Score.id)):
-        latest[score.image_id] = score
-    return latest
+def _filtered(query, view, wanted: WorklistFilter):
+    c = view.c
+    if wanted.status:
+        query = query.where(c.status == wanted.status)
+    if wanted.tier:
+        query = query.where(c.tier == wanted.tier)
+    if wanted.reviewed is not None:
+        query = query.where(_reviewed(view, wanted.reviewed, _include_superseded(wanted)))
+    if wanted.out_of_scope is not None:
+        query = query.where(c.out_of_scope == wanted.out_of_scope)
+    if wanted.folder:
+        # Films seen under the folder (at any of their paths): a prefix range on source_files.path.
+        prefix = wanted.folder.rstrip("/") + "/"
+        seen_there = (
+            select(Image.sha256)
+            .join(SourceFile, SourceFile.image_id == Image.id)
+            .where(SourceFile.path.like(_escape_like(prefix) + "%", escape="\\"))
+        )
+        query = query.where(c.sha256.in_(seen_there))
+    if wanted.arrived_from:
+        query = query.where(c.first_seen_at >= datetime.combine(wanted.arrived_from, time.min))
+    if wanted.arrived_to:
+        day_after = datetime.combine(wanted.arrived_to + timedelta(days=1), time.min)
+        query = query.where(c.first_seen_at < day_after)
+    if wanted.search:
+        term = wanted.search.strip()
+        query = query.where((c.patient_id == term) | (c.accession_number == term))
+    return query
 
 
-def build_worklist(
-    session: Session, status: str | None = None, limit: int | None = None
-) -> list[WorklistEntry]:
-    query = select(Image)
-    if status:
-        query = query.where(Image.status == status)
-    images = list(session.scalars(query))
-    ids = [image.id for image in images]
-    paths: dict[int, list[str]] = {}
-    scores: dict[int, Score] = {}
-    for chunk_start in range(0, len(ids), 5000):  # keep IN lists bounded
-        chunk = ids[chunk_start : chunk_start + 5000]
-        for image_id, path in session.execute(
-            select(SourceFile.image_id, SourceFile.path)
-            .where(SourceFile.image_id.in_(chunk))
-            .order_by(SourceFile.id)
-        ):
-            paths.setdefault(image_id, []).append(path)
-        scores.update(latest_scores(session, chunk))
-    now = utcnow()
-    entries = [_entry(image, paths.get(image.id, []), scores.get(image.id), now) for image in images]
-    entries.sort(key=_sort_key)
-    return entries[:limit] if limit else entries
+#: Reviewed films rank from here (below: unreviewed), superseded ones from SUPERSEDED_RANK.
+REVIEWED_RANK = 3_000_000.0
+SUPERSEDED_RANK = 4_000_000.0
+
+
+def _reviewed(view, reviewed: bool, with_superseded: bool):
+    """Reviewed or not, as a range of ``worklist_rank`` (an index range, no join to the images)."""
+    rank = view.c.worklist_rank
+    in_range = (rank >= REVIEWED_RANK) & (rank < SUPERSEDED_RANK) if reviewed else rank < REVIEWED_RANK
+    if not with_superseded:
+        return in_range
+    superseded = (rank >= SUPERSEDED_RANK) & (
+        view.c.reviewed_at.is_not(None) if reviewed else view.c.reviewed_at.is_(None)
+    )
+    return in_range | superseded
+
+
+def _include_superseded(wanted: WorklistFilter) -> bool:
+    return wanted.status == ImageStatus.SUPERSEDED
+
+
+def query_rows(
+    session: Session, wanted: WorklistFilter | None = None, limit: int | None = None, offset: int = 0
+) -> list[dict]:
+    """Rows of the worklist (JSON-ready dicts in :data:`COLUMNS` order), most urgent first."""
+    wanted = wanted or WorklistFilter()
+    view = view_table(_include_superseded(wanted))
+    order = (view.c.worklist_rank, view.c.sha256)
+    query = _filtered(select(view), view, wanted).order_by(*order)
+    if offset:
+        # Deep pages: find the page's films by their keys first (cheap columns only), then compute the
+        # full rows (paths, priority) for those films alone, not for every film skipped by OFFSET.
+        keys = _filtered(select(view.c.sha256), view, wanted).order_by(*order).offset(offset)
+        if limit is not None:
+            keys = keys.limit(limit)
+        page = keys.subquery("page")
+        query = select(view).join(page, page.c.sha256 == view.c.sha256).order_by(*order)
+    elif limit is not None:
+        query = query.limit(limit)
+    return [row_to_dict(row) for row in session.execute(query).mappings()]
+
+
+def count_rows(session: Session, wanted: WorklistFilter | None = None) -> int:
+    wanted = wanted or WorklistFilter()
+    view = view_table(_include_superseded(wanted))
+    return session.scalar(_filtered(select(func.count()).select_from(view), view, wanted)) or 0
+
+
+def film(session: Session, sha256: str) -> dict | None:
+    """One film's worklist row (superseded films included), or None."""
+    view = view_table(include_superseded=True)
+    row = session.execute(select(view).where(view.c.sha256 == sha256)).mappings().first()
+    return row_to_dict(row) if row is not None else None
 
 
 def _iso(moment: datetime | None) -> str | None:
     return as_utc(moment).isoformat() if moment is not None else None
 
 
-def _entry(image: Image, paths: list[str], score: Score | None, now: datetime) -> WorklistEntry:
-    scored = image.status == ImageStatus.SCORED and score is not None
-    return WorklistEntry(
-        path=paths[0] if paths else None,
-        paths=paths,
-        sha256=image.sha256,
-        status=image.status,
-        reason=image.reason,
-        score=round(score.pneumonia_probability, 4) if scored else None,
-        threshold=score.screening_threshold if scored else None,
-        high_confidence_threshold=score.high_confidence_threshold if scored else None,
-        screening_positive=score.screening_positive if scored else None,
-        high_confidence=score.high_confidence_positive if scored else None,
-        viral_probability=round(score.viral_probability, 4)
-        if scored and score.viral_probability is not None
-        else None,
-        priority=priority_of(score, image.first_seen_at, now)
-        if scored and image.reviewed_at is None
-        else None,
-        model_version=score.model_version if scored else None,
-        out_of_scope=image.out_of_scope,
-        scope_note=image.scope_note,
-        study_uid=image.study_uid,
-        sop_uid=image.sop_uid,
-        accession_number=image.accession_number,
-        source_format=image.source_format,
-        first_seen_at=_iso(image.first_seen_at),
-        reviewed_at=_iso(image.reviewed_at),
-    )
+def _flag(value) -> bool | None:
+    return None if value is None else bool(value)
+
+
+def row_to_dict(row) -> dict:
+    """A view row as the JSON the CLI prints: booleans, ISO-8601 times, ``paths`` as a list."""
+    out = {name: row[name] for name in COLUMNS}
+    out["paths"] = json.loads(out["paths"]) if out["paths"] else []
+    for name in ("screening_positive", "high_confidence", "out_of_scope"):
+        out[name] = _flag(out[name])
+    out["out_of_scope"] = bool(out["out_of_scope"])
+    for name in ("first_seen_at", "reviewed_at"):
+        out[name] = _iso(out[name])
+    out["worklist_rank"] = float(out["worklist_rank"])
+    return out
+
+
+def build_worklist(
+    session: Session, status: str | None = None, limit: int | None = None
+) -> list[WorklistEntry]:
+    """The worklist as typed entries (the CLI's and the tests' entry point)."""
+    rows = query_rows(session, WorklistFilter(status=status), limit=limit)
+    return [WorklistEntry(**row) for row in rows]

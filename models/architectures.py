@@ -13,6 +13,7 @@ capacity from the main task.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import keras
 from keras import layers
@@ -37,6 +38,17 @@ class GradientScale(layers.Layer):
     def get_config(self) -> dict:
         """Serialisable config."""
         return {**super().get_config(), "scale": self.scale}
+
+
+def load_trained(model_dir: str | Path) -> tuple[keras.Model, dict]:
+    """(Keras model, metadata) with the real training layers registered by this module.
+
+    The training tools (ensemble building, Grad-CAM, comparison) use this; serving uses the same
+    loader, :func:`pipeline.inference.load_keras_model`, with inference stand-ins instead.
+    """
+    from pipeline.inference import load_keras_model
+
+    return load_keras_model(model_dir, custom_objects={})
 
 
 def _heads(features, dropout: float, viral_grad_scale: float = 0.3) -> dict:

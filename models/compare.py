@@ -5,24 +5,26 @@ and specificity at its own validation-fitted thresholds (:func:`models.train.cal
 bacterial-vs-viral AUC, the stress-test AUCs (:mod:`models.robustness`) and CPU throughput
 at batch 32. Optionally a test-time-augmentation row (original + small zooms) for the first folder.
 
-Run: ``python -m models.compare .work/runs/baseline128 .work/runs/resnet128 ...``.
+Run: ``cxr-triage model compare .work/runs/baseline128 .work/runs/resnet128 ... --data-dir DATA``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import statistics
+import time
 from pathlib import Path
 
 import numpy as np
 
 from models.metrics import operating_point, roc_auc
 from models.train import calibration
+from pipeline.inference import sigmoid
 
 
 def _figures(y: np.ndarray, v: np.ndarray, p: np.ndarray, vl: np.ndarray) -> dict:
     cal = calibration(y, p)
-    prob = 1 / (1 + np.exp(-p / cal["temperature"]))
+    prob = sigmoid(p, cal["temperature"])
     screening, high = cal["screening_threshold"], cal["high_confidence_threshold"]
     s, h = operating_point(y, prob, screening), operating_point(y, prob, high)
     mask = v >= 0
@@ -36,14 +38,40 @@ def _figures(y: np.ndarray, v: np.ndarray, p: np.ndarray, vl: np.ndarray) -> dic
     }
 
 
-def tta_logits(model_dir: Path, zooms: tuple[float, ...] = (1.0, 1.06, 1.12)) -> tuple[np.ndarray, ...]:
+def inference_rate(scorer, batch: int, seconds: float = 2.0, repetitions: int = 5) -> float:
+    """Median images/s of ``scorer.score_batch`` on ready tensors over ``repetitions`` timed runs.
+
+    Also the measurement of ``bench/bench_inference.py``, so both report the same figure.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, scorer.input_size, scorer.input_size, 1)).astype(np.float32)
+    for _ in range(3):  # warm-up (graph tracing, oneDNN primitive caches)
+        scorer.score_batch(x)
+    rates = []
+    for _ in range(repetitions):
+        calls, start = 0, time.perf_counter()
+        while True:
+            scorer.score_batch(x)
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds / repetitions and calls >= 2:
+                break
+        rates.append(calls * batch / elapsed)
+    return statistics.median(rates)
+
+
+def tta_logits(
+    model_dir: Path, data_dir: str | Path, cache_dir: str | Path | None = None,
+    zooms: tuple[float, ...] = (1.0, 1.06, 1.12),
+) -> tuple[np.ndarray, ...]:  # fmt: skip
     """Validation logits averaged over centre crops (zoom-ins) of the validation images."""
     import tensorflow as tf
 
+    from models.architectures import load_trained
     from models.augment import standardise_tf
-    from models.ensemble import _load, validation_logits
+    from models.ensemble import validation_logits
 
-    model, metadata = _load(model_dir)
+    model, metadata = load_trained(model_dir)
     size = metadata["input_size"]
 
     class Zoomed:
@@ -56,14 +84,13 @@ def tta_logits(model_dir: Path, zooms: tuple[float, ...] = (1.0, 1.06, 1.12)) ->
             img = tf.image.resize(img, (size, size), method="bilinear", antialias=True)
             return model(standardise_tf(img[..., 0]), training=False)
 
-    runs = [validation_logits(Zoomed(z), size) for z in zooms]
+    runs = [validation_logits(Zoomed(z), size, data_dir, cache_dir) for z in zooms]
     y, v = runs[0][0], runs[0][1]
     return y, v, np.mean([r[2] for r in runs], axis=0), np.mean([r[3] for r in runs], axis=0)
 
 
-def row(model_dir: Path, with_stress: bool = True, with_bench: bool = True) -> dict:
+def row(model_dir: Path, data_dir: str | Path, with_stress: bool = True, with_bench: bool = True) -> dict:
     """All comparison figures of one model folder."""
-    from bench.bench_inference import measure
     from models.robustness import stress_test
     from pipeline.inference import Scorer
 
@@ -79,9 +106,9 @@ def row(model_dir: Path, with_stress: bool = True, with_bench: bool = True) -> d
         **_figures(logits["y"], logits["v"], logits["p"], logits["vl"]),
     }
     if with_bench:
-        result["img_per_s_b32"] = round(measure(scorer, 32, seconds=2.0), 0)
+        result["img_per_s_b32"] = round(inference_rate(scorer, 32, seconds=2.0), 0)
     if with_stress:
-        stress = stress_test(model_dir)["results"]
+        stress = stress_test(data_dir, model_dir)["results"]
         result["stress_mean_auc"] = stress["mean_perturbed_auc"]
         result["stress_min_auc"] = stress["min_perturbed_auc"]
         result["stress"] = stress
@@ -99,23 +126,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dirs", nargs="+", type=Path)
-    parser.add_argument("--tta", action="store_true", help="also a zoom-TTA row for the first folder")
-    parser.add_argument("--no-stress", action="store_true")
-    parser.add_argument("--no-bench", action="store_true", help="skip the throughput measurement")
-    parser.add_argument("--json-out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    rows = [row(d, not args.no_stress, not args.no_bench) for d in args.model_dirs]
-    if args.tta:
-        tta = _figures(*tta_logits(args.model_dirs[0]))
-        rows.append({"model": f"{args.model_dirs[0].name} + zoom TTA x3", **tta})
-    print(markdown(rows))
-    if args.json_out:
-        args.json_out.write_text(json.dumps(rows, indent=1) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+def compare(
+    model_dirs: list[Path],
+    data_dir: str | Path,
+    *,
+    tta: bool = False,
+    stress: bool = True,
+    bench: bool = True,
+    cache_dir: str | Path | None = None,
+) -> list[dict]:
+    """Comparison rows of ``model_dirs``, plus a zoom-TTA row for the first one if ``tta``."""
+    rows = [row(d, data_dir, stress, bench) for d in model_dirs]
+    if tta:
+        figures = _figures(*tta_logits(model_dirs[0], data_dir, cache_dir))
+        rows.append({"model": f"{model_dirs[0].name} + zoom TTA x3", **figures})
+    return rows

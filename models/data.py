@@ -1,5 +1,8 @@
 """Training data: file listing, patient ids, labels, the patient-wise split and cached arrays.
 
+Nothing here knows where the data lives: every function takes the folder as an argument (the CLI
+fills it from ``--data-dir`` / ``CXR_TRIAGE_DATA_DIR``, the one data-location setting).
+
 Every training image goes through the serving path (:func:`pipeline.decode.decode_file`
 then :func:`pipeline.normalise.resize_square`) once; the resized grey levels in [0, 1]
 are cached as float32 so that augmentation and standardisation happen at training time.
@@ -21,10 +24,8 @@ from pipeline.normalise import resize_square
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm")
+#: The patient-wise validation split: package data, so it ships in the wheel with the model.
 SPLIT_FILE = Path(__file__).resolve().parent / "splits" / "val_patients.txt"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "kermany-cxr224" / "train"
-DEFAULT_CACHE_DIR = REPO_ROOT / ".work" / "cache"
 
 _PERSON = re.compile(r"^person(\d+)_(bacteria|virus)_", re.IGNORECASE)
 _NORMAL = re.compile(r"^(?:NORMAL2-)?IM-(\d+)-", re.IGNORECASE)
@@ -168,19 +169,21 @@ def load_grey(path: Path, size: int) -> np.ndarray:
 
 
 def cached_arrays(
-    samples: list[Sample], size: int, cache_dir: Path = DEFAULT_CACHE_DIR, progress: bool = False
+    samples: list[Sample], size: int, cache_dir: str | Path | None = None, progress: bool = False
 ) -> np.ndarray:
-    """(N, size, size) float32 resized grey images for ``samples``, cached in ``cache_dir``."""
+    """(N, size, size) float32 resized grey images for ``samples``, cached in ``cache_dir`` if given."""
     names = "\n".join(s.name for s in samples)
     digest = hashlib.sha256(f"{size}\n{names}".encode()).hexdigest()[:16]
-    cache = Path(cache_dir) / f"grey_{size}_{digest}.npy"
-    if cache.exists():
+    cache = Path(cache_dir) / f"grey_{size}_{digest}.npy" if cache_dir else None
+    if cache and cache.exists():
         return np.load(cache, mmap_mode=None)
     arrays = np.empty((len(samples), size, size), dtype=np.float32)
     for i, sample in enumerate(samples):
         arrays[i] = load_grey(sample.path, size)
         if progress and i % 500 == 0:
             print(f"cached {i}/{len(samples)}", flush=True)
+    if cache is None:
+        return arrays
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npy")
     np.save(tmp, arrays)

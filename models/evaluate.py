@@ -5,13 +5,11 @@ Each file is decoded with :func:`pipeline.decode.decode_file`, preprocessed with
 exactly as the worker does. ``split="val"`` restricts the folder to the validation patients
 of the shipped split file, which reproduces the model card's validation figures.
 
-Run: ``python -m models.evaluate ../shared/data/kermany-cxr224/train --split val``.
+Run: ``cxr-triage model evaluate DATA_DIR --split val``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,20 +149,3 @@ def evaluate(
     if roc_png:
         write_roc_png(y, prob, report, roc_png)
     return report
-
-
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry point."""
-    parser = argparse.ArgumentParser(description="Evaluate a model over a NORMAL/ + PNEUMONIA/ folder.")
-    parser.add_argument("data_dir")
-    parser.add_argument("--model-dir", default=None)
-    parser.add_argument("--roc-png", default="roc.png")
-    parser.add_argument("--split", choices=("all", "val"), default="all")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args(argv)
-    report = evaluate(args.data_dir, args.model_dir, args.roc_png or None, split=args.split)
-    print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
-
-
-if __name__ == "__main__":
-    main()

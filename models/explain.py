@@ -7,7 +7,6 @@ It shows where the model looked; it is not a lesion segmentation.
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -43,11 +42,9 @@ def _cam_models(model_dir: str) -> tuple[list[Any], int]:
     """Grad-CAM sub-models (feature map, pneumonia logit); one per member of an ensemble."""
     import keras
 
-    import models.architectures  # noqa: F401  registers custom layers
+    from models.architectures import load_trained
 
-    metadata = json.loads((Path(model_dir) / "metadata.json").read_text())
-    model_file = Path(model_dir) / metadata.get("model_file", "model.keras")
-    model = keras.models.load_model(model_file, compile=False)
+    model, metadata = load_trained(model_dir)
     members = [layer for layer in model.layers if isinstance(layer, keras.Model)] or [model]
     cams = []
     for member in members:

@@ -7,14 +7,12 @@ acquisition shift, every validation film is perturbed *before* the serving prepr
 equalisation, tighter and wider field of view. Some of these overlap with the training
 augmentation, so this is a sanity check of robustness, not an estimate of external performance.
 
-Run: ``python -m models.robustness --model-dir models/shipped``.
+Run: ``cxr-triage model stress-test DATA_DIR [--model-dir DIR]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,7 +78,7 @@ PERTURBATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def stress_test(model_dir: str | Path | None = None, data_dir: str | Path = data.DEFAULT_DATA_DIR) -> dict:
+def stress_test(data_dir: str | Path, model_dir: str | Path | None = None) -> dict:
     """Per-perturbation AUC / screening sensitivity / specificity on the validation split."""
     from pipeline.inference import Scorer
 
@@ -105,16 +103,3 @@ def stress_test(model_dir: str | Path | None = None, data_dir: str | Path = data
     results["mean_perturbed_auc"] = round(float(np.mean(aucs)), 4)
     results["min_perturbed_auc"] = round(float(np.min(aucs)), 4)
     return {"model_version": scorer.version, "results": results}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default=None)
-    parser.add_argument("--data-dir", default=str(data.DEFAULT_DATA_DIR))
-    args = parser.parse_args(argv)
-    print(json.dumps(stress_test(args.model_dir, args.data_dir), indent=2))
-
-
-if __name__ == "__main__":
-    main()

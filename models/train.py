@@ -8,12 +8,11 @@ the fixed schedule: it is *not* picked by the validation score, which keeps the 
 figures honest and the choice robust. Temperature and the two operating thresholds are then
 fitted on the patient-wise validation split.
 
-Run: ``python -m models.train --arch resnet --epochs 30 --size 128 --out models/shipped``.
+Run: ``cxr-triage model train DATA_DIR --arch resnet --epochs 30 --size 128 --out models/shipped``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shlex
@@ -27,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from models import data
-from models.augment import PRESETS, AugmentConfig, augment_tf, draw_params, standardise_tf
+from models.augment import AugmentConfig, augment_tf, draw_params, standardise_tf
 from models.metrics import fit_temperature, operating_thresholds, roc_auc
 from pipeline.hashing import sha256_file
+from pipeline.inference import sigmoid
 
 MODEL_FILE = "model.keras"
 
@@ -49,15 +49,22 @@ class TrainConfig:
     viral_loss_weight: float = 0.3
     label_smoothing: float = 0.05
     seed: int = 1337
-    data_dir: str = str(data.DEFAULT_DATA_DIR)
+    #: Folder with NORMAL/ and PNEUMONIA/ (no default: ``--data-dir`` / ``CXR_TRIAGE_DATA_DIR``).
+    data_dir: str = ""
+    #: Where resized training arrays are cached between runs (None: not cached).
+    cache_dir: str | None = None
     split_file: str = str(data.SPLIT_FILE)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
-def _git_revision() -> str:
+def git_revision() -> str:
+    """Short revision of the checkout this code runs from (``unknown`` when installed from a wheel)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=data.REPO_ROOT
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
         )
         return out.stdout.strip() or "unknown"
     except OSError:
@@ -167,10 +174,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=None) -> dict:
     started = time.time()
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
+    if not cfg.data_dir:
+        raise ValueError("no training data folder given (--data-dir or CXR_TRIAGE_DATA_DIR)")
     samples = data.list_samples(cfg.data_dir)
     val_patients = data.read_split(Path(cfg.split_file))
     train_s, val_s = data.partition(samples, val_patients)
-    x_all = data.cached_arrays(samples, cfg.size)
+    x_all = data.cached_arrays(samples, cfg.size, cfg.cache_dir)
     index = {s.name: i for i, s in enumerate(samples)}
     x_train = x_all[[index[s.name] for s in train_s]]
     x_val = _standardised(x_all[[index[s.name] for s in val_s]])
@@ -223,7 +232,7 @@ HIGH_CONFIDENCE_TARGET, HIGH_CONFIDENCE_FIT = 0.95, 0.99  # specificity
 def calibration(y_val: np.ndarray, p_logit: np.ndarray) -> dict:
     """Temperature of the pneumonia logit and both thresholds on the calibrated probability."""
     temperature = fit_temperature(y_val, p_logit)
-    prob = 1 / (1 + np.exp(-p_logit / temperature))
+    prob = sigmoid(p_logit, temperature)
     screening, high_conf = operating_thresholds(y_val, prob, SCREENING_FIT, HIGH_CONFIDENCE_FIT)
     return {
         "temperature": round(float(temperature), 4),
@@ -239,11 +248,10 @@ def calibration(y_val: np.ndarray, p_logit: np.ndarray) -> dict:
 
 
 def _command_line() -> str:
+    """The command that made the model, for its metadata (``cxr-triage model ...`` as typed)."""
     if not sys.argv or not sys.argv[0]:
         return "models.train.train()"
-    script = Path(sys.argv[0])
-    head = f"python -m models.{script.stem}" if script.parent.name == "models" else script.name
-    return " ".join([head, *(shlex.quote(a) for a in sys.argv[1:])])
+    return " ".join([Path(sys.argv[0]).name, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def export(model, cfg: TrainConfig, out_dir, y_val, v_val, p_logit, v_logit, history, wall) -> dict:
@@ -274,8 +282,8 @@ def export(model, cfg: TrainConfig, out_dir, y_val, v_val, p_logit, v_logit, his
         },
         "training_command": _command_line(),
         "training_wall_seconds": round(wall, 1),
-        "git_revision": _git_revision(),
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "split_file")},
+        "git_revision": git_revision(),
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "cache_dir", "split_file")},
     }
     (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
@@ -291,38 +299,3 @@ def recalibrate(run_dir: str | Path) -> dict:
     metadata.update(calibration(logits["y"], logits["p"]))
     (run_dir / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path]:
-    """Command-line options -> (config, output directory)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="resnet")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--augment", choices=sorted(PRESETS), default="standard")
-    parser.add_argument("--data-dir", default=str(data.DEFAULT_DATA_DIR))
-    parser.add_argument("--out", default="models/shipped")
-    args = parser.parse_args(argv)
-    cfg = TrainConfig(
-        arch=args.arch,
-        size=args.size,
-        epochs=args.epochs,
-        seed=args.seed,
-        lr=args.lr,
-        data_dir=args.data_dir,
-        augment=PRESETS[args.augment],
-    )
-    return cfg, Path(args.out)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry point."""
-    cfg, out = parse_args(argv)
-    metadata = train(cfg, out)
-    print(json.dumps(metadata, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,8 +31,13 @@ class ModelScore:
     viral_probability: float | None  # P(viral | pneumonia), sigmoid of the viral head
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+def sigmoid(logits: Any, temperature: float = 1.0) -> np.ndarray:
+    """Calibrated probability ``sigmoid(logit / temperature)`` (numerically stable, any shape).
+
+    The one place this formula lives: serving, training calibration, comparison and benchmarks
+    all call it, so a stored score and an evaluated score cannot drift apart.
+    """
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits, dtype=np.float64) / temperature))
 
 
 @contextlib.contextmanager
@@ -85,6 +89,25 @@ def _configure_devices(tf: Any) -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
 
 
+def load_keras_model(model_dir: str | Path, custom_objects: dict | None = None) -> tuple[Any, dict]:
+    """(Keras model, metadata) of a model folder: the one way every caller loads a model.
+
+    The model file is ``metadata["model_file"]`` (default ``model.keras``). Serving passes no
+    ``custom_objects`` and gets the inference stand-ins of the training-only layers; training
+    tools pass ``{}`` after importing ``models.architectures``, whose registered layers then apply.
+    """
+    import keras
+
+    model_dir = Path(model_dir)
+    metadata = json.loads((model_dir / METADATA_FILE).read_text())
+    model = keras.models.load_model(
+        model_dir / metadata.get("model_file", DEFAULT_MODEL_FILE),
+        compile=False,
+        custom_objects=_inference_layers(keras) if custom_objects is None else custom_objects,
+    )
+    return model, metadata
+
+
 @dataclass
 class Scorer:
     """A loaded model with its calibration and operating thresholds."""
@@ -101,20 +124,12 @@ class Scorer:
     @classmethod
     def load(cls, model_dir: str | Path) -> Scorer:
         """Load ``model_dir``; imports TensorFlow and sets GPU memory growth if a GPU is visible."""
-        model_dir = Path(model_dir)
-        metadata = json.loads((model_dir / METADATA_FILE).read_text())
         quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)
         with _native_stderr_silenced(quiet):
             import tensorflow as tf
 
             _configure_devices(tf)
-            import keras
-
-            model = keras.models.load_model(
-                model_dir / metadata.get("model_file", DEFAULT_MODEL_FILE),
-                compile=False,
-                custom_objects=_inference_layers(keras),
-            )
+            model, metadata = load_keras_model(model_dir)
             size = int(metadata["input_size"])
             fn = tf.function(
                 lambda x: model(x, training=False),
@@ -150,8 +165,8 @@ class Scorer:
         if len(tensors) == 0:
             return []
         pneumonia, viral = self.logits(tensors)
-        prob = _sigmoid(pneumonia / self.temperature)
-        viral_prob = _sigmoid(viral) if viral is not None else None
+        prob = sigmoid(pneumonia, self.temperature)
+        viral_prob = sigmoid(viral) if viral is not None else None
         return [
             ModelScore(
                 pneumonia_probability=float(prob[i]),
@@ -187,5 +202,5 @@ class Scorer:
 
 
 def logit_to_probability(logit: float, temperature: float) -> float:
-    """Calibrated probability from a raw logit."""
-    return 1.0 / (1.0 + math.exp(-logit / temperature))
+    """Calibrated probability from one raw logit (see :func:`sigmoid`)."""
+    return float(sigmoid(logit, temperature))

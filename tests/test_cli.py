@@ -32,7 +32,7 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def mixed_folder(tmp_path_factory, kermany, dicom_dir) -> Path:
+def mixed_folder(tmp_path_factory, kermany, dicom_samples) -> Path:
     folder = tmp_path_factory.mktemp("drop")
     for source in kermany_files(kermany, "NORMAL", 3) + kermany_files(kermany, "PNEUMONIA", 3):
         shutil.copyfile(source, folder / source.name)
@@ -40,15 +40,9 @@ def mixed_folder(tmp_path_factory, kermany, dicom_dir) -> Path:
     Image.fromarray(film.astype(np.uint16) * 257).save(folder / "film16.png")
     (folder / "copies").mkdir()
     shutil.copyfile(folder / "film16.png", folder / "copies" / "same-content.png")
-    for relative in (
-        "nema-wg4-compsamples-RG1-RG3__pydicom-data-pypi/RG1_J2KI.dcm",
-        "fo-dicom-testdata__dcmfx/CR-MONO1-10-chest.dcm",
-        "siim-acr-pneumothorax__mlmed-torchxrayvision/Fake_MONOHR1.dcm",
-        "edge-cases__pydicom-testfiles/test-SR.dcm",
-        "edge-cases__pydicom-testfiles/CT_small.dcm",
-        "edge-cases__pydicom-data-pypi/emri_small_jpeg_2k_lossless_too_short.dcm",
-    ):
-        shutil.copyfile(dicom_dir / relative, folder / Path(relative).name.upper().replace(".DCM", ""))
+    for role in ("chest_j2k", "chest_mono1", "chest_dx", "sr", "ct", "truncated"):
+        source = dicom_samples[role]
+        shutil.copyfile(source, folder / source.name.upper().replace(".DCM", ""))
     (folder / "empty.dcm").write_bytes(b"")
     (folder / "cut.jpeg").write_bytes((folder / "film16.png").read_bytes()[:2000])
     (folder / "README.txt").write_text("scanner notes")
@@ -249,3 +243,27 @@ def test_scan_resumes_work_of_a_killed_scan_at_once(kermany, tmp_path):
         )
     again = run("scan", str(folder), "--database-url", url, "--no-progress")
     assert re.search(r"2 files: 2 scored", again.stderr), again.stderr
+
+
+def test_scan_writes_a_machine_readable_summary(scanned, mixed_folder, tmp_path):
+    """`scan --summary-json FILE`: the contract the benches read (issue 15 item 7)."""
+    url, _, _ = scanned
+    target = tmp_path / "summary.json"
+    again = run(
+        "scan", str(mixed_folder), "--database-url", url, "--no-progress", "--summary-json", str(target)
+    )
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(target.read_text())
+    assert set(summary) == {
+        "files",
+        "scored",
+        "rejected",
+        "failed",
+        "skipped",
+        "duplicates",
+        "queued",
+        "elapsed_s",
+        "images_per_s",
+    }
+    assert (summary["files"], summary["skipped"], summary["scored"], summary["queued"]) == (18, 18, 0, 0)
+    assert summary["elapsed_s"] > 0 and summary["images_per_s"] == 0

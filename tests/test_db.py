@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pytest
@@ -120,17 +121,226 @@ def test_a_retried_task_takes_back_its_own_lease(url):
     with session_scope(url) as session:
         assert queue.claim(session, [image_id], 600, owner="task-2")[0] == []  # someone else's live lease
         assert queue.claim(session, [image_id], 600, owner="task-1")[0] == [image_id]
-        assert session.get(Image, image_id).attempts == 2
+        assert session.get(Image, image_id).attempts == 0  # a retry is not a death (issue 9 item 2)
 
 
-def test_undecodable_file_names_round_trip(tmp_path):
-    import os
+# ----------------------------------------------------------------------------------------------
+# issue 9: regression tests (each failed on the main branch before its fix)
+# ----------------------------------------------------------------------------------------------
+def test_masked_hides_every_password():
+    from db.engine import masked
 
+    cases = {
+        "redis://:p@ss@host/0": "redis://:***@host/0",  # unescaped '@' in the password
+        "postgresql+psycopg://u@h/db?password=s3cret&sslmode=require": (
+            "postgresql+psycopg://u@h/db?password=***&sslmode=require"
+        ),
+        "postgresql+psycopg://u:p%40w@h:5432/db": "postgresql+psycopg://u:***@h:5432/db",
+        "sqlite:////var/lib/x.sqlite3": "sqlite:////var/lib/x.sqlite3",
+        "redis://127.0.0.1:6379/0": "redis://127.0.0.1:6379/0",
+    }
+    for url, shown in cases.items():
+        assert masked(url) == shown
+        assert "ss@host" not in masked(url) and "s3cret" not in masked(url)
+
+
+def test_database_errors_never_show_bound_parameters(url):
+    from sqlalchemy import insert
+    from sqlalchemy.exc import IntegrityError
+
+    values = {"sha256": "f" * 64, "status": "queued", "size_bytes": 1, "attempts": 0, "out_of_scope": False}
+    values.update(patient_name="DOE^JOHN", patient_id="MRN12345", first_seen_at=utcnow(), updated_at=utcnow())
+    with session_scope(url) as session:
+        session.execute(insert(Image).values(**values))
+    with pytest.raises(IntegrityError) as raised, session_scope(url) as session:
+        session.execute(insert(Image).values(**values))
+    assert "DOE^JOHN" not in str(raised.value) and "MRN12345" not in str(raised.value)
+
+
+def test_sqlite_database_folder_and_file_are_private(tmp_path):
+    import stat
+
+    folder = tmp_path / "data" / "cxr-triage"
+    url = f"sqlite:///{folder / 'worklist.sqlite3'}"
+    old_umask = os.umask(0o022)
+    try:
+        upgrade(url)
+        _register(url, "/drop/a.dcm", "a" * 64)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
+    for path in folder.iterdir():  # the database and its -wal/-shm files
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+
+
+def _claimed(url: str, path: str, sha: str) -> int:
+    image_id = _register(url, path, sha)
+    with session_scope(url) as session:
+        assert queue.claim(session, [image_id], 60)[0] == [image_id]
+    return image_id
+
+
+def test_header_values_longer_than_their_columns_are_stored_safely(url):
+    """PostgreSQL raised DataError for a View Position longer than 16 characters: the film failed."""
+    from db.attributes import DICOM_ATTRIBUTES
+
+    long_uid = "1.2." + "3" * 200
+    attributes = {
+        "view_position": "POSTERO-ANTERIOR ERECT",
+        "modality": "DX" * 20,
+        "patient_name": "DOE^" + "J" * 400 + "\x00",
+        "patient_id": "M" * 300,
+        "accession_number": "A" * 100,
+        "study_uid": long_uid,
+        "series_uid": "1.2.3",
+        "sop_uid": long_uid,
+        "patient_age_years": float("nan"),
+        "source_format": "dicom",
+        "out_of_scope": True,
+        "scope_note": "x" * 5000,
+        "a_field_without_a_column": "ignored",
+    }
+    scored = _claimed(url, "/drop/long.dcm", "1" * 64)
+    failed = _claimed(url, "/drop/long2.dcm", "2" * 64)
+    with session_scope(url) as session:
+        assert queue.record_score(session, scored, _score(0.5), attributes)
+        assert queue.record_problem(session, failed, ImageStatus.REJECTED, "lateral view", attributes)
+    with session_scope(url) as session:
+        for image_id in (scored, failed):
+            image = session.get(Image, image_id)
+            assert image.view_position == "POSTERO-ANTERIOR"  # cut to the 16-character column
+            assert image.patient_name.startswith("DOE^J") and "\x00" not in image.patient_name
+            assert image.study_uid is None and image.sop_uid is None  # a cut UID would name another study
+            assert image.series_uid == "1.2.3" and image.patient_age_years is None
+            assert image.out_of_scope is True and image.source_format == "dicom"
+    assert {a.name for a in DICOM_ATTRIBUTES} >= {"study_uid", "view_position", "patient_name"}
+
+
+def test_reasons_never_carry_file_paths(url, tmp_path):
+    """Pillow's message names the file; the stored reason must not (paths identify patients)."""
+    from pipeline.decode import decode_file
+    from pipeline.errors import ImageProblem
+
+    bad = tmp_path / "DOE_JOHN_MRN12345.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR" + b"\x00" * 13)
+    with pytest.raises(ImageProblem) as raised:
+        decode_file(bad)
+    image_id, other = _claimed(url, str(bad), "3" * 64), _claimed(url, "/x/y", "4" * 64)
+    with session_scope(url) as session:
+        queue.record_problem(session, image_id, ImageStatus.FAILED, raised.value.reason)
+        queue.record_problem(session, other, ImageStatus.FAILED, "at /drop/A B/c.png.")
+    with session_scope(url) as session:
+        reasons = [session.get(Image, i).reason for i in (image_id, other)]
+    assert all("DOE_JOHN" not in r and "/drop" not in r and str(tmp_path) not in r for r in reasons), reasons
+    assert reasons[0].startswith("cannot decode image")
+    # the backstop keeps the words of a reason (a file may be called "DICOM"), and plain numbers
+    kept = "not a DICOM, PNG or JPEG file; 3/4 of 512x512"
+    assert queue.scrub_reason(kept, ["/drop/DICOM", "/drop/image"]) == kept
+
+
+def test_file_names_with_backslash_x_round_trip_and_never_collide(tmp_path):
+    """A literal ``\\x`` crashed codecs.escape_decode; ``a\\xff`` and the byte name ``a<ff>`` were one row."""
     from db.paths import from_db, to_db
 
-    name = os.fsdecode(b"caf\xe9 \\x41.jpeg")  # invalid UTF-8, and a literal backslash-x in the name
-    (tmp_path / name).write_bytes(b"x")
-    stored = to_db(str(tmp_path / name))
-    stored.encode("utf-8")  # storable in any text column
-    assert any(os.path.exists(candidate) for candidate in from_db(stored))
+    names = [
+        "plain.dcm",
+        "a\\x",  # literal backslash-x, nothing after it
+        "a\\x4",
+        "a\\xff",  # literal text, valid UTF-8
+        os.fsdecode(b"a\xff"),  # the raw byte 0xff
+        os.fsdecode(b"caf\xe9 \\x41.jpeg"),
+        "back\\\\slashes\\",
+        "caf\u00e9.png",
+    ]
+    stored = []
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+        text = to_db(str(tmp_path / name))
+        text.encode("utf-8")  # storable in any text column
+        assert from_db(text) == [str(tmp_path / name)], name
+        assert os.path.exists(from_db(text)[0])
+        stored.append(text)
+    assert len(set(stored)) == len(names)
     assert to_db("/plain/name.dcm") == "/plain/name.dcm" and from_db("/plain/name.dcm") == ["/plain/name.dcm"]
+
+
+def test_migration_0004a_rewrites_old_ambiguous_paths(url, tmp_path):
+    from alembic import command
+    from sqlalchemy import insert, text
+
+    from db.migrate import alembic_config
+    from db.paths import from_db
+
+    command.downgrade(alembic_config(url), "0003")
+    literal = str(tmp_path / "C:\\x41 scan.dcm")  # valid UTF-8, stored literally by the old code
+    (tmp_path / "C:\\x41 scan.dcm").write_bytes(b"x")
+    undecodable = "/drop/caf\\xe9 \\\\x41.jpeg"  # the old escaped form of b"caf\xe9 \x41.jpeg"
+    with session_scope(url) as session:
+        session.execute(text("DELETE FROM source_files"))
+        for n, path in enumerate([literal, undecodable, "/drop/plain.dcm"]):
+            session.execute(
+                insert(SourceFile).values(id=n + 1, path=path, size_bytes=1, mtime_ns=1, seen_at=utcnow())
+            )
+    upgrade(url)
+    with session_scope(url) as session:
+        rows = dict(session.execute(select(SourceFile.id, SourceFile.path)).all())
+    assert from_db(rows[1]) == [literal] and rows[1] == literal.replace("\\", "\\\\")
+    assert from_db(rows[2]) == [os.fsdecode(b"/drop/caf\xe9 \\x41.jpeg")] and rows[2] == undecodable
+    assert rows[3] == "/drop/plain.dcm"
+
+
+def test_review_takes_a_full_sha256_or_a_unique_hex_prefix(url):
+    """``review '%%%%%%%%'`` marked every film reviewed: % and _ were LIKE wildcards."""
+    ids = {
+        sha: _register(url, f"/drop/{n}", sha)
+        for n, sha in enumerate(["ab12cd34" + "0" * 56, "ab12cd34" + "1" * 56, "9" * 64])
+    }
+    with session_scope(url) as session:
+        for hostile in ("%%%%%%%%", "________", "ab12cd3%", "ab12cd3_", "ab12cd3", "not-hex-at-all"):
+            with pytest.raises(ValueError):
+                queue.mark_reviewed(session, hostile, "dr-x")
+        with pytest.raises(queue.AmbiguousReference, match="2 films"):
+            queue.mark_reviewed(session, "AB12CD34", "dr-x")
+        assert queue.mark_reviewed(session, "9" * 64, "dr-x") == 1  # full SHA-256
+        assert queue.mark_reviewed(session, "ab12cd341", "dr-x") == 1  # unique prefix
+        assert queue.mark_reviewed(session, "ab12cd341", "dr-x") == 0  # already reviewed
+        assert queue.mark_reviewed(session, "deadbeef", "dr-x") == 0  # no such film
+    with session_scope(url) as session:
+        reviewed = set(session.scalars(select(Image.id).where(Image.reviewed_at.is_not(None))))
+    assert reviewed == {ids["9" * 64], ids["ab12cd34" + "1" * 56]}
+
+
+def test_review_command_refuses_wildcards_and_ambiguity(sqlite_url):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    upgrade(sqlite_url)
+    for n, sha in enumerate(["ab12cd34" + "0" * 56, "ab12cd34" + "1" * 56]):
+        _register(sqlite_url, f"/drop/{n}", sha)
+    cli = str(Path(sys.executable).parent / "cxr-triage")
+    for reference, message in (("%%%%%%%%", "hex digits"), ("ab12cd34", "2 films start with")):
+        result = subprocess.run(
+            [cli, "review", reference, "--database-url", sqlite_url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    with session_scope(sqlite_url) as session:
+        assert (
+            session.scalar(select(func.count()).select_from(Image).where(Image.reviewed_at.is_not(None))) == 0
+        )
+
+
+def test_content_at_no_known_path_is_superseded_not_failed(url):
+    """Item 9: the worker's "file no longer exists at any known path" is ``superseded`` via record_gone."""
+    image_id = _claimed(url, "/drop/gone.dcm", "5" * 64)
+    with session_scope(url) as session:
+        assert queue.record_gone(session, image_id)
+        assert not queue.record_gone(session, image_id)  # final: a second call changes nothing
+    with session_scope(url) as session:
+        image = session.get(Image, image_id)
+        assert image.status == ImageStatus.SUPERSEDED and image.reason == queue.GONE_REASON
+        assert queue.claim(session, [image_id], 60) == ([], [])

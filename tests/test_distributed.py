@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,7 @@ def _write_slowly(source: Path, target: Path, chunks: int = 4, pause_s: float = 
 
 
 def test_watched_folder_scores_each_file_once_like_embedded(
-    cluster, pg_url, sqlite_url, kermany, dicom_dir, tmp_path
+    cluster, pg_url, sqlite_url, kermany, dicom_samples, tmp_path
 ):
     drop = tmp_path / "drop"
     drop.mkdir()
@@ -118,8 +119,8 @@ def test_watched_folder_scores_each_file_once_like_embedded(
     copy_into(files[:7], drop)
     for source in files[7:]:  # written slowly, in chunks, as a network copy would
         _write_slowly(source, drop / source.name)
-    chest = dicom_dir / "nema-wg4-compsamples-RG1-RG3__pydicom-data-pypi" / "RG1_J2KR.dcm"
-    copy_into([chest, dicom_dir / "edge-cases__pydicom-testfiles" / "test-SR.dcm"], drop)
+    chest = dicom_samples["chest_j2k_lossless"]
+    copy_into([chest, dicom_samples["sr"]], drop)
     (drop / "broken.dcm").write_bytes(chest.read_bytes()[:4000])
     states = _wait_final(pg_url, expected=13)
     _stop(watcher)
@@ -158,35 +159,123 @@ def test_watcher_picks_up_files_dropped_while_it_was_down(cluster, pg_url, kerma
     _assert_exactly_once(pg_url)
 
 
-def _celery_pids(supervisor_env_marker: str) -> list[int]:
-    out = subprocess.run(
-        ["pgrep", "-f", "celery -A worker.celery_app worker"], capture_output=True, text=True
-    )
-    return [int(pid) for pid in out.stdout.split()]
+def _celery_pids(supervisor: subprocess.Popen) -> list[int]:
+    """The Celery worker processes of *this* supervisor (never another test's or helper's)."""
+    import psutil
+
+    children = psutil.Process(supervisor.pid).children(recursive=True)
+    return [
+        c.pid for c in children if "worker.celery_app" in c.cmdline() and "celery" in " ".join(c.cmdline())
+    ]
 
 
-def test_worker_killed_mid_batch_loses_and_doubles_nothing(cluster, pg_url, kermany, tmp_path):
+@pytest.fixture
+def default_lease_cluster(pg_url, redis_url, tmp_path, model_dir):
+    """A supervised worker with the default lease (900 s): recovery must not wait for it."""
+    env = _env(pg_url, redis_url)
+    del env["CXR_TRIAGE_LEASE_SECONDS"]
+    subprocess.run([CLI, "db", "upgrade"], env=env, check=True, capture_output=True)
+    worker = _start(["worker", "--processes", "1"], env, tmp_path / "worker.log")
+    yield env, worker
+    _stop(worker)
+
+
+def test_killed_workers_batch_is_final_long_before_the_lease(
+    default_lease_cluster, pg_url, kermany, tmp_path
+):
+    """Issue 9: the supervisor releases a dead child's leases and re-sends them at once; the 900 s
+    lease is only the backstop. (The time from kill to all-final is measured by the chaos scenario
+    `kill_recovery`; here it must merely be far below the lease.)"""
+    env, supervisor = default_lease_cluster
     tree = tmp_path / "archive"
     files = kermany_files(kermany, "PNEUMONIA", 48) + kermany_files(kermany, "NORMAL", 16)
     copy_into(files, tree)
-    scan = subprocess.run(
-        [CLI, "scan", str(tree), "--no-progress"], env=cluster, capture_output=True, text=True
-    )
+    scan = subprocess.run([CLI, "scan", str(tree), "--no-progress"], env=env, capture_output=True, text=True)
     assert scan.returncode == 0, scan.stderr
     # wait until a batch is in the worker's hands, then kill it without warning
-    end = time.monotonic() + 120
+    end = time.monotonic() + 180
     while _states(pg_url).get("processing", 0) == 0:
         assert time.monotonic() < end, "the worker never started a batch"
         time.sleep(0.2)
-    pids = _celery_pids("")
+    pids = _celery_pids(supervisor)
     assert pids, "no celery worker process found"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
-    states = _wait_final(pg_url, expected=64)
+    killed_at = time.monotonic()
+    states = _wait_final(pg_url, expected=64, deadline_s=240)
+    recovery_s = time.monotonic() - killed_at
     assert states == {"scored": 64}
     _assert_exactly_once(pg_url)
+    assert recovery_s < 900 / 3, f"recovery took {recovery_s:.0f} s: it waited for the lease"
     with session_scope(pg_url) as session:
-        assert session.scalar(select(func.max(Image.attempts))) >= 2  # the killed batch really was redone
+        assert session.scalar(select(func.max(Image.attempts))) == 1  # the killed batch counted one death
+
+
+def test_worker_whose_model_cannot_load_refuses_to_start(pg_url, redis_url, tmp_path, model_dir):
+    """The model loads before any message is taken; a broken one stops the worker with a clear message
+    instead of claiming images and burning their attempts."""
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "metadata.json").write_text((model_dir / "metadata.json").read_text())
+    (broken / "model.keras").write_bytes(b"not a keras file")
+    env = _env(pg_url, redis_url, CXR_TRIAGE_MODEL_DIR=str(broken))
+    result = subprocess.run(
+        [CLI, "worker", "--processes", "1"], env=env, capture_output=True, text=True, timeout=DEADLINE_S
+    )
+    assert result.returncode == 2
+    assert "cannot load the model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_redis_down_during_scan_is_a_clear_error_and_a_rerun_sends_the_rest(
+    pg_url, redis_url, kermany, tmp_path
+):
+    tree = tmp_path / "archive"
+    copy_into(kermany_files(kermany, "NORMAL", 3), tree)
+    down = _env(pg_url, "redis://127.0.0.1:9/0")  # nothing listens on the discard port
+    subprocess.run([CLI, "db", "upgrade"], env=down, check=True, capture_output=True)
+    first = subprocess.run(
+        [CLI, "scan", str(tree), "--no-progress"], env=down, capture_output=True, text=True
+    )
+    assert first.returncode == 1
+    assert "cannot reach the broker" in first.stderr and "Traceback" not in first.stderr
+    assert _states(pg_url) == {"queued": 3}
+    again = subprocess.run(
+        [CLI, "scan", str(tree), "--no-progress"], env=_env(pg_url, redis_url), capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr
+    assert "enqueued 3 image(s)" in again.stderr
+
+
+def test_only_known_lost_work_is_resent_by_one_resender(pg_url, redis_url):
+    """A long backlog is not lost work: nothing is re-sent while the queue holds messages, and only
+    the holder of the re-send lock re-sends."""
+    import redis
+    from sqlalchemy import update
+
+    from db import queue
+    from db.migrate import upgrade
+    from db.queue import FileSeen
+    from worker.celery_app import SCORE_QUEUE
+    from worker.settings import Settings
+    from worker.submit import RESEND_LOCK, ViaCelery
+
+    upgrade(pg_url)
+    with session_scope(pg_url) as session:
+        ids = [queue.register(session, FileSeen(f"/drop/{n}", 1, 1), f"{n:064x}")[0] for n in range(3)]
+        queue.mark_sent(session, ids)
+        hour_ago = queue.db_now(session) - timedelta(hours=1)
+        session.execute(update(Image).values(sent_at=hour_ago, updated_at=hour_ago))
+    client = redis.Redis.from_url(redis_url)
+    client.lpush(SCORE_QUEUE, b"a message of the backlog")
+    submitter = ViaCelery(Settings(database_url=pg_url, broker_url=redis_url))
+    assert not submitter.recover().counts  # a backlog: the messages are on their way
+    client.delete(SCORE_QUEUE)
+    client.set(RESEND_LOCK, b"someone else", ex=60)
+    assert not submitter.recover().counts  # another process is re-sending
+    client.delete(RESEND_LOCK)
+    assert submitter.recover().counts == {"queued": 3}  # queue empty, sent an hour ago: lost
+    assert client.llen(SCORE_QUEUE) == 1
+    assert not submitter.recover().counts  # just re-sent: not lost again
 
 
 def test_backlog_scan_twice_enqueues_nothing_the_second_time(cluster, pg_url, kermany, tmp_path):
@@ -208,3 +297,34 @@ def test_backlog_scan_twice_enqueues_nothing_the_second_time(cluster, pg_url, ke
     )
     assert "enqueued 0 image(s)" in second.stderr
     assert "10 skipped" in second.stderr
+
+
+def test_workers_rescore_films_of_an_older_model_in_the_background(cluster, pg_url, kermany, tmp_path):
+    """Issue 9 item 17: with a new model version, the supervisor has the workers add the current
+    model's score to known films while the queue is empty; the films stay `scored` meanwhile."""
+    from sqlalchemy import update
+
+    tree = tmp_path / "archive"
+    copy_into(kermany_files(kermany, "NORMAL", 3), tree)
+    first = subprocess.run(
+        [CLI, "scan", str(tree), "--wait", "--no-progress"],
+        env=cluster,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+    assert first.returncode == 0, first.stderr
+    with session_scope(pg_url) as session:
+        current = session.scalars(select(Score.model_version)).first()
+        session.execute(update(Score).values(model_version="older-model"))  # as if scored by the old model
+    end = time.monotonic() + DEADLINE_S
+    while True:
+        with session_scope(pg_url) as session:
+            fresh = session.scalar(select(func.count()).where(Score.model_version == current))
+        assert _states(pg_url) == {"scored": 3}
+        if fresh == 3:
+            break
+        assert time.monotonic() < end, f"only {fresh} of 3 films re-scored"
+        time.sleep(1)
+    with session_scope(pg_url) as session:
+        assert session.scalar(select(func.count()).select_from(Score)) == 6  # old scores kept, one new each

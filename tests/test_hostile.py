@@ -15,7 +15,8 @@ of the folder), a FIFO, a socket, device nodes. What is asserted:
   into the folder for a second scan.
 
 The tests run as root in CI: ``chmod 000`` does not stop root from reading, so that file is
-expected to be scored as root and failed ("cannot read") otherwise.
+expected to be scored as root and not registered otherwise (unreadable now is transient: a later
+scan tries it again; ``test_a_file_unreadable_at_hash_time_is_retried`` drops privileges to check).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import io
 import json
 import os
 import random
+import shutil
 import socket
 import stat
 import struct
@@ -231,6 +233,9 @@ def build_corpus(root: Path, films: list[np.ndarray], outside: Path) -> dict:
     put("\x1b[31mred\x1b[0m;rm -rf ~.jpeg", _jpeg_bytes(films[4]), {"scored"})
     # not valid UTF-8 (Latin-1 from an old share); regression test for FINDINGS.md F1
     put(b"film_\xe9t\xe9_\xff.jpeg", _jpeg_bytes(films[10]), {"scored"})
+    # a literal backslash-x (crashed codecs.escape_decode: issue 9 item 3), and the text twin of a byte name
+    put("literal \\x4 escape.jpeg", _jpeg_bytes(films[11]), {"scored"})
+    put("film_\\xe9t\\xe9_\\xff.jpeg", _jpeg_bytes(np.ascontiguousarray(films[1][:, ::-1])), {"scored"})
     deep = root
     for level in range(12):  # a path of ~3,000 characters (PATH_MAX is 4,096)
         deep = deep / (f"{level:02d}" + "d" * 240)
@@ -238,7 +243,11 @@ def build_corpus(root: Path, films: list[np.ndarray], outside: Path) -> dict:
     (deep / "deep.jpeg").write_bytes(_jpeg_bytes(films[5]))
     regular[str((deep / "deep.jpeg").relative_to(root))] = {"scored"}
     # --- unreadable by permissions (root ignores this) ----------------------------------------
-    put("no_permission.jpeg", _jpeg_bytes(films[6]), {"scored"} if os.geteuid() == 0 else {"failed"})
+    if os.geteuid() == 0:
+        put("no_permission.jpeg", _jpeg_bytes(films[6]), {"scored"})
+    else:  # cannot be read now: not registered (transient), so a later scan tries again
+        (root / "no_permission.jpeg").write_bytes(_jpeg_bytes(films[6]))
+        special.append("no_permission.jpeg")
     os.chmod(root / "no_permission.jpeg", 0)
     # --- symlinks: loops, out of the folder, dangling (none followed by default) ---------------
     outside.mkdir(parents=True, exist_ok=True)
@@ -681,3 +690,276 @@ def test_overlapped_batches_survive_a_decoder_death(films, tmp_path):
         results = first.results() + second.results()
     assert len(results) == 6
     assert all(r.tensor is not None for r in results), [r.reason for r in results]
+
+
+# ----------------------------------------------------------------------------------------------
+# scanner and watcher: issue 9 regression tests (each failed on the main branch before its fix)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request):
+    from db.migrate import upgrade
+
+    value = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+    upgrade(value)
+    return value
+
+
+def _register_folder(url: str, root: Path, follow_symlinks: bool = False):
+    from worker.decode_pool import DecodePool
+    from worker.scanner import ScanSummary, iter_files, register_chunk
+
+    summary = ScanSummary()
+    with DecodePool(1) as pool:
+        files = list(iter_files([str(root)], follow_symlinks))
+        extra = {"follow_symlinks": True} if follow_symlinks else {}
+        pending = register_chunk(url, files, pool.hash_many, summary, **extra)
+    return summary, pending
+
+
+def _source_rows(url: str) -> dict[str, tuple[str, str]]:
+    """path -> (sha256, status) of the image it shows now."""
+    from sqlalchemy import select
+
+    from db.engine import session_scope
+    from db.paths import from_db
+    from db.schema import Image, SourceFile
+
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(SourceFile.path, Image.sha256, Image.status).join(Image, Image.id == SourceFile.image_id)
+        ).all()
+    return {from_db(path)[0]: (sha, status) for path, sha, status in rows}
+
+
+def _statuses(url: str) -> dict[str, str]:
+    from sqlalchemy import select
+
+    from db.engine import session_scope
+    from db.schema import Image
+
+    with session_scope(url) as session:
+        return dict(session.execute(select(Image.sha256, Image.status)).all())
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+_UNPRIVILEGED_REGISTER = textwrap.dedent(
+    """
+    import json, sys
+    from worker.decode_pool import DecodePool
+    from worker.scanner import ScanSummary, iter_files, register_chunk
+    summary = ScanSummary()
+    with DecodePool(0) as pool:
+        register_chunk(sys.argv[1], list(iter_files([sys.argv[2]])), pool.hash_many, summary)
+    print(json.dumps({"unreadable": getattr(summary, "unreadable", 0), "failed": summary.outcomes["failed"]}))
+    """
+)
+
+
+def _register_unprivileged(url: str, root: Path) -> dict:
+    """Run register_chunk where file permissions apply: root reads a chmod-000 file, so as root the
+    child runs without the capabilities that bypass them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)."""
+    command = [sys.executable, "-c", _UNPRIVILEGED_REGISTER, url, str(root)]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: chmod 000 cannot make a file unreadable")
+        command = [setpriv, "--bounding-set=-dac_override,-dac_read_search", *command]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_a_file_unreadable_at_hash_time_is_retried(db_url, tmp_path):
+    """Item 1: a permission error at hash time failed the file for good (chmod leaves mtime alone)."""
+    root = tmp_path / "drop"
+    root.mkdir()
+    film = root / "film.jpeg"
+    film.write_bytes(b"\xff\xd8 not really a jpeg, but content all the same")
+    film.chmod(0)
+    mtime = film.stat().st_mtime_ns
+    first = _register_unprivileged(db_url, root)
+    assert first == {"unreadable": 1, "failed": 0}
+    assert _source_rows(db_url) == {} and _statuses(db_url) == {}  # nothing final about unseen content
+    film.chmod(0o644)  # readable again; chmod does not change the mtime
+    assert film.stat().st_mtime_ns == mtime
+    second = _register_unprivileged(db_url, root)
+    assert second == {"unreadable": 0, "failed": 0}
+    assert _source_rows(db_url) == {str(film): (_sha(film.read_bytes()), "queued")}
+
+
+def test_an_old_unreadable_failure_is_looked_at_again(db_url, tmp_path):
+    """Rows failed by the old code ("cannot read the file") are re-hashed, and superseded."""
+    from db import queue
+    from db.engine import session_scope
+    from db.queue import FileSeen
+    from db.schema import ImageStatus
+    from worker.scanner import unreadable_key
+
+    root = tmp_path / "drop"
+    root.mkdir()
+    film = root / "film.jpeg"
+    film.write_bytes(b"content that could not be read on the first scan")
+    info = film.stat()
+    seen = FileSeen(str(film), info.st_size, info.st_mtime_ns)
+    with session_scope(db_url) as session:  # what main's register_chunk left behind
+        old_id, _ = queue.register(session, seen, unreadable_key(seen))
+        queue.record_problem(session, old_id, ImageStatus.FAILED, "cannot read the file (no permission)")
+    summary, pending = _register_folder(db_url, root)
+    assert _source_rows(db_url) == {str(film): (_sha(film.read_bytes()), "queued")}
+    assert len(pending) == 1 and summary.skipped == 0
+    assert _statuses(db_url)[unreadable_key(seen)] == "superseded"
+
+
+def test_follow_symlinks_ends_on_a_symlink_loop(tmp_path):
+    """Item 8: two links to the enclosing folder made ``--follow-symlinks`` walk 2^40 paths."""
+    import itertools
+
+    from worker.scanner import iter_files
+
+    root = tmp_path / "drop"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "film.jpeg").write_bytes(b"x")
+    os.symlink("..", root / "sub" / "up")
+    os.symlink(".", root / "sub" / "here")
+    os.symlink(str(root), root / "root_again")
+    found = list(itertools.islice(iter_files([str(root)], follow_symlinks=True), 1000))
+    assert [f.path for f in found] == [str(root / "sub" / "film.jpeg")]
+
+
+def test_a_replaced_file_supersedes_its_old_content(db_url, tmp_path):
+    """Item 9: the old content's row became failed "no longer exists" or stayed scored with no path."""
+    from sqlalchemy import select
+
+    from db import queue
+    from db.engine import session_scope
+    from db.schema import Image
+
+    root = tmp_path / "drop"
+    root.mkdir()
+    film = root / "film.jpeg"
+    half, whole, other = b"first half", b"first half and the rest", b"another film"
+    film.write_bytes(half)  # registered while still being written
+    _register_folder(db_url, root)
+    film.write_bytes(whole)
+    os.utime(film, ns=(1, 2_000_000_000))
+    _, pending = _register_folder(db_url, root)
+    assert _statuses(db_url) == {_sha(half): "superseded", _sha(whole): "queued"}
+    with session_scope(db_url) as session:  # the whole file is scored ...
+        whole_id = session.scalar(select(Image.id).where(Image.sha256 == _sha(whole)))
+        queue.claim(session, [whole_id], 60)
+        queue.record_score(session, whole_id, queue.ScoreRecord("m1", 0.9, 2.0, None, 0.2, 0.8))
+    film.write_bytes(other)  # ... then replaced by another film under the same name
+    os.utime(film, ns=(1, 3_000_000_000))
+    _register_folder(db_url, root)
+    statuses = _statuses(db_url)
+    assert statuses[_sha(whole)] == "superseded" and statuses[_sha(other)] == "queued"
+    assert _source_rows(db_url) == {str(film): (_sha(other), "queued")}
+    film.write_bytes(whole)  # the old content comes back: it is queued again, not left hidden
+    os.utime(film, ns=(1, 4_000_000_000))
+    summary, pending = _register_folder(db_url, root)
+    assert _statuses(db_url)[_sha(whole)] == "queued" and pending == [whole_id]
+    assert _statuses(db_url)[_sha(other)] == "superseded"
+
+
+def test_a_renamed_file_loses_its_old_path(db_url, tmp_path):
+    """Item 13: after a rename the worklist showed the old, missing path."""
+    root = tmp_path / "drop"
+    root.mkdir()
+    (root / "old-name.jpeg").write_bytes(b"one film")
+    (root / "copy.jpeg").write_bytes(b"one film")
+    _register_folder(db_url, root)
+    os.rename(root / "old-name.jpeg", root / "new-name.jpeg")
+    _register_folder(db_url, root)
+    assert sorted(_source_rows(db_url)) == [str(root / "copy.jpeg"), str(root / "new-name.jpeg")]
+
+
+def _watcher(url: str, root: Path, follow_symlinks: bool = False):
+    from worker.settings import Settings
+    from worker.watcher import Watcher, WatchOptions
+
+    settings = Settings.build(database_url=url, broker_url="redis://127.0.0.1:1/0")
+    return Watcher(settings, [str(root)], WatchOptions(stable_seconds=0.0, follow_symlinks=follow_symlinks))
+
+
+def test_watcher_checks_the_file_type_at_every_step(sqlite_url, tmp_path):
+    """Item 6: the type was checked on the first event only; a swapped-in link or FIFO got through."""
+    from db.migrate import upgrade
+
+    upgrade(sqlite_url)
+    root, outside = tmp_path / "drop", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.jpeg").write_bytes(b"a film outside the drop folder")
+    watcher = _watcher(sqlite_url, root)
+    for name, swap in (("link.jpeg", "symlink"), ("fifo.jpeg", "fifo")):
+        path = root / name
+        path.write_bytes(b"arriving")
+        watcher._observe(str(path), complete=True)  # a regular file when the event came
+        assert str(path) in watcher.candidates
+        staged = root / f".staged-{name}"
+        os.symlink(outside / "secret.jpeg", staged) if swap == "symlink" else os.mkfifo(staged)
+        os.replace(staged, path)  # swapped before promotion ...
+        watcher._promote_stable()
+        assert str(path) not in watcher.candidates and str(path) not in watcher.ready
+        # ... or after promotion, before the hand-off
+        assert watcher._still_regular([str(path)]) == []
+    # and the hasher itself refuses them on the open descriptor, without blocking on the FIFO
+    from worker.decode_pool import DecodePool
+
+    with DecodePool(1) as pool:
+        assert pool.hash_many([str(root / "link.jpeg"), str(root / "fifo.jpeg")]) == [None, None]
+    with DecodePool(0) as pool:
+        assert pool.hash_many([str(root / "fifo.jpeg")]) == [None]
+    assert _source_rows(sqlite_url) == {}
+
+
+def test_watcher_ignores_files_in_dot_folders(sqlite_url, tmp_path):
+    """Item 13: files in ``.incoming/`` (staging) were taken by the watcher although scan skips them."""
+    root = tmp_path / "drop"
+    (root / ".incoming" / "deeper").mkdir(parents=True)
+    watcher = _watcher(sqlite_url, root)
+    for name in (".incoming/film.jpeg", ".incoming/deeper/film.jpeg", "film.part", "ok/film.jpeg"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+        watcher._observe(str(root / name), complete=True)
+    assert list(watcher.candidates) == [str(root / "ok" / "film.jpeg")]
+
+
+def test_header_values_longer_than_their_columns_are_scored_on_postgresql(films, model_dir, pg_url, tmp_path):
+    """Item 4: a View Position or UID longer than its column raised DataError on PostgreSQL."""
+    import pydicom
+
+    root = tmp_path / "drop"
+    root.mkdir()
+    path = radiograph(films[3].astype(np.uint16) * 16, root / "long_values.dcm")
+    ds = pydicom.dcmread(path)
+    ds.ViewPosition = "POSTERO-ANTERIOR ERECT"  # CS allows 16 characters (PS3.5 6.2)
+    ds.StudyInstanceUID = "1.2." + "3" * 200  # UI allows 64
+    ds.PatientName = "DOE^JOHN^" + "X" * 400
+    ds.PatientID = "MRN12345" + "9" * 200
+    ds.AccessionNumber = "ACC" + "7" * 100
+    ds.save_as(path)
+    done = subprocess.run(
+        [CLI, "scan", str(root), "--database-url", pg_url, "--no-progress", "--log-level", "DEBUG"],
+        capture_output=True,
+        text=True,
+        env=_cli_env(model_dir),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "DataError" not in output and "DOE^JOHN" not in output and "MRN12345" not in output
+    row = _rows(pg_url)[str(path)]
+    assert row["status"] == "scored", row

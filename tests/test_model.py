@@ -11,14 +11,7 @@ import pytest
 from models import data, default_model_dir
 from models.metrics import operating_point, operating_thresholds, roc_auc
 from pipeline.normalise import resize_square, to_model_input
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TRAIN_DIR = SHARED / "data" / "kermany-cxr224" / "train"
-
-
-def _require_data() -> None:
-    if not TRAIN_DIR.is_dir():
-        pytest.skip(f"shared data not present at {TRAIN_DIR}")
+from tests.conftest import KERMANY as TRAIN_DIR  # the full training set: extended tests only
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +92,8 @@ def test_patient_key_parsing() -> None:
     assert data.patient_key("NORMAL2-IM-0115-0001.jpeg") == "normal-115"
 
 
+@pytest.mark.extended
 def test_split_has_no_patient_on_both_sides() -> None:
-    _require_data()
     samples = data.list_samples(TRAIN_DIR)
     val_patients = data.read_split()
     train, val = data.partition(samples, val_patients)
@@ -109,11 +102,11 @@ def test_split_has_no_patient_on_both_sides() -> None:
     assert {s.pneumonia for s in val} == {0, 1}
 
 
+@pytest.mark.extended
 def test_duplicates_do_not_straddle_the_split() -> None:
     import hashlib
     from collections import defaultdict
 
-    _require_data()
     val_patients = data.read_split()
     sides: dict[str, set[bool]] = defaultdict(set)
     for sample in data.list_samples(TRAIN_DIR):
@@ -121,21 +114,20 @@ def test_duplicates_do_not_straddle_the_split() -> None:
     assert all(len(side) == 1 for side in sides.values())
 
 
+@pytest.mark.extended
 def test_split_is_reproducible() -> None:
-    _require_data()
     samples = data.list_samples(TRAIN_DIR)
     assert data.make_split(samples, seed=20240) == data.read_split()
 
 
-def _pick(folder: str, count: int) -> list[Path]:
-    files = sorted((TRAIN_DIR / folder).glob("*.jpeg"))
+def _pick(root: Path, folder: str, count: int) -> list[Path]:
+    files = sorted((root / folder).glob("*.jpeg"))
     return files[:: max(1, len(files) // count)][:count]
 
 
-def test_real_images_score_in_range_and_rank(scorer) -> None:
-    _require_data()
-    normal = scorer.score_files(_pick("NORMAL", 10))
-    pneumonia = scorer.score_files(_pick("PNEUMONIA", 10))
+def test_real_images_score_in_range_and_rank(scorer, kermany) -> None:
+    normal = scorer.score_files(_pick(kermany, "NORMAL", 10))
+    pneumonia = scorer.score_files(_pick(kermany, "PNEUMONIA", 10))
     for score in normal + pneumonia:
         assert 0.0 <= score.pneumonia_probability <= 1.0
     mean_p = np.mean([s.pneumonia_probability for s in pneumonia])

@@ -1,4 +1,8 @@
-"""Every real DICOM file in ../shared/data/dicom gets the outcome a screening worker should give it."""
+"""Every real DICOM file in ../shared/data/dicom gets the outcome a screening worker should give it.
+
+The files that are pydicom's own test files (installed with pydicom) run in the default set from
+any clone; the rest of the corpus is the extended set (``-m extended``, needs ../shared).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import pytest
 
 from pipeline.decode import decode_file
 from pipeline.errors import ImageProblem
+from tests.conftest import DICOM_DIR, pydicom_test_file
 
 #: (status, fragment of the reason). "ok" = decoded into a grey image ready for scoring.
 EXPECTED = {
@@ -108,6 +113,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.extended
 def test_inventory_is_covered(dicom_dir):
     on_disk = {
         str(p.relative_to(dicom_dir))
@@ -117,7 +123,20 @@ def test_inventory_is_covered(dicom_dir):
     assert on_disk == set(EXPECTED), "shared DICOM folder changed: review the expectation table"
 
 
-@pytest.mark.parametrize("relative", sorted(EXPECTED))
+def _case(relative: str):
+    """A corpus file also shipped inside pydicom runs everywhere; the others need ../shared."""
+    return pytest.param(relative, marks=() if pydicom_test_file(relative) else pytest.mark.extended)
+
+
+@pytest.mark.extended
+def test_pydicom_copies_are_the_shared_files():
+    """The default set's DICOM outcomes hold for the shared corpus because the bytes are the same."""
+    copies = {r: pydicom_test_file(r) for r in EXPECTED if pydicom_test_file(r)}
+    assert len(copies) == 32
+    assert [r for r, copy in copies.items() if copy.read_bytes() != (DICOM_DIR / r).read_bytes()] == []
+
+
+@pytest.mark.parametrize("relative", [_case(r) for r in sorted(EXPECTED)])
 def test_outcome(dicom_dir, relative):
     status, fragment = EXPECTED[relative]
     path = dicom_dir / relative
@@ -133,6 +152,7 @@ def test_outcome(dicom_dir, relative):
     assert fragment in problem.value.reason
 
 
+@pytest.mark.extended
 def test_monochrome1_is_inverted(dicom_dir):
     """Fake_MONOHR1 has the same stored pixels as its MONOCHROME2 twin, so display grey is inverted."""
     folder = dicom_dir / "siim-acr-pneumothorax__mlmed-torchxrayvision"
@@ -141,6 +161,7 @@ def test_monochrome1_is_inverted(dicom_dir):
     np.testing.assert_allclose(normal, 1.0 - inverted, atol=1e-6)
 
 
+@pytest.mark.extended
 def test_compressed_and_uncompressed_decode_alike(dicom_dir):
     """The NEMA RG1 chest film: lossless JPEG 2000 equals the uncompressed original after the LUTs."""
     folder = dicom_dir / "nema-wg4-compsamples-RG1-RG3__pydicom-data-pypi"

@@ -11,16 +11,19 @@ import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from db.engine import default_database_url, masked
-from worker import logs
+from db.engine import masked
+from db.schema import ImageStatus
+from worker import logs, metrics
+from worker.dicomnet.commands import SendHeatmap, SendKeyObject, SendResults, with_results  # issue 11
+from worker.options import ModelDir, setting
 from worker.progress import progress_bar
-from worker.settings import Settings
+from worker.settings import Settings, env_name, flag_name
 
 log = logging.getLogger("cxr_triage")
 console = Console(stderr=True, soft_wrap=True)
@@ -29,6 +32,8 @@ out = Console(soft_wrap=False)
 app = typer.Typer(
     help="Pneumonia triage for chest radiographs: score DICOM/PNG/JPEG files and keep a "
     "prioritised worklist.\n\n"
+    "Every option can also be set by its CXR_TRIAGE_* environment variable (shown with each option) "
+    "or in an environment file named by CXR_TRIAGE_ENV_FILE.\n\n"
     "Research triage aid, not a diagnostic device.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -36,77 +41,35 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database schema management (Alembic).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-DatabaseUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url",
-        envvar="CXR_TRIAGE_DATABASE_URL",
-        show_envvar=True,
-        help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db. "
-        f"Default: SQLite at {default_database_url().removeprefix('sqlite:///')}",
-    ),
-]
-BrokerUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--broker-url",
-        envvar="CXR_TRIAGE_BROKER_URL",
-        show_envvar=True,
-        help="Celery broker (redis://host:6379/0). Without it, work is done in this process.",
-    ),
-]
-LogLevel = Annotated[
-    str,
-    typer.Option(
-        "--log-level",
-        envvar="CXR_TRIAGE_LOG_LEVEL",
-        show_envvar=True,
-        help="DEBUG shows every decision about every file (never patient identifiers).",
-    ),
-]
-ModelDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--model-dir",
-        envvar="CXR_TRIAGE_MODEL_DIR",
-        show_envvar=True,
-        help="Model folder (metadata.json + weights). Default: the shipped model.",
-    ),
-]
-BatchSize = Annotated[
-    int,
-    typer.Option(
-        "--batch-size", envvar="CXR_TRIAGE_BATCH_SIZE", min=1, max=512, help="Images per model call."
-    ),
-]
-DecodeWorkers = Annotated[
-    int | None,
-    typer.Option(
-        "--decode-workers",
-        envvar="CXR_TRIAGE_DECODE_WORKERS",
-        min=0,
-        help="Processes decoding images in parallel (default: one per core; 0 decodes in this process).",
-    ),
-]
+
+DatabaseUrl = Annotated[str | None, setting("database_url")]
+BrokerUrl = Annotated[str | None, setting("broker_url")]
+LogLevel = Annotated[str | None, setting("log_level")]
+BatchSize = Annotated[int | None, setting("batch_size", min=1, max=512)]
+DecodeWorkers = Annotated[int | None, setting("decode_workers", min=0)]
+FullResolution = Annotated[bool | None, setting("full_resolution_decode")]
+FollowSymlinks = Annotated[bool | None, setting("follow_symlinks")]
+
+MetricsPort = Annotated[int | None, setting("metrics_port", min=0, max=65535)]
 
 
-def _settings(
-    database_url: str | None,
-    log_level: str,
-    broker_url: str | None = None,
-    model_dir: Path | None = None,
-    batch_size: int = 32,
-    decode_workers: int | None = None,
-) -> Settings:
-    logs.configure(log_level)
-    return Settings.build(
-        database_url=database_url or None,
-        broker_url=broker_url or None,
-        model_dir=model_dir,
-        batch_size=batch_size,
-        decode_workers=decode_workers,
-        log_level=log_level,
-    )
+def _settings(*, quiet: bool = False, **flags: Any) -> Settings:
+    """Build this process's one :class:`Settings` (flags over environment over file over defaults)
+    and set up logging to stderr. ``quiet`` commands log warnings only unless a level is set."""
+    from pydantic import ValidationError
+
+    try:
+        settings = Settings.build(**{k: (None if v == "" else v) for k, v in flags.items()})
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            console.print(
+                f"invalid setting {flag_name(field)} / {env_name(field)}: {error['msg']}", markup=False
+            )
+        raise typer.Exit(2) from None
+    level = "WARNING" if quiet and "log_level" not in settings.model_fields_set else settings.log_level
+    logs.configure(level)
+    return settings
 
 
 def _prepare_database(settings: Settings) -> None:
@@ -117,18 +80,35 @@ def _prepare_database(settings: Settings) -> None:
         upgrade(settings.database_url)
     except Exception as exc:  # noqa: BLE001 - show a clear message instead of a traceback
         console.print(
-            f"[red]cannot open the database {masked(settings.database_url)}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}[/red]"
+            f"cannot open the database {masked(settings.database_url)}: {logs.describe_error(exc)}",
+            markup=False,
         )
         raise typer.Exit(2) from exc
 
 
 @db_app.command("upgrade")
-def db_upgrade(database_url: DatabaseUrl = None, log_level: LogLevel = "INFO") -> None:
+def db_upgrade(database_url: DatabaseUrl = None, log_level: LogLevel = None) -> None:
     """Create the schema or migrate it to the newest revision."""
-    settings = _settings(database_url, log_level)
+    settings = _settings(database_url=database_url, log_level=log_level)
     _prepare_database(settings)
-    console.print(f"database {masked(settings.database_url)} is at the newest schema")
+    console.print(f"database {masked(settings.database_url)} is at the newest schema", markup=False)
+
+
+def _check_model_or_exit(settings: Settings) -> None:
+    """A model folder without metadata or weights stops here, before anything is registered; the
+    model itself is loaded (and a corrupt one refused) before the first file is claimed."""
+    from worker.supervisor import check_model_dir
+
+    problem = check_model_dir(settings.resolved_model_dir())
+    if problem:
+        console.print(f"cannot load the model: {problem}", markup=False)
+        raise typer.Exit(2)
+
+
+def _resolve_roots(paths: list[Path]) -> list[str]:
+    """Roots as real paths, as ``watch`` does: a root that is a symbolic link is followed (only the
+    root; links below it follow --follow-symlinks)."""
+    return [str(path.resolve()) for path in paths]
 
 
 @app.command()
@@ -139,54 +119,131 @@ def scan(
     database_url: DatabaseUrl = None,
     broker_url: BrokerUrl = None,
     model_dir: ModelDir = None,
-    batch_size: BatchSize = 32,
+    batch_size: BatchSize = None,
     decode_workers: DecodeWorkers = None,
-    follow_symlinks: Annotated[
-        bool, typer.Option(help="Follow symbolic links (off: links are ignored).")
-    ] = False,
+    full_resolution_decode: FullResolution = None,
+    follow_symlinks: FollowSymlinks = None,
     wait: Annotated[bool, typer.Option(help="With a broker: wait until every queued file is final.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    log_level: LogLevel = "INFO",
+    summary_json: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the summary as JSON to this file: files, scored, rejected, failed, skipped, "
+            "duplicates, queued, elapsed_s, images_per_s."
+        ),
+    ] = None,
+    send_results: SendResults = None,
+    send_heatmap: SendHeatmap = None,
+    send_key_object: SendKeyObject = None,
+    log_level: LogLevel = None,
 ) -> None:
     """Score every supported file under PATHS that is not scored yet (a backlog scan).
 
     Files already known with the same path, size and modification time are skipped without being read;
-    the same content under two paths is scored once.
+    the same content under two paths is scored once. With a broker, files are queued for the workers.
     """
-    settings = _settings(database_url, log_level, broker_url, model_dir, batch_size, decode_workers)
+    from worker.decode_pool import DecodePool
+    from worker.scanner import count_files
+    from worker.submit import BROKER_ERRORS, InProcess, ViaCelery, wait_until_final
+    from worker.submit import scan as scan_roots
+
+    settings = _settings(
+        database_url=database_url,
+        broker_url=broker_url,
+        model_dir=model_dir,
+        batch_size=batch_size,
+        decode_workers=decode_workers,
+        full_resolution_decode=full_resolution_decode,
+        follow_symlinks=follow_symlinks,
+        log_level=log_level,
+    )
     _prepare_database(settings)
-    roots = [str(p) for p in paths]
-    console.print(f"database: {masked(settings.database_url)}")
+    settings = with_results(settings, send_results, send_heatmap, send_key_object)
+    from worker.dicomnet.sender import start_results_sender
+
+    results = start_results_sender(settings)
+    roots = _resolve_roots(paths)
+    console.print(f"database: {masked(settings.database_url)}", markup=False)
+    per_root = {root: count_files([root], settings.follow_symlinks) for root in roots}
+    for path, root in zip(paths, roots, strict=True):
+        if per_root[root] == 0:
+            console.print(f"nothing to score under {path}: no regular files found", markup=False)
     started = time.perf_counter()
-    if settings.broker_url:
-        from worker.distributed import scan_distributed
-
-        summary = scan_distributed(
-            settings, roots, follow_symlinks=follow_symlinks, wait=wait, progress=progress, console=console
-        )
-    else:
-        from worker.embedded import scan_embedded
-        from worker.scanner import count_files
-
-        total = count_files(roots, follow_symlinks)
-        with progress_bar(console, progress) as bar:
-            task = bar.add_task("scanning", total=total)
-            summary = scan_embedded(
-                settings, roots, follow_symlinks=follow_symlinks, on_progress=lambda n: bar.advance(task, n)
-            )
+    handed_on: list[int] = []
+    with DecodePool(settings.decode_processes) as pool, progress_bar(console, progress) as bar:
+        if settings.broker_url:
+            submitter = ViaCelery(settings)
+        else:
+            _check_model_or_exit(settings)
+            submitter = InProcess(settings, pool)
+        task = bar.add_task("scanning", total=sum(per_root.values()))
+        try:
+            advance = lambda n: bar.advance(task, n)  # noqa: E731
+            summary = scan_roots(settings, roots, submitter, pool, on_progress=advance, handed_on=handed_on)
+        except BROKER_ERRORS as exc:
+            _broker_down(settings, exc)
+        if settings.broker_url:
+            console.print(f"enqueued {summary.outcomes.get('queued', 0)} image(s) for the workers")
+            if wait and handed_on:
+                wait_task = bar.add_task("waiting for workers", total=len(handed_on))
+                counts = wait_until_final(
+                    settings, handed_on, on_progress=lambda d: bar.update(wait_task, completed=d)
+                )
+                summary.outcomes.clear()
+                summary.outcomes.update(counts)
+            else:
+                summary.outcomes["queued"] = len(handed_on)
     elapsed = time.perf_counter() - started
     _print_summary(summary, elapsed)
+    results.close(drain_s=120.0)  # send the results of this scan before exiting (bounded wait)
+    if summary_json is not None:
+        summary_json.write_text(json.dumps(summary_record(summary, elapsed), indent=2) + "\n")
+    if sum(per_root.values()) == 0:
+        raise typer.Exit(1)
+
+
+def _broker_down(settings: Settings, exc: BaseException) -> None:
+    console.print(
+        f"cannot reach the broker {masked(settings.broker_url or '')}: {logs.describe_error(exc)} -- "
+        "files registered so far are kept, and the next run sends what was not sent",
+        markup=False,
+    )
+    raise typer.Exit(1) from None
+
+
+def summary_record(summary, elapsed: float) -> dict:
+    """The machine-readable summary (``scan --summary-json``); the benches read exactly these keys."""
+    outcomes = summary.outcomes
+    processed = sum(outcomes.get(k, 0) for k in ("scored", "rejected", "failed", "superseded"))
+    return {
+        "files": summary.files,
+        "scored": outcomes.get("scored", 0),
+        "rejected": outcomes.get("rejected", 0),
+        "failed": outcomes.get("failed", 0),
+        "skipped": summary.skipped,
+        "duplicates": summary.duplicates,
+        "queued": outcomes.get("queued", 0) + outcomes.get("unreachable", 0),
+        "elapsed_s": round(elapsed, 3),
+        "images_per_s": round(processed / elapsed, 3) if elapsed > 0 else 0.0,
+    }
 
 
 def _print_summary(summary, elapsed: float) -> None:
-    outcomes = summary.outcomes
-    rate = summary.processed / elapsed if elapsed > 0 else 0.0
+    record = summary_record(summary, elapsed)
+    superseded = summary.outcomes.get("superseded", 0)
     console.print(
-        f"{summary.files} files: {outcomes.get('scored', 0)} scored, {outcomes.get('rejected', 0)} rejected, "
-        f"{outcomes.get('failed', 0)} failed, {summary.skipped} skipped (already known), "
-        f"{summary.duplicates} duplicate content; {outcomes.get('queued', 0)} queued; "
-        f"{elapsed:.1f} s, {rate:.1f} images/s"
+        f"{record['files']} files: {record['scored']} scored, {record['rejected']} rejected, "
+        f"{record['failed']} failed, {record['skipped']} skipped (already known), "
+        f"{record['duplicates']} duplicate content; {record['queued']} queued; "
+        + (f"{superseded} no longer on disk; " if superseded else "")
+        + f"{elapsed:.1f} s, {record['images_per_s']:.1f} images/s",
+        markup=False,
     )
+    if getattr(summary, "unreadable", 0):
+        console.print(
+            f"[yellow]{summary.unreadable} file(s) could not be read now (permission, share down, not a "
+            "regular file): not registered; the next scan tries them again[/yellow]"
+        )
 
 
 class OutputFormat(StrEnum):
@@ -199,22 +256,23 @@ class OutputFormat(StrEnum):
 def worklist(
     format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.table,
     limit: Annotated[int | None, typer.Option(help="Show at most N rows.", min=1)] = None,
-    status: Annotated[
-        str | None,
-        typer.Option(help="Only rows in this state: scored, rejected, failed, queued, processing."),
-    ] = None,
+    status: Annotated[ImageStatus | None, typer.Option(help="Only rows in this state.")] = None,
     database_url: DatabaseUrl = None,
-    log_level: LogLevel = "WARNING",
+    log_level: LogLevel = None,
 ) -> None:
-    """Print the worklist, most urgent first (unreviewed likely pneumonia on top; see README for aging)."""
-    from db.engine import session_scope
-    from db.worklist import INTENDED_USE, build_worklist
+    """Print the worklist, most urgent first (unreviewed likely pneumonia on top; see README for aging).
 
-    settings = _settings(database_url, log_level)
+    Data goes to standard output, log lines to standard error (safe to pipe into jq). The rows are those
+    of the database view: SELECT * FROM triage_worklist ORDER BY worklist_rank.
+    """
+    from db.engine import session_scope
+    from db.worklist import INTENDED_USE, WorklistFilter, query_rows
+
+    settings = _settings(quiet=True, database_url=database_url, log_level=log_level)
     _prepare_database(settings)
+    wanted = WorklistFilter(status=None if status is None else status.value)
     with session_scope(settings.database_url) as session:
-        entries = build_worklist(session, status=status, limit=limit)
-    rows = [entry.as_dict() for entry in entries]
+        rows = query_rows(session, wanted, limit=limit)
     if format is OutputFormat.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     elif format is OutputFormat.csv:
@@ -252,124 +310,190 @@ def _print_table(rows: list[dict]) -> None:
 
 @app.command()
 def review(
-    sha256: Annotated[str, typer.Argument(help="SHA-256 of the film (at least 8 leading characters).")],
+    sha256: Annotated[
+        str, typer.Argument(help="SHA-256 of the film, or a prefix of it naming one film (>= 8 hex digits).")
+    ],
     reviewer: Annotated[str | None, typer.Option(help="Who reviewed it.")] = None,
     database_url: DatabaseUrl = None,
-    log_level: LogLevel = "WARNING",
+    log_level: LogLevel = None,
 ) -> None:
     """Mark a film as reviewed: it leaves the top of the worklist."""
     from db.engine import session_scope
     from db.queue import mark_reviewed
 
-    settings = _settings(database_url, log_level)
+    settings = _settings(quiet=True, database_url=database_url, log_level=log_level)
     _prepare_database(settings)
-    with session_scope(settings.database_url) as session:
-        changed = mark_reviewed(session, sha256, reviewer)
+    try:
+        with session_scope(settings.database_url) as session:
+            changed = mark_reviewed(session, sha256, reviewer)
+    except ValueError as exc:
+        console.print(str(exc), markup=False)
+        raise typer.Exit(2) from None
     console.print(f"{changed} film(s) marked reviewed")
     if changed == 0:
         raise typer.Exit(1)
 
 
 @app.command()
+def requeue(
+    status: Annotated[
+        ImageStatus, typer.Option(help="Put images in this final state back in the queue (e.g. failed).")
+    ],
+    reason: Annotated[
+        str | None, typer.Option(help="Only images whose reason contains this text (plain, no wildcards).")
+    ] = None,
+    database_url: DatabaseUrl = None,
+    broker_url: BrokerUrl = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Give failed (or rejected, superseded) images another go, e.g. after fixing a model directory.
+
+    They are scored by the next `scan` of their folder, by a running `watch`, or at once by the
+    workers when a broker is set.
+    """
+    from db import queue
+    from db.engine import session_scope
+
+    if status not in (ImageStatus.FAILED, ImageStatus.REJECTED, ImageStatus.SUPERSEDED):
+        console.print("only failed, rejected or superseded images can be requeued", markup=False)
+        raise typer.Exit(2)
+    settings = _settings(database_url=database_url, broker_url=broker_url, log_level=log_level)
+    _prepare_database(settings)
+    with session_scope(settings.database_url) as session:
+        ids = queue.requeue_by_status(session, status, reason)
+    console.print(f"{len(ids)} image(s) put back in the queue")
+    if ids and settings.broker_url:
+        from worker.submit import BROKER_ERRORS, send_batches
+
+        try:
+            send_batches(settings, ids)
+        except BROKER_ERRORS as exc:
+            _broker_down(settings, exc)
+        console.print(f"sent {len(ids)} image(s) to the workers")
+
+
+@app.command()
 def watch(
     paths: Annotated[list[Path], typer.Argument(help="Drop folders to watch (created if missing).")],
-    polling: Annotated[bool, typer.Option(help="Poll instead of inotify (SMB/NFS shares).")] = False,
-    stable_seconds: Annotated[
-        float,
-        typer.Option(
-            envvar="CXR_TRIAGE_STABLE_SECONDS",
-            help="Without a close event, take a file once its size and mtime have not changed for this long.",
-        ),
-    ] = 2.0,
-    batch_wait: Annotated[
-        float,
-        typer.Option(
-            envvar="CXR_TRIAGE_BATCH_WAIT",
-            help="Longest wait (s) for more files before a partial batch goes.",
-        ),
-    ] = 0.5,
-    rescan_interval: Annotated[
-        float,
-        typer.Option(
-            envvar="CXR_TRIAGE_RESCAN_INTERVAL", help="Seconds between reconciliation rescans of the folders."
-        ),
-    ] = 300.0,
-    follow_symlinks: Annotated[bool, typer.Option(help="Follow symbolic links (off by default).")] = False,
+    polling: Annotated[bool | None, setting("polling")] = None,
+    stable_seconds: Annotated[float | None, setting("stable_seconds", min=0)] = None,
+    batch_wait: Annotated[float | None, setting("batch_wait", min=0)] = None,
+    rescan_interval: Annotated[float | None, setting("rescan_interval")] = None,
+    follow_symlinks: FollowSymlinks = None,
     database_url: DatabaseUrl = None,
     broker_url: BrokerUrl = None,
     model_dir: ModelDir = None,
-    batch_size: BatchSize = 32,
+    batch_size: BatchSize = None,
     decode_workers: DecodeWorkers = None,
-    log_level: LogLevel = "INFO",
+    full_resolution_decode: FullResolution = None,
+    metrics_port: MetricsPort = None,
+    send_results: SendResults = None,
+    send_heatmap: SendHeatmap = None,
+    send_key_object: SendKeyObject = None,
+    log_level: LogLevel = None,
 ) -> None:
     """Watch drop folders; score new files in this process, or queue them when a broker is set."""
-    from worker.watcher import Watcher, WatchOptions
+    from worker.watcher import Watcher
 
-    settings = _settings(database_url, log_level, broker_url, model_dir, batch_size, decode_workers)
-    _prepare_database(settings)
-    options = WatchOptions(
+    settings = _settings(
         polling=polling,
         stable_seconds=stable_seconds,
-        batch_wait_seconds=batch_wait,
+        batch_wait=batch_wait,
         rescan_interval=rescan_interval,
         follow_symlinks=follow_symlinks,
+        database_url=database_url,
+        broker_url=broker_url,
+        model_dir=model_dir,
+        batch_size=batch_size,
+        decode_workers=decode_workers,
+        full_resolution_decode=full_resolution_decode,
+        log_level=log_level,
     )
-    roots = [str(p.resolve()) for p in paths]
+    _prepare_database(settings)
+    roots = _resolve_roots(paths)
+    for path, root in zip(paths, roots, strict=True):
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            console.print(f"cannot create or open the drop folder {path}: {exc.strerror}", markup=False)
+            raise typer.Exit(2) from None
     mode = f"queueing to {masked(settings.broker_url)}" if settings.broker_url else "scoring in this process"
-    console.print(f"watching {len(roots)} folder(s), {mode}; database {masked(settings.database_url)}")
-    watcher = Watcher(settings, roots, options)
+    settings = with_results(settings, send_results, send_heatmap, send_key_object)
+    from worker.dicomnet.sender import start_results_sender
+
+    console.print(
+        f"watching {len(roots)} folder(s), {mode}; database {masked(settings.database_url)}", markup=False
+    )
+    watcher = Watcher(settings, roots)
+    metrics.for_watch(settings, roots, port=settings.metrics_port)
     signal.signal(signal.SIGTERM, lambda *_: watcher.stop_event.set())
     started = time.perf_counter()
+    results = start_results_sender(settings)
     with contextlib.suppress(KeyboardInterrupt):
         watcher.run()
+    results.close()
     _print_summary(watcher.summary, time.perf_counter() - started)
 
 
 @app.command("worker")
 def worker_command(
-    processes: Annotated[
-        int, typer.Option(min=1, help="CPU worker processes (ignored when GPUs are used).")
-    ] = 1,
-    gpus: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated GPU ids, one worker process each (default: CUDA_VISIBLE_DEVICES, else all)."
-        ),
-    ] = None,
-    cpu_only: Annotated[bool, typer.Option("--cpu", help="Do not use GPUs even if present.")] = False,
-    lease_seconds: Annotated[
-        float,
-        typer.Option(
-            envvar="CXR_TRIAGE_LEASE_SECONDS", help="A claimed file unfinished after this long is requeued."
-        ),
-    ] = 900.0,
+    processes: Annotated[int | None, setting("processes", min=1)] = None,
+    gpus: Annotated[str | None, setting("gpus")] = None,
+    cpu_only: Annotated[bool | None, setting("cpu_only", "--cpu")] = None,
+    lease_seconds: Annotated[float | None, setting("lease_seconds")] = None,
     database_url: DatabaseUrl = None,
     broker_url: BrokerUrl = None,
     model_dir: ModelDir = None,
-    batch_size: BatchSize = 32,
+    batch_size: BatchSize = None,
     decode_workers: DecodeWorkers = None,
-    log_level: LogLevel = "INFO",
+    full_resolution_decode: FullResolution = None,
+    metrics_port: MetricsPort = None,
+    send_results: SendResults = None,
+    send_heatmap: SendHeatmap = None,
+    send_key_object: SendKeyObject = None,
+    log_level: LogLevel = None,
 ) -> None:
     """Run Celery workers that score queued files (needs --broker-url / CXR_TRIAGE_BROKER_URL)."""
     from worker.supervisor import Supervisor, WorkerSpec, visible_gpus
 
-    settings = _settings(database_url, log_level, broker_url, model_dir, batch_size, decode_workers)
+    settings = _settings(
+        processes=processes,
+        gpus=gpus,
+        cpu_only=cpu_only,
+        lease_seconds=lease_seconds,
+        database_url=database_url,
+        broker_url=broker_url,
+        model_dir=model_dir,
+        batch_size=batch_size,
+        decode_workers=decode_workers,
+        full_resolution_decode=full_resolution_decode,
+        log_level=log_level,
+    )
     if not settings.broker_url:
-        console.print("[red]a broker is required: set --broker-url or CXR_TRIAGE_BROKER_URL[/red]")
+        console.print("a broker is required: set --broker-url or CXR_TRIAGE_BROKER_URL", markup=False)
         raise typer.Exit(2)
-    settings = settings.with_changes(lease_seconds=lease_seconds)
+    _check_model_or_exit(settings)
     _prepare_database(settings)
-    gpu_ids = [] if cpu_only else visible_gpus(gpus)
+    gpu_ids = [] if settings.cpu_only else visible_gpus(settings.gpus)
     specs = [WorkerSpec(f"gpu{g}", g) for g in gpu_ids] or [
-        WorkerSpec(f"cpu{i}", None) for i in range(processes)
+        WorkerSpec(f"cpu{i}", None) for i in range(settings.processes)
     ]
-    per_worker = max(settings.decode_processes // len(specs), 1) if decode_workers is None else decode_workers
+    if settings.decode_workers is None:  # share the cores among the worker processes
+        settings = settings.with_changes(decode_workers=max(settings.decode_processes // len(specs), 1))
     console.print(
         f"{len(specs)} worker process(es) on {masked(settings.broker_url)}, "
-        f"{per_worker} decode process(es) each; database {masked(settings.database_url)}"
+        f"{settings.decode_processes} decode process(es) each; database {masked(settings.database_url)}",
+        markup=False,
     )
-    recover_every = max(min(settings.lease_seconds / 4, 60.0), 2.0)
-    raise typer.Exit(Supervisor(settings, specs, per_worker, log_level.upper(), recover_every).run())
+    settings = with_results(settings, send_results, send_heatmap, send_key_object)
+    from worker.dicomnet.sender import start_results_sender
+
+    results = start_results_sender(settings)  # the supervisor sends; workers only create outbox rows
+    supervisor = Supervisor(settings, specs)
+    metrics.for_worker(settings, supervisor, port=settings.metrics_port)
+    code = supervisor.run()
+    results.close()
+    raise typer.Exit(code)
 
 
 def _register_optional_commands() -> None:
@@ -381,14 +505,28 @@ def _register_optional_commands() -> None:
     app.command("explain")(explain_command)
 
 
+from worker.dicomnet.commands import register as _register_dicom_commands  # noqa: E402
+
+_register_dicom_commands(app)  # dicom-listen, outbox list|retry (issue 11)
+
+
 _register_optional_commands()
+from worker.web_commands import register as _register_web_commands  # noqa: E402 - web, users, audit
+
+_register_web_commands(app)
 
 
 def main() -> None:
+    """Entry point. Errors that reach here become one line on stderr: no traceback, and never the SQL
+    parameters a database error carries (patient names, UIDs, paths)."""
     from pipeline.dicom import configure_pydicom
 
     configure_pydicom()  # process-wide pydicom settings, set by the process entry (issue 15 item 4)
-    app()
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary
+        console.print(f"cxr-triage: error: {logs.describe_error(exc)}", markup=False, highlight=False)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

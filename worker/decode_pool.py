@@ -17,11 +17,19 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import resource
-from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, TimeoutError
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    CancelledError,
+    Future,
+    ProcessPoolExecutor,
+    TimeoutError,
+    wait,
+)
 from concurrent.futures.process import BrokenProcessPool
 
 from pipeline.scope import ScopePolicy
-from worker.prepare import Prepared, limit_threads, prepare, sha256_file
+from worker.hashing import sha256_following_links, sha256_regular_file
+from worker.prepare import Prepared, limit_threads, prepare
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +142,6 @@ class DecodePool:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
-
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
@@ -143,13 +150,19 @@ class DecodePool:
     def _submit(self, job: Job, options: dict) -> Future:
         return self._pool().submit(prepare, job[0], expected_sha256=job[1], **options)
 
-    def submit(self, jobs: list[Job], input_size: int, scope: ScopePolicy | None = None) -> PendingBatch:
-        """Start decoding (path, expected sha256) pairs; returns at once unless decoding in-process."""
-        options = {
-            "input_size": input_size,
-            "scope": scope or ScopePolicy(),
-            "full_resolution_decode": self.full_resolution_decode,
-        }
+    def submit(
+        self,
+        jobs: list[Job],
+        input_size: int,
+        scope: ScopePolicy | None = None,
+        full_resolution_decode: bool | None = None,
+    ) -> PendingBatch:
+        """Start decoding (path, expected sha256) pairs; returns at once unless decoding in-process.
+
+        ``full_resolution_decode`` overrides the pool's own setting for this batch when given.
+        """
+        full = self.full_resolution_decode if full_resolution_decode is None else full_resolution_decode
+        options = {"input_size": input_size, "scope": scope or ScopePolicy(), "full_resolution_decode": full}
         if self.workers <= 0:
             ready = [prepare(path, expected_sha256=sha, **options) for path, sha in jobs]
             return PendingBatch(self, jobs, options, ready=ready)
@@ -161,10 +174,14 @@ class DecodePool:
         return PendingBatch(self, jobs, options, futures=futures)
 
     def prepare_many(
-        self, jobs: list[Job], input_size: int, scope: ScopePolicy | None = None
+        self,
+        jobs: list[Job],
+        input_size: int,
+        scope: ScopePolicy | None = None,
+        full_resolution_decode: bool | None = None,
     ) -> list[Prepared]:
         """Decode (path, expected sha256) pairs in parallel, in order."""
-        return self.submit(jobs, input_size, scope).results()
+        return self.submit(jobs, input_size, scope, full_resolution_decode).results()
 
     def prepare_isolated(self, path: str, sha256: str | None, **options) -> Prepared:
         """Decode one file alone, so that a crash or hang names its culprit."""
@@ -177,17 +194,39 @@ class DecodePool:
             self.reset()
             return Prepared(status="failed", reason=f"decoding took longer than {self.timeout_s:.0f} s")
 
-    def hash_many(self, paths: list[str]) -> list[str | None]:
-        if self.workers <= 0 or len(paths) < 4:
-            return [sha256_file(path) for path in paths]
+    def hash_many(self, paths: list[str], follow_symlinks: bool = False) -> list[str | None]:
+        """Content hashes (None: not a regular file, or unreadable now), in order.
+
+        A hash that makes no progress for ``timeout_s`` (a stalled share) is given up:
+        that file and those not yet hashed get None (looked at again on a later scan).
+        Without decode processes, hashing runs in-process without a time limit (FIFOs
+        are still refused: see :mod:`worker.hashing`).
+        """
+        function = sha256_following_links if follow_symlinks else sha256_regular_file
+        if self.workers <= 0 or not paths:
+            return [function(path) for path in paths]
         try:
-            return list(self._pool().map(sha256_file, paths, chunksize=8))
+            futures = [self._pool().submit(function, path) for path in paths]
         except BrokenProcessPool:
             self.reset()
-            return [sha256_file(path) for path in paths]
+            return [None] * len(paths)
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=self.timeout_s, return_when=FIRST_COMPLETED)
+            if not done:
+                log.warning("hashing stalled for %.0f s; those files wait for a later scan", self.timeout_s)
+                self.reset()
+                break
+        return [_result_or_none(future) for future in futures]
 
     def __enter__(self) -> DecodePool:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _result_or_none(future: Future) -> str | None:
+    if not future.done() or future.cancelled() or future.exception() is not None:
+        return None
+    return future.result()

@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 import os
 
+from rich.console import Console
 from rich.logging import RichHandler
 
 LOG_FORMAT = "%(message)s"
 
 
 def configure(level: str = "INFO") -> None:
+    """Log lines go to standard error, always: standard output is for data (worklist JSON, CSV)."""
     level = (level or "INFO").upper()
-    handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+    handler = RichHandler(
+        console=Console(stderr=True), show_path=False, rich_tracebacks=False, markup=False
+    )
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # Third-party loggers may quote header values (patient names, UIDs); keep them quiet.

@@ -1,8 +1,13 @@
-"""``cxr-triage model train|evaluate`` and ``cxr-triage explain``: the model's command line."""
+"""``cxr-triage model ...`` and ``cxr-triage explain``: the model's one command line.
+
+Training-side tools (train, ensemble, compare, stress-test) and evaluation take the data folder as
+an argument or from ``CXR_TRIAGE_DATA_DIR`` (``Settings.data_dir``); nothing assumes a checkout.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +16,8 @@ import typer
 from rich.console import Console
 
 from models import default_model_dir
-from models.data import DEFAULT_DATA_DIR
+from worker.options import ModelDir
+from worker.settings import Settings, default_of
 
 console = Console(stderr=True)
 
@@ -20,15 +26,45 @@ model_app = typer.Typer(
     no_args_is_help=True,
 )
 
-ModelDirOption = Annotated[
+
+DataDirArgument = Annotated[
     Path | None,
-    typer.Option(
-        "--model-dir",
-        envvar="CXR_TRIAGE_MODEL_DIR",
-        show_envvar=True,
-        help="Model folder (metadata.json + model.keras). Default: the shipped model.",
+    typer.Argument(
+        help="Folder with NORMAL/ and PNEUMONIA/ sub-folders. Default: $CXR_TRIAGE_DATA_DIR.",
+        show_default=False,
     ),
 ]
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Folder with NORMAL/ and PNEUMONIA/ (validation split). Default: $CXR_TRIAGE_DATA_DIR.",
+        show_default=False,
+    ),
+]
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="Cache of resized training arrays. Default: $XDG_CACHE_HOME/cxr-triage (~/.cache/cxr-triage).",
+        show_default=False,
+    ),
+]
+
+
+def _data_dir(given: Path | None) -> Path:
+    """The data folder from the argument, else from the settings; a clear error when neither."""
+    found = given or Settings().data_dir
+    if found is None:
+        raise typer.BadParameter("give the data folder or set CXR_TRIAGE_DATA_DIR", param_hint="DATA_DIR")
+    if not (found / "NORMAL").is_dir() and not (found / "PNEUMONIA").is_dir():
+        raise typer.BadParameter(f"{found} has no NORMAL/ or PNEUMONIA/ folder", param_hint="DATA_DIR")
+    return found
+
+
+def _cache_dir(given: Path | None) -> Path:
+    """Where training arrays are cached: outside the package, in the user's cache folder."""
+    return given or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cxr-triage"
 
 
 class Split(StrEnum):
@@ -40,19 +76,19 @@ class Split(StrEnum):
 
 @model_app.command("train")
 def train_command(
-    data_dir: Annotated[
-        Path, typer.Argument(help="Folder with NORMAL/ and PNEUMONIA/ sub-folders.")
-    ] = DEFAULT_DATA_DIR,
+    data_dir: DataDirArgument = None,
     arch: Annotated[str, typer.Option(help="baseline, resnet or mobilenet.")] = "resnet",
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (fixed cosine schedule).")] = 30,
     seed: Annotated[int, typer.Option(help="Random seed (weights, shuffling, augmentation).")] = 1337,
     size: Annotated[int, typer.Option(min=32, max=512, help="Square input size in pixels.")] = 128,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, warm-up + cosine).")] = 2e-3,
     augment: Annotated[
         str, typer.Option(help="Augmentation preset: 'standard' or 'strong' (wider zoom, black borders).")
     ] = "standard",
     out: Annotated[
         Path, typer.Option(help="Output folder for model.keras, metadata.json and history.json.")
     ] = Path("models/shipped"),
+    cache_dir: CacheDirOption = None,
 ) -> None:
     """Train on the patient-wise split (models/splits/val_patients.txt), calibrate, write OUT.
 
@@ -64,31 +100,82 @@ def train_command(
 
     if augment not in PRESETS:
         raise typer.BadParameter(f"choose one of {', '.join(sorted(PRESETS))}", param_hint="--augment")
-    cfg = TrainConfig(
-        arch=arch, epochs=epochs, seed=seed, size=size, data_dir=str(data_dir), augment=PRESETS[augment]
-    )
-
-    def log(line: str) -> None:
-        console.print(line, highlight=False)
-
-    metadata = train(cfg, out, log=log)
+    folders = {"data_dir": str(_data_dir(data_dir)), "cache_dir": str(_cache_dir(cache_dir))}
+    recipe = {"arch": arch, "epochs": epochs, "seed": seed, "size": size, "lr": lr}
+    cfg = TrainConfig(**recipe, **folders, augment=PRESETS[augment])
+    metadata = train(cfg, out, log=_log)
     typer.echo(json.dumps(metadata, indent=2))
+
+
+def _log(line: str) -> None:
+    console.print(line, highlight=False)
+
+
+@model_app.command("ensemble")
+def ensemble_command(
+    model_dirs: Annotated[
+        list[Path], typer.Argument(help="Trained model folders (the members).", exists=True)
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder for the averaged model.")],
+    data_dir: DataDirOption = None,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Average the logits of MODEL_DIRS into one model; refit temperature and thresholds on validation."""
+    from models.ensemble import build_and_export
+
+    metadata = build_and_export(model_dirs, out, _data_dir(data_dir), _cache_dir(cache_dir))
+    typer.echo(json.dumps(metadata, indent=2))
+
+
+@model_app.command("compare")
+def compare_command(
+    model_dirs: Annotated[list[Path], typer.Argument(help="Trained model folders.", exists=True)],
+    data_dir: DataDirOption = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Also a zoom-TTA row for the first folder.")] = False,
+    stress: Annotated[bool, typer.Option(help="Run the stress test of every folder.")] = True,
+    bench: Annotated[bool, typer.Option(help="Measure CPU throughput at batch 32.")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json-out", help="Also write the rows as JSON.")] = None,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Markdown table comparing MODEL_DIRS on the same patient-wise validation split."""
+    from models.compare import compare, markdown
+
+    for folder in model_dirs:
+        if not (folder / "val_logits.npz").is_file():
+            raise typer.BadParameter(f"{folder} is not a training run folder (no val_logits.npz)")
+    rows = compare(
+        model_dirs, _data_dir(data_dir), tta=tta, stress=stress, bench=bench, cache_dir=_cache_dir(cache_dir)
+    )
+    typer.echo(markdown(rows))
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+@model_app.command("stress-test")
+def stress_test_command(data_dir: DataDirArgument = None, model_dir: ModelDir = None) -> None:
+    """Validation AUC and operating points under gamma, blur, JPEG, equalisation, crop and pad."""
+    from models.robustness import stress_test
+
+    typer.echo(json.dumps(stress_test(_data_dir(data_dir), model_dir), indent=2))
 
 
 @model_app.command("evaluate")
 def evaluate_command(
-    data_dir: Annotated[Path, typer.Argument(help="Folder with NORMAL/ and PNEUMONIA/ sub-folders.")],
-    model_dir: ModelDirOption = None,
+    data_dir: DataDirArgument = None,
+    model_dir: ModelDir = None,
     roc_png: Annotated[Path, typer.Option("--roc-png", help="Where to write the ROC curve.")] = Path(
         "roc.png"
     ),
     split: Annotated[
         Split, typer.Option(help="'val': only the validation patients of the shipped split file.")
     ] = Split.all,
-    batch_size: Annotated[int, typer.Option(min=1, max=512, help="Images per model call.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, max=512, help="Images per model call.")] = default_of(
+        "batch_size"
+    ),
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Score DATA_DIR through the serving path; print ROC AUC and both operating points."""
+    folder = _data_dir(data_dir)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from models.evaluate import evaluate
@@ -102,7 +189,7 @@ def evaluate_command(
             bar.update(task, completed=done, total=total)
 
         report = evaluate(
-            data_dir, model_dir, roc_png, batch_size=batch_size, split=split.value, progress=progress
+            folder, model_dir, roc_png, batch_size=batch_size, split=split.value, progress=progress
         )
     typer.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.text())
 
@@ -110,7 +197,7 @@ def evaluate_command(
 def explain_command(
     file: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG chest radiograph.", exists=True)],
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG file for the Grad-CAM overlay.")],
-    model_dir: ModelDirOption = None,
+    model_dir: ModelDir = None,
 ) -> None:
     """Score FILE and write a Grad-CAM overlay of where the pneumonia score came from."""
     from models.explain import gradcam, write_overlay

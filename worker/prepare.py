@@ -8,6 +8,7 @@ return only picklable values. Each file is read once: the bytes that are hashed
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,12 +16,11 @@ import numpy as np
 from pipeline.decode import decode_bytes, read_file
 from pipeline.errors import ImageProblem, IncompleteFile
 from pipeline.hashing import sha256_bytes
-from pipeline.hashing import sha256_file_or_none as sha256_file
 from pipeline.normalise import to_model_input
 from pipeline.scope import ScopePolicy
 from pipeline.types import DecodedImage
 
-__all__ = ["Prepared", "limit_threads", "prepare", "sha256_file"]
+__all__ = ["Prepared", "limit_threads", "prepare"]
 
 
 @dataclass
@@ -34,6 +34,8 @@ class Prepared:
     attributes: dict = field(default_factory=dict)
     #: SHA-256 of the bytes that were decoded (None when the file could not be read).
     sha256: str | None = None
+    #: Wall time of reading, decoding and normalising (for the decode-seconds histogram).
+    decode_seconds: float | None = None
 
 
 def _attributes(decoded: DecodedImage, scope: ScopePolicy) -> dict:
@@ -72,6 +74,15 @@ def prepare(
     written, or replaced) is reported as incomplete instead of being scored under the
     wrong hash. ``full_resolution_decode`` turns off reduced-resolution decoding (for checks).
     """
+    started = time.perf_counter()
+    prepared = _decode(path, input_size, expected_sha256, scope or ScopePolicy(), full_resolution_decode)
+    prepared.decode_seconds = time.perf_counter() - started
+    return prepared
+
+
+def _decode(
+    path: str, input_size: int, expected_sha256: str | None, scope: ScopePolicy, full_resolution_decode: bool
+) -> Prepared:
     sha256 = None
     try:
         data = read_file(path)
@@ -87,7 +98,7 @@ def prepare(
         del data
         return Prepared(
             tensor=to_model_input(decoded.pixels, input_size),
-            attributes=_attributes(decoded, scope or ScopePolicy()),
+            attributes=_attributes(decoded, scope),
             sha256=sha256,
         )
     except IncompleteFile as exc:

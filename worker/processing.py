@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,16 +16,23 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import select
 
-from db import queue
+from db import outbox, queue
 from db.engine import session_scope
 from db.paths import from_db
 from db.queue import as_utc
 from db.schema import Image, ImageStatus, utcnow
 from pipeline.scope import ScopePolicy
+from worker import metrics
 from worker.decode_pool import DecodePool, PendingBatch
+from worker.dicomnet.plan import results_plan
 from worker.logs import short
+from worker.outcomes import TRANSIENT_ERRNOS, Outcome, is_transient
 from worker.overlap import prefetched
 from worker.prepare import Prepared
+from worker.settings import Settings, default_of
+
+#: Reason stored for a content that is no longer at any of its paths (replaced or deleted).
+GONE_REASON = "file no longer exists at any known path"
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +49,7 @@ class _Started:
 
     counts: Counter
     claimed: list[int]
-    readable: dict
+    located: dict
     known: dict
     todo: list[int]
     pending: PendingBatch | None
@@ -56,17 +64,24 @@ class Processor:
         model_dir,
         pool: DecodePool,
         *,
-        batch_size: int = 32,
-        lease_seconds: float = 900.0,
+        batch_size: int | None = None,
+        lease_seconds: float | None = None,
         retry_incomplete: bool = False,
         incomplete_grace_s: float = 600.0,
         owner: str | None = None,
+        full_resolution_decode: bool = False,
+        settings: Settings | None = None,
+        outbox_plan: outbox.OutboxPlan = outbox.NO_RESULTS,
     ) -> None:
         self.database_url = database_url
         self.model_dir = model_dir
         self.pool = pool
-        self.batch_size = batch_size
-        self.lease_seconds = lease_seconds
+        self.batch_size = batch_size or default_of("batch_size")
+        self.lease_seconds = lease_seconds or default_of("lease_seconds")
+        #: Handed to the decoder once it takes the option (reduced-resolution decode is the default).
+        self.full_resolution_decode = full_resolution_decode
+        #: The settings this processor was built from (None when built from loose arguments in tests).
+        self.settings = settings
         self.retry_incomplete = retry_incomplete
         #: How long after its arrival a file that looks incomplete is retried before it is failed.
         self.incomplete_grace_s = incomplete_grace_s
@@ -74,6 +89,25 @@ class Processor:
         #: Lease owner used when a call names none (in-process work); a Celery task passes its id.
         self.default_owner = owner
         self.owner: str | None = owner
+        #: DICOM objects to send back for each scored DICOM film (issue 11; empty: nothing is sent).
+        self.outbox_plan = outbox_plan
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, pool: DecodePool, *, retry_incomplete: bool = False, owner: str | None = None
+    ) -> Processor:
+        return cls(
+            settings.database_url,
+            settings.resolved_model_dir(),
+            pool,
+            batch_size=settings.batch_size,
+            lease_seconds=settings.lease_seconds,
+            retry_incomplete=retry_incomplete,
+            owner=owner,
+            full_resolution_decode=settings.full_resolution_decode,
+            settings=settings,
+            outbox_plan=results_plan(settings),
+        )
 
     @property
     def scorer(self):
@@ -82,6 +116,7 @@ class Processor:
 
             self._scorer = Scorer.load(self.model_dir)
             log.info("model %s loaded (input %d px)", self._scorer.version, self._scorer.input_size)
+            metrics.model_loaded(self._scorer)
         return self._scorer
 
     def process(self, image_ids: Sequence[int], owner: str | None = None) -> BatchOutcome:
@@ -90,12 +125,69 @@ class Processor:
         counts: Counter = Counter()
         retry: list[int] = []
         # Overlap: batch k+1 is claimed and decoding in the pool while batch k is scored and stored.
-        started = (self._start_batch(batch) for batch in self._batches(list(image_ids)))
-        for batch in prefetched(started):
-            outcome = self._finish_batch(batch)
-            counts.update(outcome.counts)
-            retry.extend(outcome.retry_later)
+        unfinished: list[_Started] = []
+
+        def start(batch: list[int]) -> _Started:
+            unfinished.append(started := self._start_batch(batch))
+            return started
+
+        try:
+            for started in prefetched(start(batch) for batch in self._batches(list(image_ids))):
+                unfinished.remove(started)
+                outcome = self._finish_batch(started)
+                counts.update(outcome.counts)
+                retry.extend(outcome.retry_later)
+        except BaseException:
+            self._release([i for started in unfinished for i in started.claimed])
+            raise
         return BatchOutcome(counts, retry)
+
+    def _release(self, claimed: list[int]) -> None:
+        """Hand claimed images back to the queue, uncounted (not a death of this process)."""
+        if claimed:
+            with session_scope(self.database_url) as session:
+                queue.release(session, claimed)
+
+    def rescore(self, image_ids: Sequence[int]) -> int:
+        """Add this model's score to scored films that lack one (a new model version). The image stays
+        ``scored`` throughout (the worklist keeps showing it); nothing is claimed, and writing the
+        same score twice leaves one row, so an interrupted or repeated re-score is harmless."""
+        scorer = self.scorer
+        with session_scope(self.database_url) as session:
+            ids = [i for i in queue.outdated_ids_among(session, scorer.version, image_ids)]
+            paths = queue.source_paths(session, ids)
+            known = {row.id: row for row in session.execute(_identity_query(ids))} if ids else {}
+        located = {i: _locate(paths.get(i, []))[0] for i in ids}
+        todo = [i for i in ids if located[i]]
+        jobs = [(located[i], known[i].sha256) for i in todo]
+        scope = ScopePolicy.from_metadata(scorer.metadata)
+        prepared = dict(
+            zip(
+                todo,
+                self.pool.prepare_many(jobs, scorer.input_size, scope, self.full_resolution_decode),
+                strict=True,
+            )
+        )
+        ready = [i for i in todo if prepared[i].tensor is not None]
+        if not ready:
+            return 0
+        scores = scorer.score_batch(np.stack([prepared[i].tensor for i in ready]))
+        with session_scope(self.database_url) as session:
+            for image_id, score in zip(ready, scores, strict=True):
+                queue.add_score(session, image_id, self._score_record(score))
+        log.info("re-scored %d film(s) with model %s", len(ready), scorer.version)
+        return len(ready)
+
+    def _score_record(self, score) -> queue.ScoreRecord:
+        scorer = self.scorer
+        return queue.ScoreRecord(
+            model_version=scorer.version,
+            pneumonia_probability=float(score.pneumonia_probability),
+            pneumonia_logit=float(score.pneumonia_logit),
+            viral_probability=None if score.viral_probability is None else float(score.viral_probability),
+            screening_threshold=scorer.screening_threshold,
+            high_confidence_threshold=scorer.high_confidence_threshold,
+        )
 
     def _batches(self, image_ids: list[int]) -> list[list[int]]:
         """Fresh images go in full batches; images whose earlier attempt was interrupted go alone,
@@ -113,90 +205,115 @@ class Processor:
     def _start_batch(self, image_ids: list[int]) -> _Started:
         """Claim the batch and hand its files to the decode pool; returns before they are decoded."""
         counts: Counter = Counter()
+        scorer = self.scorer  # loaded and checked before anything is claimed
         with session_scope(self.database_url) as session:
             claimed, exhausted = queue.claim(session, image_ids, self.lease_seconds, self.owner)
             paths = queue.source_paths(session, claimed)
             known = {row.id: row for row in session.execute(_identity_query(claimed))} if claimed else {}
-        counts["failed"] += len(exhausted)
+        if exhausted:
+            counts[Outcome.FAILED] += len(exhausted)
+        metrics.claimed(known[i].first_seen_at for i in claimed)
         for image_id in exhausted:
             log.warning("image %s failed: interrupted %d times", image_id, queue.MAX_ATTEMPTS)
+            metrics.outcome("failed", reason="interrupted")
         if not claimed:
             return _Started(counts, [], {}, {}, [], None)
-        readable = {image_id: _first_existing(paths.get(image_id, [])) for image_id in claimed}
-        todo = [image_id for image_id in claimed if readable[image_id]]
-        jobs = [(readable[i], known[i].sha256) for i in todo]
-        scope = ScopePolicy.from_metadata(self.scorer.metadata)
-        return _Started(
-            counts, claimed, readable, known, todo, self.pool.submit(jobs, self.scorer.input_size, scope)
-        )
+        try:
+            located = {image_id: _locate(paths.get(image_id, [])) for image_id in claimed}
+            todo = [image_id for image_id in claimed if located[image_id][0]]
+            jobs = [(located[i][0], known[i].sha256) for i in todo]
+            scope = ScopePolicy.from_metadata(scorer.metadata)
+            pending = self.pool.submit(jobs, scorer.input_size, scope, self.full_resolution_decode)
+        except BaseException:
+            self._release(claimed)
+            raise
+        return _Started(counts, claimed, located, known, todo, pending)
 
     def _finish_batch(self, started: _Started) -> BatchOutcome:
         """Wait for the batch's decodes, score them in one model call, store every outcome."""
-        counts, claimed, readable = started.counts, started.claimed, started.readable
-        known, todo = started.known, started.todo
-        if not claimed:
-            return BatchOutcome(counts, [])
+        if not started.claimed:
+            return BatchOutcome(started.counts, [])
+        try:
+            return self._score_claimed(self.scorer, started)
+        except BaseException:
+            self._release(started.claimed)
+            raise
+
+    def _score_claimed(self, scorer, started: _Started) -> BatchOutcome:
+        claimed, located, known, todo, counts = (
+            started.claimed,
+            started.located,
+            started.known,
+            started.todo,
+            started.counts,
+        )
         assert started.pending is not None
         prepared = dict(zip(todo, started.pending.results(), strict=True))
+        metrics.decoded(prepared.values())
         ready = [image_id for image_id in todo if prepared[image_id].tensor is not None]
-        scores = self.scorer.score_batch(np.stack([prepared[i].tensor for i in ready])) if ready else []
+        stacked = np.stack([prepared[i].tensor for i in ready]) if ready else None
+        scores = metrics.timed_inference(scorer.score_batch, stacked) if ready else []
         score_of = dict(zip(ready, scores, strict=True))
         retry: list[int] = []
+        back: list[int] = []  # not final: released to the queue
         with session_scope(self.database_url) as session:
             for image_id in claimed:
                 outcome = self._store(
                     session,
                     image_id,
-                    readable[image_id],
+                    located[image_id],
                     prepared.get(image_id),
                     score_of.get(image_id),
                     known[image_id],
                 )
-                if outcome == "retry":
+                metrics.outcome(outcome, prepared.get(image_id), known[image_id].first_seen_at)
+                if outcome is Outcome.RETRY:
                     retry.append(image_id)
                 else:
                     counts[outcome] += 1
-            queue.release(session, retry, refund_attempt=True)
+                if outcome in (Outcome.RETRY, Outcome.UNREACHABLE):
+                    back.append(image_id)
+            queue.release(session, back)
         return BatchOutcome(counts, retry)
 
     def _store(
-        self, session, image_id: int, path: str | None, prepared: Prepared | None, score, known
-    ) -> str:
+        self,
+        session,
+        image_id: int,
+        located: tuple[str | None, bool],
+        prepared: Prepared | None,
+        score,
+        known,
+    ) -> Outcome:
         tag = short(known.sha256)
+        path, unreachable = located
+        if path is None and unreachable:
+            log.info("%s cannot be reached now (permission or share); left queued", tag)
+            return Outcome.UNREACHABLE
         if path is None:
-            queue.record_problem(
-                session, image_id, ImageStatus.FAILED, "file no longer exists at any known path"
-            )
-            log.info("%s failed: file gone", tag)
-            return "failed"
+            queue.record_problem(session, image_id, ImageStatus.SUPERSEDED, GONE_REASON)
+            log.info("%s superseded: no longer at any known path", tag)
+            return Outcome.SUPERSEDED
         assert prepared is not None
         if score is not None:
-            scorer = self.scorer
-            queue.record_score(
-                session,
-                image_id,
-                queue.ScoreRecord(
-                    model_version=scorer.version,
-                    pneumonia_probability=float(score.pneumonia_probability),
-                    pneumonia_logit=float(score.pneumonia_logit),
-                    viral_probability=None
-                    if score.viral_probability is None
-                    else float(score.viral_probability),
-                    screening_threshold=scorer.screening_threshold,
-                    high_confidence_threshold=scorer.high_confidence_threshold,
-                ),
-                prepared.attributes,
+            queue.record_score(session, image_id, self._score_record(score), prepared.attributes)
+            outbox.enqueue_results(
+                session, image_id, self.scorer.version, self.outbox_plan, prepared.attributes
             )
             log.debug("%s scored %.3f", tag, score.pneumonia_probability)
-            return "scored"
+            return Outcome.SCORED
+        if is_transient(prepared.reason):
+            log.info("%s could not be read just now; left queued", tag)
+            return Outcome.UNREACHABLE
         if prepared.incomplete and self.retry_incomplete and self._within_grace(known.first_seen_at):
             log.debug("%s looks incomplete (still being written?); will retry", tag)
-            return "retry"
+            return Outcome.RETRY
+        outcome = Outcome.of_status(prepared.status)
         queue.record_problem(
-            session, image_id, ImageStatus(prepared.status), prepared.reason or "unknown", prepared.attributes
+            session, image_id, ImageStatus(outcome.value), prepared.reason or "unknown", prepared.attributes
         )
-        log.debug("%s %s: %s", tag, prepared.status, prepared.reason)
-        return prepared.status or "failed"
+        log.debug("%s %s: %s", tag, outcome, prepared.reason)
+        return outcome
 
     def _within_grace(self, first_seen_at) -> bool:
         return (utcnow() - as_utc(first_seen_at)).total_seconds() < self.incomplete_grace_s
@@ -206,5 +323,19 @@ def _identity_query(image_ids: list[int]):
     return select(Image.id, Image.sha256, Image.first_seen_at).where(Image.id.in_(image_ids))
 
 
-def _first_existing(paths: list[str]) -> str | None:
-    return next((c for stored in paths for c in from_db(stored) if os.path.isfile(c)), None)
+def _locate(paths: list[str]) -> tuple[str | None, bool]:
+    """The first readable regular file among ``paths``, and whether any path failed for a passing
+    reason (no permission, a share that is gone or hangs): then the image waits, it is not final."""
+    unreachable = False
+    for stored in paths:
+        for candidate in from_db(stored):
+            try:
+                info = os.stat(candidate)
+                if stat.S_ISREG(info.st_mode):
+                    os.close(os.open(candidate, os.O_RDONLY | os.O_NONBLOCK))
+                    return candidate, False
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                unreachable = unreachable or exc.errno in TRANSIENT_ERRNOS
+    return None, unreachable

@@ -8,7 +8,6 @@ resumes where it stopped: registered-but-unscored images are picked up again.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import logging
 import os
 import stat
@@ -21,6 +20,7 @@ from db.engine import session_scope
 from db.queue import FileSeen
 from db.schema import ImageStatus
 from pipeline.limits import MAX_FILE_BYTES
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,22 @@ log = logging.getLogger(__name__)
 TEMPORARY_PATTERNS = ("*.part", "*.tmp", "*.partial", "*.crdownload", "*~", ".*")
 CHUNK_FILES = 256
 
+#: ``hasher(paths)`` or ``hasher(paths, follow_symlinks=True)`` -> hashes in order (None: unreadable now).
+Hasher = Callable[..., list[str | None]]
+
 
 def is_temporary(name: str) -> bool:
     return any(fnmatch.fnmatch(name, pattern) for pattern in TEMPORARY_PATTERNS)
 
 
 def iter_files(roots: Iterable[str], follow_symlinks: bool = False) -> Iterator[FileSeen]:
-    """Regular files under ``roots``, depth first, without following symlinks by default."""
+    """Regular files under ``roots``, depth first, without following symlinks by default.
+
+    Each folder is listed once, by (device, inode): with ``follow_symlinks`` a link to
+    an enclosing folder (a symlink loop) would otherwise be walked forever.
+    """
     stack = [os.path.abspath(root) for root in roots]
+    visited: set[tuple[int, int]] = set()
     while stack:
         current = stack.pop()
         try:
@@ -50,6 +58,10 @@ def iter_files(roots: Iterable[str], follow_symlinks: bool = False) -> Iterator[
             if not stat.S_ISLNK(info.st_mode):
                 log.info("not a regular file (FIFO, socket or device); ignored")
             continue
+        if (info.st_dev, info.st_ino) in visited:
+            log.info("a folder reached again through a symlink (loop?); not listed twice")
+            continue
+        visited.add((info.st_dev, info.st_ino))
         try:
             with os.scandir(current) as entries:
                 children = sorted(entry.path for entry in entries if not is_temporary(entry.name))
@@ -79,6 +91,9 @@ class ScanSummary:
     files: int = 0
     skipped: int = 0
     duplicates: int = 0
+    #: Files that could not be read now (permission, share unreachable, stalled, replaced by a
+    #: FIFO or link): not registered, so the next scan or rescan looks at them again.
+    unreadable: int = 0
     #: Images first registered by this run (a distributed scan sends these at once).
     new_images: set[int] = field(default_factory=set)
     outcomes: Counter = field(default_factory=Counter)
@@ -89,52 +104,81 @@ class ScanSummary:
 
 
 def unreadable_key(seen: FileSeen) -> str:
-    """Row key for a file whose content cannot be read: it still gets a row and a reason."""
-    return hashlib.sha256(os.fsencode(seen.path) + f"\0{seen.mtime_ns}".encode()).hexdigest()
+    """Row key for a file whose content is never read (too large): it still gets a row and a reason."""
+    return queue.path_key(seen.path, seen.mtime_ns)
 
 
-def _unreadable_reason(size: int) -> str:
-    if size > MAX_FILE_BYTES:
-        return f"file of {size} bytes is larger than the {MAX_FILE_BYTES} byte limit; not read"
-    return "cannot read the file (no permission, or removed while scanning)"
+def _oversized_reason(size: int) -> str:
+    return f"file of {size} bytes is larger than the {MAX_FILE_BYTES} byte limit; not read"
+
+
+def _exists(path: str) -> bool:
+    return os.path.lexists(path)
+
+
+def _hash(hasher: Hasher, files: list[FileSeen], follow_symlinks: bool) -> list[str | None]:
+    """Hashes in order; oversized files are refused on their size alone (hashing terabytes of
+    sparse zeros would stall the scan) and get None."""
+    small = [f.path for f in files if f.size_bytes <= MAX_FILE_BYTES]
+    digests = iter(hasher(small, follow_symlinks=True) if follow_symlinks else hasher(small))
+    return [None if f.size_bytes > MAX_FILE_BYTES else next(digests) for f in files]
 
 
 def register_chunk(
     database_url: str,
     files: list[FileSeen],
-    hasher: Callable[[list[str]], list[str | None]],
+    hasher: Hasher,
     summary: ScanSummary,
     owner: str | None = None,
+    follow_symlinks: bool = False,
 ) -> list[int]:
-    """Register ``files``; return the ids of images that still need work."""
+    """Register ``files``; return the ids of images that still need work.
+
+    A file that cannot be read now is not registered at all (a permission error or a
+    share that is down is transient): it stays unknown, so the next scan hashes it again.
+    """
+    metrics.files_seen(len(files))
     with session_scope(database_url) as session:
         unchanged = queue.find_unchanged(session, files)
     for image_id in unchanged.values():
         log.debug("image %d: unchanged since it was registered (path, size, mtime); not read", image_id)
     to_hash = [f for f in files if f.path not in unchanged]
-    # Oversized files are refused on their size alone: hashing terabytes of (sparse) zeros would stall.
-    readable = iter(hasher([f.path for f in to_hash if f.size_bytes <= MAX_FILE_BYTES]))
-    hashes = [None if f.size_bytes > MAX_FILE_BYTES else next(readable) for f in to_hash]
+    hashes = _hash(hasher, to_hash, follow_symlinks)
     candidates = set(unchanged.values())
-    unreadable: list[tuple[int, int]] = []
+    oversized: list[tuple[int, int]] = []
+    unreadable = 0
     with session_scope(database_url) as session:
         for seen, digest in zip(to_hash, hashes, strict=True):
+            if digest is None and seen.size_bytes <= MAX_FILE_BYTES:
+                unreadable += 1
+                log.debug("a file cannot be read now (permission, share, not a regular file); retried later")
+                continue
             image_id, is_new = queue.register(session, seen, digest or unreadable_key(seen))
             if is_new:
                 summary.new_images.add(image_id)
             if digest is None:
-                unreadable.append((image_id, seen.size_bytes))
-                log.debug("image %d: file cannot be read", image_id)
+                oversized.append((image_id, seen.size_bytes))
+                log.debug("image %d: file too large to read", image_id)
             elif not is_new:  # this content is already known under another path
                 summary.duplicates += 1
-                log.debug("image %d (%s): content already known; not scored again", image_id, digest[:12])
+                pruned = queue.prune_missing_paths(session, image_id, seen.path, _exists)
+                log.debug(
+                    "image %d (%s): content already known; not scored again%s",
+                    image_id,
+                    digest[:12],
+                    f" ({pruned} old path(s) gone)" if pruned else "",
+                )
             else:
                 log.debug("image %d (%s): new content, queued", image_id, digest[:12])
             candidates.add(image_id)
-        for image_id, size in unreadable:
-            if queue.record_problem(session, image_id, ImageStatus.FAILED, _unreadable_reason(size)):
+        for image_id, size in oversized:
+            if queue.record_problem(session, image_id, ImageStatus.FAILED, _oversized_reason(size)):
                 summary.outcomes["failed"] += 1
+                metrics.outcome("failed", reason=_oversized_reason(size))
         pending = queue.pending_ids(session, candidates, owner)
+    summary.unreadable += unreadable
+    if unreadable:
+        log.warning("%d file(s) could not be read now; the next scan tries them again", unreadable)
     still_pending = set(pending)
     summary.skipped += len(files) - len(to_hash) - sum(1 for i in unchanged.values() if i in still_pending)
     return pending

@@ -76,10 +76,25 @@ class Settings(BaseSettings):
     )
     batch_wait: float = Field(0.5, ge=0, description="Longest wait (s) for more files before a partial batch")
     rescan_interval: float = Field(300.0, gt=0, description="Seconds between reconciliation rescans")
+    polling: bool = Field(False, description="Poll the drop folders instead of inotify (SMB/NFS shares)")
+    follow_symlinks: bool = Field(False, description="Follow symbolic links while scanning (off: ignored)")
+
+    # -- workers ------------------------------------------------------------------------------------
+    processes: int = Field(1, ge=1, description="CPU worker processes (ignored when GPUs are used)")
+    gpus: str | None = Field(
+        None, description="Comma-separated GPU ids, one worker process each; default CUDA_VISIBLE_DEVICES"
+    )
+    cpu_only: bool = Field(False, description="Do not use GPUs even if present")
 
     # -- services -----------------------------------------------------------------------------------
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Serve Prometheus /metrics, /healthz, /readyz here; off by default"
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address /metrics binds to (0.0.0.0: a Prometheus on another host scrapes)"
+    )
+    min_free_disk_mb: float = Field(
+        1024.0, ge=0, description="/readyz answers 503 when the database, drop or work disk has less free"
     )
     web_host: str = Field("127.0.0.1", description="Address the web worklist binds to")
     web_port: int = Field(8080, ge=0, le=65535, description="Port of the web worklist")
@@ -88,6 +103,9 @@ class Settings(BaseSettings):
     )
     dicom_port: int = Field(11112, ge=0, le=65535, description="Port of the DICOM Storage SCP (dicom-listen)")
     dicom_ae_title: str = Field("CXR_TRIAGE", max_length=16, description="AE title of the DICOM listener")
+    dicom_bind_address: str = Field(
+        "0.0.0.0", description="Address dicom-listen binds to (0.0.0.0: every interface)"
+    )
     allowed_callers: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Calling AE titles accepted by dicom-listen (comma-separated); empty: any",
@@ -167,11 +185,6 @@ def configuration_table() -> str:
     return "\n".join(rows)
 
 
-def env(name: str, default: str | None = None) -> str | None:
-    """Transitional: a raw ``CXR_TRIAGE_*`` value (being replaced by :class:`Settings`)."""
-    return os.environ.get(ENV_PREFIX + name, default)
-
-
 LOCAL_OWNER_PREFIX = "local:"
 
 
@@ -188,3 +201,25 @@ def local_owner_is_dead(owner: str) -> bool:
 
 def local_owner_prefix() -> str:
     return f"{LOCAL_OWNER_PREFIX}{socket.gethostname()}:"
+
+
+CELERY_OWNER_PREFIX = "celery:"
+
+
+def celery_owner_prefix(pid: int) -> str:
+    """Lease owners of one Celery worker process: its supervisor releases them when it dies."""
+    return f"{CELERY_OWNER_PREFIX}{socket.gethostname()[:150]}:{pid}:"
+
+
+def celery_owner(task_id: str | None) -> str:
+    """Lease owner for a task run by this worker process (a retry of the task re-takes its leases)."""
+    return f"{celery_owner_prefix(os.getpid())}{task_id or '-'}"
+
+
+def default_of(field_name: str) -> Any:
+    """The default of a setting (for code that needs it without building Settings)."""
+    return Settings.model_fields[field_name].get_default(call_default_factory=True)
+
+
+if __name__ == "__main__":  # python -m worker.settings: print README's configuration table
+    print(configuration_table())

@@ -7,13 +7,17 @@ decode processes, so decoding never serialises the accelerator. This
 supervisor imports neither TensorFlow nor the model: TensorFlow is loaded only
 inside each worker process.
 
-The supervisor restarts a worker that dies and, every ``recover_interval``
-seconds, re-sends work whose lease expired or whose message was lost.
+The supervisor restarts a worker that dies (backing off when it dies at once,
+and not at all when it cannot load its model), releases the leases the dead
+worker held and re-sends its images at once, so a killed worker's batch is final
+within seconds; every ``recover_interval`` seconds it re-sends work whose lease
+expired (a machine that vanished) or whose message was lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -22,9 +26,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from worker.celery_app import SCORE_QUEUE
-from worker.settings import Settings
+from worker import metrics
+from worker.celery_app import EXIT_MODEL_UNUSABLE, SCORE_QUEUE
+from worker.logs import describe_error
+from worker.settings import ENV_FILE_VARIABLE, Settings, celery_owner_prefix, env_name
 
 log = logging.getLogger(__name__)
 
@@ -74,90 +81,197 @@ def worker_command(spec: WorkerSpec, log_level: str) -> list[str]:
     ]
 
 
-def worker_env(settings: Settings, spec: WorkerSpec, decode_workers: int) -> dict[str, str]:
-    environ = dict(os.environ)
-    environ.update(
-        {
-            "CXR_TRIAGE_DATABASE_URL": settings.database_url,
-            "CXR_TRIAGE_BROKER_URL": settings.broker_url or "",
-            "CXR_TRIAGE_BATCH_SIZE": str(settings.batch_size),
-            "CXR_TRIAGE_DECODE_WORKERS": str(decode_workers),
-            "CXR_TRIAGE_LEASE_SECONDS": str(settings.lease_seconds),
-            "CUDA_VISIBLE_DEVICES": spec.gpu if spec.gpu is not None else "",
-            "TF_FORCE_GPU_ALLOW_GROWTH": "true",
-        }
-    )
-    if settings.model_dir:
-        environ["CXR_TRIAGE_MODEL_DIR"] = str(settings.model_dir)
+def worker_env(settings: Settings, spec: WorkerSpec) -> dict[str, str]:
+    """The child's environment: this one, plus the settings it must rebuild (Settings.as_environment)."""
+    own = {env_name(name) for name in Settings.model_fields} | {ENV_FILE_VARIABLE}
+    # Settings' own variables come from ``settings`` only (a None setting must not leak the parent's).
+    environ = {k: v for k, v in os.environ.items() if k not in own}
+    environ.update(settings.as_environment())
+    environ["CUDA_VISIBLE_DEVICES"] = spec.gpu if spec.gpu is not None else ""
+    environ["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
     return environ
 
 
+def check_model_dir(model_dir: Path) -> str | None:
+    """Why ``model_dir`` cannot be a model (without loading TensorFlow), or None. The workers still
+    load it for real before taking any message."""
+    from pipeline.inference import DEFAULT_MODEL_FILE, METADATA_FILE
+
+    try:
+        metadata = json.loads((model_dir / METADATA_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{model_dir} has no readable {METADATA_FILE} ({type(exc).__name__})"
+    model_file = model_dir / metadata.get("model_file", DEFAULT_MODEL_FILE)
+    if not model_file.is_file():
+        return f"{model_dir} has no model file {model_file.name}"
+    return None
+
+
+def model_version(model_dir: Path) -> str | None:
+    from pipeline.inference import METADATA_FILE
+
+    try:
+        return str(json.loads((model_dir / METADATA_FILE).read_text())["version"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+#: A worker that dies sooner than this after its start counts as crashing: its restarts back off.
+HEALTHY_AFTER_S = 30.0
+MAX_RESTART_DELAY_S = 60.0
+#: Seconds between checks for scored films that the current model has not scored yet.
+RESCORE_EVERY_S = 10.0
+
+
+@dataclass
+class _Child:
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    crashes: int = 0
+    restart_at: float = 0.0
+
+
 class Supervisor:
-    def __init__(
-        self,
-        settings: Settings,
-        specs: list[WorkerSpec],
-        decode_workers: int,
-        log_level: str,
-        recover_interval: float,
-    ) -> None:
+    """Starts the worker processes, restarts dead ones (backing off when they crash at once),
+    releases a dead worker's leases and re-sends its work at once, and re-sends lost work."""
+
+    def __init__(self, settings: Settings, specs: list[WorkerSpec]) -> None:
         self.settings = settings
         self.specs = specs
-        self.decode_workers = decode_workers
-        self.log_level = log_level
-        self.recover_interval = recover_interval
-        self.children: dict[str, subprocess.Popen] = {}
+        #: Lease expiry and lost messages are checked this often (the kill of a child is handled at once).
+        self.recover_interval = max(min(settings.lease_seconds / 4, 60.0), 2.0)
+        self.children: dict[str, _Child] = {spec.name: _Child() for spec in specs}
         self.stopping = False
+        self.exit_code = 0
+        self._rescored: dict[int, float] = {}
 
     def _start(self, spec: WorkerSpec) -> None:
         # Own process group: when a worker dies, its decode processes can be reaped with it (they
         # never notice their parent's death on their own).
-        self.children[spec.name] = subprocess.Popen(
-            worker_command(spec, self.log_level),
-            env=worker_env(self.settings, spec, self.decode_workers),
+        child = self.children[spec.name]
+        child.process = subprocess.Popen(
+            worker_command(spec, self.settings.log_level),
+            env=worker_env(self.settings, spec),
             process_group=0,
         )
+        child.started = time.monotonic()
         log.info(
             "started worker %s (pid %d, %s)",
             spec.name,
-            self.children[spec.name].pid,
+            child.process.pid,
             f"GPU {spec.gpu}" if spec.gpu is not None else "CPU",
         )
+
+    def alive(self) -> int:
+        """Worker processes running now (for the workers-alive gauge)."""
+        return sum(1 for c in self.children.values() if c.process is not None and c.process.poll() is None)
 
     def _stop(self, *_args) -> None:
         self.stopping = True
 
-    def run(self) -> int:
-        from worker.distributed import recover_lost_work
+    def _on_death(self, spec: WorkerSpec, child: _Child) -> None:
+        """A child died: reap its group, hand its images back at once, schedule the restart."""
+        process = child.process
+        assert process is not None
+        _kill_group(process.pid)
+        child.process = None
+        if process.returncode == EXIT_MODEL_UNUSABLE:
+            log.error("worker %s cannot load its model; stopping (see its message above)", spec.name)
+            self.exit_code, self.stopping = 2, True
+            return
+        log.warning("worker %s exited with code %s", spec.name, process.returncode)
+        metrics.worker_restarted(process.pid)
+        self._release_dead(process.pid)
+        lived = time.monotonic() - child.started
+        child.crashes = child.crashes + 1 if lived < HEALTHY_AFTER_S else 0
+        delay = 0.0 if child.crashes <= 1 else min(2.0 ** (child.crashes - 1), MAX_RESTART_DELAY_S)
+        child.restart_at = time.monotonic() + delay
+        if delay:
+            log.warning("worker %s keeps dying; restarting in %.0f s", spec.name, delay)
 
+    def _release_dead(self, pid: int) -> None:
+        """The dead child's leases go back to the queue (one attempt counted) and are re-sent now."""
+        from db import queue
+        from db.engine import session_scope
+        from worker.submit import send_batches
+
+        try:
+            with session_scope(self.settings.database_url) as session:
+                ids = queue.release_dead_owners(session, celery_owner_prefix(pid), lambda _owner: True)
+            if ids:
+                send_batches(self.settings, ids)
+                metrics.resent(len(ids))
+                log.info("re-sent %d image(s) the dead worker held", len(ids))
+        except Exception as exc:  # noqa: BLE001 - lease expiry remains the backstop
+            problem = describe_error(exc)
+            log.warning("could not release the dead worker's images (%s); their lease will", problem)
+
+    def _supervise(self) -> None:
+        now = time.monotonic()
+        for spec in self.specs:
+            child = self.children[spec.name]
+            if child.process is not None and child.process.poll() is not None:
+                self._on_death(spec, child)
+            if child.process is None and not self.stopping and now >= child.restart_at:
+                self._start(spec)
+
+    def _recover(self) -> None:
+        from worker.submit import ViaCelery
+
+        try:
+            ViaCelery(self.settings).recover()
+        except Exception as exc:  # noqa: BLE001 - a DB or broker outage must not stop supervision
+            log.warning("could not check for lost work (%s); will retry", describe_error(exc))
+
+    def _rescore(self) -> None:
+        """Films scored by an older model are re-scored in the background: a few batches at a time,
+        only while the queue is empty (new films first); resumable, the database says what is left."""
+        from db import queue
+        from db.engine import session_scope
+        from worker.submit import broker_backlog, send_rescore
+
+        version = model_version(self.settings.resolved_model_dir())
+        if version is None:
+            return
+        try:
+            if broker_backlog(self.settings) > 0:
+                return
+            now = time.monotonic()
+            self._rescored = {i: t for i, t in self._rescored.items() if now - t < 600}
+            wanted = self.settings.batch_size * 2 * len(self.specs)
+            with session_scope(self.settings.database_url) as session:
+                ids = queue.outdated_ids(session, version, limit=wanted + len(self._rescored))
+            ids = [i for i in ids if i not in self._rescored][:wanted]
+            if ids:
+                send_rescore(self.settings, ids)
+                self._rescored.update(dict.fromkeys(ids, now))
+                log.info("re-scoring %d film(s) with model %s", len(ids), version)
+        except Exception as exc:  # noqa: BLE001 - background work; tried again later
+            log.warning("could not queue re-scoring (%s)", describe_error(exc))
+
+    def run(self) -> int:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
-        for spec in self.specs:
-            self._start(spec)
-        last_recover = time.monotonic()
+        last_recover = last_rescore = time.monotonic()
         while not self.stopping:
+            self._supervise()
             time.sleep(0.5)
-            for spec in self.specs:
-                child = self.children[spec.name]
-                if child.poll() is not None:
-                    log.warning("worker %s exited with code %s; restarting", spec.name, child.returncode)
-                    _kill_group(child.pid)
-                    self._start(spec)
             if time.monotonic() - last_recover >= self.recover_interval:
                 last_recover = time.monotonic()
-                try:
-                    recover_lost_work(self.settings, stale_after_s=self.settings.lease_seconds)
-                except Exception as exc:  # noqa: BLE001 - a DB or broker outage must not stop supervision
-                    log.warning("could not check for lost work (%s); will retry", type(exc).__name__)
-        for child in self.children.values():
-            child.send_signal(signal.SIGTERM)  # warm shutdown: finish the batch in hand
-        for child in self.children.values():
+                self._recover()
+            if time.monotonic() - last_rescore >= RESCORE_EVERY_S:
+                last_rescore = time.monotonic()
+                self._rescore()
+        running = [c.process for c in self.children.values() if c.process is not None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)  # warm shutdown: finish the batch in hand
+        for process in running:
             try:
-                child.wait(timeout=120)
+                process.wait(timeout=120)
             except subprocess.TimeoutExpired:
-                child.kill()
-            _kill_group(child.pid)
-        return 0
+                process.kill()
+            _kill_group(process.pid)
+        return self.exit_code
 
 
 def _kill_group(pgid: int) -> None:

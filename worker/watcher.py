@@ -18,10 +18,9 @@ import queue as thread_queue
 import stat
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from kombu.exceptions import KombuError
 from sqlalchemy.exc import SQLAlchemyError
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -32,8 +31,9 @@ from db.engine import session_scope
 from db.queue import FileSeen
 from worker.decode_pool import DecodePool
 from worker.logs import describe_error
-from worker.scanner import ScanSummary, is_temporary, iter_files, register_chunk
+from worker.scanner import ScanSummary, is_temporary, iter_files
 from worker.settings import Settings
+from worker.submit import BROKER_ERRORS, InProcess, Submitter, hand_on, make_submitter
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,16 @@ class WatchOptions:
     rescan_interval: float = 300.0
     poll_interval: float = 1.0
     follow_symlinks: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WatchOptions:
+        return cls(
+            polling=settings.polling,
+            stable_seconds=settings.stable_seconds,
+            batch_wait_seconds=settings.batch_wait,
+            rescan_interval=settings.rescan_interval,
+            follow_symlinks=settings.follow_symlinks,
+        )
 
 
 @dataclass
@@ -77,9 +87,11 @@ class _Events(FileSystemEventHandler):
 class Watcher:
     settings: Settings
     roots: list[str]
-    options: WatchOptions = field(default_factory=WatchOptions)
+    options: WatchOptions | None = None
 
     def __post_init__(self) -> None:
+        if self.options is None:
+            self.options = WatchOptions.from_settings(self.settings)
         self.events: thread_queue.Queue = thread_queue.Queue()
         self.candidates: dict[str, _Candidate] = {}
         self.ready: dict[str, float] = {}
@@ -89,14 +101,11 @@ class Watcher:
 
     # -- event intake ---------------------------------------------------------------------------
     def _observe(self, path: str, complete: bool) -> None:
-        if is_temporary(os.path.basename(path)) or not self._inside_roots(path):
+        if self._ignored(path):
             return
-        try:
-            info = os.stat(path, follow_symlinks=self.options.follow_symlinks)
-        except OSError:
+        info = self._regular_stat(path)
+        if info is None:  # gone, or a link (when not followed), FIFO, socket or folder
             self.candidates.pop(path, None)
-            return
-        if not stat.S_ISREG(info.st_mode):  # a link (when not followed), FIFO, socket or folder
             return
         now = time.monotonic()
         known = self.candidates.get(path)
@@ -105,9 +114,26 @@ class Watcher:
             self.candidates[path] = known
         known.complete = known.complete or complete
 
-    def _inside_roots(self, path: str) -> bool:
+    def _regular_stat(self, path: str) -> os.stat_result | None:
+        """The file's stat if it is a regular file now (lstat unless links are followed), else None.
+
+        Asked at every step (event, promotion, hand-off), not only on the first event: a
+        file can be swapped for a symlink to outside the drop folder, or for a FIFO.
+        """
+        try:
+            info = os.stat(path, follow_symlinks=self.options.follow_symlinks)
+        except OSError:
+            return None
+        return info if stat.S_ISREG(info.st_mode) else None
+
+    def _ignored(self, path: str) -> bool:
+        """Outside the roots, or a temporary name anywhere below a root (``.incoming/x.dcm``), as in scan."""
         real = os.path.abspath(path)
-        return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in self.roots)
+        for root in self.roots:
+            base = root.rstrip(os.sep) + os.sep
+            if real.startswith(base):
+                return any(is_temporary(part) for part in real[len(base) :].split(os.sep))
+        return True
 
     def _drain_events(self) -> None:
         while True:
@@ -120,9 +146,8 @@ class Watcher:
     def _promote_stable(self) -> None:
         now = time.monotonic()
         for path, candidate in list(self.candidates.items()):
-            try:
-                info = os.stat(path)
-            except OSError:
+            info = self._regular_stat(path)
+            if info is None:
                 del self.candidates[path]
                 continue
             if (info.st_size, info.st_mtime_ns) != (candidate.size, candidate.mtime_ns):
@@ -146,52 +171,31 @@ class Watcher:
             time.monotonic() - oldest >= self.options.batch_wait_seconds
         )
 
-    def _flush(self, pool: DecodePool, processor) -> None:
+    def _still_regular(self, paths: list[str]) -> list[FileSeen]:
+        """Those of ``paths`` that are still regular files, as seen now (the hash re-checks on its fd)."""
+        files = []
+        for path in paths:
+            info = self._regular_stat(path)
+            if info is not None:
+                files.append(FileSeen(path, info.st_size, info.st_mtime_ns))
+        return files
+
+    def _flush(self, pool: DecodePool, submitter: Submitter) -> None:
         paths = sorted(self.ready, key=self.ready.get)[: self.settings.batch_size * 4]
         for path in paths:
             del self.ready[path]
-        files = []
-        for path in paths:
-            try:
-                info = os.stat(path)
-            except OSError:
-                continue
-            files.append(FileSeen(path, info.st_size, info.st_mtime_ns))
-        owner = processor.default_owner if processor is not None else None
-        pending = register_chunk(self.settings.database_url, files, pool.hash_many, self.summary, owner=owner)
-        self.summary.files += len(files)
-        if not pending:
-            return
-        if processor is None:
-            from worker.distributed import enqueue
-
-            enqueue(self.settings.broker_url, pending, self.settings.batch_size)
-            log.info("queued %d file(s) for the workers", len(pending))
-            return
-        outcome = processor.process(pending)
-        self.summary.outcomes.update(outcome.counts)
-        log.info("processed %d file(s): %s", len(pending) - len(outcome.retry_later), dict(outcome.counts))
-        if outcome.retry_later:
+        files = self._still_regular(paths)
+        submitted = hand_on(self.settings, files, pool, submitter, self.summary)
+        if submitted.counts:
+            log.info("handed on %d file(s): %s", len(submitted.image_ids), dict(submitted.counts))
+        if submitted.retry_later:
             with session_scope(self.settings.database_url) as session:
-                for paths_of in queue.source_paths(session, outcome.retry_later).values():
+                for paths_of in queue.source_paths(session, submitted.retry_later).values():
                     for path in paths_of:
                         self._observe(path, complete=False)
 
-    def _recover(self, processor) -> None:
-        if processor is None:
-            from worker.distributed import recover_lost_work
-
-            recover_lost_work(self.settings, stale_after_s=self.settings.lease_seconds)
-            return
-        from worker.embedded import release_dead_local_leases
-
-        release_dead_local_leases(self.settings.database_url)
-        with session_scope(self.settings.database_url) as session:
-            queue.requeue_expired(session)
-            leftover = queue.queued_ids(session)
-        if leftover:
-            log.info("resuming %d unfinished file(s) from an earlier run", len(leftover))
-            self.summary.outcomes.update(processor.process(leftover).counts)
+    def _recover(self, submitter: Submitter) -> None:
+        self.summary.outcomes.update(submitter.recover().counts)
 
     @contextlib.contextmanager
     def _outage_guard(self, what: str):
@@ -199,15 +203,15 @@ class Watcher:
         try:
             yield
             self.backoff_s = 0.0
-        except (SQLAlchemyError, OSError, KombuError) as exc:
+        except (SQLAlchemyError, *BROKER_ERRORS) as exc:
             self.backoff_s = min(max(self.backoff_s * 2, 1.0), 30.0)
             log.warning("%s failed (%s); retrying in %.0f s", what, describe_error(exc), self.backoff_s)
             self.stop_event.wait(self.backoff_s)
 
-    def _flush_safely(self, pool: DecodePool, processor) -> bool:
+    def _flush_safely(self, pool: DecodePool, submitter: Submitter) -> bool:
         batch = dict(self.ready)
         with self._outage_guard("handing files on"):
-            self._flush(pool, processor)
+            self._flush(pool, submitter)
             return True
         for path, since in batch.items():  # put the batch back: it is retried after the backoff
             self.ready.setdefault(path, since)
@@ -225,23 +229,20 @@ class Watcher:
         started = time.monotonic()
         last_rescan = -float("inf")
         with DecodePool(self.settings.decode_processes) as pool:
-            processor = None
-            if not self.settings.broker_url:
-                from worker.embedded import make_processor
-
-                processor = make_processor(self.settings, pool, retry_incomplete=True)
-                processor.scorer  # load the model now, not when the first film arrives  # noqa: B018
+            submitter = make_submitter(self.settings, pool, resume_all=True)
+            if isinstance(submitter, InProcess):
+                submitter.processor.scorer  # load the model now, not when the first film arrives  # noqa: B018
             try:
                 while not self.stop_event.is_set():
                     if time.monotonic() - last_rescan >= self.options.rescan_interval:
                         with self._outage_guard("reconciliation"):
-                            self._recover(processor)
+                            self._recover(submitter)
                             self.rescan()
                             last_rescan = time.monotonic()
                     self._drain_events()
                     self._promote_stable()
                     while self._due() and not self.stop_event.is_set():
-                        if not self._flush_safely(pool, processor):
+                        if not self._flush_safely(pool, submitter):
                             break
                     if max_seconds is not None and time.monotonic() - started >= max_seconds:
                         break

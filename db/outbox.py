@@ -1,0 +1,317 @@
+"""State transitions of the DICOM outbox: enqueue, claim, sent, retry later, operator retry.
+
+An outbox row is one DICOM object (SR, SC or KOS) for one (film, model version,
+destination): the unique key makes :func:`enqueue_results` idempotent, so a
+score written twice, a task delivered twice or a rescan never sends twice.
+Like :mod:`db.queue`, every transition is one conditional UPDATE, so two senders
+(a ``watch`` and a ``worker`` on the same database) cannot both take a row:
+a claim moves ``next_attempt_at`` past a lease, and only the claimer's later
+update (matched on ``attempts``) counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from db.queue import _insert, as_utc
+from db.schema import Image, OutboxItem, OutboxKind, OutboxStatus, Score, SourceFile, utcnow
+
+#: A claimed row not finished within this long (sender killed) is due again.
+CLAIM_LEASE_S = 120.0
+#: Retry delays grow as FIRST_RETRY_S * 2**(attempts-1), capped; after MAX_ATTEMPTS the row is failed.
+FIRST_RETRY_S = 2.0
+MAX_RETRY_S = 60.0
+MAX_ATTEMPTS = 50
+
+
+@dataclass(frozen=True)
+class OutboxPlan:
+    """Where results go and which objects are made; empty destinations: nothing is sent."""
+
+    destinations: tuple[str, ...] = ()
+    kinds: tuple[OutboxKind, ...] = (OutboxKind.STRUCTURED_REPORT,)
+
+    def __bool__(self) -> bool:
+        return bool(self.destinations and self.kinds)
+
+
+NO_RESULTS = OutboxPlan()
+
+
+def enqueue_results(
+    session: Session,
+    image_id: int,
+    model_version: str,
+    plan: OutboxPlan,
+    attributes: dict | None = None,
+) -> int:
+    """Create the outbox rows for a scored film; returns how many were new.
+
+    Only DICOM films with a study are returned (PNG/JPEG have no study to go back to): when
+    ``attributes`` (from decoding) say otherwise nothing is queued. Existing rows are left as they
+    are (sent once per film, model version, destination and kind). A Key Object Selection is queued
+    only for films over the high-confidence threshold.
+    """
+    if not plan:
+        return 0
+    attributes = attributes or {}
+    if attributes.get("source_format", "dicom") != "dicom" or not attributes.get("study_uid", "x"):
+        return 0
+    kinds = list(plan.kinds)
+    if OutboxKind.KEY_OBJECT in kinds and not _is_high(session, image_id, model_version):
+        kinds.remove(OutboxKind.KEY_OBJECT)  # the key object flags HIGH films only
+    insert = _insert(session)
+    now = utcnow()
+    created = 0
+    for destination in plan.destinations:
+        for kind in kinds:
+            result = session.execute(
+                insert(OutboxItem)
+                .values(
+                    image_id=image_id,
+                    model_version=model_version,
+                    destination=destination,
+                    kind=str(kind),
+                    status=OutboxStatus.PENDING,
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["image_id", "model_version", "destination", "kind"])
+            )
+            created += max(result.rowcount or 0, 0)
+    return created
+
+
+def _is_high(session: Session, image_id: int, model_version: str) -> bool:
+    return bool(
+        session.scalar(
+            select(Score.high_confidence_positive).where(
+                Score.image_id == image_id, Score.model_version == model_version
+            )
+        )
+    )
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What a sender needs to build and send one object."""
+
+    id: int
+    image_id: int
+    model_version: str
+    destination: str
+    kind: OutboxKind
+    attempts: int
+    sop_instance_uid: str | None
+
+
+def claim_due(session: Session, limit: int = 16, lease_s: float = CLAIM_LEASE_S) -> list[Claimed]:
+    """Take up to ``limit`` pending rows whose time has come; each is then the caller's for ``lease_s``."""
+    now = utcnow()
+    due = list(
+        session.scalars(
+            select(OutboxItem.id)
+            .where(OutboxItem.status == OutboxStatus.PENDING, _due(now))
+            .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
+            .limit(limit)
+        )
+    )
+    if not due:
+        return []
+    rows = session.execute(
+        update(OutboxItem)
+        .where(OutboxItem.id.in_(due), OutboxItem.status == OutboxStatus.PENDING, _due(now))
+        .values(attempts=OutboxItem.attempts + 1, next_attempt_at=now + timedelta(seconds=lease_s))
+        .returning(
+            OutboxItem.id,
+            OutboxItem.image_id,
+            OutboxItem.model_version,
+            OutboxItem.destination,
+            OutboxItem.kind,
+            OutboxItem.attempts,
+            OutboxItem.sop_instance_uid,
+        )
+    ).all()
+    return sorted(
+        (Claimed(r[0], r[1], r[2], r[3], OutboxKind(r[4]), r[5], r[6]) for r in rows), key=lambda c: c.id
+    )
+
+
+def _due(now: datetime):
+    return or_(OutboxItem.next_attempt_at.is_(None), OutboxItem.next_attempt_at <= now)
+
+
+def remember_uid(session: Session, item: Claimed, sop_instance_uid: str) -> None:
+    """Keep the object's SOP Instance UID before the first send, so a resend after a crash reuses it
+    (a PACS that already got it then sees the same instance again, not a duplicate)."""
+    session.execute(
+        update(OutboxItem)
+        .where(OutboxItem.id == item.id, OutboxItem.sop_instance_uid.is_(None))
+        .values(sop_instance_uid=sop_instance_uid)
+    )
+
+
+def mark_sent(session: Session, item: Claimed) -> bool:
+    now = utcnow()
+    result = session.execute(
+        update(OutboxItem)
+        .where(
+            OutboxItem.id == item.id,
+            OutboxItem.status == OutboxStatus.PENDING,
+            OutboxItem.attempts == item.attempts,
+        )
+        .values(status=OutboxStatus.SENT, sent_at=now, last_error=None, next_attempt_at=None)
+    )
+    return result.rowcount == 1
+
+
+def retry_delay(attempts: int) -> float:
+    return min(FIRST_RETRY_S * 2 ** max(attempts - 1, 0), MAX_RETRY_S)
+
+
+def mark_retry(session: Session, item: Claimed, error: str, *, permanent: bool = False) -> OutboxStatus:
+    """Record a failed attempt: try again after a growing delay, or fail it for good.
+
+    ``permanent`` (the destination refused the object itself, or the source film is gone) fails the
+    row at once: resending the same object would be refused the same way.
+    """
+    final = permanent or item.attempts >= MAX_ATTEMPTS
+    status = OutboxStatus.FAILED if final else OutboxStatus.PENDING
+    session.execute(
+        update(OutboxItem)
+        .where(
+            OutboxItem.id == item.id,
+            OutboxItem.status == OutboxStatus.PENDING,
+            OutboxItem.attempts == item.attempts,
+        )
+        .values(
+            status=status,
+            last_error=error[:2000],
+            next_attempt_at=None if final else utcnow() + timedelta(seconds=retry_delay(item.attempts)),
+        )
+    )
+    return status
+
+
+def release(session: Session, items: Iterable[Claimed]) -> None:
+    """Give claimed rows back untouched (shutdown before sending): due now, attempt refunded."""
+    for item in items:
+        session.execute(
+            update(OutboxItem)
+            .where(
+                OutboxItem.id == item.id,
+                OutboxItem.status == OutboxStatus.PENDING,
+                OutboxItem.attempts == item.attempts,
+            )
+            .values(attempts=OutboxItem.attempts - 1, next_attempt_at=utcnow())
+        )
+
+
+def retry(
+    session: Session,
+    *,
+    ids: Sequence[int] = (),
+    status: OutboxStatus | None = None,
+    destination: str | None = None,
+    new_instance: bool = False,
+) -> int:
+    """Operator asks again: matching rows go back to pending, due now, attempts reset.
+
+    ``new_instance`` forgets the SOP Instance UID so that a fresh object (new UID) is sent, for a PACS
+    that lost or deleted the first one; otherwise the same instance is sent again.
+    """
+    query = update(OutboxItem)
+    if ids:
+        query = query.where(OutboxItem.id.in_(list(ids)))
+    if status is not None:
+        query = query.where(OutboxItem.status == status)
+    if destination is not None:
+        query = query.where(OutboxItem.destination == destination)
+    values: dict = {
+        "status": OutboxStatus.PENDING,
+        "attempts": 0,
+        "next_attempt_at": utcnow(),
+        "last_error": None,
+    }
+    if new_instance:
+        values["sop_instance_uid"] = None
+    return session.execute(query.values(**values)).rowcount
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    image_sha256: str
+    kind: str
+    destination: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    created_at: datetime | None
+    sent_at: datetime | None
+
+    def as_dict(self) -> dict:
+        values = dict(self.__dict__)
+        for key in ("next_attempt_at", "created_at", "sent_at"):
+            values[key] = values[key].isoformat() if values[key] else None
+        return values
+
+
+def list_items(session: Session, status: OutboxStatus | None = None, limit: int = 100) -> list[OutboxRow]:
+    """Newest first; films named by content hash (no patient identifiers)."""
+    query = select(
+        OutboxItem.id,
+        Image.sha256,
+        OutboxItem.kind,
+        OutboxItem.destination,
+        OutboxItem.status,
+        OutboxItem.attempts,
+        OutboxItem.next_attempt_at,
+        OutboxItem.last_error,
+        OutboxItem.created_at,
+        OutboxItem.sent_at,
+    ).join(Image, Image.id == OutboxItem.image_id)
+    if status is not None:
+        query = query.where(OutboxItem.status == status)
+    rows = session.execute(query.order_by(OutboxItem.id.desc()).limit(limit)).all()
+    return [
+        OutboxRow(*row[:6], as_utc(row[6]), row[7], as_utc(row[8]), as_utc(row[9]))  # type: ignore[arg-type]
+        for row in rows
+    ]
+
+
+def counts(session: Session) -> dict[str, int]:
+    query = select(OutboxItem.status, func.count()).group_by(OutboxItem.status)
+    return {status: count for status, count in session.execute(query)}
+
+
+@dataclass(frozen=True)
+class SendContext:
+    """The stored score and the film's paths: everything an object is built from."""
+
+    score: Score
+    paths: list[str]
+    sha256: str
+
+
+def send_context(session: Session, item: Claimed) -> SendContext | None:
+    score = session.scalars(
+        select(Score).where(Score.image_id == item.image_id, Score.model_version == item.model_version)
+    ).one_or_none()
+    if score is None:
+        return None
+    session.expunge(score)
+    paths = list(
+        session.scalars(
+            select(SourceFile.path).where(SourceFile.image_id == item.image_id).order_by(SourceFile.id)
+        )
+    )
+    sha256 = session.scalars(select(Image.sha256).where(Image.id == item.image_id)).one()
+    return SendContext(score, paths, sha256)

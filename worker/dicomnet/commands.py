@@ -1,0 +1,283 @@
+"""CLI: ``cxr-triage dicom-listen`` and ``cxr-triage outbox list|retry``.
+
+Registered in :mod:`worker.cli`; the ``--send-results`` option of watch/scan/worker is
+:data:`SendResults` and starts the sender with :func:`worker.dicomnet.sender.start_results_sender`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from db.engine import masked
+from db.schema import OutboxStatus
+from worker import logs
+from worker.settings import Settings
+
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=False)
+
+outbox_app = typer.Typer(
+    help="DICOM results waiting to be sent, sent or failed (see --send-results).", no_args_is_help=True
+)
+
+SendResults = Annotated[
+    str | None,
+    typer.Option(
+        "--send-results",
+        envvar="CXR_TRIAGE_RESULTS_DESTINATION",
+        show_envvar=True,
+        help="Send a DICOM SR with each scored DICOM film's result to AET@host:port (a PACS), in the "
+        "film's study. Kept in the database outbox and retried while the PACS is down.",
+    ),
+]
+SendHeatmap = Annotated[
+    bool | None,
+    typer.Option(
+        "--send-heatmap/--no-send-heatmap",
+        envvar="CXR_TRIAGE_SEND_HEATMAP",
+        show_envvar=True,
+        help="With --send-results: also a Grad-CAM Secondary Capture, labelled research only (default: off).",
+    ),
+]
+SendKeyObject = Annotated[
+    bool | None,
+    typer.Option(
+        "--send-key-object/--no-send-key-object",
+        envvar="CXR_TRIAGE_SEND_KEY_OBJECT",
+        show_envvar=True,
+        help="With --send-results: also a Key Object Selection flagging HIGH films (default: off).",
+    ),
+]
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url", envvar="CXR_TRIAGE_DATABASE_URL", show_envvar=True, help="SQLAlchemy URL."
+    ),
+]
+LogLevel = Annotated[str, typer.Option("--log-level", envvar="CXR_TRIAGE_LOG_LEVEL", show_envvar=True)]
+
+
+def with_results(
+    settings: Settings,
+    send_results: str | None,
+    send_heatmap: bool | None = None,
+    send_key_object: bool | None = None,
+) -> Settings:
+    """The result flags over the settings, checked: a malformed destination fails early and clearly."""
+    from worker.dicomnet.plan import DestinationError, results_plan
+
+    flags = {
+        "results_destination": send_results or None,
+        "send_heatmap": send_heatmap,
+        "send_key_object": send_key_object,
+    }
+    settings = settings.with_changes(**{k: v for k, v in flags.items() if v is not None})
+    try:
+        results_plan(settings)
+    except DestinationError as exc:
+        console.print(f"[red]--send-results: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    return settings
+
+
+def dicom_listen_command(
+    drop_dir: Annotated[
+        Path, typer.Argument(help="Drop folder that `watch` (or a `watch` on the same share) watches.")
+    ],
+    port: Annotated[
+        int | None,
+        typer.Option(
+            "--port",
+            envvar="CXR_TRIAGE_DICOM_PORT",
+            show_envvar=True,
+            min=0,
+            max=65535,
+            help="TCP port to listen on (default: 11112).",
+        ),
+    ] = None,
+    ae_title: Annotated[
+        str | None,
+        typer.Option(
+            "--ae-title",
+            envvar="CXR_TRIAGE_DICOM_AE_TITLE",
+            show_envvar=True,
+            help="Our AE title, as configured in the modality or PACS (default: CXR_TRIAGE).",
+        ),
+    ] = None,
+    allowed_callers: Annotated[
+        str | None,
+        typer.Option(
+            "--allowed-callers",
+            envvar="CXR_TRIAGE_ALLOWED_CALLERS",
+            show_envvar=True,
+            help="Comma-separated calling AE titles accepted; others are refused. Default: any.",
+        ),
+    ] = None,
+    bind: Annotated[
+        str | None,
+        typer.Option(
+            "--bind",
+            envvar="CXR_TRIAGE_DICOM_BIND_ADDRESS",
+            show_envvar=True,
+            help="Address to listen on (default: 0.0.0.0, every interface).",
+        ),
+    ] = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Receive films over DICOM (C-STORE, C-ECHO) and drop them into DROP_DIR for `watch`.
+
+    Each instance is written to a hidden .part file, flushed, and renamed into DROP_DIR under a name
+    made from a hash of its bytes (no patient identifiers). Compressed transfer syntaxes (JPEG,
+    JPEG-LS, JPEG 2000, RLE, deflate) are accepted. A full disk or an unwritable folder answers the
+    sender with a failure status (0xA700 / 0x0110), so the sender keeps the film and retries.
+
+    Example: cxr-triage dicom-listen /srv/cxr/drop --port 11112 --ae-title CXR_TRIAGE
+    --allowed-callers PACS,CR_ROOM1   (then: cxr-triage watch /srv/cxr/drop --send-results PACS@pacs:104)
+    """
+    from worker.dicomnet.listener import StorageListener
+
+    logs.configure(log_level)
+    try:
+        settings = Settings.build(
+            dicom_port=port,
+            dicom_ae_title=ae_title,
+            allowed_callers=allowed_callers,
+            dicom_bind_address=bind,
+            log_level=log_level,
+        )
+    except ValueError as exc:
+        console.print(f"[red]invalid option: {str(exc).splitlines()[0]}[/red]")
+        raise typer.Exit(2) from exc
+    listener = StorageListener(
+        drop_dir,
+        port=settings.dicom_port,
+        ae_title=settings.dicom_ae_title,
+        allowed_callers=settings.allowed_callers,
+        host=settings.dicom_bind_address,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        bound = listener.start()
+    except OSError as exc:
+        where = f"{settings.dicom_bind_address}:{settings.dicom_port}"
+        console.print(f"[red]cannot listen on {where}: {exc.strerror or exc}[/red]")
+        raise typer.Exit(2) from exc
+    callers = ",".join(settings.allowed_callers) or "any calling AE title"
+    console.print(
+        f"listening as {settings.dicom_ae_title} on {settings.dicom_bind_address}:{bound} ({callers}); "
+        f"dropping into {drop_dir}"
+    )
+    try:
+        stop.wait()
+    finally:
+        listener.stop()
+        console.print(f"received {listener.stats.received} instance(s), {listener.stats.failed} failed")
+
+
+class ListFormat(StrEnum):
+    table = "table"
+    json = "json"
+
+
+@outbox_app.command("list")
+def outbox_list(
+    status: Annotated[
+        OutboxStatus | None, typer.Option(help="Only rows in this state (pending, sent, failed).")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most N rows (newest first).")] = 100,
+    format: Annotated[ListFormat, typer.Option("--format")] = ListFormat.table,
+    database_url: DatabaseUrl = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """List outbox rows: film (by content hash), kind (sr, sc, ko), destination, state, last error."""
+    from db import outbox
+    from db.engine import session_scope
+
+    settings = _prepared(database_url, log_level)
+    with session_scope(settings.database_url) as session:
+        rows = [row.as_dict() for row in outbox.list_items(session, status, limit)]
+        counts = outbox.counts(session)
+    if format is ListFormat.json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table()
+    columns = ("id", "film", "kind", "destination", "status", "attempts", "next try / sent", "last error")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        when = row["sent_at"] if row["status"] == "sent" else row["next_attempt_at"]
+        table.add_row(
+            str(row["id"]),
+            row["image_sha256"][:12],
+            row["kind"],
+            row["destination"],
+            row["status"],
+            str(row["attempts"]),
+            (when or "")[:19],
+            row["last_error"] or "",
+        )
+    out.print(table)
+    summary = ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
+    console.print(summary or "outbox is empty")
+
+
+@outbox_app.command("retry")
+def outbox_retry(
+    ids: Annotated[
+        list[int] | None, typer.Argument(help="Outbox row ids (default: every failed row).")
+    ] = None,
+    all_sent: Annotated[
+        bool, typer.Option("--sent", help="Also resend rows already sent (e.g. the PACS lost them).")
+    ] = False,
+    destination: Annotated[str | None, typer.Option(help="Only rows for this AET@host:port.")] = None,
+    new_instance: Annotated[
+        bool, typer.Option(help="Send a new object (new SOP Instance UID) instead of the same one again.")
+    ] = False,
+    database_url: DatabaseUrl = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Ask again: the rows go back to pending, sent by the next running watch, scan or worker."""
+    from db import outbox
+    from db.engine import session_scope
+
+    settings = _prepared(database_url, log_level)
+    status = None if ids or all_sent else OutboxStatus.FAILED
+    with session_scope(settings.database_url) as session:
+        changed = outbox.retry(
+            session, ids=ids or (), status=status, destination=destination, new_instance=new_instance
+        )
+    console.print(f"{changed} row(s) queued again")
+    if changed == 0:
+        raise typer.Exit(1)
+
+
+def _prepared(database_url: str | None, log_level: str) -> Settings:
+    from db.migrate import upgrade
+
+    logs.configure(log_level)
+    settings = Settings.build(database_url=database_url or None, log_level=log_level)
+    try:
+        upgrade(settings.database_url)
+    except Exception as exc:  # noqa: BLE001 - a clear message instead of a traceback
+        where = masked(settings.database_url)
+        console.print(f"[red]cannot open the database {where}: {type(exc).__name__}[/red]")
+        raise typer.Exit(2) from exc
+    return settings
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``dicom-listen`` and ``outbox`` to the main CLI."""
+    app.command("dicom-listen")(dicom_listen_command)
+    app.add_typer(outbox_app, name="outbox")

@@ -1,0 +1,327 @@
+"""The outbox sender: build each pending object and C-STORE it to its destination, with backoff.
+
+Runs as a background thread in ``watch``, ``scan`` and the ``worker`` supervisor
+(:func:`start_results_sender`). Rows live in the database (:mod:`db.outbox`), so a
+restart resumes where the last run stopped, and a destination that is down is
+retried with a growing delay (2 s doubling to 60 s) until it is back.
+
+Objects are built at send time from the stored score and the source film's
+header, re-read with pydicom (``stop_before_pixels``). The SOP Instance UID is
+kept in the outbox before the first C-STORE: a resend after a crash between the
+PACS's success and our bookkeeping stores the same instance again, which a PACS
+treats as the same object (PS3.4 B.4.1.3), not as a second report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    ComprehensiveSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+)
+
+from db import outbox
+from db.engine import session_scope
+from db.outbox import Claimed
+from db.paths import from_db
+from db.schema import OutboxKind, OutboxStatus, Score
+from worker.dicomnet import objects
+from worker.dicomnet.plan import Destination, DestinationError
+from worker.logs import describe_error, short
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Statuses that mean the object itself is refused: resending it unchanged cannot help (PS3.4 B.2.3).
+PERMANENT_FAILURES = (0xA900, 0xC000)
+SOP_CLASSES = {
+    OutboxKind.STRUCTURED_REPORT: ComprehensiveSRStorage,
+    OutboxKind.SECONDARY_CAPTURE: SecondaryCaptureImageStorage,
+    OutboxKind.KEY_OBJECT: KeyObjectSelectionDocumentStorage,
+}
+
+
+def thresholds_for(score: Score) -> tuple[float, float]:
+    """(screening, high-confidence) thresholds reported in the SR.
+
+    The one place to switch to the site's active calibration: today the thresholds stored with the
+    score, i.e. those the film was triaged with.
+    """
+    return score.screening_threshold, score.high_confidence_threshold
+
+
+class SourceGone(Exception):
+    pass
+
+
+class OutboxSender:
+    """Sends due outbox rows until stopped; safe to run in several processes at once."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        calling_ae_title: str = "CXR_TRIAGE",
+        model_dir: Path | None = None,
+        poll_seconds: float = 0.25,
+        batch: int = 16,
+    ) -> None:
+        self.database_url = database_url
+        self.calling_ae_title = calling_ae_title
+        self.model_dir = model_dir
+        self.poll_seconds = poll_seconds
+        self.batch = batch
+        self.stop_event = threading.Event()
+        self.idle = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._model_name: str | None = None
+        self.backoff_s = 0.0
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it quotes headers at DEBUG
+
+    # -- thread ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="outbox-sender", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stop_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                sent_any = self.send_due()
+                self.backoff_s = 0.0
+            except Exception as exc:  # noqa: BLE001 - a database outage must not end the thread
+                self.backoff_s = min(max(self.backoff_s * 2, 1.0), 30.0)
+                log.warning("outbox: %s; retrying in %.0f s", describe_error(exc), self.backoff_s)
+                self.stop_event.wait(self.backoff_s)
+                continue
+            if not sent_any:
+                self.idle.set()
+                self.stop_event.wait(self.poll_seconds)
+
+    def drain(self, timeout: float) -> dict[str, int]:
+        """Wait (at most ``timeout`` s) until nothing is pending; returns the outbox counts."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with session_scope(self.database_url) as session:
+                counts = outbox.counts(session)
+            if not counts.get(OutboxStatus.PENDING) or time.monotonic() >= deadline:
+                return counts
+            time.sleep(min(self.poll_seconds, max(deadline - time.monotonic(), 0.01)))
+
+    # -- one round ------------------------------------------------------------------------------
+    def send_due(self) -> bool:
+        """Claim what is due and send it, one association per destination; True if anything was due."""
+        with session_scope(self.database_url) as session:
+            claimed = outbox.claim_due(session, self.batch)
+        if not claimed:
+            return False
+        self.idle.clear()
+        by_destination: dict[str, list[Claimed]] = defaultdict(list)
+        for item in claimed:
+            by_destination[item.destination].append(item)
+        for destination, items in by_destination.items():
+            if self.stop_event.is_set():
+                with session_scope(self.database_url) as session:
+                    outbox.release(session, items)
+                continue
+            self._send_to(destination, items)
+        return True
+
+    def _send_to(self, destination_text: str, items: list[Claimed]) -> None:
+        try:
+            destination = Destination.parse(destination_text)
+        except DestinationError as exc:
+            self._finish_all(items, str(exc), permanent=True)
+            return
+        built = []
+        for item in items:
+            dataset = self._build_or_fail(item)
+            if dataset is not None:
+                built.append((item, dataset))
+        if not built:
+            return
+        ae = AE(ae_title=self.calling_ae_title)
+        for sop_class in SOP_CLASSES.values():
+            ae.add_requested_context(sop_class)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        if not assoc.is_established:
+            why = "association rejected" if assoc.is_rejected else "destination unreachable"
+            self._finish_all([item for item, _ in built], f"{why} ({destination.ae_title})")
+            log.warning("outbox: %s %s; %d object(s) will be retried", why, destination.ae_title, len(built))
+            return
+        try:
+            for number, (item, dataset) in enumerate(built):
+                if not assoc.is_established:
+                    self._finish_all([i for i, _ in built[number:]], "association lost")
+                    break
+                self._store_one(assoc, item, dataset)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _store_one(self, assoc, item: Claimed, dataset) -> None:
+        accepted = {context.abstract_syntax for context in assoc.accepted_contexts}
+        if SOP_CLASSES[item.kind] not in accepted:  # PS3.8 9.3.3.2: the PACS refused this SOP class
+            self._finish(
+                item, f"the destination does not accept {SOP_CLASSES[item.kind].name}", permanent=True
+            )
+            return
+        try:
+            status = assoc.send_c_store(dataset)
+        except Exception as exc:  # noqa: BLE001 - network errors become a retry
+            self._finish(item, f"C-STORE error: {type(exc).__name__}")
+            return
+        code = getattr(status, "Status", None)
+        if code is None:
+            self._finish(item, "no answer to C-STORE (timeout or connection lost)")
+        elif code == 0x0000 or (code & 0xF000) == 0xB000:  # success, or warning (PS3.4 B.2.3)
+            with session_scope(self.database_url) as session:
+                outbox.mark_sent(session, item)
+            log.info(
+                "outbox: sent %s for image %d to %s",
+                item.kind.name.lower(),
+                item.image_id,
+                item.destination.split("@")[0],
+            )
+        else:
+            permanent = any((code & 0xFF00) == p or (code & 0xF000) == p for p in PERMANENT_FAILURES)
+            self._finish(item, f"destination answered status 0x{code:04X}", permanent=permanent)
+
+    def _finish(self, item: Claimed, error: str, *, permanent: bool = False) -> None:
+        with session_scope(self.database_url) as session:
+            status = outbox.mark_retry(session, item, error, permanent=permanent)
+        if status is OutboxStatus.FAILED:
+            log.error(
+                "outbox: %s for image %d failed for good: %s", item.kind.name.lower(), item.image_id, error
+            )
+
+    def _finish_all(self, items: list[Claimed], error: str, *, permanent: bool = False) -> None:
+        for item in items:
+            self._finish(item, error, permanent=permanent)
+
+    # -- building -------------------------------------------------------------------------------
+    def _build_or_fail(self, item: Claimed):
+        try:
+            return self.build(item)
+        except SourceGone as exc:
+            self._finish(item, str(exc), permanent=True)
+        except objects.SourceProblem as exc:
+            self._finish(item, str(exc), permanent=True)
+        except Exception as exc:  # noqa: BLE001 - one bad header must not stop the others
+            self._finish(item, f"could not build the object: {describe_error(exc)}", permanent=True)
+        return None
+
+    def build(self, item: Claimed):
+        """The dataset for one row, with the SOP Instance UID remembered before it is sent."""
+        with session_scope(self.database_url) as session:
+            context = outbox.send_context(session, item)
+            if context is None:
+                raise SourceGone("the score this object reports is no longer stored")
+            sop_instance_uid = item.sop_instance_uid or generate_uid()
+            if item.sop_instance_uid is None:
+                outbox.remember_uid(session, item, sop_instance_uid)
+        path = _first_readable(context.paths)
+        if path is None:
+            raise SourceGone("the source film is no longer at any known path (its header is needed)")
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        result = self._result(context.score)
+        log.debug("outbox: building %s for %s", item.kind.name.lower(), short(context.sha256))
+        if item.kind is OutboxKind.STRUCTURED_REPORT:
+            return objects.structured_report(header, result, sop_instance_uid)
+        if item.kind is OutboxKind.KEY_OBJECT:
+            return objects.key_object(header, result, sop_instance_uid)
+        return objects.secondary_capture(header, self._overlay(path), sop_instance_uid)
+
+    def _result(self, score: Score) -> objects.Result:
+        screening, high = thresholds_for(score)
+        return objects.Result(
+            pneumonia_probability=score.pneumonia_probability,
+            viral_probability=score.viral_probability,
+            screening_threshold=screening,
+            high_confidence_threshold=high,
+            model_name=self.model_name(),
+            model_version=score.model_version,
+        )
+
+    def model_name(self) -> str:
+        if self._model_name is None:
+            try:
+                metadata = json.loads((self._resolved_model_dir() / "metadata.json").read_text())
+                self._model_name = str(metadata.get("architecture") or "cxr-pneumonia")
+            except (OSError, ValueError):
+                self._model_name = "cxr-pneumonia"
+        return self._model_name
+
+    def _resolved_model_dir(self) -> Path:
+        if self.model_dir is not None:
+            return Path(self.model_dir)
+        from models import default_model_dir
+
+        return default_model_dir()
+
+    def _overlay(self, path: str):
+        """Grad-CAM of the film (loads the model in this process on first use)."""
+        from models.explain import gradcam
+        from pipeline.decode import decode_file
+
+        grey = decode_file(path).pixels
+        return objects.overlay_rgb(grey, gradcam(self._resolved_model_dir(), grey))
+
+
+def _first_readable(paths: list[str]) -> str | None:
+    return next((c for stored in paths for c in from_db(stored) if os.path.isfile(c)), None)
+
+
+class SenderHandle:
+    """A running sender (or nothing, without a destination) that a command closes on its way out."""
+
+    def __init__(self, sender: OutboxSender | None) -> None:
+        self.sender = sender
+
+    def close(self, drain_s: float = 0.0) -> None:
+        """Stop the thread; with ``drain_s`` (``scan``) first wait that long for pending objects."""
+        if self.sender is None:
+            return
+        try:
+            if drain_s:
+                _drain_and_report(self.sender, drain_s)
+        finally:
+            self.sender.stop()
+            self.sender = None
+
+
+def start_results_sender(settings: Settings) -> SenderHandle:
+    """Start the outbox sender thread when results go somewhere; see :class:`SenderHandle`."""
+    if not settings.results_destination:
+        return SenderHandle(None)
+    sender = OutboxSender(
+        settings.database_url, calling_ae_title=settings.dicom_ae_title, model_dir=settings.model_dir
+    )
+    sender.start()
+    return SenderHandle(sender)
+
+
+def _drain_and_report(sender: OutboxSender, drain_s: float) -> None:
+    counts = sender.drain(drain_s)
+    if counts.get(OutboxStatus.PENDING):
+        log.warning(
+            "outbox: %d object(s) still pending after %.0f s; the next watch, scan or worker sends them",
+            counts[OutboxStatus.PENDING],
+            drain_s,
+        )

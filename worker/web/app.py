@@ -1,0 +1,572 @@
+"""The web worklist: pages for readers and a JSON API, over the same database view as the CLI.
+
+Nothing but ``/login``, ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus: counts, no patient data,
+no identifiers in labels) and ``/static`` is served without signing in. Pages are
+rendered on the server (Jinja2); htmx (vendored under ``static/``) refreshes the rows in place.
+No patient data goes into a URL (filters and searches are posted) or into the access log.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, Field
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from db import audit
+from db.audit import AuditAction
+from db.engine import session_scope
+from db.reviews import ReviewError, record_review, reviews_of
+from db.schema import Image, ReviewDecision, UserRole
+from db.users import UserError, add_user, authenticate, list_users, remove_user, session_key
+from db.worklist import INTENDED_USE, TIERS, WorklistFilter, count_rows, film, query_rows
+from worker.logs import short
+from worker.settings import Settings
+from worker.web import auth
+from worker.web.auth import COOKIE, Forbidden, NotSignedIn, Principal, TooManyAttempts, require
+from worker.web.images import DISPLAY_SIZE, THUMB_SIZE, FilmUnavailable, film_png, heatmap_png
+
+log = logging.getLogger("cxr_triage.web")
+HERE = Path(__file__).resolve().parent
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+PAGE_SIZE = 50
+MAX_API_LIMIT = 1000
+#: How long a film of each tier should wait at most (the waited column turns red after it).
+WAIT_TARGET_S = {"HIGH": 3600, "screen+": 4 * 3600, "below": 24 * 3600}
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+Viewer = Annotated[Principal, Depends(require(UserRole.VIEWER))]
+Reviewer = Annotated[Principal, Depends(require(UserRole.REVIEWER))]
+Admin = Annotated[Principal, Depends(require(UserRole.ADMIN))]
+
+
+@dataclass
+class WebState:
+    settings: Settings
+    database_url: str
+    sessions: auth.Sessions
+    limiter: auth.SignInLimiter
+    templates: Jinja2Templates
+
+
+def _state(request: Request) -> WebState:
+    return request.app.state.web
+
+
+# -- formatting helpers for the templates ------------------------------------------------------------
+
+
+def _waited(row: dict, now: datetime) -> tuple[str, str]:
+    """How long the film has waited and whether that is within its tier's target."""
+    arrived = datetime.fromisoformat(row["first_seen_at"])
+    seconds = max((now - arrived).total_seconds(), 0.0)
+    if seconds < 3600:
+        label = f"{int(seconds // 60)} min"
+    elif seconds < 48 * 3600:
+        label = f"{seconds / 3600:.1f} h"
+    else:
+        label = f"{seconds / 86400:.0f} d"
+    if row["reviewed_at"] or row["tier"] is None:
+        return label, "wait-none"
+    return label, "wait-late" if seconds > WAIT_TARGET_S[row["tier"]] else "wait-ok"
+
+
+def _folder(path: str | None) -> str:
+    return str(Path(path).parent) if path else ""
+
+
+def _templates() -> Jinja2Templates:
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.globals.update(intended_use=INTENDED_USE, tiers=TIERS, wait_targets=WAIT_TARGET_S)
+    templates.env.filters.update(folder=_folder)
+    return templates
+
+
+def _page(request: Request, name: str, context: dict, status_code: int = 200) -> HTMLResponse:
+    return _state(request).templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+# -- filters from a posted form ---------------------------------------------------------------------------
+
+
+def _optional(form, name: str) -> str | None:
+    value = form.get(name)
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _flag(value: str | None) -> bool | None:
+    return {"yes": True, "no": False}.get(value or "")
+
+
+def _date(value: str | None) -> date | None:
+    return date.fromisoformat(value) if value else None
+
+
+def filters_from(form) -> tuple[WorklistFilter, int]:
+    """The reader's filters and page offset from the posted filter form (ValueError when bad)."""
+    wanted = WorklistFilter(
+        status=_optional(form, "status"),
+        tier=_optional(form, "tier"),
+        reviewed=_flag(_optional(form, "reviewed")),
+        out_of_scope=_flag(_optional(form, "out_of_scope")),
+        folder=_optional(form, "folder"),
+        arrived_from=_date(_optional(form, "arrived_from")),
+        arrived_to=_date(_optional(form, "arrived_to")),
+        search=_optional(form, "search"),
+    )
+    offset = int(_optional(form, "offset") or 0)
+    if offset < 0:
+        raise ValueError("negative offset")
+    return wanted, offset
+
+
+def _rows_context(request: Request, wanted: WorklistFilter, offset: int) -> dict:
+    with session_scope(_state(request).database_url) as session:
+        rows = query_rows(session, wanted, limit=PAGE_SIZE, offset=offset)
+        total = count_rows(session, wanted)
+    now = datetime.now(UTC)
+    for row in rows:
+        row["waited"], row["wait_class"] = _waited(row, now)
+    return {
+        "rows": rows,
+        "total": total,
+        "offset": offset,
+        "page_size": PAGE_SIZE,
+        "refreshed": now.strftime("%H:%M:%S UTC"),
+    }
+
+
+# -- pages ---------------------------------------------------------------------------------------------------
+
+pages = APIRouter(include_in_schema=False)
+
+
+@pages.get("/healthz")
+def healthz(request: Request) -> JSONResponse:
+    try:
+        with session_scope(_state(request).database_url) as session:
+            session.execute(text("SELECT 1"))
+    except Exception:  # noqa: BLE001 - report unhealthy, say nothing internal
+        return JSONResponse({"status": "database unavailable"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@pages.get("/login")
+def login_form(request: Request) -> Response:
+    return _page(request, "login.html", {"error": None})
+
+
+@pages.post("/login")
+async def login(request: Request) -> Response:
+    if not auth.same_origin(request):
+        raise Forbidden("cross-site request refused")
+    form = await request.form()
+    username = str(form.get("username") or "")[:64]
+    password = str(form.get("password") or "")[:1024]
+    state = _state(request)
+    address = auth.client_address(request)
+    state.limiter.check(address, username)
+    with session_scope(state.database_url) as session:
+        user = authenticate(session, username, password)
+        audit.record(session, AuditAction.SIGN_IN if user else AuditAction.SIGN_IN_FAILED, username)
+    if user is None:
+        state.limiter.failed(address, username)
+        return _page(request, "login.html", {"error": "Wrong user name or password."}, status_code=401)
+    state.limiter.succeeded(username)
+    cookie, _ = state.sessions.issue(user.username)
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(
+        COOKIE,
+        cookie,
+        max_age=auth.SESSION_MAX_AGE_S,
+        httponly=True,
+        samesite="strict",
+        secure=auth.cookie_secure(request),
+        path="/",
+    )
+    return response
+
+
+@pages.post("/logout")
+def logout(request: Request, who: Viewer) -> Response:
+    with session_scope(_state(request).database_url) as session:
+        audit.record(session, AuditAction.SIGN_OUT, who.username)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+@pages.get("/")
+def worklist_page(request: Request, who: Viewer) -> Response:
+    context = _rows_context(request, WorklistFilter(), 0)
+    return _page(request, "worklist.html", {"who": who, "statuses": _statuses(), **context})
+
+
+def _statuses() -> list[str]:
+    from db.schema import ImageStatus
+
+    return [s.value for s in ImageStatus]
+
+
+@pages.post("/rows")
+async def worklist_rows(request: Request, who: Viewer) -> Response:
+    try:
+        wanted, offset = filters_from(await request.form())
+    except ValueError:
+        return PlainTextResponse("invalid filter", status_code=400)
+    return _page(request, "_rows.html", {"who": who, **_rows_context(request, wanted, offset)})
+
+
+@pages.post("/export.csv")
+async def export_csv(request: Request, who: Viewer) -> Response:
+    try:
+        wanted, _ = filters_from(await request.form())
+    except ValueError:
+        return PlainTextResponse("invalid filter", status_code=400)
+    state = _state(request)
+    with session_scope(state.database_url) as session:
+        rows = query_rows(session, wanted)
+        audit.record(session, AuditAction.EXPORT, who.username, detail=f"{len(rows)} rows")
+    buffer = io.StringIO()
+    columns = [c for c in (rows[0] if rows else {}) if c != "paths"]
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return Response(
+        buffer.getvalue(),
+        media_type="text/csv",
+        headers={"Content-Disposition": 'attachment; filename="worklist.csv"'},
+    )
+
+
+def _film_or_404(session, sha256: str) -> dict:
+    if not SHA256.match(sha256):
+        raise StarletteHTTPException(404)
+    row = film(session, sha256)
+    if row is None:
+        raise StarletteHTTPException(404)
+    return row
+
+
+def _image_id(session, sha256: str) -> int | None:
+    from sqlalchemy import select
+
+    return session.scalar(select(Image.id).where(Image.sha256 == sha256))
+
+
+@pages.get("/films/{sha256}")
+def film_page(request: Request, sha256: str, who: Viewer) -> Response:
+    with session_scope(_state(request).database_url) as session:
+        row = _film_or_404(session, sha256)
+        reviews = reviews_of(session, sha256)
+        audit.record(session, AuditAction.VIEW, who.username, _image_id(session, sha256), "page")
+    row["waited"], row["wait_class"] = _waited(row, datetime.now(UTC))
+    return _page(
+        request,
+        "film.html",
+        {"who": who, "film": row, "reviews": reviews, "can_review": who.can(UserRole.REVIEWER)},
+    )
+
+
+@pages.post("/films/{sha256}/review")
+async def review_form(request: Request, sha256: str, who: Reviewer) -> Response:
+    form = await request.form()
+    try:
+        decision = ReviewDecision(str(form.get("decision")))
+    except ValueError:
+        return PlainTextResponse("decision must be agree or disagree", status_code=400)
+    _review(request, sha256, who, decision, str(form.get("note") or ""))
+    return RedirectResponse("/", status_code=303)
+
+
+def _review(request: Request, sha256: str, who: Principal, decision: ReviewDecision, note: str) -> dict:
+    with session_scope(_state(request).database_url) as session:
+        _film_or_404(session, sha256)
+        try:
+            review = record_review(session, sha256, who.username, decision, note)
+        except ReviewError as exc:
+            raise StarletteHTTPException(409, str(exc)) from exc
+        audit.record(session, AuditAction.REVIEW, who.username, review.image_id, decision.value)
+        return {
+            "sha256": sha256,
+            "decision": review.decision,
+            "reader_label": review.reader_label,
+            "note": review.note,
+            "model_version": review.model_version,
+            "score": review.score,
+            "username": review.username,
+            "created_at": review.created_at.isoformat(),
+        }
+
+
+@pages.get("/model-card")
+def model_card(request: Request, who: Viewer) -> Response:
+    path = _state(request).settings.resolved_model_dir() / "MODEL_CARD.md"
+    body = path.read_text(encoding="utf-8") if path.is_file() else "No model card ships with this model."
+    return PlainTextResponse(body)
+
+
+@pages.get("/admin/users")
+def users_page(request: Request, who: Admin) -> Response:
+    return _users_page(request, who, None)
+
+
+def _users_page(request: Request, who: Principal, message: str | None, status_code: int = 200) -> Response:
+    with session_scope(_state(request).database_url) as session:
+        users = [(u.username, u.role, u.created_at) for u in list_users(session)]
+    context = {"who": who, "users": users, "roles": [r.value for r in UserRole], "message": message}
+    return _page(request, "users.html", context, status_code=status_code)
+
+
+@pages.post("/admin/users")
+async def users_add(request: Request, who: Admin) -> Response:
+    form = await request.form()
+    name, role = str(form.get("username") or ""), str(form.get("role") or "")
+    try:
+        with session_scope(_state(request).database_url) as session:
+            add_user(session, name, str(form.get("password") or ""), UserRole(role))
+            audit.record(session, AuditAction.USER_ADD, who.username, detail=f"{name} as {role}")
+    except (UserError, ValueError) as exc:
+        return _users_page(request, who, str(exc) if isinstance(exc, UserError) else "unknown role", 400)
+    return RedirectResponse("/admin/users", status_code=303)
+
+
+@pages.post("/admin/users/{username}/remove")
+def users_remove(request: Request, username: str, who: Admin) -> Response:
+    if username == who.username:
+        return _users_page(request, who, "you cannot remove yourself", 400)
+    try:
+        with session_scope(_state(request).database_url) as session:
+            remove_user(session, username)
+            audit.record(session, AuditAction.USER_REMOVE, who.username, detail=username)
+    except UserError as exc:
+        return _users_page(request, who, str(exc), 404)
+    return RedirectResponse("/admin/users", status_code=303)
+
+
+# -- JSON API ------------------------------------------------------------------------------------------------
+
+api = APIRouter(prefix="/api")
+
+
+class ReviewIn(BaseModel):
+    decision: ReviewDecision
+    note: str | None = Field(None, max_length=2000)
+
+
+@api.get("/worklist", summary="Worklist rows, most urgent first (the rows of `worklist --format json`)")
+def api_worklist(
+    request: Request,
+    who: Viewer,
+    status: Annotated[str | None, Query(description="Only rows in this state")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_API_LIMIT)] = PAGE_SIZE,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[dict]:
+    try:
+        wanted = WorklistFilter(status=status)
+    except ValueError as exc:
+        raise StarletteHTTPException(400, "unknown status") from exc
+    with session_scope(_state(request).database_url) as session:
+        return query_rows(session, wanted, limit=limit, offset=offset)
+
+
+@api.get("/films/{sha256}", summary="One film's worklist row and its reviews")
+def api_film(request: Request, sha256: str, who: Viewer) -> dict:
+    with session_scope(_state(request).database_url) as session:
+        row = _film_or_404(session, sha256)
+        row["reviews"] = [
+            {
+                "username": r.username,
+                "decision": r.decision,
+                "reader_label": r.reader_label,
+                "note": r.note,
+                "created_at": r.created_at.isoformat(),
+            }
+            for r in reviews_of(session, sha256)
+        ]
+        audit.record(session, AuditAction.VIEW, who.username, _image_id(session, sha256), "api")
+    return row
+
+
+def _png_response(render) -> Response:
+    try:
+        body = render()
+    except FilmUnavailable as exc:
+        raise StarletteHTTPException(404, "the film is no longer at any known path") from exc
+    return Response(body, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+def _stored_paths(request: Request, sha256: str) -> list[str]:
+    with session_scope(_state(request).database_url) as session:
+        row = _film_or_404(session, sha256)
+    ordered = [row["path"]] if row["path"] else []
+    return ordered + [p for p in row["paths"] if p != row["path"]]
+
+
+@api.get("/films/{sha256}/image.png", summary="The film as the model saw it (square), as PNG")
+def api_image(
+    request: Request,
+    sha256: str,
+    who: Viewer,
+    size: Annotated[int, Query(ge=THUMB_SIZE, le=1024)] = DISPLAY_SIZE,
+) -> Response:
+    paths = _stored_paths(request, sha256)
+    return _png_response(lambda: film_png(sha256, paths, size))
+
+
+@api.get("/films/{sha256}/heatmap.png", summary="Grad-CAM overlay (research visualisation, not a diagnosis)")
+def api_heatmap(request: Request, sha256: str, who: Viewer) -> Response:
+    paths = _stored_paths(request, sha256)
+    model_dir = _state(request).settings.resolved_model_dir()
+    return _png_response(lambda: heatmap_png(sha256, paths, model_dir))
+
+
+@api.post("/films/{sha256}/review", status_code=201, summary="Record Agree / Disagree (reviewers)")
+def api_review(request: Request, sha256: str, body: ReviewIn, who: Reviewer) -> dict:
+    return _review(request, sha256, who, body.decision, body.note or "")
+
+
+@api.get("/openapi.json", include_in_schema=False)
+def api_openapi(request: Request, who: Viewer) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@api.get("/docs", include_in_schema=False)
+def api_docs(request: Request, who: Viewer) -> Response:
+    spec = request.app.openapi()
+    return _page(request, "api_docs.html", {"who": who, "spec": spec})
+
+
+# -- errors, headers, access log ------------------------------------------------------------------------
+
+
+def _wants_json(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def _install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(NotSignedIn)
+    async def _not_signed_in(request: Request, _exc: NotSignedIn) -> Response:
+        if _wants_json(request):
+            return JSONResponse(
+                {"detail": "sign in required"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Basic realm="cxr-triage"'},
+            )
+        if request.headers.get("hx-request"):
+            return Response(status_code=401, headers={"HX-Redirect": "/login"})
+        return RedirectResponse("/login", status_code=303)
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(request: Request, exc: Forbidden) -> Response:
+        if _wants_json(request):
+            return JSONResponse({"detail": exc.message}, status_code=403)
+        return PlainTextResponse(exc.message, status_code=403)
+
+    @app.exception_handler(TooManyAttempts)
+    async def _too_many(request: Request, _exc: TooManyAttempts) -> Response:
+        message = "too many failed sign-ins: wait a few minutes"
+        if _wants_json(request):
+            return JSONResponse({"detail": message}, status_code=429, headers={"Retry-After": "300"})
+        return _page(request, "login.html", {"error": message.capitalize() + "."}, status_code=429)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        messages = {404: "not found", 405: "method not allowed"}
+        detail = exc.detail if exc.status_code in (404, 409) and isinstance(exc.detail, str) else None
+        message = (
+            detail if detail and detail != "Not Found" else messages.get(exc.status_code, "request refused")
+        )
+        if _wants_json(request):
+            return JSONResponse({"detail": message}, status_code=exc.status_code)
+        return PlainTextResponse(message, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        fields = sorted({".".join(str(p) for p in error.get("loc", ())[1:]) for error in exc.errors()})
+        return JSONResponse({"detail": "invalid request", "fields": fields}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> Response:
+        log.error("internal error on %s: %s", _loggable_path(request), type(exc).__name__)
+        return PlainTextResponse("internal error", status_code=500)
+
+
+def _loggable_path(request: Request) -> str:
+    """The path with any film hash shortened; query strings are never logged."""
+    return re.sub(r"[0-9a-f]{64}", lambda m: short(m.group(0)), request.url.path)
+
+
+def _install_middleware(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def _headers_and_access_log(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "same-origin"
+        if "cache-control" not in response.headers and not request.url.path.startswith("/static/"):
+            response.headers["Cache-Control"] = "no-store"
+        log.info(
+            "%s %s %d %.0f ms",
+            request.method,
+            _loggable_path(request),
+            response.status_code,
+            (time.perf_counter() - started) * 1000,
+        )
+        return response
+
+
+def _add_metrics_routes(app: FastAPI, settings: Settings) -> None:
+    """``/metrics`` and ``/readyz`` of the web process (issue 14); the page's own ``/healthz`` stays."""
+    from worker.metrics.server import starlette_routes
+
+    routes = [route for route in starlette_routes(settings) if route.path != "/healthz"]
+    app.router.routes.extend(routes)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The web application for ``settings.database_url`` (the schema must be current)."""
+    key = settings.web_secret_key
+    if not key:
+        with session_scope(settings.database_url) as session:
+            key = session_key(session)
+    app = FastAPI(
+        title="cxr-triage worklist API",
+        description=INTENDED_USE,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.web = WebState(
+        settings=settings,
+        database_url=settings.database_url,
+        sessions=auth.Sessions(key),
+        limiter=auth.SignInLimiter(),
+        templates=_templates(),
+    )
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.include_router(pages)
+    app.include_router(api)
+    _add_metrics_routes(app, settings)
+    _install_handlers(app)
+    _install_middleware(app)
+    return app

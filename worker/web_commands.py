@@ -1,0 +1,237 @@
+"""``cxr-triage web``, ``users add|list|remove`` and ``audit``: the web worklist's command line."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from db.schema import UserRole
+
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=False)
+
+users_app = typer.Typer(
+    help="People who may sign in to the web worklist. Roles: viewer (sees), reviewer (also records "
+    "reviews), admin (also manages users).",
+    no_args_is_help=True,
+)
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        envvar="CXR_TRIAGE_DATABASE_URL",
+        show_envvar=True,
+        help="SQLAlchemy URL of the worklist database (default: the SQLite file every command uses).",
+    ),
+]
+LogLevel = Annotated[str, typer.Option("--log-level", envvar="CXR_TRIAGE_LOG_LEVEL", show_envvar=True)]
+
+
+def _settings(database_url: str | None, log_level: str, **flags):
+    from worker.cli import _prepare_database
+    from worker.cli import _settings as cli_settings
+
+    settings = cli_settings(database_url, log_level)
+    if flags:
+        settings = settings.with_changes(**{k: v for k, v in flags.items() if v is not None})
+    _prepare_database(settings)
+    return settings
+
+
+def web_command(
+    host: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CXR_TRIAGE_WEB_HOST", help="Address to bind (default 127.0.0.1: this machine only)."
+        ),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(envvar="CXR_TRIAGE_WEB_PORT", min=0, max=65535, help="Port (default 8080).")
+    ] = None,
+    database_url: DatabaseUrl = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Serve the web worklist (sign in with a user made by `cxr-triage users add`).
+
+    It binds to 127.0.0.1 unless told otherwise; put it behind an https reverse proxy before
+    exposing it to a network (the session cookie is then marked Secure).
+    """
+    import uvicorn
+
+    from db.engine import masked
+    from worker.web.app import create_app
+
+    settings = _settings(database_url, log_level, web_host=host, web_port=port)
+    app = create_app(settings)
+    console.print(
+        f"web worklist on http://{settings.web_host}:{settings.web_port}/ ; "
+        f"database {masked(settings.database_url)}"
+    )
+    uvicorn.run(
+        app,
+        host=settings.web_host,
+        port=settings.web_port,
+        access_log=False,  # our own access log names films by short hash and never logs query strings
+        log_config=None,
+        proxy_headers=True,
+        server_header=False,
+    )
+
+
+def _read_password(password_stdin: bool) -> str:
+    if password_stdin or not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        return line.rstrip("\r\n")
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        console.print("[red]the two passwords differ[/red]")
+        raise typer.Exit(2)
+    return first
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="User name (letters, digits, . _ @ -).")],
+    role: Annotated[UserRole, typer.Option("--role", help="viewer, reviewer or admin.")] = UserRole.VIEWER,
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin",
+            help="Read the password from standard input (also done whenever stdin is not a terminal).",
+        ),
+    ] = False,
+    database_url: DatabaseUrl = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Add a user; the password is asked for (or read from standard input) and stored as an argon2 hash."""
+    from db import audit
+    from db.engine import session_scope
+    from db.users import UserError, add_user
+
+    settings = _settings(database_url, log_level)
+    password = _read_password(password_stdin)
+    try:
+        with session_scope(settings.database_url) as session:
+            add_user(session, name, password, role)
+            audit.record(session, audit.AuditAction.USER_ADD, _operator(), detail=f"{name} as {role.value}")
+    except UserError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    console.print(f"user {name} added ({role.value})")
+
+
+def _operator() -> str:
+    """Who ran a user command (the operating-system account), for the audit log."""
+    try:
+        return "os:" + getpass.getuser()
+    except Exception:  # noqa: BLE001 - no account name available
+        return "os:?"
+
+
+@users_app.command("list")
+def users_list(database_url: DatabaseUrl = None, log_level: LogLevel = "WARNING") -> None:
+    """List users and their roles."""
+    from db.engine import session_scope
+    from db.users import list_users
+
+    settings = _settings(database_url, log_level)
+    with session_scope(settings.database_url) as session:
+        users = [(u.username, u.role, u.created_at) for u in list_users(session)]
+    table = Table()
+    for column in ("user", "role", "created"):
+        table.add_column(column)
+    for username, role, created in users:
+        table.add_row(username, role, created.strftime("%Y-%m-%d %H:%M"))
+    out.print(table)
+
+
+@users_app.command("remove")
+def users_remove(
+    name: Annotated[str, typer.Argument(help="User name.")],
+    database_url: DatabaseUrl = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Remove a user; their open sessions stop working at once. Their reviews and audit entries stay."""
+    from db import audit
+    from db.engine import session_scope
+    from db.users import UserError, remove_user
+
+    settings = _settings(database_url, log_level)
+    try:
+        with session_scope(settings.database_url) as session:
+            remove_user(session, name)
+            audit.record(session, audit.AuditAction.USER_REMOVE, _operator(), detail=name)
+    except UserError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    console.print(f"user {name} removed")
+
+
+_RELATIVE = re.compile(r"^(\d+)\s*([mhd])$")
+
+
+def parse_since(value: str) -> datetime:
+    """``24h``, ``7d``, ``30m``, an ISO date or an ISO date-time (UTC unless it says otherwise)."""
+    match = _RELATIVE.match(value.strip())
+    if match:
+        amount, unit = int(match.group(1)), match.group(2)
+        delta = {"m": timedelta(minutes=amount), "h": timedelta(hours=amount), "d": timedelta(days=amount)}[
+            unit
+        ]
+        return datetime.now(UTC) - delta
+    moment = datetime.fromisoformat(value.strip())
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def audit_command(
+    since: Annotated[
+        str, typer.Option(help="From when: 24h, 7d, 30m, 2026-11-23 or 2026-11-23T08:00 (UTC).")
+    ] = "24h",
+    limit: Annotated[int | None, typer.Option(min=1, help="At most N events.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+    database_url: DatabaseUrl = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Print the audit log: who viewed which film, who reviewed what and when, sign-ins, user changes."""
+    from db.audit import events
+    from db.engine import session_scope
+
+    try:
+        start = parse_since(since)
+    except ValueError as exc:
+        raise typer.BadParameter("use 24h, 7d, 30m or an ISO date / date-time", param_hint="--since") from exc
+    settings = _settings(database_url, log_level)
+    with session_scope(settings.database_url) as session:
+        rows = events(session, since=start.astimezone(UTC), limit=limit)
+    if as_json:
+        for row in rows:
+            sys.stdout.write(json.dumps(row) + "\n")
+        return
+    table = Table()
+    for column in ("at (UTC)", "user", "action", "film", "detail"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            row["at"][:19].replace("T", " "),
+            row["username"] or "",
+            row["action"],
+            (row["sha256"] or "")[:12],
+            row["detail"] or "",
+        )
+    out.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the web commands to the main CLI."""
+    app.command("web")(web_command)
+    app.add_typer(users_app, name="users")
+    app.command("audit")(audit_command)
