@@ -116,12 +116,14 @@ class OodGuard:
         f = np.asarray(features, dtype=np.float64)
         if f.ndim == 1:
             f = f[None]
+        projected = f @ self.components  # (n, k): one projection for both classes
+        norms = np.einsum("ij,ij->i", f, f)
         best = np.full(len(f), np.inf)
-        for mean in self.means:
-            d = f - mean
-            proj = d @ self.components
-            inside = np.sum(proj**2, axis=1)
-            squared = np.sum(proj**2 * self.inv_var, axis=1) + (np.sum(d**2, axis=1) - inside) * self.inv_rest
+        for mean, mean_projected in zip(self.means, self.means @ self.components, strict=True):
+            along = projected - mean_projected
+            inside = np.einsum("ij,ij->i", along, along)
+            total = norms - 2.0 * (f @ mean) + float(mean @ mean)  # squared Euclidean distance to the mean
+            squared = (along**2) @ self.inv_var + (total - inside) * self.inv_rest
             best = np.minimum(best, squared)
         return np.sqrt(np.maximum(best, 0.0))
 

@@ -133,3 +133,15 @@ def explain_command(
         f"{file.name}: pneumonia probability {score.pneumonia_probability:.3f} "
         f"({scorer.category(score.pneumonia_probability)}){viral}; overlay written to {output}"
     )
+
+
+# -- site calibration and the out-of-distribution guard (issue 12; worker/calibration_commands.py) --
+from worker.calibration_commands import (  # noqa: E402 - registered after the core model commands
+    calibrate_command,
+    calibrations_command,
+    fit_ood_command,
+)
+
+model_app.command("calibrate")(calibrate_command)
+model_app.command("calibrations")(calibrations_command)
+model_app.command("fit-ood")(fit_ood_command)

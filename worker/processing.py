@@ -138,6 +138,12 @@ class Processor:
             log.info("%s failed: file gone", tag)
             return "failed"
         assert prepared is not None
+        if score is not None and score.out_of_distribution:  # OOD guard (pipeline.ood): never ranked
+            from pipeline.ood import REASON
+
+            queue.record_problem(session, image_id, ImageStatus.REJECTED, REASON, prepared.attributes)
+            log.debug("%s rejected: out of distribution (distance %.1f)", tag, score.ood_distance)
+            return "rejected"
         if score is not None:
             scorer = self.scorer
             queue.record_score(
