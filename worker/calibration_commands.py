@@ -75,6 +75,22 @@ def shipped_thresholds(model_dir: Path | None):
     )
 
 
+def add_active_calibration(report, database_url: str | None, model_dir: Path | None) -> None:
+    """Add the operating points (with CIs) of the active calibration to an evaluation report."""
+    from db.calibration import SHIPPED, active_calibration, ensure_shipped
+    from db.engine import session_scope
+
+    url = _database(database_url)
+    with session_scope(url) as session:
+        ensure_shipped(session, shipped_thresholds(model_dir))
+        row = active_calibration(session, report.model_version)
+        active = None if row is None else (row.name, row.screening_threshold, row.high_confidence_threshold)
+    if active is None or active[0] == SHIPPED:
+        console.print("active calibration: shipped (the model's own thresholds, above)")
+        return
+    report.add_calibration(f"active calibration {active[0]!r}", active[1], active[2])
+
+
 # -- gathering labelled films ----------------------------------------------------------------------
 def labelled_folder(folder: Path) -> list[tuple[Path, int]]:
     """Files under ``folder/NORMAL`` and ``folder/PNEUMONIA`` (searched recursively)."""

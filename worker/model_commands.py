@@ -87,8 +87,20 @@ def evaluate_command(
     ] = Split.all,
     batch_size: Annotated[int, typer.Option(min=1, max=512, help="Images per model call.")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            envvar="CXR_TRIAGE_DATABASE_URL",
+            help="Worklist database whose active calibration is evaluated too. Default: the local one.",
+        ),
+    ] = None,
 ) -> None:
-    """Score DATA_DIR through the serving path; print ROC AUC and both operating points."""
+    """Score DATA_DIR through the serving path; print ROC AUC and both operating points.
+
+    With bootstrap 95 % confidence intervals, at the model's own thresholds and at the active
+    site calibration's (`cxr-triage model calibrations`).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from models.evaluate import evaluate
@@ -104,6 +116,9 @@ def evaluate_command(
         report = evaluate(
             data_dir, model_dir, roc_png, batch_size=batch_size, split=split.value, progress=progress
         )
+    from worker.calibration_commands import add_active_calibration  # issue 12: site calibration
+
+    add_active_calibration(report, database_url, model_dir)
     typer.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.text())
 
 
