@@ -193,3 +193,29 @@ def test_review_labels_use_the_reader_label_and_the_stored_score(database):
     with session_scope(database) as session:
         found = review_labels(session, "model-x")
     assert [(r.label, r.probability) for r in found] == [(1, 0.9), (0, 0.8), (1, 0.05)]
+
+
+def test_evaluation_report_carries_cis_and_the_active_calibration():
+    from models.evaluate import EvaluationReport, _intervals
+    from models.metrics import operating_point
+
+    y, prob, _ = _sample(60, 40, 2.0, seed=7)
+    report = EvaluationReport(
+        model_version="model-x",
+        images=100,
+        positives=60,
+        roc_auc=0.9,
+        viral_roc_auc=None,
+        screening=operating_point(y, prob, 0.0734),
+        high_confidence=operating_point(y, prob, 0.3826),
+        labels=y,
+        probabilities=prob,
+    )
+    report.intervals = _intervals(y, prob, 0.0734, 0.3826)
+    report.add_calibration("active calibration 'site-a'", 0.3, 0.8)
+    data = report.as_dict()
+    assert data["intervals"]["roc_auc"]["low"] <= data["intervals"]["roc_auc"]["value"]
+    point = data["calibrations"]["active calibration 'site-a'"]["screening"]
+    assert point["threshold"] == 0.3 and point["sensitivity"]["low"] <= point["sensitivity"]["value"]
+    assert "active calibration 'site-a', screening 0.3000" in report.text()
+    json.dumps(data)
