@@ -127,13 +127,14 @@ class Scorer:
                 compile=False,
                 custom_objects=_inference_layers(keras),
             )
+            served = model
             if features or (features is None and guard is not None):
                 from pipeline.ood import feature_model
 
-                model = feature_model(model)  # same logits, plus the penultimate features
+                served = feature_model(model)  # same logits, plus the penultimate features
             size = int(metadata["input_size"])
             fn = tf.function(
-                lambda x: model(x, training=False),
+                lambda x: served(x, training=False),
                 input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32)],
             )
             fn(np.zeros((1, size, size, 1), dtype=np.float32))  # warm-up: the first call prints banners too

@@ -54,7 +54,9 @@ def feature_model(model: Any) -> Any:
         head = member.get_layer("pneumonia")
         grid = _last_feature_map(member)
         sub = keras.Model(
-            member.inputs, [head.input, grid.output, head.output, member.get_layer("viral").output]
+            member.inputs,
+            [head.input, grid.output, head.output, member.get_layer("viral").output],
+            name=f"{member.name}_features",
         )
         f, m, p, v = sub(inputs)
         feats.extend([f, layers.Lambda(_asymmetry, name=f"asymmetry_{len(feats)}")(m)])
