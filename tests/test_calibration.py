@@ -219,3 +219,54 @@ def test_evaluation_report_carries_cis_and_the_active_calibration():
     assert point["threshold"] == 0.3 and point["sensitivity"]["low"] <= point["sensitivity"]["value"]
     assert "active calibration 'site-a', screening 0.3000" in report.text()
     json.dumps(data)
+
+
+def test_calibrate_from_reviews_uses_the_readers_labels(tmp_path, model_dir):
+    """Agree keeps the model's call, Disagree flips it; the command reports the count and balance."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from db.engine import session_scope
+    from db.migrate import upgrade
+    from db.schema import Image, Review, Score
+
+    version = json.loads((model_dir / "metadata.json").read_text())["version"]
+    url = f"sqlite:///{tmp_path / 'reviews.sqlite3'}"
+    upgrade(url)
+    y, prob, logits = _sample(60, 40, 2.0, seed=8)
+    with session_scope(url) as session:
+        for i, (label, p, z) in enumerate(zip(y, prob, logits, strict=True)):
+            image = Image(sha256=f"{i:064x}", status="scored")
+            session.add(image)
+            session.flush()
+            call = p >= 0.5
+            session.add(
+                Score(
+                    image_id=image.id,
+                    model_version=version,
+                    pneumonia_probability=float(p),
+                    pneumonia_logit=float(z),
+                    screening_threshold=0.5,
+                    high_confidence_threshold=0.9,
+                    screening_positive=bool(call),
+                    high_confidence_positive=bool(p >= 0.9),
+                )
+            )
+            decision = "agree" if call == bool(label) else "disagree"
+            reader = "pneumonia" if label else "normal"
+            session.add(Review(image_id=image.id, username="reader", decision=decision, reader_label=reader))
+    cli = str(Path(sys.executable).parent / "cxr-triage")
+    result = subprocess.run(
+        [cli, "model", "calibrate", "--from-reviews", "--name", "readers", "--json", "--database-url", url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "100 films with a label" in result.stderr and "(60 pneumonia, 40 normal)" in result.stderr
+    fit = json.loads(result.stdout)
+    assert fit["sample_size"] == 100 and fit["positives"] == 60
+    with session_scope(url) as session:
+        row = active_calibration(session, version)
+        assert row.name == "readers" and row.source == "reviews"
