@@ -105,7 +105,7 @@ def test_labels_from_reviews_agree_keeps_disagree_flips():
 
 
 # -- storage ---------------------------------------------------------------------------------------
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
 def database(request, tmp_path):
     from db.migrate import upgrade
 

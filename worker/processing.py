@@ -57,6 +57,7 @@ class Processor:
         #: How long after its arrival a file that looks incomplete is retried before it is failed.
         self.incomplete_grace_s = incomplete_grace_s
         self._scorer = None
+        self._thresholds: tuple[float, float] | None = None  # of the active calibration, per batch
         #: Lease owner used when a call names none (in-process work); a Celery task passes its id.
         self.default_owner = owner
         self.owner: str | None = owner
@@ -111,6 +112,7 @@ class Processor:
         score_of = dict(zip(ready, scores, strict=True))
         retry: list[int] = []
         with session_scope(self.database_url) as session:
+            self._thresholds = self._thresholds_in_force(session) if scores else None
             for image_id in claimed:
                 outcome = self._store(
                     session,
@@ -146,6 +148,10 @@ class Processor:
             return "rejected"
         if score is not None:
             scorer = self.scorer
+            screening, high_confidence = self._thresholds or (
+                scorer.screening_threshold,
+                scorer.high_confidence_threshold,
+            )
             queue.record_score(
                 session,
                 image_id,
@@ -156,8 +162,8 @@ class Processor:
                     viral_probability=None
                     if score.viral_probability is None
                     else float(score.viral_probability),
-                    screening_threshold=scorer.screening_threshold,
-                    high_confidence_threshold=scorer.high_confidence_threshold,
+                    screening_threshold=screening,
+                    high_confidence_threshold=high_confidence,
                 ),
                 prepared.attributes,
             )
@@ -171,6 +177,16 @@ class Processor:
         )
         log.debug("%s %s: %s", tag, prepared.status, prepared.reason)
         return prepared.status or "failed"
+
+    def _thresholds_in_force(self, session) -> tuple[float, float]:
+        """The active site calibration's thresholds (issue 12), read per batch: no restart needed."""
+        from db.calibration import ShippedThresholds, thresholds_in_force
+
+        scorer = self.scorer
+        shipped = ShippedThresholds(
+            scorer.version, scorer.screening_threshold, scorer.high_confidence_threshold
+        )
+        return thresholds_in_force(session, shipped)[1:]
 
     def _within_grace(self, first_seen_at) -> bool:
         return (utcnow() - as_utc(first_seen_at)).total_seconds() < self.incomplete_grace_s
