@@ -11,7 +11,7 @@ Run: ``cxr-triage model evaluate DATA_DIR --split val``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +32,30 @@ class EvaluationReport:
     screening: OperatingPoint
     high_confidence: OperatingPoint
     roc_png: str | None = None
+    # Bootstrap 95 % CIs (models.calibration) and the operating points of other calibrations:
+    intervals: dict = field(default_factory=dict)
+    calibrations: dict = field(default_factory=dict)
+    out_of_distribution: int = 0
+    labels: np.ndarray | None = field(default=None, repr=False)
+    probabilities: np.ndarray | None = field(default=None, repr=False)
+
+    def add_calibration(self, name: str, screening: float, high_confidence: float) -> None:
+        """Sensitivity and specificity with CIs at a stored calibration's thresholds."""
+        from models.calibration import estimate_at
+
+        y, prob = self.labels, self.probabilities
+        assert y is not None and prob is not None
+        self.calibrations[name] = {
+            "screening": estimate_at(y, prob, screening, seed=11).as_dict(),
+            "high_confidence": estimate_at(y, prob, high_confidence, seed=12).as_dict(),
+        }
 
     def as_dict(self) -> dict:
         """Plain dict for JSON output."""
         return {
+            "intervals": self.intervals,
+            "calibrations": self.calibrations,
+            "out_of_distribution": self.out_of_distribution,
             "model_version": self.model_version,
             "images": self.images,
             "positives": self.positives,
@@ -59,9 +79,32 @@ class EvaluationReport:
                 f"specificity {point.specificity:.4f}, accuracy {point.accuracy:.4f}, "
                 f"confusion TP={point.tp} FN={point.fn} TN={point.tn} FP={point.fp}"
             )
+        lines += _interval_lines(self.intervals, self.calibrations)
+        if self.out_of_distribution:
+            lines.append(f"{self.out_of_distribution} film(s) flagged out of distribution (counted above)")
         if self.roc_png:
             lines.append(f"ROC curve written to {self.roc_png}")
         return "\n".join(lines)
+
+
+def _ci(entry: dict) -> str:
+    return f"{entry['value']:.4f} [{entry['low']:.4f}-{entry['high']:.4f}]"
+
+
+def _interval_lines(intervals: dict, calibrations: dict) -> list[str]:
+    """Bootstrap CI lines: AUC, then each calibration's operating points."""
+    lines = []
+    if "roc_auc" in intervals:
+        lines.append(f"ROC AUC 95 % bootstrap CI: {_ci(intervals['roc_auc'])}")
+    every = {"model thresholds": intervals} if "screening" in intervals else {}
+    for name, points in {**every, **calibrations}.items():
+        for kind in ("screening", "high_confidence"):
+            point = points[kind]
+            lines.append(
+                f"{name}, {kind.replace('_', '-')} {point['threshold']:.4f}: sensitivity "
+                f"{_ci(point['sensitivity'])}, specificity {_ci(point['specificity'])} (95 % bootstrap CIs)"
+            )
+    return lines
 
 
 def select_samples(
@@ -125,9 +168,11 @@ def evaluate(
     if not samples:
         raise ValueError("no images selected")
     probs, virals = [], []
+    flagged = 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         for score in scorer.score_files([s.path for s in chunk], batch_size=batch_size):
+            flagged += int(score.out_of_distribution)
             probs.append(score.pneumonia_probability)
             virals.append(np.nan if score.viral_probability is None else score.viral_probability)
         if progress:
@@ -145,7 +190,25 @@ def evaluate(
         screening=operating_point(y, prob, scorer.screening_threshold),
         high_confidence=operating_point(y, prob, scorer.high_confidence_threshold),
         roc_png=str(roc_png) if roc_png else None,
+        out_of_distribution=flagged,
+        labels=y,
+        probabilities=prob,
     )
+    report.intervals = _intervals(y, prob, scorer.screening_threshold, scorer.high_confidence_threshold)
     if roc_png:
         write_roc_png(y, prob, report, roc_png)
     return report
+
+
+def _intervals(y: np.ndarray, prob: np.ndarray, screening: float, high_confidence: float) -> dict:
+    """Bootstrap 95 % CIs of AUC and of both operating points at the model's own thresholds."""
+    from models.calibration import auc_interval, estimate_at
+
+    if y.min() == y.max():
+        return {}
+    return {
+        "roc_auc": auc_interval(y, prob, draws=1000, seed=10).as_dict(),
+        "screening": estimate_at(y, prob, screening, seed=11).as_dict(),
+        "high_confidence": estimate_at(y, prob, high_confidence, seed=12).as_dict(),
+    }
+

@@ -29,6 +29,9 @@ class ModelScore:
     pneumonia_probability: float  # calibrated sigmoid(logit / temperature)
     pneumonia_logit: float  # raw
     viral_probability: float | None  # P(viral | pneumonia), sigmoid of the viral head
+    # Out-of-distribution guard (pipeline.ood), when the model ships one:
+    ood_distance: float | None = None  # Mahalanobis distance of the penultimate features
+    out_of_distribution: bool = False  # beyond the guard's cut-off: reject, do not rank
 
 
 def sigmoid(logits: Any, temperature: float = 1.0) -> np.ndarray:
@@ -120,19 +123,35 @@ class Scorer:
     metadata: dict = field(repr=False, default_factory=dict)
     _model: Any = field(repr=False, default=None)
     _fn: Any = field(repr=False, default=None)
+    #: Out-of-distribution guard (``pipeline.ood``) shipped beside the model, or None.
+    ood: Any = field(repr=False, default=None)
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> Scorer:
-        """Load ``model_dir``; imports TensorFlow and sets GPU memory growth if a GPU is visible."""
+    def load(cls, model_dir: str | Path, features: bool | None = None) -> Scorer:
+        """Load ``model_dir``; imports TensorFlow and sets GPU memory growth if a GPU is visible.
+
+        ``features``: also compute the penultimate features (for the OOD guard); default: when
+        the model folder ships a guard (``ood.npz``).
+        """
+        from pipeline.ood import OodGuard
+
+        model_dir = Path(model_dir)
+        metadata = json.loads((model_dir / METADATA_FILE).read_text())
+        guard = OodGuard.for_model_dir(model_dir)
         quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)
         with _native_stderr_silenced(quiet):
             import tensorflow as tf
 
             _configure_devices(tf)
             model, metadata = load_keras_model(model_dir)
+            served = model
+            if features or (features is None and guard is not None):
+                from pipeline.ood import feature_model
+
+                served = feature_model(model)  # same logits, plus the penultimate features
             size = int(metadata["input_size"])
             fn = tf.function(
-                lambda x: model(x, training=False),
+                lambda x: _serve(served, guard, x),
                 input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32)],
             )
             fn(np.zeros((1, size, size, 1), dtype=np.float32))  # warm-up: the first call prints banners too
@@ -145,33 +164,49 @@ class Scorer:
             metadata=metadata,
             _model=model,
             _fn=fn,
+            ood=guard,
         )
 
-    def logits(self, tensors: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw (pneumonia, viral) logits for a ``(N, size, size, 1)`` batch."""
+    def _outputs(self, tensors: np.ndarray) -> dict:
         x = np.asarray(tensors, dtype=np.float32)
         if x.ndim == 3:
             x = x[..., np.newaxis]
         expected = (self.input_size, self.input_size, 1)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise ValueError(f"expected tensors of shape (N, {self.input_size}, {self.input_size}, 1)")
-        out = self._fn(x)  # one graph for any batch size (the batch dimension is left free)
+        return self._fn(x)  # one graph for any batch size (the batch dimension is left free)
+
+    def logits(self, tensors: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw (pneumonia, viral) logits for a ``(N, size, size, 1)`` batch."""
+        out = self._outputs(tensors)
         pneumonia = np.asarray(out["pneumonia"], dtype=np.float64)[:, 0]
         viral = np.asarray(out["viral"], dtype=np.float64)[:, 0] if "viral" in out else None
         return pneumonia, viral
+
+    def features(self, tensors: np.ndarray) -> np.ndarray:
+        """Penultimate features ``(N, dims)`` (needs a Scorer loaded with ``features=True``)."""
+        out = self._outputs(tensors)
+        if "features" not in out:
+            raise ValueError("this Scorer was loaded without features")
+        return np.asarray(out["features"], dtype=np.float64)
 
     def score_batch(self, tensors: np.ndarray) -> list[ModelScore]:
         """Scores for a ``(N, size, size, 1)`` float32 batch from ``to_model_input``."""
         if len(tensors) == 0:
             return []
-        pneumonia, viral = self.logits(tensors)
+        out = self._outputs(tensors)
+        pneumonia = np.asarray(out["pneumonia"], dtype=np.float64)[:, 0]
+        viral = np.asarray(out["viral"], dtype=np.float64)[:, 0] if "viral" in out else None
         prob = sigmoid(pneumonia, self.temperature)
         viral_prob = sigmoid(viral) if viral is not None else None
+        distance = np.asarray(out["ood_distance"], dtype=np.float64) if "ood_distance" in out else None
         return [
             ModelScore(
                 pneumonia_probability=float(prob[i]),
                 pneumonia_logit=float(pneumonia[i]),
                 viral_probability=None if viral_prob is None else float(viral_prob[i]),
+                ood_distance=None if distance is None else float(distance[i]),
+                out_of_distribution=bool(distance is not None and distance[i] > self.ood.cutoff),
             )
             for i in range(len(prob))
         ]
@@ -199,6 +234,14 @@ class Scorer:
         if probability >= self.screening_threshold:
             return "screen_positive"
         return "negative"
+
+
+def _serve(model: Any, guard: Any, x: Any) -> Any:
+    """Model outputs, plus the OOD guard's distance computed in the same graph when there is one."""
+    out = model(x, training=False)
+    if guard is not None and "features" in out:
+        out = {**out, "ood_distance": guard.graph_distances(out["features"])}
+    return out
 
 
 def logit_to_probability(logit: float, temperature: float) -> float:

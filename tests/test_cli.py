@@ -63,7 +63,7 @@ def test_every_file_ends_final_with_a_reason(scanned, mixed_folder):
     _, first, rows = scanned
     assert first.returncode == 0, first.stderr
     assert re.search(
-        r"18 files: 10 scored, 3 rejected, 4 failed, 0 skipped .* 1 duplicate content", first.stderr
+        r"18 files: 9 scored, 4 rejected, 4 failed, 0 skipped .* 1 duplicate content", first.stderr
     )
     listed = {path for row in rows for path in row["paths"]}
     on_disk = {str(p) for p in mixed_folder.rglob("*") if p.is_file() and not p.name.endswith(".part")}
@@ -80,6 +80,8 @@ def test_every_file_ends_final_with_a_reason(scanned, mixed_folder):
     assert reasons["empty.dcm"] == "empty file"
     assert "bomb" in reasons["bomb.png"]
     assert "not a DICOM, PNG or JPEG" in reasons["README.txt"]
+    # MONOCHROME1 header on uninverted pixels: the film displays inverted; the OOD guard (issue 12) rejects it
+    assert "out of distribution" in reasons["FAKE_MONOHR1"]
 
 
 def test_worklist_is_in_priority_order_with_dicom_identifiers(scanned):
@@ -89,7 +91,7 @@ def test_worklist_is_in_priority_order_with_dicom_identifiers(scanned):
     priorities = [r["priority"] for r in scored]
     assert priorities == sorted(priorities, reverse=True)
     dicom_rows = [r for r in scored if r["source_format"] == "dicom"]
-    assert len(dicom_rows) == 3
+    assert len(dicom_rows) == 2  # the third chest DICOM displays inverted and is rejected (OOD guard)
     assert all(r["study_uid"] and r["sop_uid"] for r in dicom_rows)
     assert all(r["out_of_scope"] for r in dicom_rows)  # adults / no view recorded: flagged
     duplicate = next(r for r in rows if len(r["paths"]) == 2)

@@ -30,6 +30,10 @@ from worker.outcomes import Outcome, ReasonClass, classify, is_transient
             "processing was interrupted 3 times (the worker died each time); not retried",
             ReasonClass.WORKER_DIED,
         ),
+        (
+            "does not look like a frontal chest radiograph (out of distribution)",
+            ReasonClass.NOT_CHEST_RADIOGRAPH,
+        ),
         ("something nobody foresaw", ReasonClass.OTHER),
     ],
 )

@@ -407,6 +407,7 @@ def watch(
         batch_size=batch_size,
         decode_workers=decode_workers,
         full_resolution_decode=full_resolution_decode,
+        metrics_port=metrics_port,
         log_level=log_level,
     )
     _prepare_database(settings)
@@ -467,6 +468,7 @@ def worker_command(
         batch_size=batch_size,
         decode_workers=decode_workers,
         full_resolution_decode=full_resolution_decode,
+        metrics_port=metrics_port,
         log_level=log_level,
     )
     if not settings.broker_url:

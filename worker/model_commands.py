@@ -173,8 +173,20 @@ def evaluate_command(
         "batch_size"
     ),
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            envvar="CXR_TRIAGE_DATABASE_URL",
+            help="Worklist database whose active calibration is evaluated too. Default: the local one.",
+        ),
+    ] = None,
 ) -> None:
-    """Score DATA_DIR through the serving path; print ROC AUC and both operating points."""
+    """Score DATA_DIR through the serving path; print ROC AUC and both operating points.
+
+    With bootstrap 95 % confidence intervals, at the model's own thresholds and at the active
+    site calibration's (`cxr-triage model calibrations`).
+    """
     folder = _data_dir(data_dir)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -191,6 +203,9 @@ def evaluate_command(
         report = evaluate(
             folder, model_dir, roc_png, batch_size=batch_size, split=split.value, progress=progress
         )
+    from worker.calibration_commands import add_active_calibration  # issue 12: site calibration
+
+    add_active_calibration(report, database_url, model_dir)
     typer.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.text())
 
 
@@ -220,3 +235,15 @@ def explain_command(
         f"{file.name}: pneumonia probability {score.pneumonia_probability:.3f} "
         f"({scorer.category(score.pneumonia_probability)}){viral}; overlay written to {output}"
     )
+
+
+# -- site calibration and the out-of-distribution guard (issue 12; worker/calibration_commands.py) --
+from worker.calibration_commands import (  # noqa: E402 - registered after the core model commands
+    calibrate_command,
+    calibrations_command,
+    fit_ood_command,
+)
+
+model_app.command("calibrate")(calibrate_command)
+model_app.command("calibrations")(calibrations_command)
+model_app.command("fit-ood")(fit_ood_command)

@@ -60,6 +60,7 @@ _RULES: tuple[tuple[ReasonClass, tuple[str, ...]], ...] = (
         (
             "no pixel data", "modality", "body part", "lateral", "colour", "multi-frame", "too small",
             "veterinary", "blank image", "not a single greyscale", "not a projection",
+            "out of distribution",
         ),
     ),
     (

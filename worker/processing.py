@@ -31,9 +31,6 @@ from worker.overlap import prefetched
 from worker.prepare import Prepared
 from worker.settings import Settings, default_of
 
-#: Reason stored for a content that is no longer at any of its paths (replaced or deleted).
-GONE_REASON = "file no longer exists at any known path"
-
 log = logging.getLogger(__name__)
 
 
@@ -86,6 +83,7 @@ class Processor:
         #: How long after its arrival a file that looks incomplete is retried before it is failed.
         self.incomplete_grace_s = incomplete_grace_s
         self._scorer = None
+        self._thresholds: tuple[float, float] | None = None  # of the active calibration, per batch
         #: Lease owner used when a call names none (in-process work); a Celery task passes its id.
         self.default_owner = owner
         self.owner: str | None = owner
@@ -179,14 +177,19 @@ class Processor:
         return len(ready)
 
     def _score_record(self, score) -> queue.ScoreRecord:
+        """The score with the thresholds in force: the active site calibration's, read per batch."""
         scorer = self.scorer
+        screening, high_confidence = self._thresholds or (
+            scorer.screening_threshold,
+            scorer.high_confidence_threshold,
+        )
         return queue.ScoreRecord(
             model_version=scorer.version,
             pneumonia_probability=float(score.pneumonia_probability),
             pneumonia_logit=float(score.pneumonia_logit),
             viral_probability=None if score.viral_probability is None else float(score.viral_probability),
-            screening_threshold=scorer.screening_threshold,
-            high_confidence_threshold=scorer.high_confidence_threshold,
+            screening_threshold=screening,
+            high_confidence_threshold=high_confidence,
         )
 
     def _batches(self, image_ids: list[int]) -> list[list[int]]:
@@ -257,6 +260,7 @@ class Processor:
         retry: list[int] = []
         back: list[int] = []  # not final: released to the queue
         with session_scope(self.database_url) as session:
+            self._thresholds = self._thresholds_in_force(session) if scores else None
             for image_id in claimed:
                 outcome = self._store(
                     session,
@@ -291,10 +295,16 @@ class Processor:
             log.info("%s cannot be reached now (permission or share); left queued", tag)
             return Outcome.UNREACHABLE
         if path is None:
-            queue.record_problem(session, image_id, ImageStatus.SUPERSEDED, GONE_REASON)
+            queue.record_gone(session, image_id)
             log.info("%s superseded: no longer at any known path", tag)
             return Outcome.SUPERSEDED
         assert prepared is not None
+        if score is not None and score.out_of_distribution:  # OOD guard (pipeline.ood): never ranked
+            from pipeline.ood import REASON
+
+            queue.record_problem(session, image_id, ImageStatus.REJECTED, REASON, prepared.attributes)
+            log.debug("%s rejected: out of distribution (distance %.1f)", tag, score.ood_distance)
+            return Outcome.REJECTED
         if score is not None:
             queue.record_score(session, image_id, self._score_record(score), prepared.attributes)
             outbox.enqueue_results(
@@ -314,6 +324,16 @@ class Processor:
         )
         log.debug("%s %s: %s", tag, outcome, prepared.reason)
         return outcome
+
+    def _thresholds_in_force(self, session) -> tuple[float, float]:
+        """The active site calibration's thresholds (issue 12), read per batch: no restart needed."""
+        from db.calibration import ShippedThresholds, thresholds_in_force
+
+        scorer = self.scorer
+        shipped = ShippedThresholds(
+            scorer.version, scorer.screening_threshold, scorer.high_confidence_threshold
+        )
+        return thresholds_in_force(session, shipped)[1:]
 
     def _within_grace(self, first_seen_at) -> bool:
         return (utcnow() - as_utc(first_seen_at)).total_seconds() < self.incomplete_grace_s
