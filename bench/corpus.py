@@ -7,7 +7,6 @@ interrupted generation is redone from scratch.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -218,14 +217,9 @@ def build_small_tree(
 
 def sha256_of(path: str | Path) -> str | None:
     """SHA-256 of a file's content; None when it vanished (files are deleted under the chaos runs)."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
+    from pipeline.hashing import sha256_file_or_none
+
+    return sha256_file_or_none(path)
 
 
 def jpeg_bytes(source: str, side: int, quality: int = 90) -> bytes:

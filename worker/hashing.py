@@ -11,11 +11,10 @@ Kept free of heavy imports: it runs in the decode pool's spawned children.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 
-HASH_CHUNK_BYTES = 1 << 20
+from pipeline.hashing import sha256_descriptor
 
 
 def sha256_regular_file(path: str, follow_symlinks: bool = False) -> str | None:
@@ -35,10 +34,7 @@ def sha256_regular_file(path: str, follow_symlinks: bool = False) -> str | None:
     try:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             return None
-        digest = hashlib.sha256()
-        while chunk := os.read(descriptor, HASH_CHUNK_BYTES):
-            digest.update(chunk)
-        return digest.hexdigest()
+        return sha256_descriptor(descriptor)
     except OSError:
         return None
     finally:

@@ -7,7 +7,6 @@ Rendered PNGs are kept in a small in-memory cache bounded in bytes.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import threading
 from collections import OrderedDict
@@ -17,8 +16,9 @@ import numpy as np
 from PIL import Image
 
 from db.paths import from_db
-from pipeline.decode import decode_file
+from pipeline.decode import decode_bytes, read_file
 from pipeline.errors import ImageProblem
+from pipeline.hashing import sha256_bytes
 from pipeline.normalise import resize_square
 
 DISPLAY_SIZE = 512
@@ -61,21 +61,16 @@ class _ByteCache:
 _cache = _ByteCache(48 * 1024 * 1024)
 
 
-def _hash_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def open_film(sha256: str, stored_paths: list[str]) -> np.ndarray:
     """Grey pixels in [0, 1] of the first known path whose content is still this film."""
     for stored in stored_paths:
         for candidate in from_db(stored):
             try:
-                if Path(candidate).is_file() and _hash_file(candidate) == sha256:
-                    return decode_file(candidate).pixels
+                if not Path(candidate).is_file():
+                    continue
+                data = read_file(candidate)  # read once: the bytes shown are the bytes hashed
+                if sha256_bytes(data) == sha256:
+                    return decode_bytes(data).pixels
             except (OSError, ImageProblem):
                 continue
     raise FilmUnavailable(sha256)
