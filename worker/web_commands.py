@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from db.schema import UserRole
+from worker.options import setting
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=False)
@@ -24,41 +25,24 @@ users_app = typer.Typer(
     no_args_is_help=True,
 )
 
-DatabaseUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url",
-        envvar="CXR_TRIAGE_DATABASE_URL",
-        show_envvar=True,
-        help="SQLAlchemy URL of the worklist database (default: the SQLite file every command uses).",
-    ),
-]
-LogLevel = Annotated[str, typer.Option("--log-level", envvar="CXR_TRIAGE_LOG_LEVEL", show_envvar=True)]
+DatabaseUrl = Annotated[str | None, setting("database_url")]
+LogLevel = Annotated[str | None, setting("log_level")]
 
 
 def _settings(database_url: str | None, log_level: str, **flags):
     from worker.cli import _prepare_database
     from worker.cli import _settings as cli_settings
 
-    settings = cli_settings(database_url, log_level)
-    if flags:
-        settings = settings.with_changes(**{k: v for k, v in flags.items() if v is not None})
+    settings = cli_settings(database_url=database_url, log_level=log_level, **flags)
     _prepare_database(settings)
     return settings
 
 
 def web_command(
-    host: Annotated[
-        str | None,
-        typer.Option(
-            envvar="CXR_TRIAGE_WEB_HOST", help="Address to bind (default 127.0.0.1: this machine only)."
-        ),
-    ] = None,
-    port: Annotated[
-        int | None, typer.Option(envvar="CXR_TRIAGE_WEB_PORT", min=0, max=65535, help="Port (default 8080).")
-    ] = None,
+    host: Annotated[str | None, setting("web_host", "--host")] = None,
+    port: Annotated[int | None, setting("web_port", "--port", min=0, max=65535)] = None,
     database_url: DatabaseUrl = None,
-    log_level: LogLevel = "INFO",
+    log_level: LogLevel = None,
 ) -> None:
     """Serve the web worklist (sign in with a user made by `cxr-triage users add`).
 
@@ -110,7 +94,7 @@ def users_add(
         ),
     ] = False,
     database_url: DatabaseUrl = None,
-    log_level: LogLevel = "WARNING",
+    log_level: LogLevel = None,
 ) -> None:
     """Add a user; the password is asked for (or read from standard input) and stored as an argon2 hash."""
     from db import audit
@@ -138,7 +122,7 @@ def _operator() -> str:
 
 
 @users_app.command("list")
-def users_list(database_url: DatabaseUrl = None, log_level: LogLevel = "WARNING") -> None:
+def users_list(database_url: DatabaseUrl = None, log_level: LogLevel = None) -> None:
     """List users and their roles."""
     from db.engine import session_scope
     from db.users import list_users
@@ -158,7 +142,7 @@ def users_list(database_url: DatabaseUrl = None, log_level: LogLevel = "WARNING"
 def users_remove(
     name: Annotated[str, typer.Argument(help="User name.")],
     database_url: DatabaseUrl = None,
-    log_level: LogLevel = "WARNING",
+    log_level: LogLevel = None,
 ) -> None:
     """Remove a user; their open sessions stop working at once. Their reviews and audit entries stay."""
     from db import audit
@@ -199,7 +183,7 @@ def audit_command(
     limit: Annotated[int | None, typer.Option(min=1, help="At most N events.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
     database_url: DatabaseUrl = None,
-    log_level: LogLevel = "WARNING",
+    log_level: LogLevel = None,
 ) -> None:
     """Print the audit log: who viewed which film, who reviewed what and when, sign-ins, user changes."""
     from db.audit import events

@@ -20,7 +20,8 @@ from rich.table import Table
 
 from db.engine import masked
 from db.schema import OutboxStatus
-from worker import logs
+from worker import logs, metrics
+from worker.options import setting
 from worker.settings import Settings
 
 console = Console(stderr=True, soft_wrap=True)
@@ -30,41 +31,11 @@ outbox_app = typer.Typer(
     help="DICOM results waiting to be sent, sent or failed (see --send-results).", no_args_is_help=True
 )
 
-SendResults = Annotated[
-    str | None,
-    typer.Option(
-        "--send-results",
-        envvar="CXR_TRIAGE_RESULTS_DESTINATION",
-        show_envvar=True,
-        help="Send a DICOM SR with each scored DICOM film's result to AET@host:port (a PACS), in the "
-        "film's study. Kept in the database outbox and retried while the PACS is down.",
-    ),
-]
-SendHeatmap = Annotated[
-    bool | None,
-    typer.Option(
-        "--send-heatmap/--no-send-heatmap",
-        envvar="CXR_TRIAGE_SEND_HEATMAP",
-        show_envvar=True,
-        help="With --send-results: also a Grad-CAM Secondary Capture, labelled research only (default: off).",
-    ),
-]
-SendKeyObject = Annotated[
-    bool | None,
-    typer.Option(
-        "--send-key-object/--no-send-key-object",
-        envvar="CXR_TRIAGE_SEND_KEY_OBJECT",
-        show_envvar=True,
-        help="With --send-results: also a Key Object Selection flagging HIGH films (default: off).",
-    ),
-]
-DatabaseUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url", envvar="CXR_TRIAGE_DATABASE_URL", show_envvar=True, help="SQLAlchemy URL."
-    ),
-]
-LogLevel = Annotated[str, typer.Option("--log-level", envvar="CXR_TRIAGE_LOG_LEVEL", show_envvar=True)]
+SendResults = Annotated[str | None, setting("results_destination", "--send-results")]
+SendHeatmap = Annotated[bool | None, setting("send_heatmap")]
+SendKeyObject = Annotated[bool | None, setting("send_key_object")]
+DatabaseUrl = Annotated[str | None, setting("database_url")]
+LogLevel = Annotated[str | None, setting("log_level")]
 
 
 def with_results(
@@ -94,45 +65,12 @@ def dicom_listen_command(
     drop_dir: Annotated[
         Path, typer.Argument(help="Drop folder that `watch` (or a `watch` on the same share) watches.")
     ],
-    port: Annotated[
-        int | None,
-        typer.Option(
-            "--port",
-            envvar="CXR_TRIAGE_DICOM_PORT",
-            show_envvar=True,
-            min=0,
-            max=65535,
-            help="TCP port to listen on (default: 11112).",
-        ),
-    ] = None,
-    ae_title: Annotated[
-        str | None,
-        typer.Option(
-            "--ae-title",
-            envvar="CXR_TRIAGE_DICOM_AE_TITLE",
-            show_envvar=True,
-            help="Our AE title, as configured in the modality or PACS (default: CXR_TRIAGE).",
-        ),
-    ] = None,
-    allowed_callers: Annotated[
-        str | None,
-        typer.Option(
-            "--allowed-callers",
-            envvar="CXR_TRIAGE_ALLOWED_CALLERS",
-            show_envvar=True,
-            help="Comma-separated calling AE titles accepted; others are refused. Default: any.",
-        ),
-    ] = None,
-    bind: Annotated[
-        str | None,
-        typer.Option(
-            "--bind",
-            envvar="CXR_TRIAGE_DICOM_BIND_ADDRESS",
-            show_envvar=True,
-            help="Address to listen on (default: 0.0.0.0, every interface).",
-        ),
-    ] = None,
-    log_level: LogLevel = "INFO",
+    port: Annotated[int | None, setting("dicom_port", "--port", min=0, max=65535)] = None,
+    ae_title: Annotated[str | None, setting("dicom_ae_title", "--ae-title")] = None,
+    allowed_callers: Annotated[str | None, setting("allowed_callers")] = None,
+    bind: Annotated[str | None, setting("dicom_bind_address", "--bind")] = None,
+    metrics_port: Annotated[int | None, setting("metrics_port", min=0, max=65535)] = None,
+    log_level: LogLevel = None,
 ) -> None:
     """Receive films over DICOM (C-STORE, C-ECHO) and drop them into DROP_DIR for `watch`.
 
@@ -146,18 +84,20 @@ def dicom_listen_command(
     """
     from worker.dicomnet.listener import StorageListener
 
-    logs.configure(log_level)
     try:
         settings = Settings.build(
             dicom_port=port,
             dicom_ae_title=ae_title,
             allowed_callers=allowed_callers,
             dicom_bind_address=bind,
+            metrics_port=metrics_port,
             log_level=log_level,
         )
     except ValueError as exc:
         console.print(f"[red]invalid option: {str(exc).splitlines()[0]}[/red]")
         raise typer.Exit(2) from exc
+    logs.configure(settings.log_level)
+    metrics.start(settings, model_check=lambda: True, disk_paths={"drop_folder": [str(drop_dir)]})
     listener = StorageListener(
         drop_dir,
         port=settings.dicom_port,
