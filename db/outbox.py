@@ -161,11 +161,7 @@ def mark_sent(session: Session, item: Claimed) -> bool:
     now = utcnow()
     result = session.execute(
         update(OutboxItem)
-        .where(
-            OutboxItem.id == item.id,
-            OutboxItem.status == OutboxStatus.PENDING,
-            OutboxItem.attempts == item.attempts,
-        )
+        .where(*_still_claimed(item))
         .values(status=OutboxStatus.SENT, sent_at=now, last_error=None, next_attempt_at=None)
     )
     return result.rowcount == 1
@@ -185,11 +181,7 @@ def mark_retry(session: Session, item: Claimed, error: str, *, permanent: bool =
     status = OutboxStatus.FAILED if final else OutboxStatus.PENDING
     session.execute(
         update(OutboxItem)
-        .where(
-            OutboxItem.id == item.id,
-            OutboxItem.status == OutboxStatus.PENDING,
-            OutboxItem.attempts == item.attempts,
-        )
+        .where(*_still_claimed(item))
         .values(
             status=status,
             last_error=error[:2000],
@@ -199,16 +191,21 @@ def mark_retry(session: Session, item: Claimed, error: str, *, permanent: bool =
     return status
 
 
+def _still_claimed(item: Claimed) -> tuple:
+    """The row is still pending with the attempt count this claim set: nobody else has moved it."""
+    return (
+        OutboxItem.id == item.id,
+        OutboxItem.status == OutboxStatus.PENDING,
+        OutboxItem.attempts == item.attempts,
+    )
+
+
 def release(session: Session, items: Iterable[Claimed]) -> None:
     """Give claimed rows back untouched (shutdown before sending): due now, attempt refunded."""
     for item in items:
         session.execute(
             update(OutboxItem)
-            .where(
-                OutboxItem.id == item.id,
-                OutboxItem.status == OutboxStatus.PENDING,
-                OutboxItem.attempts == item.attempts,
-            )
+            .where(*_still_claimed(item))
             .values(attempts=OutboxItem.attempts - 1, next_attempt_at=utcnow())
         )
 

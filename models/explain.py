@@ -85,8 +85,8 @@ def gradcam(model_dir: str | Path | None, grey: np.ndarray) -> np.ndarray:
     return np.clip(cam, 0.0, 1.0).astype(np.float32)
 
 
-def write_overlay(grey: np.ndarray, heatmap: np.ndarray, out_png: str | Path, alpha: float = 0.4) -> None:
-    """Write the grey film with the heat map blended on top (jet colour map) as a PNG."""
+def overlay_rgb(grey: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """The grey film (0..1) with the heat map blended on top (jet colour map), as uint8 RGB."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,4 +101,11 @@ def write_overlay(grey: np.ndarray, heatmap: np.ndarray, out_png: str | Path, al
     colour = colormaps["jet"](np.clip(heatmap, 0.0, 1.0))[..., :3]
     weight = alpha * np.clip(heatmap, 0.0, 1.0)[..., None]
     blended = (1 - weight) * grey[..., None] + weight * colour
-    Image.fromarray((np.clip(blended, 0.0, 1.0) * 255).astype(np.uint8), mode="RGB").save(out_png)
+    return (np.clip(blended, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def write_overlay(grey: np.ndarray, heatmap: np.ndarray, out_png: str | Path, alpha: float = 0.4) -> None:
+    """Write :func:`overlay_rgb` as a PNG."""
+    from PIL import Image
+
+    Image.fromarray(overlay_rgb(grey, heatmap, alpha), mode="RGB").save(out_png)

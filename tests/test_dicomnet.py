@@ -48,10 +48,16 @@ PLAN = outbox.OutboxPlan(("PACS@127.0.0.1:104",), (OutboxKind.STRUCTURED_REPORT,
 DCMTK = shutil.which("dsrdump") is not None
 
 
-def sparse_film(folder: Path, name: str = "sparse.dcm", size: int = 64, **kwargs) -> Path:
-    """A factory film without the type 2 attributes real sparse films lack, and without file meta."""
-    rng = np.random.default_rng(7)
-    path = radiograph(rng.integers(0, 4095, (size, size)), folder / name, modality="DX", **kwargs)
+def sparse_film(
+    folder: Path, name: str = "sparse.dcm", size: int = 64, stored: np.ndarray | None = None, **kwargs
+) -> Path:
+    """A factory film without the type 2 attributes real sparse films lack, and without file meta.
+
+    ``stored``: the pixels (default: noise, enough for building DICOM objects; a film that must be
+    scored needs real chest pixels, or the out-of-distribution guard rejects it)."""
+    if stored is None:
+        stored = np.random.default_rng(7).integers(0, 4095, (size, size))
+    path = radiograph(stored, folder / name, modality="DX", **kwargs)
     ds = pydicom.dcmread(path)
     for keyword in SPARSE_DROPS:
         ds.pop(keyword, None)

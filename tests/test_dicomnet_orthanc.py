@@ -27,6 +27,7 @@ from sqlalchemy import select
 from db.engine import session_scope
 from db.migrate import upgrade
 from db.schema import Image, OutboxItem, Score
+from tests.conftest import kermany_files
 from tests.dicom_factory import radiograph
 from tests.orthanc import Orthanc, available, free_port
 from tests.test_dicomnet import dcmtk_check, numeric_values, sparse_film
@@ -160,12 +161,22 @@ def _is_sr(orthanc: Orthanc, instance: dict) -> bool:
 
 
 @pytest.fixture
-def film_factory(tmp_path):
-    rng = np.random.default_rng(11)
+def film_factory(tmp_path, kermany):
+    """Real chest pixels (a Kermany film per call, 12-bit) in a synthetic CR header: noise would be
+    rejected by the out-of-distribution guard, as it should be."""
+    from PIL import Image
+
+    films = iter(kermany_files(kermany, "PNEUMONIA", 16) + kermany_files(kermany, "NORMAL", 16))
+
+    def pixels() -> np.ndarray:
+        with Image.open(next(films)) as image:
+            grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        return (grey * 4095).astype(np.uint16)
 
     def make(name: str) -> Path:
-        stored = rng.integers(200, 3800, (256, 256)).astype(np.uint16)
-        return radiograph(stored, tmp_path / "made" / name, modality="CR", view="PA")
+        return radiograph(pixels(), tmp_path / "made" / name, modality="CR", view="PA")
+
+    make.pixels = pixels  # type: ignore[attr-defined]
 
     (tmp_path / "made").mkdir()
     return make
@@ -265,7 +276,7 @@ def test_orthanc_down_mid_run_outbox_delivers_once_when_back(tmp_path, film_fact
         wait_for("the first SR", lambda: outbox_statuses(url) == ["sent"], 300, watch)
         orthanc.stop()
         shutil.copy(film_factory("second.dcm"), drop / "second.dcm")
-        sparse = sparse_film(tmp_path / "made", "sparse.dcm", size=300)
+        sparse = sparse_film(tmp_path / "made", "sparse.dcm", stored=film_factory.pixels())
         assert sparse.read_bytes()[128:132] != b"DICM"  # no preamble, no file meta
         shutil.copy(sparse, drop / "sparse.dcm")
         wait_for("retries while Orthanc is down", _pending_with_errors(url, 2, 1), 300, watch)

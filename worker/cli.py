@@ -53,6 +53,11 @@ FollowSymlinks = Annotated[bool | None, setting("follow_symlinks")]
 MetricsPort = Annotated[int | None, setting("metrics_port", min=0, max=65535)]
 
 
+def _flags(given: dict[str, Any]) -> dict[str, Any]:
+    """The command's parameters that are settings (by name), for :func:`_settings`."""
+    return {name: value for name, value in given.items() if name in Settings.model_fields}
+
+
 def _settings(*, quiet: bool = False, **flags: Any) -> Settings:
     """Build this process's one :class:`Settings` (flags over environment over file over defaults)
     and set up logging to stderr. ``quiet`` commands log warnings only unless a level is set."""
@@ -147,16 +152,7 @@ def scan(
     from worker.submit import BROKER_ERRORS, InProcess, ViaCelery, wait_until_final
     from worker.submit import scan as scan_roots
 
-    settings = _settings(
-        database_url=database_url,
-        broker_url=broker_url,
-        model_dir=model_dir,
-        batch_size=batch_size,
-        decode_workers=decode_workers,
-        full_resolution_decode=full_resolution_decode,
-        follow_symlinks=follow_symlinks,
-        log_level=log_level,
-    )
+    settings = _settings(**_flags(locals()))
     _prepare_database(settings)
     settings = with_results(settings, send_results, send_heatmap, send_key_object)
     from worker.dicomnet.sender import start_results_sender
@@ -395,21 +391,7 @@ def watch(
     """Watch drop folders; score new files in this process, or queue them when a broker is set."""
     from worker.watcher import Watcher
 
-    settings = _settings(
-        polling=polling,
-        stable_seconds=stable_seconds,
-        batch_wait=batch_wait,
-        rescan_interval=rescan_interval,
-        follow_symlinks=follow_symlinks,
-        database_url=database_url,
-        broker_url=broker_url,
-        model_dir=model_dir,
-        batch_size=batch_size,
-        decode_workers=decode_workers,
-        full_resolution_decode=full_resolution_decode,
-        metrics_port=metrics_port,
-        log_level=log_level,
-    )
+    settings = _settings(**_flags(locals()))
     _prepare_database(settings)
     roots = _resolve_roots(paths)
     for path, root in zip(paths, roots, strict=True):
@@ -457,20 +439,7 @@ def worker_command(
     """Run Celery workers that score queued files (needs --broker-url / CXR_TRIAGE_BROKER_URL)."""
     from worker.supervisor import Supervisor, WorkerSpec, visible_gpus
 
-    settings = _settings(
-        processes=processes,
-        gpus=gpus,
-        cpu_only=cpu_only,
-        lease_seconds=lease_seconds,
-        database_url=database_url,
-        broker_url=broker_url,
-        model_dir=model_dir,
-        batch_size=batch_size,
-        decode_workers=decode_workers,
-        full_resolution_decode=full_resolution_decode,
-        metrics_port=metrics_port,
-        log_level=log_level,
-    )
+    settings = _settings(**_flags(locals()))
     if not settings.broker_url:
         console.print("a broker is required: set --broker-url or CXR_TRIAGE_BROKER_URL", markup=False)
         raise typer.Exit(2)

@@ -29,6 +29,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from db.schema import OutboxKind
+from models import explain
 
 #: highdicom logs UIDs of the datasets it copies from at INFO, and highdicom and pydicom quote header
 #: values (patient names, UIDs) in their warnings: identifiers stay out of our logs.
@@ -282,20 +283,4 @@ def burn_label(rgb: np.ndarray, text: str) -> np.ndarray:
     return np.asarray(image)
 
 
-def overlay_rgb(grey: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """The grey film (0..1) with the heat map blended in (jet), as uint8 RGB, like ``explain``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import colormaps
-    from PIL import Image
-
-    grey = np.clip(np.asarray(grey, dtype=np.float32), 0.0, 1.0)
-    if heatmap.shape != grey.shape:
-        heatmap = np.asarray(
-            Image.fromarray(heatmap.astype(np.float32), mode="F").resize(grey.shape[::-1]), dtype=np.float32
-        )
-    colour = colormaps["jet"](np.clip(heatmap, 0.0, 1.0))[..., :3]
-    weight = alpha * np.clip(heatmap, 0.0, 1.0)[..., None]
-    blended = (1 - weight) * grey[..., None] + weight * colour
-    return (np.clip(blended, 0.0, 1.0) * 255).astype(np.uint8)
+overlay_rgb = explain.overlay_rgb  # the one blend of film and heat map (also `cxr-triage explain`)
