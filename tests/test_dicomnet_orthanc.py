@@ -335,7 +335,7 @@ def test_scan_sends_sr_heatmap_and_key_object_before_it_exits(tmp_path, film_fac
         by_class = {r.SOPClassUID.name: r for r in returned}
         capture = by_class["Secondary Capture Image Storage"]
         assert capture.BurnedInAnnotation == "YES" and capture.SamplesPerPixel == 3
-        assert capture.pixel_array.shape[:2] == (256, 256)
+        assert capture.pixel_array.shape[:2] == (ds.Rows, ds.Columns)  # the film at its own size
         assert ("Key Object Selection Document Storage" in by_class) == bool(high)  # KOS for HIGH films only
         listed = subprocess.run(
             [CLI, "outbox", "list", "--database-url", url, "--format", "json"],
