@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
-from bench.common import log  # noqa: E402
+from bench import common, corpus, databases, processes, results  # noqa: E402
+from bench.results import log  # noqa: E402
 
 ORTHANC = "/usr/sbin/Orthanc"
 
@@ -44,12 +44,12 @@ def films(count: int, seed: int = 5) -> list:
     """``count`` distinct 2048x2048 12-bit CR datasets (distinct UIDs, so distinct bytes)."""
     import numpy as np
 
-    sources = common.source_images(seed)
+    sources = corpus.source_images(seed)
     pixels = []
     for source in sources[: min(count, 8)]:
-        _, grey = common._grey_2048(str(source), common.FILM_SIDE)
+        _, grey = corpus._grey_2048(str(source), corpus.FILM_SIDE)
         pixels.append((grey.astype(np.uint16) << 4) | (grey.astype(np.uint16) >> 4))  # 8 -> 12 bit
-    return [common._dicom_dataset(pixels[i % len(pixels)], i) for i in range(count)]
+    return [corpus._dicom_dataset(pixels[i % len(pixels)], i) for i in range(count)]
 
 
 def start_listener(drop: Path, log_path: Path, port: int | None = None) -> tuple[subprocess.Popen, int]:
@@ -123,9 +123,9 @@ def part_receive(args, work: Path) -> tuple[str, list[str]]:
             rows.append([associations, count, ok, on_disk, f"{rate:.1f}", f"{rate * size_mib:.0f}"])
             log(f"{associations} association(s): {rate:.1f} instances/s")
     finally:
-        common.terminate(proc)
+        processes.terminate(proc)
         shutil.rmtree(drop, ignore_errors=True)
-    body = common.table(
+    body = results.table(
         ["associations", "films sent", "success responses", "files in drop folder", "instances/s", "MiB/s"],
         rows,
     )
@@ -142,7 +142,7 @@ def part_latency(args, work: Path, model_dir: Path) -> tuple[str, list[str]]:
     listen_port = free_port()
     orthanc = Orthanc(work / "orthanc", {"cxr": ("CXR_TRIAGE", listen_port)}).start()
     drop = work / "drop-latency"
-    url = common.fresh_sqlite(work / "latency.sqlite3")
+    url = databases.fresh_sqlite(work / "latency.sqlite3")
     env = dict(os.environ, **common.bench_env(model_dir))
     listener, _ = start_listener(drop, work / "listen-latency.log", listen_port)
     watch = subprocess.Popen(
@@ -188,11 +188,11 @@ def part_latency(args, work: Path, model_dir: Path) -> tuple[str, list[str]]:
         latencies = [seen[uid] - t for uid, t in sent_at.items() if uid in seen]
     finally:
         stop.set()
-        common.terminate(watch)
-        common.terminate(listener)
+        processes.terminate(watch)
+        processes.terminate(listener)
         orthanc.stop()
-    p50, p95 = common.percentile(latencies, 50), common.percentile(latencies, 95)
-    body = common.table(
+    p50, p95 = results.percentile(latencies, 50), results.percentile(latencies, 95)
+    body = results.table(
         ["films", "rate (films/s)", "SRs in Orthanc", "p50 (s)", "p95 (s)", "max (s)", "cold first film (s)"],
         [
             [
@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(ORTHANC).is_file() and not args.skip_latency:
         raise SystemExit("Orthanc is not installed (apt-get install orthanc)")
     model_dir = common.resolve_model_dir(args.model_dir)
-    model = common.model_description(model_dir)
-    work = common.WORK / "dicom"
+    model = results.model_description(model_dir)
+    work = corpus.WORK / "dicom"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     receive, receive_notes = part_receive(args, work)
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     notes.append(
         "the sending SCU, the listener, watch (2 decode processes) and Orthanc share the machine's cores"
     )
-    common.publish(args, "DICOM receive rate and C-STORE -> SR latency (issue 11)", model, body, notes)
+    results.publish(args, "DICOM receive rate and C-STORE -> SR latency (issue 11)", model, body, notes)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
-from bench.common import log  # noqa: E402
+from bench import common, corpus, results  # noqa: E402
+from bench.results import log  # noqa: E402
 
 MODES = ("off", "on", "multiprocess")
 
@@ -91,13 +91,13 @@ print(json.dumps({"mode": mode, "rates": rates, "hook_us": hook_us, "scored": su
 
 def build_corpus(count: int) -> Path:
     """``count`` distinct 224 px Kermany JPEGs, copied once (symlinks are not followed by scan)."""
-    target = common.WORK / f"metrics-corpus-{count}"
+    target = corpus.WORK / f"metrics-corpus-{count}"
     if target.is_dir() and len(list(target.iterdir())) == count:
         return target
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    sources = sorted((common.SOURCE / "NORMAL").glob("*.jpeg"))[: count // 2]
-    sources += sorted((common.SOURCE / "PNEUMONIA").glob("*.jpeg"))[: count - len(sources)]
+    sources = sorted((corpus.SOURCE / "NORMAL").glob("*.jpeg"))[: count // 2]
+    sources += sorted((corpus.SOURCE / "PNEUMONIA").glob("*.jpeg"))[: count - len(sources)]
     for source in sources:
         shutil.copyfile(source, target / source.name)
     return target
@@ -131,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.files, args.rounds, args.reps = 40, 1, 1
-    common.note_load_at_start()
+    results.run_started()
     model_dir = common.resolve_model_dir(args.model_dir)
     corpus = build_corpus(args.files)
     rates: dict[str, list[float]] = {mode: [] for mode in MODES}
@@ -153,7 +153,7 @@ def main() -> None:
         rows.append([mode, f"{median:.1f}", f"{min(rates[mode]):.1f} - {max(rates[mode]):.1f}",
                      len(rates[mode]), "-" if mode == "off" else f"{slower:+.1f} %",
                      f"{hook_us:.1f} us ({hook_us / best_off_us * 100:.2f} %)"])
-    body = common.table(["metrics", "images/s (median)", "range", "scans", "slower than off (median)",
+    body = results.table(["metrics", "images/s (median)", "range", "scans", "slower than off (median)",
                          "hook CPU per image (% of the fastest off scan's time per image)"], rows)
     body += (
         f"\n\n{args.files} Kermany 224 px JPEGs per scan (embedded path, SQLite, model loaded and one untimed "
@@ -165,8 +165,8 @@ def main() -> None:
     )
     print(body)
     if not (args.quick or args.no_append):
-        common.append_results(
-            "Metrics cost (bench_metrics.py)", common.model_description(model_dir), body,
+        results.append_results(
+            "Metrics cost (bench_metrics.py)", results.model_description(model_dir), body,
             notes=["8 helper sessions share these 2 cores: differences of a few % are within the noise; "
                    "the range column shows it"],
         )

@@ -30,7 +30,10 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import CLI, PG_ADMIN_DSN, log, make_parser, publish, rss_bytes, table  # noqa: E402
+from bench.common import CLI, make_parser  # noqa: E402
+from bench.databases import PG_ADMIN_URL as PG_ADMIN_DSN  # noqa: E402
+from bench.processes import rss_bytes  # noqa: E402
+from bench.results import log, publish, table  # noqa: E402
 
 PASSWORD = "bench-password-1"
 MODEL = "bench-model-v1"
