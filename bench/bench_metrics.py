@@ -38,9 +38,8 @@ if mode == "multiprocess":
     metrics.prepare_multiprocess()
 from db.migrate import upgrade
 from worker.decode_pool import DecodePool
-from worker.embedded import make_processor
-from worker.scanner import CHUNK_FILES, ScanSummary, chunked, iter_files, register_chunk
 from worker.settings import Settings
+from worker.submit import InProcess, scan
 work = Path(tempfile.mkdtemp(prefix="cxr-bench-metrics-"))
 settings = Settings.build(database_url=f"sqlite:///{work}/warm.sqlite3", model_dir=model_dir,
                           metrics_port=None if mode == "off" else 0, min_free_disk_mb=1)
@@ -53,19 +52,16 @@ if mode != "off":
     threading.Thread(target=scrape, daemon=True).start()
 rates = []
 with DecodePool(settings.decode_processes) as pool:
-    warm = make_processor(settings, pool)
+    warm = InProcess(settings, pool).processor
     warm.scorer  # model loaded before the clock starts
     for rep in range(reps + 1):  # the first scan warms TensorFlow's graphs and the caches: not timed
         url = f"sqlite:///{work}/rep{rep}.sqlite3"
         upgrade(url)
-        processor = make_processor(settings.with_changes(database_url=url), pool)
-        processor._scorer = warm._scorer
-        summary = ScanSummary()
+        rep_settings = settings.with_changes(database_url=url)
+        submitter = InProcess(rep_settings, pool)  # the embedded scan's own seam (worker.submit)
+        submitter.processor._scorer = warm._scorer
         started = time.perf_counter()
-        for files in chunked(iter_files([corpus]), CHUNK_FILES):
-            summary.files += len(files)
-            pending = register_chunk(url, files, pool.hash_many, summary, owner=processor.default_owner)
-            summary.outcomes.update(processor.process(pending).counts)
+        summary = scan(rep_settings, [str(corpus)], submitter, pool)
         elapsed = time.perf_counter() - started
         if rep:
             rates.append(summary.processed / elapsed)

@@ -9,6 +9,7 @@ database file it creates is 0600.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import stat
 from collections.abc import Iterator
@@ -69,6 +70,11 @@ def masked(url: str | None) -> str:
 
 
 def _tune_sqlite(dbapi_connection, _record) -> None:
+    # The worklist view needs exp(). SQLite's math functions are a compile-time option, and the
+    # library a process ends up with depends on what was loaded first: TensorFlow bundles a SQLite
+    # without them, so a worker that loads its model before opening the database would lose exp().
+    # Registering it on every connection makes the view independent of that accident.
+    dbapi_connection.create_function("exp", 1, math.exp, deterministic=True)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")

@@ -257,3 +257,29 @@ def test_a_later_table_rebuild_keeps_the_worklist_current(url):
     _scored(url, 2, p=0.9)  # written after the rebuild: the triggers are back
     with session_scope(url) as session:
         assert [r["sha256"] for r in query_rows(session)] == [f"{2:064x}", f"{1:064x}"]
+
+
+def test_sqlite_worklist_survives_tensorflow_loaded_first(tmp_path):
+    """TensorFlow bundles a SQLite without math functions; a process that loads the model before it
+    opens the database (a Celery worker) must still keep the view's exp() working."""
+    import subprocess
+    import sys
+
+    code = f"""
+import tensorflow  # first, as a worker that loads its model before opening the database
+from db import queue
+from db.engine import session_scope
+from db.migrate import upgrade
+from db.queue import FileSeen, ScoreRecord
+from sqlalchemy import text
+url = "sqlite:///{tmp_path / 'w.sqlite3'}"
+upgrade(url)
+with session_scope(url) as session:
+    image_id, _ = queue.register(session, FileSeen("/drop/a.png", 1, 1), "ab" * 32)
+    queue.record_score(session, image_id, ScoreRecord("m1", 0.9, 2.2, None, 0.2, 0.8))
+with session_scope(url) as session:
+    print(session.execute(text("SELECT tier FROM triage_worklist")).scalar_one())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "HIGH"
