@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -232,3 +235,26 @@ def _pydicom_process_settings() -> None:
     from pipeline.dicom import configure_pydicom
 
     configure_pydicom()
+
+
+#: The installed command line, next to this Python (the one the tests run against).
+CLI = str(Path(sys.executable).parent / "cxr-triage")
+
+
+def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A long-running ``cxr-triage`` command in its own process group, output appended to ``log``."""
+    handle = open(log, "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [CLI, *args], env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop_group(process: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM the process group (warm shutdown), SIGKILL it after ``timeout`` seconds."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

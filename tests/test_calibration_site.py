@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,7 @@ from sqlalchemy import select
 from db.calibration import SHIPPED, ShippedThresholds, thresholds_in_force, tier
 from db.engine import session_scope
 from db.schema import Image, ImageStatus, Score
-from tests.conftest import copy_into
-
-CLI = str(Path(sys.executable).parent / "cxr-triage")
+from tests.conftest import CLI, copy_into
 
 
 def held_out_films(kermany: Path) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,10 +15,9 @@ import pydicom
 import pytest
 from PIL import Image
 
-from tests.conftest import kermany_files
+from tests.conftest import CLI, kermany_files
 from tests.test_pipeline import _png_with_declared_size
 
-CLI = str(Path(sys.executable).parent / "cxr-triage")
 FINAL = {"scored", "rejected", "failed"}
 
 

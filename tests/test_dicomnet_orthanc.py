@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from sqlalchemy import select
 from db.engine import session_scope
 from db.migrate import upgrade
 from db.schema import Image, OutboxItem, Score
-from tests.conftest import kermany_files
+from tests.conftest import CLI, kermany_files
 from tests.dicom_factory import radiograph
 from tests.orthanc import Orthanc, available, free_port
 from tests.test_dicomnet import dcmtk_check, numeric_values, sparse_film
@@ -37,7 +36,6 @@ pytestmark = pytest.mark.skipif(
     not available() and not os.environ.get("CI"), reason="Orthanc (Debian package orthanc) is not installed"
 )
 
-CLI = str(Path(sys.executable).parent / "cxr-triage")
 REAL_CHEST = [
     "siim-acr-pneumothorax__mlmed-torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
     "nema-wg4-compsamples-RG1-RG3__pydicom-data-pypi/RG1_J2KI.dcm",

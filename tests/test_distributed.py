@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -18,11 +17,10 @@ from sqlalchemy import func, select
 
 from db.engine import session_scope
 from db.schema import FINAL_STATUSES, Image, ImageStatus, Score
-from tests.conftest import copy_into, kermany_files
+from tests.conftest import CLI, copy_into, kermany_files, start_cli, stop_group
 
 pytestmark = pytest.mark.services
 
-CLI = str(Path(sys.executable).parent / "cxr-triage")
 DEADLINE_S = 240
 
 
@@ -43,20 +41,11 @@ def _env(pg_url: str, redis_url: str, **extra: str) -> dict[str, str]:
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    handle = open(log, "ab")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        [CLI, *args], env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    return start_cli(args, env, log)
 
 
 def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    stop_group(process, timeout=60)
 
 
 def _states(url: str) -> dict[str, int]:

@@ -43,9 +43,9 @@ from PIL import Image
 
 from pipeline.decode import decode_file
 from pipeline.errors import ImageProblem
+from tests.conftest import CLI
 from tests.dicom_factory import radiograph
 
-CLI = str(Path(sys.executable).parent / "cxr-triage")
 FINAL = {"scored", "rejected", "failed"}
 #: Bounds asserted for the whole hostile scan: TensorFlow start-up included (~8 s on 2 idle cores),
 #: hashing the 3 GiB sparse file (~3-7 s, see test_oversized_file_is_not_hashed) and the 8000x8000

@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -30,12 +28,11 @@ from sqlalchemy.engine import make_url
 
 from db.engine import session_scope
 from db.schema import FINAL_STATUSES, Image, Score
-from tests.conftest import copy_into, kermany_files
+from tests.conftest import CLI, copy_into, kermany_files, start_cli, stop_group
 from worker.outcomes import classify
 
 pytestmark = pytest.mark.services
 
-CLI = str(Path(sys.executable).parent / "cxr-triage")
 DEADLINE_S = 300
 
 
@@ -62,20 +59,11 @@ def _env(pg_url: str, redis_url: str, **extra: str) -> dict[str, str]:
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    handle = open(log, "ab")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        [CLI, *args], env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    return start_cli(args, env, log)
 
 
 def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    stop_group(process, timeout=90)
 
 
 def get(port: int, path: str, timeout: float = 10.0) -> tuple[int, str]:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.ood import OOD_FILE, REASON, OodGuard, fit_guard
+from tests.conftest import CLI
 
-CLI = str(Path(sys.executable).parent / "cxr-triage")
 NON_CHEST_CR = "fo-dicom-testdata__dcmfx/CR-ModalitySequenceLUT.dcm"  # a knee-like CR, scored 0.72 before
 
 

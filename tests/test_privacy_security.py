@@ -20,7 +20,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,10 +27,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, kermany_files
+from tests.conftest import CLI, REPO, kermany_files
 from tests.dicom_factory import radiograph
 
-CLI = str(Path(sys.executable).parent / "cxr-triage")
 PASSWORD = "Pw-Zq7@s3cr3t"  # '@' must be percent-encoded in a URL
 PASSWORD_IN_URL = PASSWORD.replace("@", "%40")
 BROKER_PASSWORD = "Br0ker-Tk9x"

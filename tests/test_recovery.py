@@ -21,9 +21,7 @@ from db.engine import session_scope
 from db.migrate import upgrade
 from db.queue import FileSeen, ScoreRecord
 from db.schema import Image, ImageStatus, Score
-from tests.conftest import kermany_files
-
-CLI = str(Path(sys.executable).parent / "cxr-triage")
+from tests.conftest import CLI, kermany_files
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CLI
 from worker.settings import Settings, configuration_table, env_name
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = str(Path(sys.executable).parent / "cxr-triage")
 
 
 @pytest.fixture
