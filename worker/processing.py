@@ -67,7 +67,6 @@ class Processor:
         incomplete_grace_s: float = 600.0,
         owner: str | None = None,
         full_resolution_decode: bool = False,
-        settings: Settings | None = None,
         outbox_plan: outbox.OutboxPlan = outbox.NO_RESULTS,
     ) -> None:
         self.database_url = database_url
@@ -75,10 +74,8 @@ class Processor:
         self.pool = pool
         self.batch_size = batch_size or default_of("batch_size")
         self.lease_seconds = lease_seconds or default_of("lease_seconds")
-        #: Handed to the decoder once it takes the option (reduced-resolution decode is the default).
+        #: Passed to the decode pool per batch (reduced-resolution decode is the default).
         self.full_resolution_decode = full_resolution_decode
-        #: The settings this processor was built from (None when built from loose arguments in tests).
-        self.settings = settings
         self.retry_incomplete = retry_incomplete
         #: How long after its arrival a file that looks incomplete is retried before it is failed.
         self.incomplete_grace_s = incomplete_grace_s
@@ -103,7 +100,6 @@ class Processor:
             retry_incomplete=retry_incomplete,
             owner=owner,
             full_resolution_decode=settings.full_resolution_decode,
-            settings=settings,
             outbox_plan=results_plan(settings),
         )
 
