@@ -20,7 +20,7 @@ from rich.table import Table
 from db.engine import masked
 from db.schema import ImageStatus
 from worker import logs, metrics
-from worker.dicomnet.commands import SendHeatmap, SendKeyObject, SendResults, with_results  # issue 11
+from worker.dicomnet.commands import SendHeatmap, SendKeyObject, SendResults, check_results  # issue 11
 from worker.options import ModelDir, setting
 from worker.progress import progress_bar
 from worker.settings import Settings, env_name, flag_name
@@ -137,7 +137,7 @@ def scan(
             "duplicates, queued, elapsed_s, images_per_s."
         ),
     ] = None,
-    send_results: SendResults = None,
+    results_destination: SendResults = None,
     send_heatmap: SendHeatmap = None,
     send_key_object: SendKeyObject = None,
     log_level: LogLevel = None,
@@ -154,7 +154,7 @@ def scan(
 
     settings = _settings(**_flags(locals()))
     _prepare_database(settings)
-    settings = with_results(settings, send_results, send_heatmap, send_key_object)
+    check_results(settings)
     from worker.dicomnet.sender import start_results_sender
 
     results = start_results_sender(settings)
@@ -383,7 +383,7 @@ def watch(
     decode_workers: DecodeWorkers = None,
     full_resolution_decode: FullResolution = None,
     metrics_port: MetricsPort = None,
-    send_results: SendResults = None,
+    results_destination: SendResults = None,
     send_heatmap: SendHeatmap = None,
     send_key_object: SendKeyObject = None,
     log_level: LogLevel = None,
@@ -401,7 +401,7 @@ def watch(
             console.print(f"cannot create or open the drop folder {path}: {exc.strerror}", markup=False)
             raise typer.Exit(2) from None
     mode = f"queueing to {masked(settings.broker_url)}" if settings.broker_url else "scoring in this process"
-    settings = with_results(settings, send_results, send_heatmap, send_key_object)
+    check_results(settings)
     from worker.dicomnet.sender import start_results_sender
 
     console.print(
@@ -431,7 +431,7 @@ def worker_command(
     decode_workers: DecodeWorkers = None,
     full_resolution_decode: FullResolution = None,
     metrics_port: MetricsPort = None,
-    send_results: SendResults = None,
+    results_destination: SendResults = None,
     send_heatmap: SendHeatmap = None,
     send_key_object: SendKeyObject = None,
     log_level: LogLevel = None,
@@ -456,7 +456,7 @@ def worker_command(
         f"{settings.decode_processes} decode process(es) each; database {masked(settings.database_url)}",
         markup=False,
     )
-    settings = with_results(settings, send_results, send_heatmap, send_key_object)
+    check_results(settings)
     from worker.dicomnet.sender import start_results_sender
 
     results = start_results_sender(settings)  # the supervisor sends; workers only create outbox rows

@@ -38,27 +38,15 @@ DatabaseUrl = Annotated[str | None, setting("database_url")]
 LogLevel = Annotated[str | None, setting("log_level")]
 
 
-def with_results(
-    settings: Settings,
-    send_results: str | None,
-    send_heatmap: bool | None = None,
-    send_key_object: bool | None = None,
-) -> Settings:
-    """The result flags over the settings, checked: a malformed destination fails early and clearly."""
+def check_results(settings: Settings) -> None:
+    """A malformed ``--send-results`` destination fails early and clearly (exit 2)."""
     from worker.dicomnet.plan import DestinationError, results_plan
 
-    flags = {
-        "results_destination": send_results or None,
-        "send_heatmap": send_heatmap,
-        "send_key_object": send_key_object,
-    }
-    settings = settings.with_changes(**{k: v for k, v in flags.items() if v is not None})
     try:
         results_plan(settings)
     except DestinationError as exc:
         console.print(f"[red]--send-results: {exc}[/red]")
         raise typer.Exit(2) from exc
-    return settings
 
 
 def dicom_listen_command(
