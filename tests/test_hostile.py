@@ -692,6 +692,33 @@ def test_overlapped_batches_survive_a_decoder_death(films, tmp_path):
     assert all(r.tensor is not None for r in results), [r.reason for r in results]
 
 
+def test_a_hanging_file_costs_one_decode_timeout_not_two(films, tmp_path):
+    """A read that never returns (a FIFO swapped in, with no writer: ``open`` blocks as on a hung share)
+    fails its file after one decode timeout; it is not decoded again alone for a second one (issue 9:
+    a hanging file cost 240 s, not the documented 120 s). A short timeout keeps the test to seconds."""
+    import time
+
+    from worker.decode_pool import DecodePool
+
+    timeout_s = 4.0
+    paths = []
+    for index in range(2):
+        path = tmp_path / f"{index}.png"
+        Image.fromarray(films[index]).save(path)
+        paths.append(str(path))
+    stalled = tmp_path / "stalled.png"
+    os.mkfifo(stalled)
+    with DecodePool(1, timeout_s=timeout_s) as pool:
+        pool.prepare_many([(paths[0], None)], 64)  # start the child: its start-up is no file's cost
+        started = time.monotonic()
+        results = pool.prepare_many([(paths[0], None), (paths[1], None), (str(stalled), None)], 64)
+        elapsed = time.monotonic() - started
+    assert [r.tensor is not None for r in results] == [True, True, False], [r.reason for r in results]
+    assert results[2].status == "failed" and "longer than 4 s" in (results[2].reason or "")
+    # one timeout plus two small decodes; a second timeout (the old retry alone) would be >= 8 s
+    assert timeout_s <= elapsed < 1.5 * timeout_s, f"{elapsed:.1f} s for a {timeout_s:.0f} s timeout"
+
+
 # ----------------------------------------------------------------------------------------------
 # scanner and watcher: issue 9 regression tests (each failed on the main branch before its fix)
 # ----------------------------------------------------------------------------------------------

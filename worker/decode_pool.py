@@ -84,15 +84,25 @@ class PendingBatch:
 
     def _collect(self) -> list[Prepared]:
         assert self._futures is not None
+        collected: list[Prepared] = []
         try:
-            return [future.result(timeout=self._pool.timeout_s) for future in self._futures]
-        except (BrokenProcessPool, TimeoutError, CancelledError):
+            for future in self._futures:
+                collected.append(future.result(timeout=self._pool.timeout_s))
+            return collected
+        except (BrokenProcessPool, TimeoutError, CancelledError) as problem:
             log.warning("a decoder crashed or hung; retrying the rest of this batch one file at a time")
             finished = [_result_if_done(future) for future in self._futures]
+            # The file that ran out of time has had its one timeout (a hung share, a FIFO swapped in):
+            # decoding it again alone would hang a second time, so it fails now.
+            hung = len(collected) if isinstance(problem, TimeoutError) else None
             self._pool.reset()
             return [
-                done if done is not None else self._pool.prepare_isolated(path, sha, **self._options)
-                for done, (path, sha) in zip(finished, self._jobs, strict=True)
+                done
+                if done is not None
+                else self._pool.timed_out()
+                if index == hung
+                else self._pool.prepare_isolated(path, sha, **self._options)
+                for index, (done, (path, sha)) in enumerate(zip(finished, self._jobs, strict=True))
             ]
 
 
@@ -199,7 +209,11 @@ class DecodePool:
             return Prepared(status="failed", reason="the decoder crashed on this file")
         except TimeoutError:
             self.reset()
-            return Prepared(status="failed", reason=f"decoding took longer than {self.timeout_s:.0f} s")
+            return self.timed_out()
+
+    def timed_out(self) -> Prepared:
+        """The outcome of a file that took longer than the decode timeout."""
+        return Prepared(status="failed", reason=f"decoding took longer than {self.timeout_s:.0f} s")
 
     def hash_many(self, paths: list[str], follow_symlinks: bool = False) -> list[str | None]:
         """Content hashes (None: not a regular file, or unreadable now), in order.
