@@ -964,6 +964,37 @@ def test_watcher_ignores_files_in_dot_folders(sqlite_url, tmp_path):
     assert list(watcher.candidates) == [str(root / "ok" / "film.jpeg")]
 
 
+def test_watcher_rescans_at_once_when_its_folder_is_back_and_soon_after_unreadable_files(
+    sqlite_url, tmp_path
+):
+    """Files dropped while the folder was renamed away (their events name paths that did not exist),
+    or found unreadable by a rescan, waited for the next full rescan: 300 s with default settings
+    (the chaos suite's watcher scenario, run with defaults, lost them for that long)."""
+    import time
+
+    from worker.watcher import UNREADABLE_RETRY_S
+
+    root = tmp_path / "drop"
+    root.mkdir()
+    watcher = _watcher(sqlite_url, root)
+    assert watcher.options.rescan_interval == 300.0
+    assert not watcher._root_came_back()
+    os.rename(root, tmp_path / "away")
+    assert not watcher._root_came_back()  # missing: nothing to rescan yet
+    os.rename(tmp_path / "away", root)
+    assert watcher._root_came_back()  # back: rescan now
+    assert not watcher._root_came_back()
+    later = time.monotonic() + watcher.options.rescan_interval
+    assert watcher._retry_unreadable(later) == later  # nothing unreadable: the usual interval
+    watcher.summary.unreadable += 2
+    first = watcher._retry_unreadable(later)
+    assert first - time.monotonic() <= UNREADABLE_RETRY_S
+    assert watcher._retry_unreadable(later) == later  # the same two files: already answered
+    watcher.summary.unreadable += 2  # still unreadable at the early rescan: wait longer next time
+    second = watcher._retry_unreadable(later)
+    assert UNREADABLE_RETRY_S < second - time.monotonic() <= 2 * UNREADABLE_RETRY_S
+
+
 def test_header_values_longer_than_their_columns_are_scored_on_postgresql(films, model_dir, pg_url, tmp_path):
     """Item 4: a View Position or UID longer than its column raised DataError on PostgreSQL."""
     import pydicom

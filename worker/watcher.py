@@ -6,7 +6,10 @@ stable for ``stable_seconds`` (network shares seen through polling give no close
 events). Temporary names (``*.part``, ``*.tmp``, dotfiles) wait until renamed.
 Events are lost in practice (queue overflow, restarts), so the folders are
 rescanned on start and every ``rescan_interval`` seconds; the rescan skips known
-files without reading them.
+files without reading them. Two cases cannot wait that long: a drop folder that was
+missing (renamed away, share unmounted) and is back is rescanned at once (files that
+arrived meanwhile gave no usable event), and files that could not be read now are
+looked at again after ``UNREADABLE_RETRY_S``, doubling while some stay unreadable.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from worker.logs import describe_error
 from worker.scanner import ScanSummary, is_temporary, iter_files
 from worker.settings import Settings
 from worker.submit import BROKER_ERRORS, InProcess, Submitter, hand_on, make_submitter
+
+#: First wait before a rescan for files that could not be read now (doubles up to rescan_interval).
+UNREADABLE_RETRY_S = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +104,10 @@ class Watcher:
         self.stop_event = threading.Event()
         self.summary = ScanSummary()
         self.backoff_s = 0.0
+        self.missing_roots: set[str] = set()
+        self.unreadable_seen = 0  # summary.unreadable already answered with an early rescan
+        self.unreadable_at_rescan = 0  # summary.unreadable at the last rescan
+        self.unreadable_retry_s = UNREADABLE_RETRY_S
 
     # -- event intake ---------------------------------------------------------------------------
     def _observe(self, path: str, complete: bool) -> None:
@@ -161,6 +171,27 @@ class Watcher:
         """Reconcile: every file under the roots not yet known is treated as a new arrival."""
         for seen in iter_files(self.roots, self.options.follow_symlinks):
             self._observe(seen.path, complete=False)
+
+    def _root_came_back(self) -> bool:
+        """True when a root that was missing is a folder again (checked every loop: one stat per root)."""
+        back = False
+        for root in self.roots:
+            if os.path.isdir(root):
+                back = back or root in self.missing_roots
+                self.missing_roots.discard(root)
+            else:
+                self.missing_roots.add(root)
+        return back
+
+    def _retry_unreadable(self, next_rescan: float) -> float:
+        """The next rescan, brought forward when files could not be read now (a share that
+        hiccupped, a folder moved away while it was hashed): after 10 s, doubling while it recurs."""
+        if self.summary.unreadable == self.unreadable_seen:
+            return next_rescan
+        self.unreadable_seen = self.summary.unreadable
+        wait = self.unreadable_retry_s
+        self.unreadable_retry_s = min(wait * 2, self.options.rescan_interval)
+        return min(next_rescan, time.monotonic() + wait)
 
     # -- hand-off ---------------------------------------------------------------------------------
     def _due(self) -> bool:
@@ -227,23 +258,30 @@ class Watcher:
         observer.start()
         log.info("watching %d folder(s)%s", len(self.roots), " by polling" if self.options.polling else "")
         started = time.monotonic()
-        last_rescan = -float("inf")
+        next_rescan = -float("inf")
         with DecodePool(self.settings.decode_processes) as pool:
             submitter = make_submitter(self.settings, pool, resume_all=True)
             if isinstance(submitter, InProcess):
                 submitter.processor.scorer  # load the model now, not when the first film arrives  # noqa: B018
             try:
                 while not self.stop_event.is_set():
-                    if time.monotonic() - last_rescan >= self.options.rescan_interval:
+                    if self._root_came_back():
+                        log.info("a watched folder is back; rescanning it now")
+                        next_rescan = -float("inf")
+                    if time.monotonic() >= next_rescan:
                         with self._outage_guard("reconciliation"):
                             self._recover(submitter)
                             self.rescan()
-                            last_rescan = time.monotonic()
+                            if self.summary.unreadable == self.unreadable_at_rescan:
+                                self.unreadable_retry_s = UNREADABLE_RETRY_S  # all read since last time
+                            self.unreadable_at_rescan = self.summary.unreadable
+                            next_rescan = time.monotonic() + self.options.rescan_interval
                     self._drain_events()
                     self._promote_stable()
                     while self._due() and not self.stop_event.is_set():
                         if not self._flush_safely(pool, submitter):
                             break
+                    next_rescan = self._retry_unreadable(next_rescan)
                     if max_seconds is not None and time.monotonic() - started >= max_seconds:
                         break
                     self.stop_event.wait(0.1)
