@@ -2,7 +2,8 @@
 
 *lost* = a file on disk at the end without a final row for its current content; *duplicates* =
 images with more than one score plus paths registered twice; *recover* = from the end of a fault
-until every file dropped before it is final.
+until every file dropped before it is final; *kill -> all final* = from each SIGKILL until the work
+it interrupted is final (the killed worker's claimed batch, or every file dropped before the kill).
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class Result:
     duplicates: int = 0
     lost: int = 0
     recover_s: list[float] = field(default_factory=list)
+    #: Seconds from each SIGKILL until the work it interrupted was final (issue 9: <= 60 s).
+    kill_to_final_s: list[float] = field(default_factory=list)
+    #: Kills whose interrupted work never became final.
+    kills_unfinished: int = 0
     drain_s: float | None = None
     exits: dict[str, int] = field(default_factory=dict)
     faults: int = 0
@@ -81,14 +86,46 @@ class Result:
     lost_detail: list[str] = field(default_factory=list)
 
     def recover_text(self) -> str:
-        if not self.recover_s:
-            return "n/a"
-        if len(self.recover_s) == 1:
-            return f"{self.recover_s[0]:.1f}"
-        return f"{sum(self.recover_s) / len(self.recover_s):.1f} avg / {max(self.recover_s):.1f} max"
+        return spread(self.recover_s)
+
+    def kill_text(self) -> str:
+        shown = spread(self.kill_to_final_s)
+        return shown + (f" ({self.kills_unfinished} never final)" if self.kills_unfinished else "")
+
+    def failures(self, kill_target_s: float) -> list[str]:
+        """Why this scenario failed: lost or duplicated work, the time limit, a kill not final in time."""
+        out = [f"{n} {what}" for n, what in ((self.lost, "lost"), (self.duplicates, "duplicates")) if n]
+        if self.timed_out:
+            out.append("timed out")
+        slow = [s for s in self.kill_to_final_s if s > kill_target_s]
+        if slow or self.kills_unfinished:
+            out.append(
+                f"{len(slow) + self.kills_unfinished} kill(s) not all-final within {kill_target_s:.0f} s"
+            )
+        return out
 
 
-def evaluate(result: Result, url: str, drop: Path, feeder: Feeder, monitor: Monitor, faults_end: list[float]):
+def spread(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{sum(values) / len(values):.1f} avg / {max(values):.1f} max"
+
+
+#: A SIGKILL: its moment, and the paths it interrupted (None: every file dropped before it).
+Kill = tuple[float, "list[str] | None"]
+
+
+def evaluate(
+    result: Result,
+    url: str,
+    drop: Path,
+    feeder: Feeder,
+    monitor: Monitor,
+    faults_end: list[float],
+    kills: list[Kill] = (),
+):
     """Compare what is on disk with the database; fill ``result``."""
     from sqlalchemy import create_engine, text
 
@@ -145,6 +182,17 @@ def evaluate(result: Result, url: str, drop: Path, feeder: Feeder, monitor: Moni
             result.recover_s.append(max(0.0, max(done) - fault_end))
         else:
             result.notes.append("a fault's backlog never became final")
+    for killed_at, interrupted in kills:
+        paths = (
+            interrupted
+            if interrupted is not None
+            else [p for p, t in feeder.dropped.items() if t <= killed_at and p in disk]
+        )
+        done = [monitor.final_at.get(p) for p in paths if p in disk]
+        if any(t is None for t in done):
+            result.kills_unfinished += 1
+        elif done:
+            result.kill_to_final_s.append(max(0.0, max(done) - killed_at))
     last_drop = max(feeder.dropped.values(), default=None)
     finals = [monitor.final_at.get(p) for p in disk]
     if last_drop is not None and finals and all(t is not None for t in finals):
@@ -191,8 +239,9 @@ def _content_final(url: str, drop: Path) -> bool:
 def table(results: list[Result]) -> str:
     header = (
         "| scenario | faults | files in | on disk at end | scored | rejected | failed | not final | "
-        "duplicates | lost | recover (s) | drain (s) | unplanned exits | rework | elapsed (s) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "duplicates | lost | recover (s) | kill -> all final (s) | drain (s) | unplanned exits | rework | "
+        "elapsed (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in results:
@@ -201,7 +250,7 @@ def table(results: list[Result]) -> str:
         lines.append(
             f"| {r.name}{' (TIMED OUT)' if r.timed_out else ''} | {r.faults} | {r.files_in} | {r.on_disk} | "
             f"{r.states.get('scored', 0)} | {r.states.get('rejected', 0)} | {r.states.get('failed', 0)} | "
-            f"{not_final} | {r.duplicates} | {r.lost} | {r.recover_text()} | "
+            f"{not_final} | {r.duplicates} | {r.lost} | {r.recover_text()} | {r.kill_text()} | "
             f"{'n/a' if r.drain_s is None else f'{r.drain_s:.1f}'} | {exits} | {r.rework} | "
             f"{r.elapsed_s:.0f} |"
         )
@@ -251,4 +300,6 @@ class Readiness(threading.Thread):
         down = next((t - self.started_at for t, code in self.answers if code == 503), None)
         up = next((t - fault_end for t, code in self.answers if t >= fault_end and code == 200), None)
         shown = [f"{x:.1f} s" if x is not None else "never" for x in (down, up)]
-        return f"worker /readyz: 503 {shown[0]} after {what} went away, 200 again {shown[1]} after it came back"
+        return (
+            f"worker /readyz: 503 {shown[0]} after {what} went away, 200 again {shown[1]} after it came back"
+        )

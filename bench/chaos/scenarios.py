@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.chaos.feed import Feeder
-from bench.chaos.observe import Monitor, Readiness, Result, evaluate, wait_all_final
+from bench.chaos.observe import Kill, Monitor, Readiness, Result, evaluate, wait_all_final
 from bench.chaos.services import (
     CLI,
-    LEASE_SECONDS,
+    KILL_TARGET_S,
     PG_ADMIN,
     PG_PORT,
     PROXY_PORT,
@@ -62,6 +62,7 @@ class Scenario:
         self.db_name = f"cxr_chaos_{self.name.replace('-', '_')}"
         self.result = Result(self.name)
         self.faults_end: list[float] = []
+        self.sigkills: list[Kill] = []  # each SIGKILL and the work it interrupted
         self.services: dict[str, Service] = {}
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -77,11 +78,9 @@ class Scenario:
             CXR_TRIAGE_DATABASE_URL=self.database_url(),
             CXR_TRIAGE_BROKER_URL="" if self.embedded else self.ctx.redis.url,
             CXR_TRIAGE_MODEL_DIR=str(self.ctx.model),
-            CXR_TRIAGE_LEASE_SECONDS=str(LEASE_SECONDS),
+            # product defaults (lease 900 s, rescan 300 s, stable 2 s); only the decode processes are
+            # set, as an operator would on a 2-core machine that also runs the watcher
             CXR_TRIAGE_DECODE_WORKERS="1",
-            CXR_TRIAGE_LOG_LEVEL="INFO",
-            CXR_TRIAGE_STABLE_SECONDS="1",
-            CXR_TRIAGE_RESCAN_INTERVAL="30",
             PYTHONUNBUFFERED="1",
             TF_CPP_MIN_LOG_LEVEL="2",
         )
@@ -160,7 +159,15 @@ class Scenario:
         self.after_stop()
         if feeder is not None and monitor is not None:
             try:
-                evaluate(self.result, self.monitor_url(), self.drop, feeder, monitor, self.faults_end)
+                evaluate(
+                    self.result,
+                    self.monitor_url(),
+                    self.drop,
+                    feeder,
+                    monitor,
+                    self.faults_end,
+                    self.sigkills,
+                )
             except Exception as exc:  # noqa: BLE001
                 self.result.notes.append(f"evaluation error: {type(exc).__name__}: {exc}")
         self.result.exits = {name: len(s.exits) for name, s in self.services.items() if s.exits}
@@ -243,14 +250,20 @@ class KillWorker(Scenario):
         spacing = self.files / self.rate / (self.kills + 1)
         next_kill = time.monotonic() + spacing * 0.6
         engine = create_engine(self.monitor_url())
-        query = text("SELECT count(*) FROM images WHERE status = 'processing' AND updated_at > :since")
+        query = text(
+            "SELECT s.path FROM images i JOIN source_files s ON s.image_id = i.id "
+            "WHERE i.status = 'processing' AND i.updated_at > :since"
+        )
 
-        def claimed_since(since: datetime) -> int:
+        def claimed_paths(since: datetime) -> list[str]:
             try:
                 with engine.connect() as connection:
-                    return connection.execute(query, {"since": since}).scalar_one()
+                    return list(connection.execute(query, {"since": since}).scalars())
             except Exception:  # noqa: BLE001
-                return 0
+                return []
+
+        def claimed_since(since: datetime) -> int:
+            return len(claimed_paths(since))
 
         done = mid_batch = orphans = 0
         since = datetime(2000, 1, 1, tzinfo=UTC)
@@ -267,10 +280,12 @@ class KillWorker(Scenario):
             if pid is None:
                 self.result.notes.append(f"kill {done + 1}: no Celery worker process to kill")
                 break
-            in_hand = claimed_since(since)
+            in_hand_paths = claimed_paths(since)
+            in_hand = len(in_hand_paths)
             pool_children = children(pid)
             os.kill(pid, signal.SIGKILL)
             killed_at = time.monotonic()
+            self.sigkills.append((killed_at, in_hand_paths))
             since = datetime.now(UTC)
             done += 1
             mid_batch += in_hand > 0
@@ -281,6 +296,13 @@ class KillWorker(Scenario):
             )
             time.sleep(3.0)
             orphans += sum(1 for child in pool_children if alive(child) and cmdline(child))
+            # each kill's own recovery: the next kill waits until this one's batch is final (or well past
+            # the target), or it would land on the retry and chain the kills' times together
+            wait_until(
+                lambda paths=in_hand_paths: all(p in monitor.final_at for p in paths),
+                min(deadline - 60, killed_at + 2 * KILL_TARGET_S),
+                poll=0.2,
+            )
             next_kill = max(killed_at + spacing, time.monotonic())
         engine.dispose()
         self.result.faults = done
@@ -315,6 +337,7 @@ class RedisRestart(Scenario):
         readiness = Readiness(self.metrics_port)
         readiness.start()
         self.ctx.redis.kill()
+        self.sigkills.append((time.monotonic(), None))
         time.sleep(5.0)
         self.ctx.redis.start()
         self.faults_end.append(time.monotonic())
@@ -354,6 +377,7 @@ class WatcherRestart(Scenario):
         watcher = self.services["watcher"]
         starts = self._starts()
         watcher.kill(signal.SIGKILL)
+        self.sigkills.append((time.monotonic(), None))
         wait_until(
             lambda: self._starts() >= starts + 2, time.monotonic() + 120, poll=0.2
         )  # printed, then observing

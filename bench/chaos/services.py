@@ -26,8 +26,9 @@ PG_ADMIN = os.environ.get("CXR_CHAOS_PG_ADMIN", "postgresql+psycopg://postgres@1
 PG_PORT = 5432
 PROXY_PORT = 65432
 REDIS_PORT = 6391
-LEASE_SECONDS = 20
 RESTART_DELAY_S = 5.0
+#: Issue 9: with default settings, a SIGKILLed process's work is final within this many seconds.
+KILL_TARGET_S = 60.0
 
 
 def log(message: str) -> None:
