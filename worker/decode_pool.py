@@ -92,9 +92,12 @@ class PendingBatch:
         except (BrokenProcessPool, TimeoutError, CancelledError) as problem:
             log.warning("a decoder crashed or hung; retrying the rest of this batch one file at a time")
             finished = [_result_if_done(future) for future in self._futures]
-            # The file that ran out of time has had its one timeout (a hung share, a FIFO swapped in):
-            # decoding it again alone would hang a second time, so it fails now.
-            hung = len(collected) if isinstance(problem, TimeoutError) else None
+            # The file that ran out of time while every decoder was alive has had its one timeout (a hung
+            # share, a FIFO swapped in): decoding it again alone would hang a second time, so it fails
+            # now. With a decoder dead, the wait was the pool's (a death it did not report), not the file's.
+            hung = (
+                len(collected) if isinstance(problem, TimeoutError) and self._pool.decoders_alive() else None
+            )
             self._pool.reset()
             return [
                 done
@@ -158,6 +161,11 @@ class DecodePool:
             if writer is not None:
                 writer.close()
             self._executor = None
+
+    def decoders_alive(self) -> bool:
+        """Whether every decode process started is still running."""
+        processes = getattr(self._executor, "_processes", None) or {}
+        return all(process.is_alive() for process in list(processes.values()))
 
     def close(self) -> None:
         if self._executor is not None:
