@@ -692,6 +692,40 @@ def test_overlapped_batches_survive_a_decoder_death(films, tmp_path):
     assert all(r.tensor is not None for r in results), [r.reason for r in results]
 
 
+def test_a_decoder_killed_mid_result_blocks_neither_the_pool_nor_exit(films, tmp_path):
+    """A decode process killed while writing its result leaves the executor's reader thread waiting
+    for the rest of the message; ``DecodePool.reset`` must end that thread (closing this process's
+    write end of the result pipe) or the interpreter never exits. 73b5acb looked the pipe up after
+    ``shutdown()`` had dropped it: the decoder-death test above then took minutes and hung at exit
+    in about one run in ten. Here the half-written result is made on purpose."""
+    import signal
+    import struct
+    import time
+
+    from worker.decode_pool import DecodePool
+
+    path = tmp_path / "film.png"
+    Image.fromarray(films[0]).save(path)
+    with DecodePool(1, timeout_s=3.0) as pool:
+        pool.prepare_many([(str(path), None)], 64)  # start the child and the executor's threads
+        executor = pool._executor  # noqa: SLF001 - the executor's internals are the subject
+        reader = executor._executor_manager_thread  # noqa: SLF001
+        writer = executor._result_queue._writer  # noqa: SLF001
+        os.write(writer.fileno(), struct.pack("!i", 1 << 16))  # a header whose 64 KiB never come
+        time.sleep(0.5)  # the reader thread takes the header and waits for the rest
+        for process in list(executor._processes.values()):  # noqa: SLF001
+            os.kill(process.pid, signal.SIGKILL)
+        try:
+            results = pool.prepare_many([(str(path), None)], 64)
+            reader.join(timeout=10)
+            stuck = reader.is_alive()
+        finally:
+            if not writer.closed:  # without the fix: feed the reader so that this test run can exit
+                os.write(writer.fileno(), b"\0" * (1 << 16))
+    assert results[0].tensor is not None, results[0].reason  # an innocent file, decoded again alone
+    assert not stuck, "the executor's reader thread is still blocked on the half-written result"
+
+
 def test_a_hanging_file_costs_one_decode_timeout_not_two(films, tmp_path):
     """A read that never returns (a FIFO swapped in, with no writer: ``open`` blocks as on a hung share)
     fails its file after one decode timeout; it is not decoded again alone for a second one (issue 9:

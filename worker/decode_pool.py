@@ -152,12 +152,14 @@ class DecodePool:
         if self._executor is not None:
             for process in list(getattr(self._executor, "_processes", {}).values()):
                 process.kill()
-            self._executor.shutdown(wait=False, cancel_futures=True)
             # A child killed while writing its result leaves the executor's manager thread blocked
             # reading half a message, and interpreter exit then joins that thread forever (seen in CI).
             # With this process's copy of the result pipe's write end closed, the read gets EOF once
-            # the dead children's copies are gone, and the thread ends.
-            writer = getattr(getattr(self._executor, "_result_queue", None), "_writer", None)
+            # the dead children's copies are gone, and the thread ends. Taken before shutdown(),
+            # which drops the executor's reference to the queue.
+            results = getattr(self._executor, "_result_queue", None)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            writer = getattr(results, "_writer", None)
             if writer is not None:
                 writer.close()
             self._executor = None
