@@ -20,6 +20,9 @@ import time
 from datetime import UTC, datetime
 
 from bench.chaos import run as chaos
+from bench.chaos import scenarios, services
+from bench.chaos.scenarios import wait_until
+from bench.chaos.services import celery_worker_pid
 
 TARGET_S = 60.0
 FINAL = ("scored", "rejected", "failed", "superseded")
@@ -52,10 +55,10 @@ class KillRecovery(chaos.KillWorker):
         query = f"SELECT count(*) FROM images WHERE id = ANY(:ids) AND status NOT IN ({finals})"
         for number in range(1, self.kills + 1):
             limit = min(deadline - 120, time.monotonic() + 180)
-            if not chaos.wait_until(lambda s=since: len(rows(claimed, since=s)) > 1, limit, poll=0.05):
+            if not wait_until(lambda s=since: len(rows(claimed, since=s)) > 1, limit, poll=0.05):
                 self.result.notes.append("no batch in hand to kill; kills stopped")
                 break
-            pid = chaos.celery_worker_pid(supervisor)
+            pid = celery_worker_pid(supervisor)
             if pid is None:
                 break
             in_hand = [row[0] for row in rows(claimed, since=since)]
@@ -63,7 +66,7 @@ class KillRecovery(chaos.KillWorker):
             killed_at = time.monotonic()
             since = datetime.now(UTC)
             self.faults_end.append(killed_at)
-            chaos.wait_until(lambda ids=in_hand: rows(query, ids=ids) == [(0,)], deadline - 30, poll=0.2)
+            wait_until(lambda ids=in_hand: rows(query, ids=ids) == [(0,)], deadline - 30, poll=0.2)
             seconds = time.monotonic() - killed_at
             self.kill_to_final.append(seconds)
             chaos.log(
@@ -94,7 +97,8 @@ def main() -> int:
     parser.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
     # free ports of our own instead of the harness's fixed ones (other runs may share this machine)
-    chaos.REDIS_PORT, chaos.PROXY_PORT = _free_port(), _free_port()
+    services.REDIS_PORT, services.PROXY_PORT = _free_port(), _free_port()
+    scenarios.PROXY_PORT = services.PROXY_PORT  # imported by name there
     chaos.WORK.mkdir(parents=True, exist_ok=True)
     os.chdir(chaos.REPO)
     model = chaos.model_dir()
