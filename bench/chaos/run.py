@@ -84,6 +84,7 @@ def main() -> int:
     ctx = Context(redis, proxy, model, args.quick, files)
     results: list[Result] = []
     started = datetime.now(UTC)
+    revision = git_revision()  # the code the run started on
     load_start = os.getloadavg()  # the machine may be shared: the 1/5/15-min load goes with the figures
     try:
         redis.start()
@@ -117,7 +118,7 @@ def main() -> int:
     summary = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
-        "revision": git_revision(),
+        "revision": revision,
         "model": f"{model_version(model)} ({model})",
         "load_average": load_text,
         "failures": failures,
