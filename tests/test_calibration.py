@@ -22,6 +22,7 @@ from db.calibration import (
 )
 from models.calibration import (
     MIN_POSITIVES,
+    ThresholdRule,
     calibrate,
     clopper_pearson,
     estimate_at,
@@ -47,7 +48,7 @@ def _sample(
 def test_screening_threshold_never_above_the_whole_sample_fit_and_high_never_below_screening():
     for seed, separation in ((0, 1.0), (1, 1.5), (2, 3.0)):
         y, prob, _ = _sample(60, 40, separation, seed)
-        screening, high = fit_thresholds(y, prob, draws=300, seed=seed)
+        screening, high = fit_thresholds(y, prob, ThresholdRule(draws=300, seed=seed))
         whole_screening, whole_high = operating_thresholds(y, prob, 0.98, 0.95)
         assert screening <= whole_screening + 1e-12
         assert high >= max(whole_high, screening) - 1e-12
@@ -55,7 +56,7 @@ def test_screening_threshold_never_above_the_whole_sample_fit_and_high_never_bel
 
 def test_where_classes_separate_the_screening_threshold_drops_into_the_gap():
     y, prob, _ = _sample(60, 40, 4.0, seed=3)
-    screening, high = fit_thresholds(y, prob, draws=300)
+    screening, high = fit_thresholds(y, prob, ThresholdRule(draws=300))
     # the sample alone would put it at the lower edge of the positives; the rule spends the
     # specificity the sample can spare (floor 0.90) on sensitivity
     assert screening < operating_thresholds(y, prob, 0.98, 0.95)[0]
@@ -78,11 +79,11 @@ def test_confidence_intervals_contain_the_point_and_exact_bounds_are_honest_at_1
 
 def test_small_sample_is_said_plainly():
     y, prob, logits = _sample(20, 10, 2.0, seed=5)
-    fit = calibrate(y, prob, logits, 0.6747, draws=200)
+    fit = calibrate(y, prob, logits, 0.6747, ThresholdRule(draws=200))
     assert fit.too_small
     assert any("sample too small" in w for w in fit.warnings)
     assert any(">= 183 positives" in w for w in fit.warnings)
-    big = calibrate(*_sample(MIN_POSITIVES, 30, 2.0, seed=6), draws=200)
+    big = calibrate(*_sample(MIN_POSITIVES, 30, 2.0, seed=6), rule=ThresholdRule(draws=200))
     assert not big.too_small
     details = big.details()
     json.dumps(details)  # stored as JSON
@@ -94,7 +95,7 @@ def test_refuses_one_class_and_bad_targets():
     with pytest.raises(ValueError):
         calibrate(np.ones(10), np.linspace(0, 1, 10))
     with pytest.raises(ValueError):
-        calibrate(*_sample(60, 40, 2.0)[:2], target_sensitivity=1.0)
+        calibrate(*_sample(60, 40, 2.0)[:2], rule=ThresholdRule(target_sensitivity=1.0))
 
 
 def test_labels_from_reviews_agree_keeps_disagree_flips():
