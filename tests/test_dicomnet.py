@@ -30,6 +30,7 @@ from tests.dicom_factory import radiograph
 from worker.dicomnet import objects
 from worker.dicomnet.listener import StorageListener
 from worker.dicomnet.plan import Destination, DestinationError, results_plan
+from worker.dicomnet.sender import retry_policy
 from worker.settings import Settings
 
 SPARSE_DROPS = (
@@ -44,6 +45,7 @@ SPARSE_DROPS = (
     "PatientID",
     "PatientName",
 )
+RETRY = retry_policy(Settings.build())  # the shipped defaults, as the sender gets them
 PLAN = outbox.OutboxPlan(("PACS@127.0.0.1:104",), (OutboxKind.STRUCTURED_REPORT, OutboxKind.KEY_OBJECT))
 DCMTK = shutil.which("dsrdump") is not None
 
@@ -210,21 +212,21 @@ def test_outbox_enqueue_is_idempotent_and_dicom_only(database):
 def test_outbox_claim_backoff_sent_once_and_operator_retry(database):
     image_id = _scored(database, 0.9, "a")
     with session_scope(database) as session:
-        first = outbox.claim_due(session)
+        first = outbox.claim_due(session, RETRY.claim_lease_s)
         assert {c.image_id for c in first} == {image_id} and len(first) == 2
-        assert outbox.claim_due(session) == []  # claimed rows are not due for anyone else
-        assert outbox.mark_retry(session, first[0], "destination unreachable") is OutboxStatus.PENDING
+        assert outbox.claim_due(session, RETRY.claim_lease_s) == []  # claimed: not due for anyone else
+        assert outbox.mark_retry(session, first[0], "destination unreachable", RETRY) is OutboxStatus.PENDING
         assert outbox.mark_sent(session, first[1])
         assert not outbox.mark_sent(session, first[1])  # a second sender's late answer changes nothing
         row = session.get(OutboxItem, first[0].id)
         delay = row.next_attempt_at.replace(tzinfo=None) - row.created_at.replace(tzinfo=None)
-        assert delay >= timedelta(seconds=outbox.FIRST_RETRY_S * 0.9)
-        assert outbox.claim_due(session) == []  # backing off
+        assert delay >= timedelta(seconds=RETRY.first_retry_s * 0.9)
+        assert outbox.claim_due(session, RETRY.claim_lease_s) == []  # backing off
         row.next_attempt_at = row.created_at
     with session_scope(database) as session:
-        again = outbox.claim_due(session)
+        again = outbox.claim_due(session, RETRY.claim_lease_s)
         assert [c.id for c in again] == [first[0].id] and again[0].attempts == 2
-        outbox.mark_retry(session, again[0], "refused", permanent=True)
+        outbox.mark_retry(session, again[0], "refused", RETRY, permanent=True)
         assert outbox.counts(session) == {"failed": 1, "sent": 1}
         assert outbox.retry(session, status=OutboxStatus.FAILED) == 1
         assert outbox.counts(session) == {"pending": 1, "sent": 1}
@@ -235,8 +237,8 @@ def test_outbox_claim_backoff_sent_once_and_operator_retry(database):
 
 
 def test_retry_delays_grow_and_are_capped():
-    delays = [outbox.retry_delay(n) for n in range(1, 12)]
-    assert delays == sorted(delays) and delays[0] == outbox.FIRST_RETRY_S and delays[-1] == outbox.MAX_RETRY_S
+    delays = [RETRY.delay(n) for n in range(1, 12)]
+    assert delays == sorted(delays) and delays[0] == RETRY.first_retry_s and delays[-1] == RETRY.max_retry_s
 
 
 def test_results_plan_and_destination_parsing():
