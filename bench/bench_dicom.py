@@ -136,7 +136,7 @@ def part_receive(args, work: Path) -> tuple[str, list[str]]:
 
 
 def part_latency(args, work: Path, model_dir: Path) -> tuple[str, list[str]]:
-    sys.path.insert(0, str(common.ROOT))
+    sys.path.insert(0, str(results.ROOT))
     from tests.orthanc import Orthanc
 
     listen_port = free_port()

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from bench import results
 
-ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 CLI = str(VENV_BIN / "cxr-triage") if (VENV_BIN / "cxr-triage").exists() else "cxr-triage"
 

@@ -16,9 +16,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from bench.results import log
+from bench.results import ROOT, log
 
-ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".work" / "bench"
 _SHARED = Path(os.environ.get("CXR_TRIAGE_SHARED", ROOT.parent / "shared"))
 SOURCE = Path(os.environ.get("CXR_BENCH_SOURCE", _SHARED / "data" / "kermany-cxr224" / "train"))
