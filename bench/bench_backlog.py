@@ -45,19 +45,12 @@ def register_tree(tree: Path, db_path: Path, model_dir: Path) -> dict:
             summary_file,
             str(tree),
             "--no-progress",
-            "--database-url",
-            url,
-            "--broker-url",
-            databases.REDIS_URL,
-            "--log-level",
-            "WARNING",
+            *common.store_args(url, broker=True),
         ),
         env=common.bench_env(model_dir),
     )
     databases.flush_redis()
-    if timed.returncode != 0:
-        sys.stderr.write(timed.stderr[-3000:])
-        raise SystemExit("registration scan failed")
+    timed.exit_if_failed("registration scan")
     line = results.read_scan_summary(summary_file)["line"]
     log(f"  {line} (wall {timed.seconds:.1f} s)")
     conn = sqlite3.connect(db_path)
@@ -103,19 +96,14 @@ def measured_scan(label: str, tree: Path, url: str, model_dir: Path, extra: list
             summary_file,
             str(tree),
             "--no-progress",
-            "--database-url",
-            url,
-            "--log-level",
-            "WARNING",
+            *common.store_args(url),
             *(extra or []),
         ),
         env=common.bench_env(model_dir),
         poll_rss=True,
         time_v=True,
     )
-    if timed.returncode != 0:
-        sys.stderr.write(timed.stderr[-3000:])
-        raise SystemExit(f"{label} failed with code {timed.returncode}")
+    timed.exit_if_failed(label)
     summary = results.read_scan_summary(summary_file)
     summary.update(
         wall=timed.seconds,

@@ -59,9 +59,7 @@ def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_
     env = dict(os.environ, **common.bench_env(model_dir))
     url = databases.create_postgres(PG_NAME)
     databases.flush_redis()
-    subprocess.run(
-        common.cli("db", "upgrade", "--database-url", url), check=True, capture_output=True, env=env
-    )
+    common.upgrade_schema(url, model_dir)
     log_path = corpora.WORK / "distributed" / f"worker-{processes}x{decode_workers}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = common.cli(
@@ -70,12 +68,7 @@ def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_
         str(processes),
         "--decode-workers",
         str(decode_workers),
-        "--database-url",
-        url,
-        "--broker-url",
-        databases.REDIS_URL,
-        "--log-level",
-        "WARNING",
+        *common.store_args(url, broker=True),
     )
     log(f"starting: {' '.join(cmd)}")
     with open(log_path, "w") as worker_log:
@@ -94,12 +87,7 @@ def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_
                 "--wait",
                 "--batch-size",
                 "1",
-                "--database-url",
-                url,
-                "--broker-url",
-                databases.REDIS_URL,
-                "--log-level",
-                "WARNING",
+                *common.store_args(url, broker=True),
             ),
             check=True,
             capture_output=True,
@@ -113,18 +101,11 @@ def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_
                 str(corpus),
                 "--no-progress",
                 "--wait",
-                "--database-url",
-                url,
-                "--broker-url",
-                databases.REDIS_URL,
-                "--log-level",
-                "WARNING",
+                *common.store_args(url, broker=True),
             ),
             env=common.bench_env(model_dir),
         )
-        if timed.returncode != 0:
-            sys.stderr.write(timed.stderr[-3000:])
-            raise SystemExit("distributed scan failed")
+        timed.exit_if_failed("distributed scan")
     finally:
         processes.terminate(supervisor, timeout=150)
         databases.drop_postgres(PG_NAME)

@@ -104,14 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     db_path = work / "watch.sqlite3"
     url = databases.fresh_sqlite(db_path)
     # schema first, so that polling never races the watcher's own migration
-    subprocess.run(
-        common.cli("db", "upgrade", "--database-url", url),
-        check=True,
-        capture_output=True,
-        env=dict(os.environ, **common.bench_env(model_dir)),
-    )
+    common.upgrade_schema(url, model_dir)
 
-    cmd = common.cli("watch", str(folder), "--database-url", url, "--log-level", "WARNING")
+    cmd = common.cli("watch", str(folder), *common.store_args(url))
     log(f"starting: {' '.join(cmd)}")
     proc = subprocess.Popen(
         cmd,

@@ -60,16 +60,9 @@ def main(argv: list[str] | None = None) -> None:
 
     db_path = corpora.WORK / "memory" / "memory.sqlite3"
     url = databases.fresh_sqlite(db_path)
-    subprocess.run(
-        common.cli("db", "upgrade", "--database-url", url),
-        check=True,
-        capture_output=True,
-        env=dict(os.environ, **common.bench_env(model_dir)),
-    )
+    common.upgrade_schema(url, model_dir)
     summary_file = db_path.with_suffix(".summary.json")
-    cmd = common.scan_cli(
-        summary_file, str(tree), "--no-progress", "--database-url", url, "--log-level", "WARNING"
-    )
+    cmd = common.scan_cli(summary_file, str(tree), "--no-progress", *common.store_args(url))
     log(f"scoring {args.files} files: {' '.join(cmd)}")
     started = time.perf_counter()
     proc = subprocess.Popen(

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 
-from bench import results
+from bench import databases, results
 
 VENV_BIN = Path(sys.executable).parent
 CLI = str(VENV_BIN / "cxr-triage") if (VENV_BIN / "cxr-triage").exists() else "cxr-triage"
@@ -27,6 +28,19 @@ def scan_cli(summary_json: Path, *args: str) -> list[str]:
     """``cxr-triage scan ARGS --summary-json FILE``: read the outcome with results.read_scan_summary."""
     summary_json.unlink(missing_ok=True)
     return cli("scan", *args, "--summary-json", str(summary_json))
+
+
+def store_args(database_url: str, *, broker: bool = False) -> list[str]:
+    """``--database-url URL [--broker-url REDIS] --log-level WARNING``: where a product run keeps its
+    state (with ``broker``, queueing on the benchmarks' Redis), logging only what goes wrong."""
+    broker_args = ["--broker-url", databases.REDIS_URL] if broker else []
+    return ["--database-url", database_url, *broker_args, "--log-level", "WARNING"]
+
+
+def upgrade_schema(database_url: str, model_dir: Path) -> None:
+    """Create the schema before the measured run, so nothing measured races the product's migration."""
+    env = dict(os.environ, **bench_env(model_dir))
+    subprocess.run(cli("db", "upgrade", "--database-url", database_url), check=True, capture_output=True, env=env)
 
 
 def bench_env(model_dir: Path) -> dict[str, str]:
