@@ -108,13 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cmd = common.cli("watch", str(folder), *common.store_args(url))
     log(f"starting: {' '.join(cmd)}")
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, **common.bench_env(model_dir)),
-    )
+    proc = common.start_product(cmd, model_dir)
     stderr_lines: list[str] = []
     threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True).start()
     poller = processes.RssPoller(proc.pid, interval=1.0).start()

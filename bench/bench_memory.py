@@ -11,9 +11,7 @@ Run: ``flock .work/heavy.lock .venv/bin/python bench/bench_memory.py`` (``--quic
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,13 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd = common.scan_cli(summary_file, str(tree), "--no-progress", *common.store_args(url))
     log(f"scoring {args.files} files: {' '.join(cmd)}")
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, **common.bench_env(model_dir)),
-    )
+    proc = common.start_product(cmd, model_dir)
     poller = processes.RssPoller(
         proc.pid, interval=args.interval, probe=lambda: finished_count(db_path)
     ).start()

@@ -43,6 +43,12 @@ def upgrade_schema(database_url: str, model_dir: Path) -> None:
     subprocess.run(cli("db", "upgrade", "--database-url", database_url), check=True, capture_output=True, env=env)
 
 
+def start_product(cmd: list[str], model_dir: Path) -> subprocess.Popen[str]:
+    """Start a product command in the background: output dropped, stderr (text) for the caller to read."""
+    env = dict(os.environ, **bench_env(model_dir))
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
 def bench_env(model_dir: Path) -> dict[str, str]:
     """Environment for product subprocesses: the model under test, quiet TensorFlow."""
     return {"CXR_TRIAGE_MODEL_DIR": str(model_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
