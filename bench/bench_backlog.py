@@ -34,21 +34,27 @@ from bench import corpus as corpora  # noqa: E402
 from bench.results import log  # noqa: E402
 
 
+def timed_scan(
+    summary_file: Path, tree: Path, url: str, model_dir: Path, *, broker: bool = False, measure_memory: bool = False
+) -> processes.Timed:
+    """``cxr-triage scan TREE`` into ``url`` (queueing only, with ``broker``), timed; with
+    ``measure_memory`` its peak RSS is polled and taken from ``/usr/bin/time -v`` too."""
+    cmd = common.scan_cli(summary_file, str(tree), "--no-progress", *common.store_args(url, broker=broker))
+    return processes.run_timed(
+        cmd,
+        env=common.bench_env(model_dir),
+        poll_rss=measure_memory,
+        time_v=measure_memory,
+    )
+
+
 def register_tree(tree: Path, db_path: Path, model_dir: Path) -> dict:
     """Register every file with the product's own scan (broker mode, no worker); they stay queued."""
     url = databases.fresh_sqlite(db_path)
     databases.flush_redis()
     log(f"registering {tree} with cxr-triage scan --broker-url (no worker) ...")
     summary_file = db_path.with_suffix(".summary.json")
-    timed = processes.run_timed(
-        common.scan_cli(
-            summary_file,
-            str(tree),
-            "--no-progress",
-            *common.store_args(url, broker=True),
-        ),
-        env=common.bench_env(model_dir),
-    )
+    timed = timed_scan(summary_file, tree, url, model_dir, broker=True)
     databases.flush_redis()
     timed.exit_if_failed("registration scan")
     line = results.read_scan_summary(summary_file)["line"]
@@ -87,22 +93,11 @@ def copy_db(source: Path, target: Path) -> str:
     return url
 
 
-def measured_scan(label: str, tree: Path, url: str, model_dir: Path, extra: list[str] | None = None) -> dict:
+def measured_scan(label: str, tree: Path, url: str, model_dir: Path, *, broker: bool = False) -> dict:
     log(f"{label} ...")
     slug = "".join(c if c.isalnum() else "-" for c in label)[:40]
     summary_file = corpora.WORK / f"backlog-{slug}.summary.json"
-    timed = processes.run_timed(
-        common.scan_cli(
-            summary_file,
-            str(tree),
-            "--no-progress",
-            *common.store_args(url),
-            *(extra or []),
-        ),
-        env=common.bench_env(model_dir),
-        poll_rss=True,
-        time_v=True,
-    )
+    timed = timed_scan(summary_file, tree, url, model_dir, broker=broker, measure_memory=True)
     timed.exit_if_failed(label)
     summary = results.read_scan_summary(summary_file)
     summary.update(
@@ -173,23 +168,14 @@ def main(argv: list[str] | None = None) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(source, target)
     try:
+        known_and_new = f"{args.files} known + {args.new_files} new"
         databases.flush_redis()
         url = copy_db(registered, work / "register-new.sqlite3")
-        b1 = measured_scan(
-            f"B1: registration only, {args.files} known + {args.new_files} new (broker, no worker)",
-            tree,
-            url,
-            model_dir,
-            ["--broker-url", databases.REDIS_URL],
-        )
+        label = f"B1: registration only, {known_and_new} (broker, no worker)"
+        b1 = measured_scan(label, tree, url, model_dir, broker=True)
         databases.flush_redis()
         url = copy_db(registered, work / "score-new.sqlite3")
-        b2 = measured_scan(
-            f"B2: embedded scan, {args.files} known + {args.new_files} new (scores them)",
-            tree,
-            url,
-            model_dir,
-        )
+        b2 = measured_scan(f"B2: embedded scan, {known_and_new} (scores them)", tree, url, model_dir)
     finally:
         shutil.rmtree(extra_dir, ignore_errors=True)
         databases.flush_redis()
