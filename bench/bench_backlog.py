@@ -115,20 +115,14 @@ def measured_scan(label: str, tree: Path, url: str, model_dir: Path, *, broker: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = common.make_parser(__doc__)
-    parser.add_argument(
-        "--files", type=int, default=100_000, help="known files (default 100000; --quick: 2000)"
-    )
-    parser.add_argument(
-        "--new-files", type=int, default=10_000, help="new files (default 10000; --quick: 200)"
-    )
+    parser.add_size("--files", 100_000, 2000, "known files")
+    parser.add_size("--new-files", 10_000, 200, "new files")
     parser.add_argument(
         "--setup-only",
         action="store_true",
         help="only generate the trees and register them (cached), then exit",
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.files, args.new_files = min(args.files, 2000), min(args.new_files, 200)
 
     model_dir = common.resolve_model_dir(args.model_dir)
     model = results.model_description(model_dir)

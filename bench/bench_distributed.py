@@ -117,15 +117,11 @@ def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_
 
 def main(argv: list[str] | None = None) -> None:
     parser = common.make_parser(__doc__)
-    parser.add_argument(
-        "--files", type=int, default=1200, help="mixed corpus size (default 1200; --quick: 24)"
-    )
+    parser.add_size("--files", 1200, 24, "mixed corpus size")
     parser.add_argument(
         "--configs", default="1x2,2x1", help="comma-separated PROCESSESxDECODE_WORKERS (default 1x2,2x1)"
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.files = min(args.files, 24)
 
     model_dir = common.resolve_model_dir(args.model_dir)
     model = report.model_description(model_dir)

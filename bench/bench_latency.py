@@ -75,17 +75,13 @@ def wait_for(db_path: Path, paths: list[str], timeout: float, poll: float = 0.25
 def main(argv: list[str] | None = None) -> None:
     parser = common.make_parser(__doc__)
     parser.add_argument("--rate", type=float, default=5.0, help="files per second (default 5)")
-    parser.add_argument(
-        "--seconds", type=float, default=120.0, help="drip duration (default 120; --quick: 10)"
-    )
+    parser.add_size("--seconds", 120.0, 10.0, "drip duration")
     parser.add_argument(
         "--profile",
         metavar="FILE",
         help="attach py-spy (--idle, all processes) to the watcher during the drip; raw stacks to FILE",
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.seconds = min(args.seconds, 10.0)
 
     model_dir = common.resolve_model_dir(args.model_dir)
     model = results.model_description(model_dir)

@@ -38,16 +38,10 @@ def finished_count(db_path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = common.make_parser(__doc__)
-    parser.add_argument(
-        "--files", type=int, default=10_000, help="files to score (default 10000; --quick: 300)"
-    )
-    parser.add_argument(
-        "--first", type=int, default=1_000, help="first checkpoint (default 1000; --quick: 50)"
-    )
+    parser.add_size("--files", 10_000, 300, "files to score")
+    parser.add_size("--first", 1_000, 50, "first checkpoint")
     parser.add_argument("--interval", type=float, default=0.5, help="sampling interval, s")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.files, args.first = min(args.files, 300), min(args.first, 50)
 
     model_dir = common.resolve_model_dir(args.model_dir)
     model = results.model_description(model_dir)

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from bench import databases, results
 
@@ -70,8 +71,22 @@ class BenchParser(argparse.ArgumentParser):
     Parsing itself neither sleeps nor looks at other processes, so ``--help`` is instant.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._quick_sizes: dict[str, float] = {}
+
+    def add_size(self, flag: str, default: float, quick: float, what: str) -> None:
+        """A size of the run (files, seconds ...), ``default`` unless given; ``--quick`` caps it at ``quick``."""
+        action = self.add_argument(
+            flag, type=type(default), default=default, help=f"{what} (default {default:g}; --quick: {quick:g})"
+        )
+        self._quick_sizes[action.dest] = quick
+
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         parsed = super().parse_args(args, namespace)
+        if getattr(parsed, "quick", False):
+            for dest, quick in self._quick_sizes.items():
+                setattr(parsed, dest, min(getattr(parsed, dest), quick))
         results.run_started()
         return parsed
 
@@ -88,7 +103,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def make_parser(doc: str, *, common_args: bool = True) -> argparse.ArgumentParser:
+def make_parser(doc: str, *, common_args: bool = True) -> BenchParser:
     """The parser every benchmark uses: first docstring line as description, the rest as epilog."""
     parser = BenchParser(
         description=doc.splitlines()[0],
