@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    model_dir = common.resolve_model_dir(args.model_dir)
-    model = results.model_description(model_dir)
+    model_dir, model = common.model_under_test(args)
     tree, manifest = corpora.build_small_tree("backlog", args.files)
     new_tree, _ = corpora.build_small_tree("backlog-new", args.new_files, seed=11, tag="-new")
     extra_dir = tree / "zz-new"

@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     from worker.prepare import prepare
 
     configure_pydicom()
-    model_dir = common.resolve_model_dir(args.model_dir)
-    model = results.model_description(model_dir)
+    model_dir, model = common.model_under_test(args)
     corpus, manifest = corpora.build_corpus("mixed", args.files)
     scorer = Scorer.load(model_dir)
     size = scorer.input_size

@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    model_dir = common.resolve_model_dir(args.model_dir)
-    model = report.model_description(model_dir)
+    model_dir, model = common.model_under_test(args)
     corpus, manifest = corpora.build_corpus("mixed", args.files)
     if processes.training_running():
         log("WARNING: model training is running: CPU contention, figures will be pessimistic")

@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    model_dir = common.resolve_model_dir(args.model_dir)
-    model = results.model_description(model_dir)
+    model_dir, model = common.model_under_test(args)
     count = int(round(args.rate * args.seconds))
     corpus, manifest = corpora.build_corpus("drip-jpeg", count + 1, mix={"jpeg": 1.0}, seed=3)
     files = sorted(str(p) for p in corpus.rglob("*.jpg"))

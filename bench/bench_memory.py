@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=0.5, help="sampling interval, s")
     args = parser.parse_args(argv)
 
-    model_dir = common.resolve_model_dir(args.model_dir)
-    model = results.model_description(model_dir)
+    model_dir, model = common.model_under_test(args)
     # the same cached set of unique small files as the "new files" of bench_backlog.py
     tree, manifest = corpora.build_small_tree("backlog-new", args.files, seed=11, tag="-new")
     if processes.training_running():

@@ -65,6 +65,13 @@ def resolve_model_dir(model_dir: str | None) -> Path:
     return default_model_dir()
 
 
+def model_under_test(args: argparse.Namespace) -> tuple[Path, str]:
+    """The model folder the benchmark runs (``--model-dir``, else the environment, else the shipped
+    model) and its description for the results."""
+    model_dir = resolve_model_dir(args.model_dir)
+    return model_dir, results.model_description(model_dir)
+
+
 class BenchParser(argparse.ArgumentParser):
     """An argument parser that opens the contention window once the arguments are parsed.
 
