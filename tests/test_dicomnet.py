@@ -23,7 +23,6 @@ from pynetdicom.sop_class import Verification
 
 from db import outbox
 from db.engine import session_scope
-from db.migrate import upgrade
 from db.queue import FileSeen, ScoreRecord, claim, record_score, register
 from db.schema import OutboxItem, OutboxKind, OutboxStatus
 from tests.dicom_factory import radiograph
@@ -172,17 +171,6 @@ def test_key_object_and_secondary_capture_are_valid(tmp_path):
 
 
 # -- outbox ----------------------------------------------------------------------------------------
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request, tmp_path):
-    url = (
-        f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    upgrade(url)
-    return url
-
-
 def _scored(url: str, p: float, name: str, source_format: str = "dicom") -> int:
     with session_scope(url) as session:
         image_id, _ = register(session, FileSeen(f"/nowhere/{name}", 1, 1), name.ljust(64, "0"))
@@ -199,19 +187,19 @@ def _scored(url: str, p: float, name: str, source_format: str = "dicom") -> int:
     return image_id
 
 
-def test_outbox_enqueue_is_idempotent_and_dicom_only(database):
-    high = _scored(database, 0.9, "a")
-    low = _scored(database, 0.01, "b")
-    _scored(database, 0.9, "c", source_format="png")
-    with session_scope(database) as session:
+def test_outbox_enqueue_is_idempotent_and_dicom_only(url):
+    high = _scored(url, 0.9, "a")
+    low = _scored(url, 0.01, "b")
+    _scored(url, 0.9, "c", source_format="png")
+    with session_scope(url) as session:
         assert outbox.enqueue_results(session, high, "model-v1", PLAN, {"source_format": "dicom"}) == 0
         rows = session.query(OutboxItem.image_id, OutboxItem.kind).order_by(OutboxItem.id).all()
     assert sorted(rows) == sorted([(high, "sr"), (high, "ko"), (low, "sr")])  # KOS for HIGH only
 
 
-def test_outbox_claim_backoff_sent_once_and_operator_retry(database):
-    image_id = _scored(database, 0.9, "a")
-    with session_scope(database) as session:
+def test_outbox_claim_backoff_sent_once_and_operator_retry(url):
+    image_id = _scored(url, 0.9, "a")
+    with session_scope(url) as session:
         first = outbox.claim_due(session, RETRY.claim_lease_s)
         assert {c.image_id for c in first} == {image_id} and len(first) == 2
         assert outbox.claim_due(session, RETRY.claim_lease_s) == []  # claimed: not due for anyone else
@@ -223,7 +211,7 @@ def test_outbox_claim_backoff_sent_once_and_operator_retry(database):
         assert delay >= timedelta(seconds=RETRY.first_retry_s * 0.9)
         assert outbox.claim_due(session, RETRY.claim_lease_s) == []  # backing off
         row.next_attempt_at = row.created_at
-    with session_scope(database) as session:
+    with session_scope(url) as session:
         again = outbox.claim_due(session, RETRY.claim_lease_s)
         assert [c.id for c in again] == [first[0].id] and again[0].attempts == 2
         outbox.mark_retry(session, again[0], "refused", RETRY, permanent=True)
