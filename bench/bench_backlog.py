@@ -34,30 +34,29 @@ from bench import corpus as corpora  # noqa: E402
 from bench.results import log  # noqa: E402
 
 
+def timed_scan(
+    summary_file: Path, tree: Path, url: str, model_dir: Path, *, broker: bool = False, measure_memory: bool = False
+) -> processes.Timed:
+    """``cxr-triage scan TREE`` into ``url`` (queueing only, with ``broker``), timed; with
+    ``measure_memory`` its peak RSS is polled and taken from ``/usr/bin/time -v`` too."""
+    cmd = common.scan_cli(summary_file, str(tree), "--no-progress", *common.store_args(url, broker=broker))
+    return processes.run_timed(
+        cmd,
+        env=common.bench_env(model_dir),
+        poll_rss=measure_memory,
+        time_v=measure_memory,
+    )
+
+
 def register_tree(tree: Path, db_path: Path, model_dir: Path) -> dict:
     """Register every file with the product's own scan (broker mode, no worker); they stay queued."""
     url = databases.fresh_sqlite(db_path)
     databases.flush_redis()
     log(f"registering {tree} with cxr-triage scan --broker-url (no worker) ...")
     summary_file = db_path.with_suffix(".summary.json")
-    timed = processes.run_timed(
-        common.scan_cli(
-            summary_file,
-            str(tree),
-            "--no-progress",
-            "--database-url",
-            url,
-            "--broker-url",
-            databases.REDIS_URL,
-            "--log-level",
-            "WARNING",
-        ),
-        env=common.bench_env(model_dir),
-    )
+    timed = timed_scan(summary_file, tree, url, model_dir, broker=True)
     databases.flush_redis()
-    if timed.returncode != 0:
-        sys.stderr.write(timed.stderr[-3000:])
-        raise SystemExit("registration scan failed")
+    timed.exit_if_failed("registration scan")
     line = results.read_scan_summary(summary_file)["line"]
     log(f"  {line} (wall {timed.seconds:.1f} s)")
     conn = sqlite3.connect(db_path)
@@ -94,28 +93,12 @@ def copy_db(source: Path, target: Path) -> str:
     return url
 
 
-def measured_scan(label: str, tree: Path, url: str, model_dir: Path, extra: list[str] | None = None) -> dict:
+def measured_scan(label: str, tree: Path, url: str, model_dir: Path, *, broker: bool = False) -> dict:
     log(f"{label} ...")
     slug = "".join(c if c.isalnum() else "-" for c in label)[:40]
     summary_file = corpora.WORK / f"backlog-{slug}.summary.json"
-    timed = processes.run_timed(
-        common.scan_cli(
-            summary_file,
-            str(tree),
-            "--no-progress",
-            "--database-url",
-            url,
-            "--log-level",
-            "WARNING",
-            *(extra or []),
-        ),
-        env=common.bench_env(model_dir),
-        poll_rss=True,
-        time_v=True,
-    )
-    if timed.returncode != 0:
-        sys.stderr.write(timed.stderr[-3000:])
-        raise SystemExit(f"{label} failed with code {timed.returncode}")
+    timed = timed_scan(summary_file, tree, url, model_dir, broker=broker, measure_memory=True)
+    timed.exit_if_failed(label)
     summary = results.read_scan_summary(summary_file)
     summary.update(
         wall=timed.seconds,
@@ -132,23 +115,16 @@ def measured_scan(label: str, tree: Path, url: str, model_dir: Path, extra: list
 
 def main(argv: list[str] | None = None) -> None:
     parser = common.make_parser(__doc__)
-    parser.add_argument(
-        "--files", type=int, default=100_000, help="known files (default 100000; --quick: 2000)"
-    )
-    parser.add_argument(
-        "--new-files", type=int, default=10_000, help="new files (default 10000; --quick: 200)"
-    )
+    parser.add_size("--files", 100_000, 2000, "known files")
+    parser.add_size("--new-files", 10_000, 200, "new files")
     parser.add_argument(
         "--setup-only",
         action="store_true",
         help="only generate the trees and register them (cached), then exit",
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.files, args.new_files = min(args.files, 2000), min(args.new_files, 200)
 
-    model_dir = common.resolve_model_dir(args.model_dir)
-    model = results.model_description(model_dir)
+    model_dir, model = common.model_under_test(args)
     tree, manifest = corpora.build_small_tree("backlog", args.files)
     new_tree, _ = corpora.build_small_tree("backlog-new", args.new_files, seed=11, tag="-new")
     extra_dir = tree / "zz-new"
@@ -185,23 +161,14 @@ def main(argv: list[str] | None = None) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(source, target)
     try:
+        known_and_new = f"{args.files} known + {args.new_files} new"
         databases.flush_redis()
         url = copy_db(registered, work / "register-new.sqlite3")
-        b1 = measured_scan(
-            f"B1: registration only, {args.files} known + {args.new_files} new (broker, no worker)",
-            tree,
-            url,
-            model_dir,
-            ["--broker-url", databases.REDIS_URL],
-        )
+        label = f"B1: registration only, {known_and_new} (broker, no worker)"
+        b1 = measured_scan(label, tree, url, model_dir, broker=True)
         databases.flush_redis()
         url = copy_db(registered, work / "score-new.sqlite3")
-        b2 = measured_scan(
-            f"B2: embedded scan, {args.files} known + {args.new_files} new (scores them)",
-            tree,
-            url,
-            model_dir,
-        )
+        b2 = measured_scan(f"B2: embedded scan, {known_and_new} (scores them)", tree, url, model_dir)
     finally:
         shutil.rmtree(extra_dir, ignore_errors=True)
         databases.flush_redis()

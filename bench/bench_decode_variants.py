@@ -39,23 +39,16 @@ def _timed(files: list[str], size: int, full: bool) -> tuple[list, float, float]
 
 def main(argv: list[str] | None = None) -> None:
     parser = common.make_parser(__doc__)
-    parser.add_argument(
-        "--per-format", type=int, default=30, help="files per format (default 30; --quick: 3)"
-    )
-    parser.add_argument(
-        "--files", type=int, default=1200, help="mixed corpus to draw from (default 1200; --quick: 24)"
-    )
+    parser.add_size("--per-format", 30, 3, "files per format")
+    parser.add_size("--files", 1200, 24, "mixed corpus to draw from")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.per_format, args.files = min(args.per_format, 3), min(args.files, 24)
 
     from pipeline.dicom import configure_pydicom
     from pipeline.inference import Scorer
     from worker.prepare import prepare
 
     configure_pydicom()
-    model_dir = common.resolve_model_dir(args.model_dir)
-    model = results.model_description(model_dir)
+    model_dir, model = common.model_under_test(args)
     corpus, manifest = corpora.build_corpus("mixed", args.files)
     scorer = Scorer.load(model_dir)
     size = scorer.input_size

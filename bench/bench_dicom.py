@@ -136,7 +136,7 @@ def part_receive(args, work: Path) -> tuple[str, list[str]]:
 
 
 def part_latency(args, work: Path, model_dir: Path) -> tuple[str, list[str]]:
-    sys.path.insert(0, str(common.ROOT))
+    sys.path.insert(0, str(results.ROOT))
     from tests.orthanc import Orthanc
 
     listen_port = free_port()
@@ -254,8 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not Path(ORTHANC).is_file() and not args.skip_latency:
         raise SystemExit("Orthanc is not installed (apt-get install orthanc)")
-    model_dir = common.resolve_model_dir(args.model_dir)
-    model = results.model_description(model_dir)
+    model_dir, model = common.model_under_test(args)
     work = corpus.WORK / "dicom"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

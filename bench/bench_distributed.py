@@ -59,9 +59,7 @@ def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_
     env = dict(os.environ, **common.bench_env(model_dir))
     url = databases.create_postgres(PG_NAME)
     databases.flush_redis()
-    subprocess.run(
-        common.cli("db", "upgrade", "--database-url", url), check=True, capture_output=True, env=env
-    )
+    common.upgrade_schema(url, model_dir)
     log_path = corpora.WORK / "distributed" / f"worker-{processes}x{decode_workers}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = common.cli(
@@ -70,12 +68,7 @@ def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_
         str(processes),
         "--decode-workers",
         str(decode_workers),
-        "--database-url",
-        url,
-        "--broker-url",
-        databases.REDIS_URL,
-        "--log-level",
-        "WARNING",
+        *common.store_args(url, broker=True),
     )
     log(f"starting: {' '.join(cmd)}")
     with open(log_path, "w") as worker_log:
@@ -94,12 +87,7 @@ def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_
                 "--wait",
                 "--batch-size",
                 "1",
-                "--database-url",
-                url,
-                "--broker-url",
-                databases.REDIS_URL,
-                "--log-level",
-                "WARNING",
+                *common.store_args(url, broker=True),
             ),
             check=True,
             capture_output=True,
@@ -113,18 +101,11 @@ def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_
                 str(corpus),
                 "--no-progress",
                 "--wait",
-                "--database-url",
-                url,
-                "--broker-url",
-                databases.REDIS_URL,
-                "--log-level",
-                "WARNING",
+                *common.store_args(url, broker=True),
             ),
             env=common.bench_env(model_dir),
         )
-        if timed.returncode != 0:
-            sys.stderr.write(timed.stderr[-3000:])
-            raise SystemExit("distributed scan failed")
+        timed.exit_if_failed("distributed scan")
     finally:
         processes.terminate(supervisor, timeout=150)
         databases.drop_postgres(PG_NAME)
@@ -136,18 +117,13 @@ def run_config(processes: int, decode_workers: int, corpus: Path, n: int, model_
 
 def main(argv: list[str] | None = None) -> None:
     parser = common.make_parser(__doc__)
-    parser.add_argument(
-        "--files", type=int, default=1200, help="mixed corpus size (default 1200; --quick: 24)"
-    )
+    parser.add_size("--files", 1200, 24, "mixed corpus size")
     parser.add_argument(
         "--configs", default="1x2,2x1", help="comma-separated PROCESSESxDECODE_WORKERS (default 1x2,2x1)"
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.files = min(args.files, 24)
 
-    model_dir = common.resolve_model_dir(args.model_dir)
-    model = report.model_description(model_dir)
+    model_dir, model = common.model_under_test(args)
     corpus, manifest = corpora.build_corpus("mixed", args.files)
     if processes.training_running():
         log("WARNING: model training is running: CPU contention, figures will be pessimistic")

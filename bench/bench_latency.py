@@ -75,20 +75,15 @@ def wait_for(db_path: Path, paths: list[str], timeout: float, poll: float = 0.25
 def main(argv: list[str] | None = None) -> None:
     parser = common.make_parser(__doc__)
     parser.add_argument("--rate", type=float, default=5.0, help="files per second (default 5)")
-    parser.add_argument(
-        "--seconds", type=float, default=120.0, help="drip duration (default 120; --quick: 10)"
-    )
+    parser.add_size("--seconds", 120.0, 10.0, "drip duration")
     parser.add_argument(
         "--profile",
         metavar="FILE",
         help="attach py-spy (--idle, all processes) to the watcher during the drip; raw stacks to FILE",
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.seconds = min(args.seconds, 10.0)
 
-    model_dir = common.resolve_model_dir(args.model_dir)
-    model = results.model_description(model_dir)
+    model_dir, model = common.model_under_test(args)
     count = int(round(args.rate * args.seconds))
     corpus, manifest = corpora.build_corpus("drip-jpeg", count + 1, mix={"jpeg": 1.0}, seed=3)
     files = sorted(str(p) for p in corpus.rglob("*.jpg"))
@@ -104,22 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     db_path = work / "watch.sqlite3"
     url = databases.fresh_sqlite(db_path)
     # schema first, so that polling never races the watcher's own migration
-    subprocess.run(
-        common.cli("db", "upgrade", "--database-url", url),
-        check=True,
-        capture_output=True,
-        env=dict(os.environ, **common.bench_env(model_dir)),
-    )
+    common.upgrade_schema(url, model_dir)
 
-    cmd = common.cli("watch", str(folder), "--database-url", url, "--log-level", "WARNING")
+    cmd = common.cli("watch", str(folder), *common.store_args(url))
     log(f"starting: {' '.join(cmd)}")
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, **common.bench_env(model_dir)),
-    )
+    proc = common.start_product(cmd, model_dir)
     stderr_lines: list[str] = []
     threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True).start()
     poller = processes.RssPoller(proc.pid, interval=1.0).start()

@@ -11,9 +11,7 @@ Run: ``flock .work/heavy.lock .venv/bin/python bench/bench_memory.py`` (``--quic
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,19 +38,12 @@ def finished_count(db_path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = common.make_parser(__doc__)
-    parser.add_argument(
-        "--files", type=int, default=10_000, help="files to score (default 10000; --quick: 300)"
-    )
-    parser.add_argument(
-        "--first", type=int, default=1_000, help="first checkpoint (default 1000; --quick: 50)"
-    )
+    parser.add_size("--files", 10_000, 300, "files to score")
+    parser.add_size("--first", 1_000, 50, "first checkpoint")
     parser.add_argument("--interval", type=float, default=0.5, help="sampling interval, s")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.files, args.first = min(args.files, 300), min(args.first, 50)
 
-    model_dir = common.resolve_model_dir(args.model_dir)
-    model = results.model_description(model_dir)
+    model_dir, model = common.model_under_test(args)
     # the same cached set of unique small files as the "new files" of bench_backlog.py
     tree, manifest = corpora.build_small_tree("backlog-new", args.files, seed=11, tag="-new")
     if processes.training_running():
@@ -60,25 +51,12 @@ def main(argv: list[str] | None = None) -> None:
 
     db_path = corpora.WORK / "memory" / "memory.sqlite3"
     url = databases.fresh_sqlite(db_path)
-    subprocess.run(
-        common.cli("db", "upgrade", "--database-url", url),
-        check=True,
-        capture_output=True,
-        env=dict(os.environ, **common.bench_env(model_dir)),
-    )
+    common.upgrade_schema(url, model_dir)
     summary_file = db_path.with_suffix(".summary.json")
-    cmd = common.scan_cli(
-        summary_file, str(tree), "--no-progress", "--database-url", url, "--log-level", "WARNING"
-    )
+    cmd = common.scan_cli(summary_file, str(tree), "--no-progress", *common.store_args(url))
     log(f"scoring {args.files} files: {' '.join(cmd)}")
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, **common.bench_env(model_dir)),
-    )
+    proc = common.start_product(cmd, model_dir)
     poller = processes.RssPoller(
         proc.pid, interval=args.interval, probe=lambda: finished_count(db_path)
     ).start()

@@ -101,12 +101,12 @@ def build_corpus(count: int) -> Path:
 
 def run_mode(mode: str, corpus: Path, reps: int, model_dir: Path) -> tuple[list[float], float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROMETHEUS_", "CXR_TRIAGE_"))}
-    env.update(PYTHONPATH=str(common.ROOT), CXR_TRIAGE_LOG_LEVEL="WARNING", TF_CPP_MIN_LOG_LEVEL="3")
+    env.update(PYTHONPATH=str(results.ROOT), CXR_TRIAGE_LOG_LEVEL="WARNING", TF_CPP_MIN_LOG_LEVEL="3")
     if mode == "multiprocess":
         env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cxr-bench-mp-")
     done = subprocess.run(
         [sys.executable, "-c", CHILD, mode, str(corpus), str(reps), str(model_dir)],
-        env=env, capture_output=True, text=True, cwd=common.ROOT,
+        env=env, capture_output=True, text=True, cwd=results.ROOT,
     )
     if done.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{done.stderr[-3000:]}")

@@ -39,6 +39,20 @@ PASSWORD = "bench-password-1"
 MODEL = "bench-model-v1"
 MODEL_2 = "bench-model-v2"
 
+
+
+def _scores(model: str, which: str) -> str:
+    """SQL giving the images ``which`` selects a score by ``model``, skewed toward low probabilities."""
+    return f"""
+    INSERT INTO scores (image_id, model_version, pneumonia_probability, pneumonia_logit, viral_probability,
+                        screening_threshold, high_confidence_threshold, screening_positive,
+                        high_confidence_positive, created_at)
+    SELECT id, '{model}', p, ln(p / (1 - p)), random(), 0.0734, 0.3826, p >= 0.0734, p >= 0.3826, now()
+    FROM (SELECT id, least(greatest(power(random(), 3), 0.0001), 0.9999) AS p FROM images
+          WHERE {which}) s
+    """
+
+
 FILL = [
     # films: 86 % scored, 4 % failed, 2 % rejected, 3 % queued, 5 % superseded (not listed)
     """
@@ -53,22 +67,8 @@ FILL = [
            g % 100 = 91, now() - (random() * interval '30 days'), now()
     FROM generate_series(1, :n) AS g
     """,
-    f"""
-    INSERT INTO scores (image_id, model_version, pneumonia_probability, pneumonia_logit, viral_probability,
-                        screening_threshold, high_confidence_threshold, screening_positive,
-                        high_confidence_positive, created_at)
-    SELECT id, '{MODEL}', p, ln(p / (1 - p)), random(), 0.0734, 0.3826, p >= 0.0734, p >= 0.3826, now()
-    FROM (SELECT id, least(greatest(power(random(), 3), 0.0001), 0.9999) AS p FROM images
-          WHERE status IN ('scored', 'superseded')) s
-    """,
-    f"""
-    INSERT INTO scores (image_id, model_version, pneumonia_probability, pneumonia_logit, viral_probability,
-                        screening_threshold, high_confidence_threshold, screening_positive,
-                        high_confidence_positive, created_at)
-    SELECT id, '{MODEL_2}', p, ln(p / (1 - p)), random(), 0.0734, 0.3826, p >= 0.0734, p >= 0.3826, now()
-    FROM (SELECT id, least(greatest(power(random(), 3), 0.0001), 0.9999) AS p FROM images
-          WHERE status = 'scored' AND id % 10 = 0) s
-    """,
+    _scores(MODEL, "status IN ('scored', 'superseded')"),
+    _scores(MODEL_2, "status = 'scored' AND id % 10 = 0"),  # a second model version for 10 %
     """
     INSERT INTO source_files (path, image_id, size_bytes, mtime_ns, seen_at)
     SELECT '/drop/ward-' || (id % 20) || '/film-' || id || '.dcm', id, 200000, 1, first_seen_at FROM images

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from bench import results
+from bench import databases, results
 
-ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 CLI = str(VENV_BIN / "cxr-triage") if (VENV_BIN / "cxr-triage").exists() else "cxr-triage"
 
@@ -28,6 +29,25 @@ def scan_cli(summary_json: Path, *args: str) -> list[str]:
     """``cxr-triage scan ARGS --summary-json FILE``: read the outcome with results.read_scan_summary."""
     summary_json.unlink(missing_ok=True)
     return cli("scan", *args, "--summary-json", str(summary_json))
+
+
+def store_args(database_url: str, *, broker: bool = False) -> list[str]:
+    """``--database-url URL [--broker-url REDIS] --log-level WARNING``: where a product run keeps its
+    state (with ``broker``, queueing on the benchmarks' Redis), logging only what goes wrong."""
+    broker_args = ["--broker-url", databases.REDIS_URL] if broker else []
+    return ["--database-url", database_url, *broker_args, "--log-level", "WARNING"]
+
+
+def upgrade_schema(database_url: str, model_dir: Path) -> None:
+    """Create the schema before the measured run, so nothing measured races the product's migration."""
+    env = dict(os.environ, **bench_env(model_dir))
+    subprocess.run(cli("db", "upgrade", "--database-url", database_url), check=True, capture_output=True, env=env)
+
+
+def start_product(cmd: list[str], model_dir: Path) -> subprocess.Popen[str]:
+    """Start a product command in the background: output dropped, stderr (text) for the caller to read."""
+    env = dict(os.environ, **bench_env(model_dir))
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def bench_env(model_dir: Path) -> dict[str, str]:
@@ -45,14 +65,35 @@ def resolve_model_dir(model_dir: str | None) -> Path:
     return default_model_dir()
 
 
+def model_under_test(args: argparse.Namespace) -> tuple[Path, str]:
+    """The model folder the benchmark runs (``--model-dir``, else the environment, else the shipped
+    model) and its description for the results."""
+    model_dir = resolve_model_dir(args.model_dir)
+    return model_dir, results.model_description(model_dir)
+
+
 class BenchParser(argparse.ArgumentParser):
     """An argument parser that opens the contention window once the arguments are parsed.
 
     Parsing itself neither sleeps nor looks at other processes, so ``--help`` is instant.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._quick_sizes: dict[str, float] = {}
+
+    def add_size(self, flag: str, default: float, quick: float, what: str) -> None:
+        """A size of the run (files, seconds ...), ``default`` unless given; ``--quick`` caps it at ``quick``."""
+        action = self.add_argument(
+            flag, type=type(default), default=default, help=f"{what} (default {default:g}; --quick: {quick:g})"
+        )
+        self._quick_sizes[action.dest] = quick
+
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         parsed = super().parse_args(args, namespace)
+        if getattr(parsed, "quick", False):
+            for dest, quick in self._quick_sizes.items():
+                setattr(parsed, dest, min(getattr(parsed, dest), quick))
         results.run_started()
         return parsed
 
@@ -69,7 +110,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def make_parser(doc: str, *, common_args: bool = True) -> argparse.ArgumentParser:
+def make_parser(doc: str, *, common_args: bool = True) -> BenchParser:
     """The parser every benchmark uses: first docstring line as description, the rest as epilog."""
     parser = BenchParser(
         description=doc.splitlines()[0],

@@ -16,9 +16,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from bench.results import log
+from bench.results import ROOT, log
 
-ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".work" / "bench"
 _SHARED = Path(os.environ.get("CXR_TRIAGE_SHARED", ROOT.parent / "shared"))
 SOURCE = Path(os.environ.get("CXR_BENCH_SOURCE", _SHARED / "data" / "kermany-cxr224" / "train"))
@@ -131,13 +130,9 @@ def build_corpus(
     """Generate (or reuse) a corpus of ``n`` full-size films; returns (folder, manifest)."""
     mix = mix or MIX
     folder = WORK / f"{name}-v{CORPUS_VERSION}-n{n}-s{side}-seed{seed}"
-    manifest_path = folder / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        log(f"reusing corpus {folder} ({manifest['files']} files)")
-        return folder / "files", manifest
-    if folder.exists():
-        shutil.rmtree(folder)
+    cached = _reuse(folder, "corpus")
+    if cached:
+        return cached
     sources = source_images(seed)
     if n > len(sources):
         raise SystemExit(f"asked for {n} films, only {len(sources)} source images")
@@ -165,8 +160,7 @@ def build_corpus(
         "bytes": sum(e["bytes"] for e in entries),
         "entries": entries,
     }
-    manifest_path.write_text(json.dumps(manifest))
-    return folder / "files", manifest
+    return _complete(folder, manifest)
 
 
 def corpus_description(manifest: dict) -> str:
@@ -184,18 +178,33 @@ def tagged_jpeg(data: bytes, tag: str) -> bytes:
     return data[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
 
 
+def _reuse(folder: Path, what: str) -> tuple[Path, dict] | None:
+    """A complete cached ``folder`` as (files folder, manifest); an incomplete one, left by an
+    interrupted generation, is removed and None returned."""
+    manifest_path = folder / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        log(f"reusing {what} {folder} ({manifest['files']} files)")
+        return folder / "files", manifest
+    if folder.exists():
+        shutil.rmtree(folder)
+    return None
+
+
+def _complete(folder: Path, manifest: dict) -> tuple[Path, dict]:
+    """Write the manifest, last: from now on :func:`_reuse` takes the folder as complete."""
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder / "files", manifest
+
+
 def build_small_tree(
     name: str, n: int, *, per_dir: int = 1000, seed: int = 0, tag: str = ""
 ) -> tuple[Path, dict]:
     """``n`` small valid unique JPEGs (the 224 px Kermany films, each with a unique COM tag)."""
     folder = WORK / f"{name}-v{CORPUS_VERSION}-n{n}-seed{seed}{tag}"
-    manifest_path = folder / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        log(f"reusing tree {folder} ({manifest['files']} files)")
-        return folder / "files", manifest
-    if folder.exists():
-        shutil.rmtree(folder)
+    cached = _reuse(folder, "tree")
+    if cached:
+        return cached
     sources = [p.read_bytes() for p in source_images(seed)]
     sources = [s for s in sources if s[:2] == b"\xff\xd8"]
     log(f"writing {n} small files into {folder} ...")
@@ -210,9 +219,7 @@ def build_small_tree(
         total += len(data)
         if (i + 1) % max(n // 10, 1) == 0:
             log(f"  {i + 1}/{n} files ({time.monotonic() - started:.0f} s)")
-    manifest = {"files": n, "bytes": total, "per_dir": per_dir}
-    manifest_path.write_text(json.dumps(manifest))
-    return folder / "files", manifest
+    return _complete(folder, {"files": n, "bytes": total, "per_dir": per_dir})
 
 
 def sha256_of(path: str | Path) -> str | None:

@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -199,6 +200,12 @@ class Timed:
     peak_main: int = 0
     peak_tree: int = 0
     max_rss_time_v: int = 0
+
+    def exit_if_failed(self, what: str) -> None:
+        """End the benchmark, with the tail of the run's stderr, when the run failed."""
+        if self.returncode != 0:
+            sys.stderr.write(self.stderr[-3000:])
+            raise SystemExit(f"{what} failed with code {self.returncode}")
 
 
 def run_timed(

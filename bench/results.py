@@ -20,6 +20,7 @@ import psutil
 
 from bench import processes
 
+#: The repository root: every benchmark path is under it (the one definition; common and corpus use it).
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"
 

@@ -21,12 +21,23 @@ from sqlalchemy.orm import Session
 from db.queue import _insert, as_utc
 from db.schema import Image, OutboxItem, OutboxKind, OutboxStatus, Score, SourceFile, utcnow
 
-#: A claimed row not finished within this long (sender killed) is due again.
-CLAIM_LEASE_S = 120.0
-#: Retry delays grow as FIRST_RETRY_S * 2**(attempts-1), capped; after MAX_ATTEMPTS the row is failed.
-FIRST_RETRY_S = 2.0
-MAX_RETRY_S = 60.0
-MAX_ATTEMPTS = 50
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long a claim holds and how failed sends are retried. The values are the worker's settings
+    (``outbox_*``), passed down: this module keeps no defaults of its own."""
+
+    #: A claimed row not finished within this long (sender killed) is due again.
+    claim_lease_s: float
+    #: Retry delays grow as first_retry_s * 2**(attempts-1), capped at max_retry_s ...
+    first_retry_s: float
+    max_retry_s: float
+    #: ... and after max_attempts the row is failed.
+    max_attempts: int
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait before the next attempt, after ``attempts`` failed ones."""
+        return min(self.first_retry_s * 2 ** max(attempts - 1, 0), self.max_retry_s)
 
 
 @dataclass(frozen=True)
@@ -111,7 +122,7 @@ class Claimed:
     sop_instance_uid: str | None
 
 
-def claim_due(session: Session, limit: int = 16, lease_s: float = CLAIM_LEASE_S) -> list[Claimed]:
+def claim_due(session: Session, lease_s: float, limit: int = 16) -> list[Claimed]:
     """Take up to ``limit`` pending rows whose time has come; each is then the caller's for ``lease_s``."""
     now = utcnow()
     due = list(
@@ -167,17 +178,15 @@ def mark_sent(session: Session, item: Claimed) -> bool:
     return result.rowcount == 1
 
 
-def retry_delay(attempts: int) -> float:
-    return min(FIRST_RETRY_S * 2 ** max(attempts - 1, 0), MAX_RETRY_S)
-
-
-def mark_retry(session: Session, item: Claimed, error: str, *, permanent: bool = False) -> OutboxStatus:
+def mark_retry(
+    session: Session, item: Claimed, error: str, policy: RetryPolicy, *, permanent: bool = False
+) -> OutboxStatus:
     """Record a failed attempt: try again after a growing delay, or fail it for good.
 
     ``permanent`` (the destination refused the object itself, or the source film is gone) fails the
     row at once: resending the same object would be refused the same way.
     """
-    final = permanent or item.attempts >= MAX_ATTEMPTS
+    final = permanent or item.attempts >= policy.max_attempts
     status = OutboxStatus.FAILED if final else OutboxStatus.PENDING
     session.execute(
         update(OutboxItem)
@@ -185,7 +194,7 @@ def mark_retry(session: Session, item: Claimed, error: str, *, permanent: bool =
         .values(
             status=status,
             last_error=error[:2000],
-            next_attempt_at=None if final else utcnow() + timedelta(seconds=retry_delay(item.attempts)),
+            next_attempt_at=None if final else utcnow() + timedelta(seconds=policy.delay(item.attempts)),
         )
     )
     return status

@@ -54,6 +54,18 @@ DEFAULT_SEED = 20261123
 
 
 @dataclass(frozen=True)
+class ThresholdRule:
+    """The parameters of the threshold rule in the module docstring."""
+
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
+    target_specificity: float = DEFAULT_TARGET_SPECIFICITY
+    draws: int = DEFAULT_BOOTSTRAP  # bootstrap resamples
+    margin_quantile: float = DEFAULT_MARGIN_QUANTILE
+    seed: int = DEFAULT_SEED
+    screening_specificity_floor: float = DEFAULT_SCREENING_SPECIFICITY_FLOOR
+
+
+@dataclass(frozen=True)
 class Interval:
     """A point estimate with a 95 % bootstrap interval and the exact (Clopper-Pearson) interval."""
 
@@ -254,30 +266,26 @@ def auc_interval(
 def fit_thresholds(
     y_true: np.ndarray,
     prob: np.ndarray,
-    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
-    target_specificity: float = DEFAULT_TARGET_SPECIFICITY,
-    draws: int = DEFAULT_BOOTSTRAP,
-    margin_quantile: float = DEFAULT_MARGIN_QUANTILE,
-    seed: int = DEFAULT_SEED,
-    screening_specificity_floor: float = DEFAULT_SCREENING_SPECIFICITY_FLOOR,
+    rule: ThresholdRule = ThresholdRule(),  # noqa: B008 - frozen, so one shared default is safe
 ) -> tuple[float, float]:
     """(screening, high-confidence) thresholds by the module's rule (see the module docstring)."""
     y, p = _check(y_true, prob)
-    whole_sens, whole_spec = operating_thresholds(y, p, target_sensitivity, target_specificity)
-    idx = _stratified_indices(y, np.random.default_rng(seed), draws)
+    sens, spec, margin = rule.target_sensitivity, rule.target_specificity, rule.margin_quantile
+    whole_sens, whole_spec = operating_thresholds(y, p, sens, spec)
+    idx = _stratified_indices(y, np.random.default_rng(rule.seed), rule.draws)
     resampled = np.array(
         [
             (
-                *operating_thresholds(y[row], p[row], target_sensitivity, target_specificity),
-                operating_thresholds(y[row], p[row], target_sensitivity, screening_specificity_floor)[1],
+                *operating_thresholds(y[row], p[row], sens, spec),
+                operating_thresholds(y[row], p[row], sens, rule.screening_specificity_floor)[1],
             )
             for row in idx
         ]
     )
-    at_sensitivity = min(float(np.quantile(resampled[:, 0], margin_quantile)), whole_sens)
-    at_floor = float(np.quantile(resampled[:, 2], 1 - margin_quantile))
+    at_sensitivity = min(float(np.quantile(resampled[:, 0], margin)), whole_sens)
+    at_floor = float(np.quantile(resampled[:, 2], 1 - margin))
     screening = min(at_sensitivity, at_floor)
-    at_specificity = max(float(np.quantile(resampled[:, 1], 1 - margin_quantile)), whole_spec)
+    at_specificity = max(float(np.quantile(resampled[:, 1], 1 - margin)), whole_spec)
     high = max(at_specificity, at_sensitivity, screening)
     return screening, high
 
@@ -287,27 +295,14 @@ def calibrate(
     prob: np.ndarray,
     logits: np.ndarray | None = None,
     served_temperature: float | None = None,
-    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
-    target_specificity: float = DEFAULT_TARGET_SPECIFICITY,
-    draws: int = DEFAULT_BOOTSTRAP,
-    margin_quantile: float = DEFAULT_MARGIN_QUANTILE,
-    seed: int = DEFAULT_SEED,
-    screening_specificity_floor: float = DEFAULT_SCREENING_SPECIFICITY_FLOOR,
+    rule: ThresholdRule = ThresholdRule(),  # noqa: B008 - frozen, so one shared default is safe
 ) -> CalibrationFit:
     """Fit both thresholds, their CIs, the AUC CI and (with logits) the site temperature."""
-    if not (0.5 <= target_sensitivity < 1 and 0.5 <= target_specificity < 1):
+    if not (0.5 <= rule.target_sensitivity < 1 and 0.5 <= rule.target_specificity < 1):
         raise ValueError("targets must be in [0.5, 1)")
     y, p = _check(y_true, prob)
-    screening, high = fit_thresholds(
-        y,
-        p,
-        target_sensitivity,
-        target_specificity,
-        draws,
-        margin_quantile,
-        seed,
-        screening_specificity_floor,
-    )
+    screening, high = fit_thresholds(y, p, rule)
+    draws, seed = rule.draws, rule.seed
     fit = CalibrationFit(
         screening_threshold=screening,
         high_confidence_threshold=high,
@@ -315,14 +310,14 @@ def calibrate(
         high_confidence=estimate_at(y, p, high, draws, seed + 2),
         sample_size=int(len(y)),
         positives=int(y.sum()),
-        target_sensitivity=target_sensitivity,
-        target_specificity=target_specificity,
+        target_sensitivity=rule.target_sensitivity,
+        target_specificity=rule.target_specificity,
         auc=auc_interval(y, p, min(draws, 500), seed + 3),
         site_temperature=None if logits is None else fit_temperature(y, np.asarray(logits, dtype=np.float64)),
         served_temperature=served_temperature,
         bootstrap=draws,
-        margin_quantile=margin_quantile,
-        screening_specificity_floor=screening_specificity_floor,
+        margin_quantile=rule.margin_quantile,
+        screening_specificity_floor=rule.screening_specificity_floor,
     )
     fit.warnings.extend(sample_warnings(fit))
     return fit

@@ -189,6 +189,23 @@ def pg_url():
     drop_postgres(name, PG_ADMIN_URL)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
+def url(request):
+    """A migrated database of each kind in turn: SQLite, then a fresh PostgreSQL."""
+    from db.migrate import upgrade
+
+    value = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+    upgrade(value)
+    return value
+
+
+def score_record(p: float, version: str = "m1"):
+    """A score of probability ``p`` by model ``version``, thresholds 0.2 (screening) and 0.8 (high)."""
+    from db.queue import ScoreRecord
+
+    return ScoreRecord(version, p, 0.0, 0.3, screening_threshold=0.2, high_confidence_threshold=0.8)
+
+
 @pytest.fixture
 def redis_url() -> str:
     import redis
@@ -239,6 +256,48 @@ def _pydicom_process_settings() -> None:
 
 #: The installed command line, next to this Python (the one the tests run against).
 CLI = str(Path(sys.executable).parent / "cxr-triage")
+
+
+def services_env(pg_url: str, redis_url: str, lease_seconds: float, **extra: str) -> dict[str, str]:
+    """Environment of a ``cxr-triage`` child on the test PostgreSQL and Redis: one decode process,
+    unbuffered output, ``extra`` variables last. Never the parent's PROMETHEUS_MULTIPROC_DIR: a child
+    supervisor makes its own."""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(
+        CXR_TRIAGE_DATABASE_URL=pg_url,
+        CXR_TRIAGE_BROKER_URL=redis_url,
+        CXR_TRIAGE_LEASE_SECONDS=str(lease_seconds),
+        CXR_TRIAGE_DECODE_WORKERS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def db_states(url: str) -> dict[str, int]:
+    """How many images are in each status."""
+    from sqlalchemy import func, select
+
+    from db.engine import session_scope
+    from db.schema import Image
+
+    with session_scope(url) as session:
+        return dict(session.execute(select(Image.status, func.count()).group_by(Image.status)).all())
+
+
+def wait_final(url: str, expected: int, deadline_s: float) -> dict[str, int]:
+    """Wait until at least ``expected`` images are known and all are final; fail after ``deadline_s``."""
+    import time
+
+    from db.schema import FINAL_STATUSES
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        states = db_states(url)
+        if sum(states.values()) >= expected and all(s in FINAL_STATUSES for s in states):
+            return states
+        time.sleep(1)
+    pytest.fail(f"not all files final after {deadline_s} s: {db_states(url)}")
 
 
 def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

@@ -22,6 +22,7 @@ from db.calibration import (
 )
 from models.calibration import (
     MIN_POSITIVES,
+    ThresholdRule,
     calibrate,
     clopper_pearson,
     estimate_at,
@@ -47,7 +48,7 @@ def _sample(
 def test_screening_threshold_never_above_the_whole_sample_fit_and_high_never_below_screening():
     for seed, separation in ((0, 1.0), (1, 1.5), (2, 3.0)):
         y, prob, _ = _sample(60, 40, separation, seed)
-        screening, high = fit_thresholds(y, prob, draws=300, seed=seed)
+        screening, high = fit_thresholds(y, prob, ThresholdRule(draws=300, seed=seed))
         whole_screening, whole_high = operating_thresholds(y, prob, 0.98, 0.95)
         assert screening <= whole_screening + 1e-12
         assert high >= max(whole_high, screening) - 1e-12
@@ -55,7 +56,7 @@ def test_screening_threshold_never_above_the_whole_sample_fit_and_high_never_bel
 
 def test_where_classes_separate_the_screening_threshold_drops_into_the_gap():
     y, prob, _ = _sample(60, 40, 4.0, seed=3)
-    screening, high = fit_thresholds(y, prob, draws=300)
+    screening, high = fit_thresholds(y, prob, ThresholdRule(draws=300))
     # the sample alone would put it at the lower edge of the positives; the rule spends the
     # specificity the sample can spare (floor 0.90) on sensitivity
     assert screening < operating_thresholds(y, prob, 0.98, 0.95)[0]
@@ -78,11 +79,11 @@ def test_confidence_intervals_contain_the_point_and_exact_bounds_are_honest_at_1
 
 def test_small_sample_is_said_plainly():
     y, prob, logits = _sample(20, 10, 2.0, seed=5)
-    fit = calibrate(y, prob, logits, 0.6747, draws=200)
+    fit = calibrate(y, prob, logits, 0.6747, ThresholdRule(draws=200))
     assert fit.too_small
     assert any("sample too small" in w for w in fit.warnings)
     assert any(">= 183 positives" in w for w in fit.warnings)
-    big = calibrate(*_sample(MIN_POSITIVES, 30, 2.0, seed=6), draws=200)
+    big = calibrate(*_sample(MIN_POSITIVES, 30, 2.0, seed=6), rule=ThresholdRule(draws=200))
     assert not big.too_small
     details = big.details()
     json.dumps(details)  # stored as JSON
@@ -94,7 +95,7 @@ def test_refuses_one_class_and_bad_targets():
     with pytest.raises(ValueError):
         calibrate(np.ones(10), np.linspace(0, 1, 10))
     with pytest.raises(ValueError):
-        calibrate(*_sample(60, 40, 2.0)[:2], target_sensitivity=1.0)
+        calibrate(*_sample(60, 40, 2.0)[:2], rule=ThresholdRule(target_sensitivity=1.0))
 
 
 def test_labels_from_reviews_agree_keeps_disagree_flips():
@@ -105,72 +106,61 @@ def test_labels_from_reviews_agree_keeps_disagree_flips():
 
 
 # -- storage ---------------------------------------------------------------------------------------
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
-def database(request, tmp_path):
-    from db.migrate import upgrade
-
-    url = (
-        f"sqlite:///{tmp_path / 'cal.sqlite3'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
+def _store_site_a(
+    session,
+    thresholds: tuple[float, float],
+    *,
+    sample_size: int = 100,
+    positives: int = 60,
+    targets: tuple[float | None, float | None] = (0.98, 0.95),
+    details: dict | None = None,
+) -> None:
+    """Store a calibration "site-a" of model-x from labels, (screening, high-confidence) thresholds."""
+    store(
+        session,
+        name="site-a",
+        model_version="model-x",
+        screening_threshold=thresholds[0],
+        high_confidence_threshold=thresholds[1],
+        source="labels",
+        sample_size=sample_size,
+        positives=positives,
+        target_sensitivity=targets[0],
+        target_specificity=targets[1],
+        details=details,
     )
-    upgrade(url)
-    return url
 
 
-def test_store_activate_and_go_back_to_shipped(database):
+def test_store_activate_and_go_back_to_shipped(url):
     from db.engine import session_scope
 
-    with session_scope(database) as session:
+    with session_scope(url) as session:
         assert active_calibration(session, "model-x") is None
         assert thresholds_in_force(session, SHIPPED_T) == (SHIPPED, 0.0734, 0.3826)
         shipped = ensure_shipped(session, SHIPPED_T)
         assert shipped.active and shipped.source == "shipped"
-        store(
-            session,
-            name="site-a",
-            model_version="model-x",
-            screening_threshold=0.2,
-            high_confidence_threshold=0.7,
-            source="labels",
-            sample_size=100,
-            positives=60,
-            target_sensitivity=0.98,
-            target_specificity=0.95,
-            details={"screening": {"x": 1}},
-        )
-    with session_scope(database) as session:
+        _store_site_a(session, (0.2, 0.7), details={"screening": {"x": 1}})
+    with session_scope(url) as session:
         row = active_calibration(session, "model-x")
         assert (row.name, row.screening_threshold, row.high_confidence_threshold) == ("site-a", 0.2, 0.7)
         assert [r.name for r in list_calibrations(session, "model-x")] == [SHIPPED, "site-a"]
         assert sum(r.active for r in list_calibrations(session)) == 1
         with pytest.raises(CalibrationError):
-            store(
-                session,
-                name="site-a",
-                model_version="model-x",
-                screening_threshold=0.1,
-                high_confidence_threshold=0.2,
-                source="labels",
-                sample_size=1,
-                positives=1,
-                target_sensitivity=None,
-                target_specificity=None,
-            )
-    with session_scope(database) as session:
+            _store_site_a(session, (0.1, 0.2), sample_size=1, positives=1, targets=(None, None))
+    with session_scope(url) as session:
         activate_calibration(session, "model-x", SHIPPED)
-    with session_scope(database) as session:
+    with session_scope(url) as session:
         assert thresholds_in_force(session, SHIPPED_T) == (SHIPPED, 0.0734, 0.3826)
         with pytest.raises(CalibrationError, match="no calibration named"):
             activate_calibration(session, "model-x", "nope")
     assert tier(0.5, 0.2, 0.7) == "screen_positive" and tier(0.5, 0.0734, 0.3826) == "high_confidence"
 
 
-def test_review_labels_use_the_reader_label_and_the_stored_score(database):
+def test_review_labels_use_the_reader_label_and_the_stored_score(url):
     from db.engine import session_scope
     from db.schema import Image, Review, Score
 
-    with session_scope(database) as session:
+    with session_scope(url) as session:
         for i, (prob, decision, label) in enumerate(
             [(0.9, "agree", "pneumonia"), (0.8, "disagree", "normal"), (0.05, "disagree", "pneumonia")]
         ):
@@ -190,7 +180,7 @@ def test_review_labels_use_the_reader_label_and_the_stored_score(database):
                 )
             )
             session.add(Review(image_id=image.id, username="r", decision=decision, reader_label=label))
-    with session_scope(database) as session:
+    with session_scope(url) as session:
         found = review_labels(session, "model-x")
     assert [(r.label, r.probability) for r in found] == [(1, 0.9), (0, 0.8), (1, 0.05)]
 

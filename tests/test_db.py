@@ -11,20 +11,10 @@ from sqlalchemy import func, select, update
 from db import queue
 from db.engine import session_scope
 from db.migrate import upgrade
-from db.queue import FileSeen, ScoreRecord
+from db.queue import FileSeen
 from db.schema import Image, ImageStatus, Score, SourceFile, utcnow
 from db.worklist import build_worklist
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request):
-    value = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-    upgrade(value)
-    return value
-
-
-def _score(p: float, version: str = "m1") -> ScoreRecord:
-    return ScoreRecord(version, p, 0.0, 0.3, screening_threshold=0.2, high_confidence_threshold=0.8)
+from tests.conftest import score_record
 
 
 def _register(url: str, path: str, sha: str) -> int:
@@ -50,7 +40,7 @@ def test_score_written_once_when_delivered_twice(url):
     assert claimed == [image_id]
     for _ in range(2):  # a redelivered task writes the same result again
         with session_scope(url) as session:
-            queue.record_score(session, image_id, _score(0.9))
+            queue.record_score(session, image_id, score_record(0.9))
     with session_scope(url) as session:
         assert session.scalar(select(func.count()).select_from(Score)) == 1
         assert session.get(Image, image_id).status == ImageStatus.SCORED
@@ -91,10 +81,10 @@ def test_worklist_order_and_aging(url):
     ids = {name: _register(url, f"/drop/{name}", f"{n:x}" * 64) for n, name in enumerate(names)}
     with session_scope(url) as session:
         queue.claim(session, list(ids.values()), 60)
-        queue.record_score(session, ids["high"], _score(0.95))
-        queue.record_score(session, ids["screen"], _score(0.4))
-        queue.record_score(session, ids["low-fresh"], _score(0.05))
-        queue.record_score(session, ids["low-old"], _score(0.05))
+        queue.record_score(session, ids["high"], score_record(0.95))
+        queue.record_score(session, ids["screen"], score_record(0.4))
+        queue.record_score(session, ids["low-fresh"], score_record(0.05))
+        queue.record_score(session, ids["low-old"], score_record(0.05))
         queue.record_problem(session, ids["failed"], ImageStatus.FAILED, "truncated image data")
         queue.release(session, [ids["queued"]])
         # low-old arrived 30 days ago: aging (10 points a day) lifts it above a fresh 0.95
@@ -204,7 +194,7 @@ def test_header_values_longer_than_their_columns_are_stored_safely(url):
     scored = _claimed(url, "/drop/long.dcm", "1" * 64)
     failed = _claimed(url, "/drop/long2.dcm", "2" * 64)
     with session_scope(url) as session:
-        assert queue.record_score(session, scored, _score(0.5), attributes)
+        assert queue.record_score(session, scored, score_record(0.5), attributes)
         assert queue.record_problem(session, failed, ImageStatus.REJECTED, "lateral view", attributes)
     with session_scope(url) as session:
         for image_id in (scored, failed):

@@ -23,13 +23,13 @@ from pynetdicom.sop_class import Verification
 
 from db import outbox
 from db.engine import session_scope
-from db.migrate import upgrade
 from db.queue import FileSeen, ScoreRecord, claim, record_score, register
 from db.schema import OutboxItem, OutboxKind, OutboxStatus
 from tests.dicom_factory import radiograph
 from worker.dicomnet import objects
 from worker.dicomnet.listener import StorageListener
 from worker.dicomnet.plan import Destination, DestinationError, results_plan
+from worker.dicomnet.sender import retry_policy
 from worker.settings import Settings
 
 SPARSE_DROPS = (
@@ -44,6 +44,7 @@ SPARSE_DROPS = (
     "PatientID",
     "PatientName",
 )
+RETRY = retry_policy(Settings.build())  # the shipped defaults, as the sender gets them
 PLAN = outbox.OutboxPlan(("PACS@127.0.0.1:104",), (OutboxKind.STRUCTURED_REPORT, OutboxKind.KEY_OBJECT))
 DCMTK = shutil.which("dsrdump") is not None
 
@@ -170,17 +171,6 @@ def test_key_object_and_secondary_capture_are_valid(tmp_path):
 
 
 # -- outbox ----------------------------------------------------------------------------------------
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request, tmp_path):
-    url = (
-        f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    upgrade(url)
-    return url
-
-
 def _scored(url: str, p: float, name: str, source_format: str = "dicom") -> int:
     with session_scope(url) as session:
         image_id, _ = register(session, FileSeen(f"/nowhere/{name}", 1, 1), name.ljust(64, "0"))
@@ -197,34 +187,34 @@ def _scored(url: str, p: float, name: str, source_format: str = "dicom") -> int:
     return image_id
 
 
-def test_outbox_enqueue_is_idempotent_and_dicom_only(database):
-    high = _scored(database, 0.9, "a")
-    low = _scored(database, 0.01, "b")
-    _scored(database, 0.9, "c", source_format="png")
-    with session_scope(database) as session:
+def test_outbox_enqueue_is_idempotent_and_dicom_only(url):
+    high = _scored(url, 0.9, "a")
+    low = _scored(url, 0.01, "b")
+    _scored(url, 0.9, "c", source_format="png")
+    with session_scope(url) as session:
         assert outbox.enqueue_results(session, high, "model-v1", PLAN, {"source_format": "dicom"}) == 0
         rows = session.query(OutboxItem.image_id, OutboxItem.kind).order_by(OutboxItem.id).all()
     assert sorted(rows) == sorted([(high, "sr"), (high, "ko"), (low, "sr")])  # KOS for HIGH only
 
 
-def test_outbox_claim_backoff_sent_once_and_operator_retry(database):
-    image_id = _scored(database, 0.9, "a")
-    with session_scope(database) as session:
-        first = outbox.claim_due(session)
+def test_outbox_claim_backoff_sent_once_and_operator_retry(url):
+    image_id = _scored(url, 0.9, "a")
+    with session_scope(url) as session:
+        first = outbox.claim_due(session, RETRY.claim_lease_s)
         assert {c.image_id for c in first} == {image_id} and len(first) == 2
-        assert outbox.claim_due(session) == []  # claimed rows are not due for anyone else
-        assert outbox.mark_retry(session, first[0], "destination unreachable") is OutboxStatus.PENDING
+        assert outbox.claim_due(session, RETRY.claim_lease_s) == []  # claimed: not due for anyone else
+        assert outbox.mark_retry(session, first[0], "destination unreachable", RETRY) is OutboxStatus.PENDING
         assert outbox.mark_sent(session, first[1])
         assert not outbox.mark_sent(session, first[1])  # a second sender's late answer changes nothing
         row = session.get(OutboxItem, first[0].id)
         delay = row.next_attempt_at.replace(tzinfo=None) - row.created_at.replace(tzinfo=None)
-        assert delay >= timedelta(seconds=outbox.FIRST_RETRY_S * 0.9)
-        assert outbox.claim_due(session) == []  # backing off
+        assert delay >= timedelta(seconds=RETRY.first_retry_s * 0.9)
+        assert outbox.claim_due(session, RETRY.claim_lease_s) == []  # backing off
         row.next_attempt_at = row.created_at
-    with session_scope(database) as session:
-        again = outbox.claim_due(session)
+    with session_scope(url) as session:
+        again = outbox.claim_due(session, RETRY.claim_lease_s)
         assert [c.id for c in again] == [first[0].id] and again[0].attempts == 2
-        outbox.mark_retry(session, again[0], "refused", permanent=True)
+        outbox.mark_retry(session, again[0], "refused", RETRY, permanent=True)
         assert outbox.counts(session) == {"failed": 1, "sent": 1}
         assert outbox.retry(session, status=OutboxStatus.FAILED) == 1
         assert outbox.counts(session) == {"pending": 1, "sent": 1}
@@ -235,8 +225,8 @@ def test_outbox_claim_backoff_sent_once_and_operator_retry(database):
 
 
 def test_retry_delays_grow_and_are_capped():
-    delays = [outbox.retry_delay(n) for n in range(1, 12)]
-    assert delays == sorted(delays) and delays[0] == outbox.FIRST_RETRY_S and delays[-1] == outbox.MAX_RETRY_S
+    delays = [RETRY.delay(n) for n in range(1, 12)]
+    assert delays == sorted(delays) and delays[0] == RETRY.first_retry_s and delays[-1] == RETRY.max_retry_s
 
 
 def test_results_plan_and_destination_parsing():

@@ -16,8 +16,17 @@ import pytest
 from sqlalchemy import func, select
 
 from db.engine import session_scope
-from db.schema import FINAL_STATUSES, Image, ImageStatus, Score
-from tests.conftest import CLI, copy_into, kermany_files, start_cli, stop_group
+from db.schema import Image, ImageStatus, Score
+from tests.conftest import (
+    CLI,
+    copy_into,
+    db_states,
+    kermany_files,
+    services_env,
+    start_cli,
+    stop_group,
+    wait_final,
+)
 
 pytestmark = pytest.mark.services
 
@@ -25,42 +34,20 @@ DEADLINE_S = 240
 
 
 def _env(pg_url: str, redis_url: str, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "CXR_TRIAGE_DATABASE_URL": pg_url,
-            "CXR_TRIAGE_BROKER_URL": redis_url,
-            "CXR_TRIAGE_LEASE_SECONDS": "20",
-            "CXR_TRIAGE_DECODE_WORKERS": "1",
-            "CXR_TRIAGE_LOG_LEVEL": "INFO",
-            "PYTHONUNBUFFERED": "1",
-        }
+    return services_env(pg_url, redis_url, 20, CXR_TRIAGE_LOG_LEVEL="INFO", **extra)
+
+
+def _scan_and_wait(tree: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``cxr-triage scan TREE --wait`` against the cluster, which must succeed."""
+    done = subprocess.run(
+        [CLI, "scan", str(tree), "--wait", "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
     )
-    env.update(extra)
-    return env
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return start_cli(args, env, log)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    stop_group(process, timeout=60)
-
-
-def _states(url: str) -> dict[str, int]:
-    with session_scope(url) as session:
-        return dict(session.execute(select(Image.status, func.count()).group_by(Image.status)).all())
-
-
-def _wait_final(url: str, expected: int, deadline_s: float = DEADLINE_S) -> dict[str, int]:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        states = _states(url)
-        if sum(states.values()) >= expected and all(s in FINAL_STATUSES for s in states):
-            return states
-        time.sleep(1)
-    pytest.fail(f"not all files final after {deadline_s} s: {_states(url)}")
+    assert done.returncode == 0, done.stderr
+    return done
 
 
 def _assert_exactly_once(url: str) -> None:
@@ -82,9 +69,9 @@ def cluster(pg_url, redis_url, tmp_path, model_dir):
     """A supervised worker process on the real Redis and PostgreSQL."""
     env = _env(pg_url, redis_url)
     subprocess.run([CLI, "db", "upgrade"], env=env, check=True, capture_output=True)
-    worker = _start(["worker", "--processes", "1"], env, tmp_path / "worker.log")
+    worker = start_cli(["worker", "--processes", "1"], env, tmp_path / "worker.log")
     yield env
-    _stop(worker)
+    stop_group(worker)
 
 
 def _write_slowly(source: Path, target: Path, chunks: int = 4, pause_s: float = 0.6) -> None:
@@ -102,7 +89,7 @@ def test_watched_folder_scores_each_file_once_like_embedded(
 ):
     drop = tmp_path / "drop"
     drop.mkdir()
-    watcher = _start(["watch", str(drop), "--stable-seconds", "1"], cluster, tmp_path / "watch.log")
+    watcher = start_cli(["watch", str(drop), "--stable-seconds", "1"], cluster, tmp_path / "watch.log")
     time.sleep(3)  # let the observer start
     files = kermany_files(kermany, "NORMAL", 4) + kermany_files(kermany, "PNEUMONIA", 6)
     copy_into(files[:7], drop)
@@ -111,8 +98,8 @@ def test_watched_folder_scores_each_file_once_like_embedded(
     chest = dicom_samples["chest_j2k_lossless"]
     copy_into([chest, dicom_samples["sr"]], drop)
     (drop / "broken.dcm").write_bytes(chest.read_bytes()[:4000])
-    states = _wait_final(pg_url, expected=13)
-    _stop(watcher)
+    states = wait_final(pg_url, 13, DEADLINE_S)
+    stop_group(watcher)
     assert states.get("scored") == 11 and states.get("rejected") == 1 and states.get("failed") == 1
     _assert_exactly_once(pg_url)
 
@@ -133,17 +120,17 @@ def test_watched_folder_scores_each_file_once_like_embedded(
 def test_watcher_picks_up_files_dropped_while_it_was_down(cluster, pg_url, kermany, tmp_path):
     drop = tmp_path / "drop"
     drop.mkdir()
-    watcher = _start(["watch", str(drop)], cluster, tmp_path / "watch.log")
+    watcher = start_cli(["watch", str(drop)], cluster, tmp_path / "watch.log")
     time.sleep(3)
     copy_into(kermany_files(kermany, "NORMAL", 2), drop)
-    _wait_final(pg_url, expected=2)
-    _stop(watcher)
+    wait_final(pg_url, 2, DEADLINE_S)
+    stop_group(watcher)
     copy_into(kermany_files(kermany, "PNEUMONIA", 3), drop)  # nobody is watching
     time.sleep(1)
-    assert sum(_states(pg_url).values()) == 2
-    watcher = _start(["watch", str(drop)], cluster, tmp_path / "watch.log")
-    states = _wait_final(pg_url, expected=5)
-    _stop(watcher)
+    assert sum(db_states(pg_url).values()) == 2
+    watcher = start_cli(["watch", str(drop)], cluster, tmp_path / "watch.log")
+    states = wait_final(pg_url, 5, DEADLINE_S)
+    stop_group(watcher)
     assert states == {"scored": 5}
     _assert_exactly_once(pg_url)
 
@@ -164,9 +151,9 @@ def default_lease_cluster(pg_url, redis_url, tmp_path, model_dir):
     env = _env(pg_url, redis_url)
     del env["CXR_TRIAGE_LEASE_SECONDS"]
     subprocess.run([CLI, "db", "upgrade"], env=env, check=True, capture_output=True)
-    worker = _start(["worker", "--processes", "1"], env, tmp_path / "worker.log")
+    worker = start_cli(["worker", "--processes", "1"], env, tmp_path / "worker.log")
     yield env, worker
-    _stop(worker)
+    stop_group(worker)
 
 
 def test_killed_workers_batch_is_final_long_before_the_lease(
@@ -183,7 +170,7 @@ def test_killed_workers_batch_is_final_long_before_the_lease(
     assert scan.returncode == 0, scan.stderr
     # wait until a batch is in the worker's hands, then kill it without warning
     end = time.monotonic() + 180
-    while _states(pg_url).get("processing", 0) == 0:
+    while db_states(pg_url).get("processing", 0) == 0:
         assert time.monotonic() < end, "the worker never started a batch"
         time.sleep(0.2)
     pids = _celery_pids(supervisor)
@@ -191,7 +178,7 @@ def test_killed_workers_batch_is_final_long_before_the_lease(
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
-    states = _wait_final(pg_url, expected=64, deadline_s=240)
+    states = wait_final(pg_url, 64, 240)
     recovery_s = time.monotonic() - killed_at
     assert states == {"scored": 64}
     _assert_exactly_once(pg_url)
@@ -227,7 +214,7 @@ def test_redis_down_during_scan_is_a_clear_error_and_a_rerun_sends_the_rest(
     )
     assert first.returncode == 1
     assert "cannot reach the broker" in first.stderr and "Traceback" not in first.stderr
-    assert _states(pg_url) == {"queued": 3}
+    assert db_states(pg_url) == {"queued": 3}
     again = subprocess.run(
         [CLI, "scan", str(tree), "--no-progress"], env=_env(pg_url, redis_url), capture_output=True, text=True
     )
@@ -271,16 +258,9 @@ def test_backlog_scan_twice_enqueues_nothing_the_second_time(cluster, pg_url, ke
     tree = tmp_path / "archive"
     copy_into(kermany_files(kermany, "NORMAL", 5), tree / "2024")
     copy_into(kermany_files(kermany, "PNEUMONIA", 5), tree / "2025")
-    first = subprocess.run(
-        [CLI, "scan", str(tree), "--wait", "--no-progress"],
-        env=cluster,
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE_S,
-    )
-    assert first.returncode == 0, first.stderr
+    first = _scan_and_wait(tree, cluster)
     assert "enqueued 10 image(s)" in first.stderr
-    assert _states(pg_url) == {"scored": 10}
+    assert db_states(pg_url) == {"scored": 10}
     second = subprocess.run(
         [CLI, "scan", str(tree), "--no-progress"], env=cluster, capture_output=True, text=True
     )
@@ -295,14 +275,7 @@ def test_workers_rescore_films_of_an_older_model_in_the_background(cluster, pg_u
 
     tree = tmp_path / "archive"
     copy_into(kermany_files(kermany, "NORMAL", 3), tree)
-    first = subprocess.run(
-        [CLI, "scan", str(tree), "--wait", "--no-progress"],
-        env=cluster,
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE_S,
-    )
-    assert first.returncode == 0, first.stderr
+    _scan_and_wait(tree, cluster)
     with session_scope(pg_url) as session:
         current = session.scalars(select(Score.model_version)).first()
         session.execute(update(Score).values(model_version="older-model"))  # as if scored by the old model
@@ -310,7 +283,7 @@ def test_workers_rescore_films_of_an_older_model_in_the_background(cluster, pg_u
     while True:
         with session_scope(pg_url) as session:
             fresh = session.scalar(select(func.count()).where(Score.model_version == current))
-        assert _states(pg_url) == {"scored": 3}
+        assert db_states(pg_url) == {"scored": 3}
         if fresh == 3:
             break
         assert time.monotonic() < end, f"only {fresh} of 3 films re-scored"

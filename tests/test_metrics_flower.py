@@ -15,7 +15,8 @@ import urllib.request
 
 import pytest
 
-from tests.test_metrics_services import _env, _start, _stop, free_port
+from tests.conftest import start_cli
+from tests.test_metrics_services import _env, _stop, free_port
 
 pytestmark = pytest.mark.services
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.services
 def test_flower_starts_and_lists_a_worker(pg_url, redis_url, tmp_path):
     pytest.importorskip("flower", reason="flower is not installed (pip install 'cxr-triage[ops]')")
     env = _env(pg_url, redis_url)
-    worker = _start(["worker", "--processes", "1"], env, tmp_path / "worker.log")
+    worker = start_cli(["worker", "--processes", "1"], env, tmp_path / "worker.log")
     port = free_port()
     flower = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower", f"--port={port}",

@@ -10,7 +10,6 @@ as in ``bench/chaos``) and 200 again once they are back.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -27,8 +26,16 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from db.engine import session_scope
-from db.schema import FINAL_STATUSES, Image, Score
-from tests.conftest import CLI, copy_into, kermany_files, start_cli, stop_group
+from db.schema import Image, Score
+from tests.conftest import (
+    CLI,
+    copy_into,
+    kermany_files,
+    services_env,
+    start_cli,
+    stop_group,
+    wait_final,
+)
 from worker.outcomes import classify
 
 pytestmark = pytest.mark.services
@@ -43,23 +50,7 @@ def free_port() -> int:
 
 
 def _env(pg_url: str, redis_url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(
-        {
-            "CXR_TRIAGE_DATABASE_URL": pg_url,
-            "CXR_TRIAGE_BROKER_URL": redis_url,
-            "CXR_TRIAGE_LEASE_SECONDS": "60",
-            "CXR_TRIAGE_DECODE_WORKERS": "1",
-            "CXR_TRIAGE_MIN_FREE_DISK_MB": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    env.update(extra)
-    return env
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return start_cli(args, env, log)
+    return services_env(pg_url, redis_url, 60, CXR_TRIAGE_MIN_FREE_DISK_MB="1", **extra)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -104,21 +95,6 @@ def total(found: dict, name: str, **labels: str) -> float:
     )
 
 
-def db_states(url: str) -> dict[str, int]:
-    with session_scope(url) as session:
-        return dict(session.execute(select(Image.status, func.count()).group_by(Image.status)).all())
-
-
-def wait_final(url: str, expected: int) -> dict[str, int]:
-    end = time.monotonic() + DEADLINE_S
-    while time.monotonic() < end:
-        states = db_states(url)
-        if sum(states.values()) >= expected and all(s in FINAL_STATUSES for s in states):
-            return states
-        time.sleep(1)
-    pytest.fail(f"not all files final after {DEADLINE_S} s: {db_states(url)}")
-
-
 def _corpus(kermany: Path, dicom_dir: Path, folder: Path) -> int:
     files = kermany_files(kermany, "NORMAL", 3) + kermany_files(kermany, "PNEUMONIA", 3)
     chest = dicom_dir / "nema-wg4-compsamples-RG1-RG3__pydicom-data-pypi" / "RG1_J2KR.dcm"
@@ -133,7 +109,7 @@ def test_worker_and_watch_metrics_equal_the_database(pg_url, redis_url, kermany,
     subprocess.run([CLI, "db", "upgrade"], env=env, check=True, capture_output=True)
     worker_port, watch_port = free_port(), free_port()
     worker_log = tmp_path / "worker.log"
-    worker = _start(["worker", "--processes", "2", "--metrics-port", str(worker_port)], env, worker_log)
+    worker = start_cli(["worker", "--processes", "2", "--metrics-port", str(worker_port)], env, worker_log)
     watcher = None
     try:
         wait_http(worker_port, worker, worker_log)
@@ -143,7 +119,7 @@ def test_worker_and_watch_metrics_equal_the_database(pg_url, redis_url, kermany,
             [CLI, "scan", str(backlog), "--wait", "--no-progress"], env=env, capture_output=True, text=True
         )
         assert scan.returncode == 0, scan.stderr
-        states = wait_final(pg_url, expected)
+        states = wait_final(pg_url, expected, DEADLINE_S)
         assert states == {"scored": 7, "rejected": 2, "failed": 1}, states
 
         status, text = get(worker_port, "/metrics")
@@ -183,13 +159,13 @@ def test_worker_and_watch_metrics_equal_the_database(pg_url, redis_url, kermany,
         drop = tmp_path / "drop"
         drop.mkdir()
         watch_log = tmp_path / "watch.log"
-        watcher = _start(
+        watcher = start_cli(
             ["watch", str(drop), "--stable-seconds", "1", "--metrics-port", str(watch_port)], env, watch_log
         )
         wait_http(watch_port, watcher, watch_log)
         time.sleep(2)  # let the observer start
         copy_into(kermany_files(kermany, "PNEUMONIA", 6)[3:], drop)
-        states = wait_final(pg_url, expected + 3)
+        states = wait_final(pg_url, expected + 3, DEADLINE_S)
         status, watch_text = get(watch_port, "/metrics")
         assert status == 200
         watched = samples(watch_text)
@@ -260,7 +236,7 @@ def test_readyz_follows_postgresql_and_redis_outages(pg_url, redis_url, tmp_path
         port = free_port()
         log = tmp_path / "watch.log"
         drop = tmp_path / "drop"
-        watcher = _start(["watch", str(drop), "--metrics-port", str(port)], env, log)
+        watcher = start_cli(["watch", str(drop), "--metrics-port", str(port)], env, log)
         try:
             wait_http(port, watcher, log)
             _until(port, 200, 30)

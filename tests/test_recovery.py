@@ -24,13 +24,6 @@ from db.schema import Image, ImageStatus, Score
 from tests.conftest import CLI, kermany_files
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request):
-    value = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-    upgrade(value)
-    return value
-
-
 def _env(**extra: str) -> dict[str, str]:
     environ = {
         k: v for k, v in os.environ.items() if not k.startswith("CXR_TRIAGE_") or k == "CXR_TRIAGE_MODEL_DIR"

@@ -21,10 +21,10 @@ from sqlalchemy import select
 from db import queue
 from db.audit import events
 from db.engine import session_scope
-from db.migrate import upgrade
-from db.queue import FileSeen, ScoreRecord
+from db.queue import FileSeen
 from db.schema import Image, Review
 from db.users import add_user, remove_user
+from tests.conftest import score_record
 from tests.web_helpers import cli
 from worker.settings import Settings
 from worker.web.app import create_app
@@ -33,13 +33,6 @@ from worker.web.auth import COOKIE
 ORIGIN = {"Origin": "http://testserver"}
 PASSWORD = "a long enough password"
 PATIENT_ID = "MRN-0042-SECRET"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request):
-    value = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-    upgrade(value)
-    return value
 
 
 def _png(path: Path, seed: int) -> str:
@@ -62,7 +55,7 @@ def site(url, tmp_path):
             queue.record_score(
                 session,
                 image_id,
-                ScoreRecord("m1", p, 0.0, 0.3, screening_threshold=0.2, high_confidence_threshold=0.8),
+                score_record(p),
                 {"patient_id": PATIENT_ID} if n == 0 else None,
             )
         shas.append(sha)

@@ -10,22 +10,11 @@ from sqlalchemy import inspect, text, update
 
 from db import queue
 from db.engine import get_engine, session_scope
-from db.migrate import upgrade
-from db.queue import FileSeen, ScoreRecord
+from db.queue import FileSeen
 from db.schema import AuditEvent, Calibration, Image, ImageStatus, SourceFile, utcnow
 from db.worklist import WorklistFilter, build_worklist, count_rows, query_rows
+from tests.conftest import score_record
 from tests.web_helpers import cli
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request):
-    value = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
-    upgrade(value)
-    return value
-
-
-def _score(p: float, version: str = "m1") -> ScoreRecord:
-    return ScoreRecord(version, p, 0.0, 0.3, screening_threshold=0.2, high_confidence_threshold=0.8)
 
 
 def _film(url: str, n: int, path: str | None = None, **image_values) -> int:
@@ -39,7 +28,7 @@ def _film(url: str, n: int, path: str | None = None, **image_values) -> int:
 def _scored(url: str, n: int, p: float, version: str = "m1", age_hours: float = 0.0, **values) -> int:
     image_id = _film(url, n, first_seen_at=utcnow() - timedelta(hours=age_hours, seconds=n), **values)
     with session_scope(url) as session:
-        queue.record_score(session, image_id, _score(p, version))
+        queue.record_score(session, image_id, score_record(p, version))
     return image_id
 
 
@@ -170,7 +159,7 @@ def test_active_calibration_sets_tiers_thresholds_and_priority(url):
 def test_a_rescored_film_shows_the_current_models_score(url):
     image_id = _scored(url, 1, p=0.9, version="m1")
     with session_scope(url) as session:
-        queue.record_score(session, image_id, _score(0.1, "m2"))
+        queue.record_score(session, image_id, score_record(0.1, "m2"))
         row = query_rows(session)[0]
     assert (row["score"], row["model_version"], row["tier"]) == (0.1, "m2", "below")
 

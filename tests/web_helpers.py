@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-CLI = shutil.which("cxr-triage") or str(Path(os.sys.executable).parent / "cxr-triage")
+from tests.conftest import CLI
 
 
 def free_port() -> int:

@@ -209,7 +209,7 @@ def calibrate_command(
     """
     from db.calibration import CalibrationError, review_labels, store
     from db.engine import session_scope
-    from models.calibration import calibrate
+    from models.calibration import ThresholdRule, calibrate
 
     if sum(bool(x) for x in (folder, labels, from_reviews)) != 1:
         raise typer.BadParameter("give exactly one of DIR, --labels CSV or --from-reviews")
@@ -240,7 +240,8 @@ def calibrate_command(
             f"{sample.out_of_distribution} rejected as not a chest film (left out)"
         )
     try:
-        fit = calibrate(y, prob, logit, shipped.temperature, target_sensitivity, target_specificity)
+        rule = ThresholdRule(target_sensitivity, target_specificity)
+        fit = calibrate(y, prob, logit, shipped.temperature, rule)
     except ValueError as exc:
         console.print(f"[red]cannot calibrate: {exc}[/red]")
         raise typer.Exit(2) from exc

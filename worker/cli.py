@@ -21,7 +21,7 @@ from db.engine import masked
 from db.schema import ImageStatus
 from worker import logs, metrics
 from worker.dicomnet.commands import SendHeatmap, SendKeyObject, SendResults, check_results  # issue 11
-from worker.options import ModelDir, setting
+from worker.options import ModelDir, setting, with_options
 from worker.progress import progress_bar
 from worker.settings import Settings, env_name, flag_name
 
@@ -51,6 +51,20 @@ FullResolution = Annotated[bool | None, setting("full_resolution_decode")]
 FollowSymlinks = Annotated[bool | None, setting("follow_symlinks")]
 
 MetricsPort = Annotated[int | None, setting("metrics_port", min=0, max=65535)]
+
+# The options of every command that scores (scan, watch, worker), after each command's own.
+SCORING_OPTIONS: dict[str, Any] = {
+    "database_url": DatabaseUrl,
+    "broker_url": BrokerUrl,
+    "model_dir": ModelDir,
+    "batch_size": BatchSize,
+    "decode_workers": DecodeWorkers,
+    "full_resolution_decode": FullResolution,
+    "results_destination": SendResults,
+    "send_heatmap": SendHeatmap,
+    "send_key_object": SendKeyObject,
+    "log_level": LogLevel,
+}
 
 
 def _flags(given: dict[str, Any]) -> dict[str, Any]:
@@ -117,16 +131,11 @@ def _resolve_roots(paths: list[Path]) -> list[str]:
 
 
 @app.command()
+@with_options(SCORING_OPTIONS)
 def scan(
     paths: Annotated[
         list[Path], typer.Argument(help="Files or folders (searched recursively).", exists=True)
     ],
-    database_url: DatabaseUrl = None,
-    broker_url: BrokerUrl = None,
-    model_dir: ModelDir = None,
-    batch_size: BatchSize = None,
-    decode_workers: DecodeWorkers = None,
-    full_resolution_decode: FullResolution = None,
     follow_symlinks: FollowSymlinks = None,
     wait: Annotated[bool, typer.Option(help="With a broker: wait until every queued file is final.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -137,10 +146,7 @@ def scan(
             "duplicates, queued, elapsed_s, images_per_s."
         ),
     ] = None,
-    results_destination: SendResults = None,
-    send_heatmap: SendHeatmap = None,
-    send_key_object: SendKeyObject = None,
-    log_level: LogLevel = None,
+    **options: Any,
 ) -> None:
     """Score every supported file under PATHS that is not scored yet (a backlog scan).
 
@@ -152,7 +158,7 @@ def scan(
     from worker.submit import BROKER_ERRORS, InProcess, ViaCelery, wait_until_final
     from worker.submit import scan as scan_roots
 
-    settings = _settings(**_flags(locals()))
+    settings = _settings(**_flags(locals()), **options)
     _prepare_database(settings)
     check_results(settings)
     from worker.dicomnet.sender import start_results_sender
@@ -369,6 +375,7 @@ def requeue(
 
 
 @app.command()
+@with_options(SCORING_OPTIONS)
 def watch(
     paths: Annotated[list[Path], typer.Argument(help="Drop folders to watch (created if missing).")],
     polling: Annotated[bool | None, setting("polling")] = None,
@@ -376,22 +383,13 @@ def watch(
     batch_wait: Annotated[float | None, setting("batch_wait", min=0)] = None,
     rescan_interval: Annotated[float | None, setting("rescan_interval")] = None,
     follow_symlinks: FollowSymlinks = None,
-    database_url: DatabaseUrl = None,
-    broker_url: BrokerUrl = None,
-    model_dir: ModelDir = None,
-    batch_size: BatchSize = None,
-    decode_workers: DecodeWorkers = None,
-    full_resolution_decode: FullResolution = None,
     metrics_port: MetricsPort = None,
-    results_destination: SendResults = None,
-    send_heatmap: SendHeatmap = None,
-    send_key_object: SendKeyObject = None,
-    log_level: LogLevel = None,
+    **options: Any,
 ) -> None:
     """Watch drop folders; score new files in this process, or queue them when a broker is set."""
     from worker.watcher import Watcher
 
-    settings = _settings(**_flags(locals()))
+    settings = _settings(**_flags(locals()), **options)
     _prepare_database(settings)
     roots = _resolve_roots(paths)
     for path, root in zip(paths, roots, strict=True):
@@ -419,27 +417,19 @@ def watch(
 
 
 @app.command("worker")
+@with_options(SCORING_OPTIONS)
 def worker_command(
     processes: Annotated[int | None, setting("processes", min=1)] = None,
     gpus: Annotated[str | None, setting("gpus")] = None,
     cpu_only: Annotated[bool | None, setting("cpu_only", "--cpu")] = None,
     lease_seconds: Annotated[float | None, setting("lease_seconds")] = None,
-    database_url: DatabaseUrl = None,
-    broker_url: BrokerUrl = None,
-    model_dir: ModelDir = None,
-    batch_size: BatchSize = None,
-    decode_workers: DecodeWorkers = None,
-    full_resolution_decode: FullResolution = None,
     metrics_port: MetricsPort = None,
-    results_destination: SendResults = None,
-    send_heatmap: SendHeatmap = None,
-    send_key_object: SendKeyObject = None,
-    log_level: LogLevel = None,
+    **options: Any,
 ) -> None:
     """Run Celery workers that score queued files (needs --broker-url / CXR_TRIAGE_BROKER_URL)."""
     from worker.supervisor import Supervisor, WorkerSpec, visible_gpus
 
-    settings = _settings(**_flags(locals()))
+    settings = _settings(**_flags(locals()), **options)
     if not settings.broker_url:
         console.print("a broker is required: set --broker-url or CXR_TRIAGE_BROKER_URL", markup=False)
         raise typer.Exit(2)

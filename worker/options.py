@@ -3,12 +3,17 @@ flag, help, environment variable and default are defined once, there."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from worker.settings import Settings, env_name, flag_name
+
+R = TypeVar("R")
 
 
 def setting(name: str, *aliases: str, **extra: Any) -> Any:
@@ -28,3 +33,26 @@ def setting(name: str, *aliases: str, **extra: Any) -> Any:
 
 
 ModelDir = Annotated[Path | None, setting("model_dir")]
+
+
+def with_options(options: dict[str, Any]) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """Give a command the shared ``options`` (parameter name -> annotated option type, each None by
+    default) after its own parameters, so several commands declare them once; the command takes them in
+    its ``**kwargs``. Typer reads the options from the command's signature, which this extends."""
+
+    def decorate(command: Callable[..., R]) -> Callable[..., R]:
+        own = inspect.signature(command, eval_str=True)
+        params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        params += [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+            for name, annotation in options.items()
+        ]
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> R:
+            return command(**kwargs)
+
+        run.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+        return run
+
+    return decorate

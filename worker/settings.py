@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     )
     send_heatmap: bool = Field(False, description="Also send a Grad-CAM Secondary Capture (research only)")
     send_key_object: bool = Field(False, description="Also send a Key Object Selection flagging HIGH films")
+    outbox_claim_lease_s: float = Field(120.0, gt=0, description="A dead sender's result is due after (s)")
+    outbox_first_retry_s: float = Field(2.0, gt=0, description="First resend delay (s); doubles each time")
+    outbox_max_retry_s: float = Field(60.0, gt=0, description="Longest wait (s) between resends of a result")
+    outbox_max_attempts: int = Field(50, ge=1, description="Attempts to send a result before it is failed")
 
     @field_validator("allowed_callers", mode="before")
     @classmethod

@@ -72,12 +72,14 @@ class OutboxSender:
         self,
         database_url: str,
         *,
+        retry: outbox.RetryPolicy,
         calling_ae_title: str = "CXR_TRIAGE",
         model_dir: Path | None = None,
         poll_seconds: float = 0.25,
         batch: int = 16,
     ) -> None:
         self.database_url = database_url
+        self.retry = retry
         self.calling_ae_title = calling_ae_title
         self.model_dir = model_dir
         self.poll_seconds = poll_seconds
@@ -127,7 +129,7 @@ class OutboxSender:
     def send_due(self) -> bool:
         """Claim what is due and send it, one association per destination; True if anything was due."""
         with session_scope(self.database_url) as session:
-            claimed = outbox.claim_due(session, self.batch)
+            claimed = outbox.claim_due(session, self.retry.claim_lease_s, self.batch)
         if not claimed:
             return False
         self.idle.clear()
@@ -205,7 +207,7 @@ class OutboxSender:
 
     def _finish(self, item: Claimed, error: str, *, permanent: bool = False) -> None:
         with session_scope(self.database_url) as session:
-            status = outbox.mark_retry(session, item, error, permanent=permanent)
+            status = outbox.mark_retry(session, item, error, self.retry, permanent=permanent)
         if status is OutboxStatus.FAILED:
             log.error(
                 "outbox: %s for image %d failed for good: %s", item.kind.name.lower(), item.image_id, error
@@ -306,12 +308,25 @@ class SenderHandle:
             self.sender = None
 
 
+def retry_policy(settings: Settings) -> outbox.RetryPolicy:
+    """The outbox's claim lease and retry schedule, from the settings."""
+    return outbox.RetryPolicy(
+        claim_lease_s=settings.outbox_claim_lease_s,
+        first_retry_s=settings.outbox_first_retry_s,
+        max_retry_s=settings.outbox_max_retry_s,
+        max_attempts=settings.outbox_max_attempts,
+    )
+
+
 def start_results_sender(settings: Settings) -> SenderHandle:
     """Start the outbox sender thread when results go somewhere; see :class:`SenderHandle`."""
     if not settings.results_destination:
         return SenderHandle(None)
     sender = OutboxSender(
-        settings.database_url, calling_ae_title=settings.dicom_ae_title, model_dir=settings.model_dir
+        settings.database_url,
+        retry=retry_policy(settings),
+        calling_ae_title=settings.dicom_ae_title,
+        model_dir=settings.model_dir,
     )
     sender.start()
     return SenderHandle(sender)

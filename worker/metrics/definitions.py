@@ -68,42 +68,33 @@ MODEL_LOADED = Gauge(
 )
 
 # -- gauges: set by the process that serves /metrics, just before it answers ------------------------
-WORKERS_ALIVE = Gauge(
-    PREFIX + "workers_alive", "Worker processes running under the supervisor", multiprocess_mode="mostrecent"
+
+
+def _scrape_gauge(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Gauge:
+    """A gauge set by the serving process at each scrape: the most recent value is the value."""
+    return Gauge(PREFIX + name, documentation, labels, multiprocess_mode="mostrecent")
+
+
+WORKERS_ALIVE = _scrape_gauge("workers_alive", "Worker processes running under the supervisor")
+QUEUE_DEPTH = _scrape_gauge("queue_depth", "Images waiting or in progress, from the database", ("status",))
+BROKER_QUEUE_LENGTH = _scrape_gauge(
+    "broker_queue_length", "Messages (batches) waiting in the broker's score queue"
 )
-QUEUE_DEPTH = Gauge(
-    PREFIX + "queue_depth", "Images waiting or in progress, from the database", ["status"],
-    multiprocess_mode="mostrecent",
-)
-BROKER_QUEUE_LENGTH = Gauge(
-    PREFIX + "broker_queue_length", "Messages (batches) waiting in the broker's score queue",
-    multiprocess_mode="mostrecent",
-)
-OLDEST_UNREVIEWED_AGE = Gauge(
-    PREFIX + "oldest_unreviewed_age_seconds",
+OLDEST_UNREVIEWED_AGE = _scrape_gauge(
+    "oldest_unreviewed_age_seconds",
     "Age of the oldest scored, unreviewed film per tier (0 when none)",
-    ["tier"],
-    multiprocess_mode="mostrecent",
+    ("tier",),
 )
-UNREVIEWED = Gauge(
-    PREFIX + "unreviewed_images", "Scored films not yet reviewed, per tier", ["tier"],
-    multiprocess_mode="mostrecent",
+UNREVIEWED = _scrape_gauge("unreviewed_images", "Scored films not yet reviewed, per tier", ("tier",))
+DISK_FREE = _scrape_gauge("disk_free_bytes", "Free space where this service writes, by role", ("role",))
+DISK_SIZE = _scrape_gauge(
+    "disk_size_bytes", "Size of the file system where this service writes, by role", ("role",)
 )
-DISK_FREE = Gauge(
-    PREFIX + "disk_free_bytes", "Free space where this service writes, by role", ["role"],
-    multiprocess_mode="mostrecent",
+DEPENDENCY_UP = _scrape_gauge(
+    "dependency_up", "1 when a readiness check passed at the last scrape", ("dependency",)
 )
-DISK_SIZE = Gauge(
-    PREFIX + "disk_size_bytes", "Size of the file system where this service writes, by role", ["role"],
-    multiprocess_mode="mostrecent",
-)
-DEPENDENCY_UP = Gauge(
-    PREFIX + "dependency_up", "1 when a readiness check passed at the last scrape", ["dependency"],
-    multiprocess_mode="mostrecent",
-)
-SCRAPE_REFRESH_SECONDS = Gauge(
-    PREFIX + "scrape_refresh_seconds", "Time spent computing the database gauges for this scrape",
-    multiprocess_mode="mostrecent",
+SCRAPE_REFRESH_SECONDS = _scrape_gauge(
+    "scrape_refresh_seconds", "Time spent computing the database gauges for this scrape"
 )
 
 #: Rendered per scrape from the database (labels change with the calibration), not from a Gauge.
