@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import resource
+import time
 from concurrent.futures import (
     FIRST_COMPLETED,
     CancelledError,
@@ -38,6 +39,8 @@ DECODE_TIMEOUT_S = 120.0
 #: Address space of one decode process. The largest accepted frame (pipeline.limits: 1 GiB
 #: decoded) needs ~2.5 GiB through the LUTs in float; an idle child maps ~0.5 GiB.
 DECODE_MEMORY_LIMIT_BYTES = 4 << 30
+#: How often a wait for decodes checks that every decode process is still alive (seconds).
+CHILD_POLL_S = 0.2
 
 Job = tuple[str, str | None]  # (path, expected sha256)
 
@@ -85,7 +88,8 @@ class PendingBatch:
     def _collect(self) -> list[Prepared]:
         assert self._futures is not None
         try:
-            return [future.result(timeout=self._pool.timeout_s) for future in self._futures]
+            self._pool.wait_for(self._futures)
+            return [future.result(timeout=0) for future in self._futures]
         except (BrokenProcessPool, TimeoutError, CancelledError):
             log.warning("a decoder crashed or hung; retrying the rest of this batch one file at a time")
             finished = [_result_if_done(future) for future in self._futures]
@@ -149,6 +153,29 @@ class DecodePool:
                 writer.close()
             self._executor = None
 
+    def wait_for(self, futures: list[Future]) -> None:
+        """Return once every future is done; raise :class:`BrokenProcessPool` as soon as a child has
+        died, :class:`TimeoutError` when none finished for ``timeout_s`` (a hung decoder).
+
+        After a SIGKILL of a child, ProcessPoolExecutor does not always notice (its manager thread can
+        stay blocked on the result pipe), so the futures would only end with the timeout: the
+        children's exit codes are polled while waiting.
+        """
+        pending = {future for future in futures if not future.done()}
+        idle_since = time.monotonic()
+        while pending:
+            done, pending = wait(pending, timeout=CHILD_POLL_S, return_when=FIRST_COMPLETED)
+            if done:
+                idle_since = time.monotonic()
+            elif self._a_child_died():
+                raise BrokenProcessPool("a decode process died")
+            elif time.monotonic() - idle_since > self.timeout_s:
+                raise TimeoutError(f"no decode finished for {self.timeout_s:.0f} s")
+
+    def _a_child_died(self) -> bool:
+        processes = getattr(self._executor, "_processes", None) or {}
+        return any(process.exitcode is not None for process in list(processes.values()))
+
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
@@ -193,7 +220,9 @@ class DecodePool:
     def prepare_isolated(self, path: str, sha256: str | None, **options) -> Prepared:
         """Decode one file alone, so that a crash or hang names its culprit."""
         try:
-            return self._submit((path, sha256), options).result(timeout=self.timeout_s)
+            future = self._submit((path, sha256), options)
+            self.wait_for([future])
+            return future.result(timeout=0)
         except (BrokenProcessPool, CancelledError):
             self.reset()
             return Prepared(status="failed", reason="the decoder crashed on this file")
