@@ -80,6 +80,11 @@ class PendingBatch:
         self._futures = futures
         self._ready = ready
 
+    def cancel(self) -> None:
+        """Drop the decodes that have not started (the batch will not be used)."""
+        for future in self._futures or []:
+            future.cancel()
+
     def results(self) -> list[Prepared]:
         if self._ready is None:
             self._ready = self._collect()
@@ -98,6 +103,10 @@ class PendingBatch:
                 done if done is not None else self._pool.prepare_isolated(path, sha, **self._options)
                 for done, (path, sha) in zip(finished, self._jobs, strict=True)
             ]
+
+
+def _broken(future: Future) -> bool:
+    return not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
 
 
 def _result_if_done(future: Future) -> Prepared | None:
@@ -165,6 +174,8 @@ class DecodePool:
         idle_since = time.monotonic()
         while pending:
             done, pending = wait(pending, timeout=CHILD_POLL_S, return_when=FIRST_COMPLETED)
+            if any(_broken(future) for future in done):  # the executor noticed the death itself
+                raise BrokenProcessPool("a decode process died")
             if done:
                 idle_since = time.monotonic()
             elif self._a_child_died():
