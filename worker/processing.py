@@ -140,12 +140,12 @@ class Processor:
         ahead = DECODE_AHEAD_BATCHES if self._scorer is not None else max(len(batches), 1)
         try:
             for started in prefetched((start(batch) for batch in batches), ahead=ahead):
-                unfinished.remove(started)
                 outcome = self._finish_batch(started)
+                unfinished.remove(started)
                 counts.update(outcome.counts)
                 retry.extend(outcome.retry_later)
         finally:
-            for started in unfinished:  # an error or interrupt: nothing of theirs was claimed
+            for started in unfinished:  # an error or interrupt: their decodes are not needed
                 if started.pending is not None:
                     started.pending.cancel()
         return BatchOutcome(counts, retry)
