@@ -231,7 +231,9 @@ class Processor:
         return scorer.input_size, ScopePolicy.from_metadata(scorer.metadata)
 
     def _start_batch(self, image_ids: list[int]) -> _Started:
-        """Hand the batch's files to the decode pool; returns before they are decoded, claims nothing."""
+        """Hand the batch's files to the decode pool; returns before they are decoded, claims nothing.
+
+        Without decode processes nothing is decoded here: see :meth:`_finish_batch`."""
         input_size, scope = self._decode_plan()
         with session_scope(self.database_url) as session:
             paths = queue.source_paths(session, image_ids)
@@ -239,20 +241,45 @@ class Processor:
         located = {image_id: _locate(paths.get(image_id, [])) for image_id in known}
         todo = [image_id for image_id in image_ids if image_id in known and located[image_id][0]]
         jobs = [(located[i][0], known[i].sha256) for i in todo]
-        pending = self.pool.submit(jobs, input_size, scope, self.full_resolution_decode) if jobs else None
+        pending = None
+        if jobs and self.pool.workers > 0:
+            pending = self.pool.submit(jobs, input_size, scope, self.full_resolution_decode)
         return _Started(image_ids, located, known, todo, pending, input_size)
 
     def _finish_batch(self, started: _Started) -> BatchOutcome:
         """Wait for the batch's decodes, claim it, score it in one model call, store every outcome.
 
-        The model is loaded (and a broken one refused) before anything is claimed."""
+        The model is loaded (and a broken one refused) before anything is claimed. A decode child
+        cannot take this process down, so its batch is claimed after decoding (no lease held while
+        decoding); a file decoded in this process is claimed first, so that one which kills the
+        process counts as an interrupted attempt (and is failed after ``queue.MAX_ATTEMPTS``)."""
         scorer = self.scorer
-        prepared = dict(zip(started.todo, started.pending.results(), strict=True)) if started.pending else {}
-        if started.todo and started.input_size != scorer.input_size:  # metadata disagreed with the model
-            jobs = [(started.located[i][0], started.known[i].sha256) for i in started.todo]
-            scope = ScopePolicy.from_metadata(scorer.metadata)
-            redone = self.pool.prepare_many(jobs, scorer.input_size, scope, self.full_resolution_decode)
-            prepared = dict(zip(started.todo, redone, strict=True))
+        if started.pending is not None:
+            prepared = self._decoded(scorer, started, started.todo)
+            claimed = self._claim(started)
+        else:
+            claimed = self._claim(started)
+            taken = set(claimed)
+            prepared = self._decoded(scorer, started, [i for i in started.todo if i in taken])
+        if not claimed:
+            return BatchOutcome(started.counts, [])
+        try:
+            return self._score_claimed(scorer, started, prepared)
+        except BaseException:
+            self._release(claimed)
+            raise
+
+    def _decoded(self, scorer, started: _Started, image_ids: list[int]) -> dict[int, Prepared]:
+        """Decodes of ``image_ids`` (among the batch's): the pool's, or made now at the model's size."""
+        if started.pending is not None and started.input_size == scorer.input_size:
+            return dict(zip(started.todo, started.pending.results(), strict=True))
+        # decoding in this process, or the metadata file disagreed with the loaded model
+        jobs = [(started.located[i][0], started.known[i].sha256) for i in image_ids]
+        scope = ScopePolicy.from_metadata(scorer.metadata)
+        redone = self.pool.prepare_many(jobs, scorer.input_size, scope, self.full_resolution_decode)
+        return dict(zip(image_ids, redone, strict=True))
+
+    def _claim(self, started: _Started) -> list[int]:
         with session_scope(self.database_url) as session:
             claimed, exhausted = queue.claim(
                 session, [i for i in started.image_ids if i in started.known], self.lease_seconds, self.owner
@@ -264,13 +291,7 @@ class Processor:
         for image_id in exhausted:
             log.warning("image %s failed: interrupted %d times", image_id, queue.MAX_ATTEMPTS)
             metrics.outcome("failed", reason="interrupted")
-        if not claimed:
-            return BatchOutcome(started.counts, [])
-        try:
-            return self._score_claimed(scorer, started, prepared)
-        except BaseException:
-            self._release(claimed)
-            raise
+        return claimed
 
     def _score_claimed(self, scorer, started: _Started, decoded: dict[int, Prepared]) -> BatchOutcome:
         claimed, located, known, counts = started.claimed, started.located, started.known, started.counts
