@@ -1,8 +1,9 @@
 """Per-format decode cost on one core: the product's reduced-resolution decoders vs full resolution.
 
 The model reads a 128 px (or ``input_size``) square. ``worker.prepare.prepare`` decodes JPEG 2000 with
-OpenJPEG ``reduce`` and JPEG with Pillow ``draft`` (issue 13); ``full_resolution_decode=True`` is the
-path every film took before. This script times both, per format, in one process (one core), as CPU
+OpenJPEG ``reduce`` and JPEG with Pillow ``draft`` (issue 13), and bins grey PNG and DICOM with linear
+LUTs (uncompressed 12-bit in the corpus) to >= 4x the input with integer block means before the float
+grey-level chain; ``full_resolution_decode=True`` is the path every film took before. This script times both, per format, in one process (one core), as CPU
 time of this process (``time.process_time``, less sensitive to other load on a shared machine than the
 wall clock, which is reported beside it), and reports how far reduced decoding moves the model input
 (mean |difference| of the standardised input) and the score (max |difference| of P(pneumonia)).

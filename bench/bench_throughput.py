@@ -47,8 +47,9 @@ def run_scan(corpus: Path, database_url: str, model_dir: Path, label: str, code:
     it must know ``--summary-json``)."""
     log(f"end-to-end: cxr-triage scan into {label} ...")
     env = common.bench_env(model_dir)
-    if code is not None:
-        env["PYTHONPATH"] = str(code)
+    # The checkout measured: this one unless another is given. Without it the venv's editable
+    # install decides, which in a git worktree sharing the main checkout's venv is the main checkout.
+    env["PYTHONPATH"] = str(code if code is not None else common.ROOT)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     summary_file = corpora.WORK / f"throughput-{label.split()[0].lower()}.summary.json"
     timed = processes.run_timed(
@@ -368,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
         "TensorFlow import, schema check and model load included; the CLI's own figure excludes start-up "
         "and schema check",
         "product settings: defaults (batch 32, one decode process per core, reduced-resolution decoding, "
-        "decode of batch k+1 overlapped with scoring of batch k)",
+        "decoding ahead of the model: every batch while the model loads, then two batches ahead of "
+        "the one scored)",
     ]
     report.publish(args, "End-to-end throughput vs naive vs limit (benchmarks 1-3)", model, body, notes)
 

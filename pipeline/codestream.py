@@ -31,6 +31,9 @@ JPEG_LS_SOF = 0xF7
 #: 0.0065 at 4x (1/4 scale, 4.8 instead of 3.5 ms per film). The score tests allow 0.01.
 J2K_MIN_SIDE_FACTOR = 4
 JPEG_MIN_SIDE_FACTOR = 4
+#: The same floor for block-averaging a full-resolution decode (16-bit PNG, uncompressed DICOM)
+#: before the float grey-level chain (:func:`pipeline.raster.bin_down`).
+BIN_MIN_SIDE_FACTOR = 4
 #: Bytes searched for the SIZ marker inside a JP2 wrapper (header boxes come first).
 JP2_SEARCH_BYTES = 1 << 16
 

@@ -24,7 +24,9 @@ level whose short side is still at least ``min_side`` times a safety factor
 frame (PS3.5 A.4.1) with DCT scaling (Pillow ``draft``).
 The LUTs and the presentation rules above then apply unchanged to the smaller
 array. Any other transfer syntax, and anything unusual (signed or more than
-16-bit JPEG 2000, colour, a decoder error), takes the full-resolution path.
+16-bit JPEG 2000, colour, a decoder error), takes the full-resolution path; there,
+unsigned stored values whose LUT chain is linear (:func:`has_linear_luts`) are
+block-averaged (:func:`pipeline.raster.bin_down`) before the float LUT chain.
 
 Validated-population rules (age, view) are model policy, not decoding: see
 :mod:`pipeline.scope`. pydicom's global configuration is set by
@@ -278,6 +280,25 @@ def _decode_reduced(
     return values.astype(np.uint8 if _int(ds, "BitsAllocated", 16) <= 8 else np.uint16)
 
 
+def has_linear_luts(ds: Dataset) -> bool:
+    """True when the modality and VOI stages are (piecewise) linear functions of the stored value:
+    a Rescale Slope/Intercept (or none) and a LINEAR window (or none), no LUT tables. Binning the
+    stored values first then only changes rounding and the values next to the window's clip."""
+    function = str(ds.get("VOILUTFunction", "") or "LINEAR").upper()
+    return (
+        "ModalityLUTSequence" not in ds
+        and "VOILUTSequence" not in ds
+        and function in ("LINEAR", "LINEAR_EXACT")
+    )
+
+
+def _binned(pixels: np.ndarray, min_side: int) -> np.ndarray:
+    from pipeline.raster import bin_down
+
+    binned = bin_down(pixels, min_side)
+    return pixels if binned is None else binned
+
+
 def _decode_pixels(ds: Dataset) -> np.ndarray:
     ts = ds.file_meta.TransferSyntaxUID
     try:
@@ -335,6 +356,8 @@ def decode_dicom(
             pixels = _decode_reduced(ds, frame, header, min_side) if min_side else None
             if pixels is None:
                 pixels = _decode_pixels(ds)
+                if min_side and has_linear_luts(ds):
+                    pixels = _binned(pixels, min_side)
             return to_display_grey(pixels, ds), attrs
     except (FailedImage, RejectedImage, MemoryError, KeyboardInterrupt, SystemExit):
         raise

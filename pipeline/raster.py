@@ -8,7 +8,8 @@ With ``min_side`` (the model's input size), JPEG is decoded with DCT scaling
 (Pillow ``reduce``), each to the smallest size whose short side is still at
 least ``min_side`` times a per-codec safety factor
 (:data:`pipeline.codestream.J2K_MIN_SIDE_FACTOR`, ``JPEG_MIN_SIDE_FACTOR``);
-PNG has no such shortcut and is decoded in full.
+PNG has no such shortcut in its decoder: an 8-bit or 16-bit grey PNG is decoded in full and
+binned (:func:`bin_down`, integer block means) before the float conversion.
 """
 
 from __future__ import annotations
@@ -67,6 +68,44 @@ def _to_grey(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB").convert("L"), dtype=np.float32) / 255.0
 
 
+def bin_factor(width: int, height: int, min_side: int) -> int:
+    """Side of the square blocks averaged by :func:`bin_down`: the largest that keeps the short
+    side at least ``min_side`` times :data:`pipeline.codestream.BIN_MIN_SIDE_FACTOR`."""
+    return max(1, min(width, height) // (min_side * codestream.BIN_MIN_SIDE_FACTOR))
+
+
+def bin_down(values: np.ndarray, min_side: int) -> np.ndarray | None:
+    """Mean of k x k blocks of unsigned 8/16-bit stored values (Pillow ``reduce``, integer result),
+    or None when there is nothing to gain or the type is not one binned here.
+
+    Averaging commutes with every linear grey-level map (a modality rescale, the min-max scaling
+    to [0, 1], MONOCHROME1 inversion, per-image standardisation), so applying it first changes the
+    model input only by rounding (to the stored integer level) and by the bilinear resize starting
+    from the binned image; the float chain then runs on 1/k^2 of the pixels.
+    """
+    if values.ndim != 2 or values.dtype not in (np.uint8, np.uint16):
+        return None
+    height, width = values.shape
+    k = bin_factor(width, height, min_side)
+    if k < 2:
+        return None
+    return np.asarray(_bin_image(Image.fromarray(np.ascontiguousarray(values)), k)).astype(values.dtype)
+
+
+def _bin_image(image: Image.Image, k: int) -> Image.Image:
+    """k x k block means of an L or I;16 image (16-bit values are averaged as 32-bit integers)."""
+    return image.reduce(k) if image.mode == "L" else image.convert("I").reduce(k)
+
+
+def _binned_grey(image: Image.Image, min_side: int) -> np.ndarray | None:
+    """Grey levels of an 8-bit or 16-bit grey PNG binned before the float conversion (see bin_down)."""
+    peak = {"L": 255.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0}.get(image.mode)
+    k = bin_factor(*image.size, min_side)
+    if peak is None or k < 2:
+        return None
+    return np.asarray(_bin_image(image, k), dtype=np.float32) / peak
+
+
 def _reduce(image: Image.Image, data: bytes | None, min_side: int) -> None:
     """Ask the decoder for the smallest resolution whose short side stays >= ``min_side``."""
     if image.format == "JPEG":
@@ -107,7 +146,8 @@ def decode_raster(source: str | Path | bytes, *, min_side: int | None = None) ->
                     _reduce(image, data, min_side)
                 image.load()
                 image = ImageOps.exif_transpose(image)
-                return _to_grey(image)
+                binned = _binned_grey(image, min_side) if min_side else None
+                return binned if binned is not None else _to_grey(image)
     except (RejectedImage, FailedImage):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -341,3 +341,29 @@ def test_a_scan_rescores_known_films_after_a_model_change(kermany, tmp_path):
         statuses = set(session.scalars(select(Image.status)))
     assert versions == sorted(["older-model", "older-model", current, current])
     assert statuses == {ImageStatus.SCORED}
+
+
+def test_in_process_decoding_happens_under_a_claim(sqlite_url, kermany, model_dir, tmp_path, monkeypatch):
+    """Issue 13: with decode processes, a batch is claimed after decoding (a child cannot kill the
+    worker); decoding in this process must stay claimed first, so a file that kills the worker is
+    counted as an interrupted attempt (and failed after MAX_ATTEMPTS) instead of retried forever."""
+    import worker.decode_pool
+    from worker.decode_pool import DecodePool
+    from worker.processing import Processor
+    from worker.settings import Settings
+
+    upgrade(sqlite_url)
+    path = Path(shutil.copy(kermany_files(kermany, "NORMAL", 1)[0], tmp_path / "film.jpeg"))
+    image_id = _register_file(sqlite_url, path)
+    seen: list[ImageStatus] = []
+    real_prepare = worker.decode_pool.prepare
+
+    def watching_prepare(*args, **kwargs):
+        seen.append(_image(sqlite_url, image_id).status)
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(worker.decode_pool, "prepare", watching_prepare)
+    settings = Settings(database_url=sqlite_url, model_dir=model_dir, decode_workers=0)
+    outcome = Processor.from_settings(settings, DecodePool(0)).process([image_id])
+    assert dict(outcome.counts) == {"scored": 1}
+    assert seen == [ImageStatus.PROCESSING]

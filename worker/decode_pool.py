@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import resource
+import time
 from concurrent.futures import (
     FIRST_COMPLETED,
     CancelledError,
@@ -38,6 +39,8 @@ DECODE_TIMEOUT_S = 120.0
 #: Address space of one decode process. The largest accepted frame (pipeline.limits: 1 GiB
 #: decoded) needs ~2.5 GiB through the LUTs in float; an idle child maps ~0.5 GiB.
 DECODE_MEMORY_LIMIT_BYTES = 4 << 30
+#: How often a wait for decodes checks that every decode process is still alive (seconds).
+CHILD_POLL_S = 0.2
 
 Job = tuple[str, str | None]  # (path, expected sha256)
 
@@ -77,6 +80,11 @@ class PendingBatch:
         self._futures = futures
         self._ready = ready
 
+    def cancel(self) -> None:
+        """Drop the decodes that have not started (the batch will not be used)."""
+        for future in self._futures or []:
+            future.cancel()
+
     def results(self) -> list[Prepared]:
         if self._ready is None:
             self._ready = self._collect()
@@ -84,29 +92,36 @@ class PendingBatch:
 
     def _collect(self) -> list[Prepared]:
         assert self._futures is not None
-        collected: list[Prepared] = []
         try:
-            for future in self._futures:
-                collected.append(future.result(timeout=self._pool.timeout_s))
-            return collected
+            self._pool.wait_for(self._futures)
+            return [future.result(timeout=0) for future in self._futures]
         except (BrokenProcessPool, TimeoutError, CancelledError) as problem:
             log.warning("a decoder crashed or hung; retrying the rest of this batch one file at a time")
             finished = [_result_if_done(future) for future in self._futures]
-            # The file that ran out of time while every decoder was alive has had its one timeout (a hung
-            # share, a FIFO swapped in): decoding it again alone would hang a second time, so it fails
-            # now. With a decoder dead, the wait was the pool's (a death it did not report), not the file's.
-            hung = (
-                len(collected) if isinstance(problem, TimeoutError) and self._pool.decoders_alive() else None
-            )
+            # wait_for raises TimeoutError only while every decoder is alive and none finished for
+            # the whole timeout: each decoder holds a file that hangs (a hung share, a FIFO swapped
+            # in). Those files have had their one timeout and fail now (decoding one again alone would
+            # hang a second time); the files queued behind them are innocent and are decoded again.
+            hung = self._hung_indices(finished) if isinstance(problem, TimeoutError) else set()
             self._pool.reset()
             return [
                 done
                 if done is not None
                 else self._pool.timed_out()
-                if index == hung
+                if index in hung
                 else self._pool.prepare_isolated(path, sha, **self._options)
                 for index, (done, (path, sha)) in enumerate(zip(finished, self._jobs, strict=True))
             ]
+
+    def _hung_indices(self, finished: list[Prepared | None]) -> set[int]:
+        """The unfinished files the decoders were working on: the pool takes jobs in order, so they
+        are the first ``workers`` unfinished ones."""
+        unfinished = [index for index, done in enumerate(finished) if done is None]
+        return set(unfinished[: self._pool.workers])
+
+
+def _broken(future: Future) -> bool:
+    return not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
 
 
 def _result_if_done(future: Future) -> Prepared | None:
@@ -164,10 +179,30 @@ class DecodePool:
                 writer.close()
             self._executor = None
 
-    def decoders_alive(self) -> bool:
-        """Whether every decode process started is still running."""
+    def wait_for(self, futures: list[Future]) -> None:
+        """Return once every future is done; raise :class:`BrokenProcessPool` as soon as a child has
+        died, :class:`TimeoutError` when none finished for ``timeout_s`` (a hung decoder).
+
+        After a SIGKILL of a child, ProcessPoolExecutor does not always notice (its manager thread can
+        stay blocked on the result pipe), so the futures would only end with the timeout: the
+        children's exit codes are polled while waiting.
+        """
+        pending = {future for future in futures if not future.done()}
+        idle_since = time.monotonic()
+        while pending:
+            done, pending = wait(pending, timeout=CHILD_POLL_S, return_when=FIRST_COMPLETED)
+            if any(_broken(future) for future in done):  # the executor noticed the death itself
+                raise BrokenProcessPool("a decode process died")
+            if done:
+                idle_since = time.monotonic()
+            elif self._a_child_died():
+                raise BrokenProcessPool("a decode process died")
+            elif time.monotonic() - idle_since > self.timeout_s:
+                raise TimeoutError(f"no decode finished for {self.timeout_s:.0f} s")
+
+    def _a_child_died(self) -> bool:
         processes = getattr(self._executor, "_processes", None) or {}
-        return all(process.is_alive() for process in list(processes.values()))
+        return any(process.exitcode is not None for process in list(processes.values()))
 
     def close(self) -> None:
         if self._executor is not None:
@@ -213,7 +248,9 @@ class DecodePool:
     def prepare_isolated(self, path: str, sha256: str | None, **options) -> Prepared:
         """Decode one file alone, so that a crash or hang names its culprit."""
         try:
-            return self._submit((path, sha256), options).result(timeout=self.timeout_s)
+            future = self._submit((path, sha256), options)
+            self.wait_for([future])
+            return future.result(timeout=0)
         except (BrokenProcessPool, CancelledError):
             self.reset()
             return Prepared(status="failed", reason="the decoder crashed on this file")

@@ -6,12 +6,14 @@ tasks, so both give the same scores.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import select
@@ -40,16 +42,23 @@ class BatchOutcome:
     retry_later: list[int]
 
 
+#: Batches decoding ahead of the one being scored once the model is loaded (while it loads, the
+#: whole call's batches are handed to the pool, so decoding overlaps the TensorFlow start-up).
+DECODE_AHEAD_BATCHES = 2
+
+
 @dataclass
 class _Started:
-    """A claimed batch whose files are decoding in the pool (see ``Processor._start_batch``)."""
+    """A batch whose files are decoding in the pool, not claimed yet (see ``Processor._start_batch``)."""
 
-    counts: Counter
-    claimed: list[int]
+    image_ids: list[int]
     located: dict
     known: dict
     todo: list[int]
     pending: PendingBatch | None
+    input_size: int
+    counts: Counter = field(default_factory=Counter)
+    claimed: list[int] = field(default_factory=list)
 
 
 class Processor:
@@ -118,22 +127,27 @@ class Processor:
         self.owner = owner or self.default_owner
         counts: Counter = Counter()
         retry: list[int] = []
-        # Overlap: batch k+1 is claimed and decoding in the pool while batch k is scored and stored.
+        # Overlap: later batches decode in the pool while batch k is claimed, scored and stored. A
+        # batch is claimed only once its decodes are done and the model is loaded, so decoding ahead
+        # holds no lease; before the model is loaded every batch of this call is handed to the pool.
         unfinished: list[_Started] = []
 
         def start(batch: list[int]) -> _Started:
             unfinished.append(started := self._start_batch(batch))
             return started
 
+        batches = self._batches(list(image_ids))
+        ahead = DECODE_AHEAD_BATCHES if self._scorer is not None else max(len(batches), 1)
         try:
-            for started in prefetched(start(batch) for batch in self._batches(list(image_ids))):
-                unfinished.remove(started)
+            for started in prefetched((start(batch) for batch in batches), ahead=ahead):
                 outcome = self._finish_batch(started)
+                unfinished.remove(started)
                 counts.update(outcome.counts)
                 retry.extend(outcome.retry_later)
-        except BaseException:
-            self._release([i for started in unfinished for i in started.claimed])
-            raise
+        finally:
+            for started in unfinished:  # an error or interrupt: their decodes are not needed
+                if started.pending is not None:
+                    started.pending.cancel()
         return BatchOutcome(counts, retry)
 
     def _release(self, claimed: list[int]) -> None:
@@ -201,53 +215,89 @@ class Processor:
     def _process_batch(self, image_ids: list[int]) -> BatchOutcome:
         return self._finish_batch(self._start_batch(image_ids))
 
+    def _decode_plan(self) -> tuple[int, ScopePolicy]:
+        """Input size and scope for decoding: the loaded model's, or its metadata file's while the
+        model is not loaded yet (so that decoding can start first). A folder whose metadata cannot be
+        read loads the model here, which fails with the model's own reason."""
+        if self._scorer is None:
+            from pipeline.inference import METADATA_FILE
+
+            try:
+                metadata = json.loads((Path(self.model_dir) / METADATA_FILE).read_text())
+                return int(metadata["input_size"]), ScopePolicy.from_metadata(metadata)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        scorer = self.scorer
+        return scorer.input_size, ScopePolicy.from_metadata(scorer.metadata)
+
     def _start_batch(self, image_ids: list[int]) -> _Started:
-        """Claim the batch and hand its files to the decode pool; returns before they are decoded."""
-        counts: Counter = Counter()
-        scorer = self.scorer  # loaded and checked before anything is claimed
+        """Hand the batch's files to the decode pool; returns before they are decoded, claims nothing.
+
+        Without decode processes nothing is decoded here: see :meth:`_finish_batch`."""
+        input_size, scope = self._decode_plan()
         with session_scope(self.database_url) as session:
-            claimed, exhausted = queue.claim(session, image_ids, self.lease_seconds, self.owner)
-            paths = queue.source_paths(session, claimed)
-            known = {row.id: row for row in session.execute(_identity_query(claimed))} if claimed else {}
-        if exhausted:
-            counts[Outcome.FAILED] += len(exhausted)
-        metrics.claimed(known[i].first_seen_at for i in claimed)
-        for image_id in exhausted:
-            log.warning("image %s failed: interrupted %d times", image_id, queue.MAX_ATTEMPTS)
-            metrics.outcome("failed", reason="interrupted")
+            paths = queue.source_paths(session, image_ids)
+            known = {row.id: row for row in session.execute(_identity_query(image_ids))} if image_ids else {}
+        located = {image_id: _locate(paths.get(image_id, [])) for image_id in known}
+        todo = [image_id for image_id in image_ids if image_id in known and located[image_id][0]]
+        jobs = [(located[i][0], known[i].sha256) for i in todo]
+        pending = None
+        if jobs and self.pool.workers > 0:
+            pending = self.pool.submit(jobs, input_size, scope, self.full_resolution_decode)
+        return _Started(image_ids, located, known, todo, pending, input_size)
+
+    def _finish_batch(self, started: _Started) -> BatchOutcome:
+        """Wait for the batch's decodes, claim it, score it in one model call, store every outcome.
+
+        The model is loaded (and a broken one refused) before anything is claimed. A decode child
+        cannot take this process down, so its batch is claimed after decoding (no lease held while
+        decoding); a file decoded in this process is claimed first, so that one which kills the
+        process counts as an interrupted attempt (and is failed after ``queue.MAX_ATTEMPTS``)."""
+        scorer = self.scorer
+        if started.pending is not None:
+            prepared = self._decoded(scorer, started, started.todo)
+            claimed = self._claim(started)
+        else:
+            claimed = self._claim(started)
+            taken = set(claimed)
+            prepared = self._decoded(scorer, started, [i for i in started.todo if i in taken])
         if not claimed:
-            return _Started(counts, [], {}, {}, [], None)
+            return BatchOutcome(started.counts, [])
         try:
-            located = {image_id: _locate(paths.get(image_id, [])) for image_id in claimed}
-            todo = [image_id for image_id in claimed if located[image_id][0]]
-            jobs = [(located[i][0], known[i].sha256) for i in todo]
-            scope = ScopePolicy.from_metadata(scorer.metadata)
-            pending = self.pool.submit(jobs, scorer.input_size, scope, self.full_resolution_decode)
+            return self._score_claimed(scorer, started, prepared)
         except BaseException:
             self._release(claimed)
             raise
-        return _Started(counts, claimed, located, known, todo, pending)
 
-    def _finish_batch(self, started: _Started) -> BatchOutcome:
-        """Wait for the batch's decodes, score them in one model call, store every outcome."""
-        if not started.claimed:
-            return BatchOutcome(started.counts, [])
-        try:
-            return self._score_claimed(self.scorer, started)
-        except BaseException:
-            self._release(started.claimed)
-            raise
+    def _decoded(self, scorer, started: _Started, image_ids: list[int]) -> dict[int, Prepared]:
+        """Decodes of ``image_ids`` (among the batch's): the pool's, or made now at the model's size."""
+        if started.pending is not None and started.input_size == scorer.input_size:
+            return dict(zip(started.todo, started.pending.results(), strict=True))
+        # decoding in this process, or the metadata file disagreed with the loaded model
+        jobs = [(started.located[i][0], started.known[i].sha256) for i in image_ids]
+        scope = ScopePolicy.from_metadata(scorer.metadata)
+        redone = self.pool.prepare_many(jobs, scorer.input_size, scope, self.full_resolution_decode)
+        return dict(zip(image_ids, redone, strict=True))
 
-    def _score_claimed(self, scorer, started: _Started) -> BatchOutcome:
-        claimed, located, known, todo, counts = (
-            started.claimed,
-            started.located,
-            started.known,
-            started.todo,
-            started.counts,
-        )
-        assert started.pending is not None
-        prepared = dict(zip(todo, started.pending.results(), strict=True))
+    def _claim(self, started: _Started) -> list[int]:
+        with session_scope(self.database_url) as session:
+            claimed, exhausted = queue.claim(
+                session, [i for i in started.image_ids if i in started.known], self.lease_seconds, self.owner
+            )
+        started.claimed = claimed
+        if exhausted:
+            started.counts[Outcome.FAILED] += len(exhausted)
+        metrics.claimed(started.known[i].first_seen_at for i in claimed)
+        for image_id in exhausted:
+            log.warning("image %s failed: interrupted %d times", image_id, queue.MAX_ATTEMPTS)
+            metrics.outcome("failed", reason="interrupted")
+        return claimed
+
+    def _score_claimed(self, scorer, started: _Started, decoded: dict[int, Prepared]) -> BatchOutcome:
+        claimed, located, known, counts = started.claimed, started.located, started.known, started.counts
+        taken = set(claimed)
+        todo = [image_id for image_id in started.todo if image_id in taken]
+        prepared = {image_id: decoded[image_id] for image_id in todo}
         metrics.decoded(prepared.values())
         ready = [image_id for image_id in todo if prepared[image_id].tensor is not None]
         stacked = np.stack([prepared[i].tensor for i in ready]) if ready else None
