@@ -60,7 +60,8 @@ def _mixed_site(url: str) -> None:
     for n in (19, 20, 21):
         _scored(url, n, p=0.9, reviewed_at=utcnow() - timedelta(hours=n), reviewed_by="dr-x")
     _scored(url, 22, p=0.95, status=ImageStatus.SUPERSEDED)
-    _scored(url, 23, p=0.5, patient_id="PID-23", patient_name="DOE^JANE", view_position="AP")
+    named = {"patient_id": "PID-23", "patient_name": "DOE^JANE", "view_position": "AP"}
+    _scored(url, 23, p=0.5, study_date=date(2024, 2, 29), **named)
     _scored(url, 24, p=0.31, version="m2")
 
 
@@ -80,6 +81,7 @@ def test_select_star_is_what_the_cli_prints(url):
     assert printed.returncode == 0, printed.stderr
     rows = json.loads(printed.stdout)
     assert [r["sha256"] for r in raw] == [r["sha256"] for r in rows] and len(rows) == 20
+    assert "2024-02-29" in {r["study_date"] for r in rows}
     assert list(raw[0]) == list(rows[0]), "same columns in the same order"
     for sql_row, cli_row in zip(raw, rows, strict=True):
         for name, value in sql_row.items():
@@ -88,6 +90,8 @@ def test_select_star_is_what_the_cli_prints(url):
                 assert _as_time(value) == _as_time(shown)
             elif name == "paths":
                 assert json.loads(value) == shown
+            elif name == "study_date":  # a DATE in PostgreSQL, ISO text in SQLite; ISO in JSON
+                assert (None if value is None else str(value)) == shown
             elif name in ("screening_positive", "high_confidence", "out_of_scope"):
                 assert (None if value is None else bool(value)) == shown
             elif name == "priority" and value is not None:
@@ -223,6 +227,7 @@ def test_indexes_for_the_order_and_filters_exist(url):
         "ix_images_reviewed_at",
         "ix_images_accession_number",
         "ix_images_patient_id",
+        "ix_images_study_date",
     } <= names
     assert {"triage_worklist", "triage_worklist_all"} <= set(inspector.get_view_names())
 
