@@ -300,8 +300,16 @@ def create_sql(dialect: str, *, study_date: bool = True) -> list[str]:
 @contextmanager
 def lifted(op, *, study_date: bool = True) -> Iterator[None]:
     """Drop the worklist views and triggers for the duration of a table rebuild, then restore them
-    (as of the revision that ``study_date`` names: True from 0005 on)."""
-    dialect = op.get_bind().dialect.name
+    (as of the revision that ``study_date`` names: True from 0005 on).
+
+    On SQLite the rebuild drops the old table, which with foreign keys on deletes every row that
+    references it (``ON DELETE CASCADE``: all scores and reviews for ``images``). Migrations run with
+    them off (db/migrations/env.py); anywhere else this refuses rather than lose the rows.
+    """
+    bind = op.get_bind()
+    dialect = bind.dialect.name
+    if dialect == "sqlite" and bind.exec_driver_sql("PRAGMA foreign_keys").scalar():
+        raise RuntimeError("SQLite foreign keys are on: a table rebuild would delete the rows referencing it")
     for statement in drop_sql(dialect):
         op.execute(sa.text(statement))
     yield

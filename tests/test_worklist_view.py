@@ -246,7 +246,8 @@ def test_worklist_refuses_an_unknown_status(tmp_path):
 
 
 def test_a_later_table_rebuild_keeps_the_worklist_current(url):
-    """A later migration that rebuilds `images` (SQLite batch mode) wraps it in `lifted(op)`."""
+    """A later migration that rebuilds `images` (SQLite batch mode) wraps it in `lifted(op)`; the
+    scores survive it (SQLite drops the old table: with foreign keys on, that deleted every score)."""
     import sqlalchemy as sa
     from alembic.migration import MigrationContext
     from alembic.operations import Operations
@@ -254,14 +255,29 @@ def test_a_later_table_rebuild_keeps_the_worklist_current(url):
     from db.worklist_sql import lifted
 
     _scored(url, 1, p=0.1)
-    with get_engine(url).begin() as connection:
-        op = Operations(MigrationContext.configure(connection))
-        rebuild = "always" if connection.dialect.name == "sqlite" else "auto"  # PostgreSQL alters in place
-        with lifted(op), op.batch_alter_table("images", recreate=rebuild) as batch:
-            batch.add_column(sa.Column("later_column", sa.Integer()))
+    with get_engine(url).connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            with pytest.raises(RuntimeError, match="foreign keys"), lifted(
+                Operations(MigrationContext.configure(connection))
+            ):
+                pass
+            connection.rollback()
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")  # as db/migrations/env.py runs migrations
+            connection.commit()
+        with connection.begin():
+            op = Operations(MigrationContext.configure(connection))
+            rebuild = "always" if sqlite else "auto"  # PostgreSQL alters in place
+            with lifted(op), op.batch_alter_table("images", recreate=rebuild) as batch:
+                batch.add_column(sa.Column("later_column", sa.Integer()))
+        if sqlite:
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+            connection.commit()
     _scored(url, 2, p=0.9)  # written after the rebuild: the triggers are back
     with session_scope(url) as session:
-        assert [r["sha256"] for r in query_rows(session)] == [f"{2:064x}", f"{1:064x}"]
+        rows = query_rows(session)
+    assert [r["sha256"] for r in rows] == [f"{2:064x}", f"{1:064x}"]
+    assert (rows[1]["score"], rows[1]["tier"]) == (0.1, "below"), "the rebuild kept the older film's score"
 
 
 def test_sqlite_worklist_survives_tensorflow_loaded_first(tmp_path):
