@@ -326,14 +326,19 @@ def review(
     log_level: LogLevel = None,
 ) -> None:
     """Mark a film as reviewed: it leaves the top of the worklist."""
+    from db import audit
     from db.engine import session_scope
-    from db.queue import mark_reviewed
+    from db.queue import find_by_sha256, mark_reviewed
+    from worker.web_commands import operator_account
 
     settings = _settings(quiet=True, database_url=database_url, log_level=log_level)
     _prepare_database(settings)
     try:
         with session_scope(settings.database_url) as session:
             changed = mark_reviewed(session, sha256, reviewer)
+            if changed:  # the audit log names who reviewed what, whichever way it was done
+                who = reviewer or operator_account()
+                audit.record(session, audit.AuditAction.REVIEW, who, find_by_sha256(session, sha256), "cli")
     except ValueError as exc:
         console.print(str(exc), markup=False)
         raise typer.Exit(2) from None
