@@ -11,7 +11,8 @@ to store:
   characters) and is not stored at all: a cut UID could name another study.
 * NUL characters (refused in PostgreSQL text) and unpaired surrogates (bytes that
   did not decode in the header's character set, PS3.5 6.1) are replaced;
-* numbers must be finite.
+* numbers must be finite;
+* dates must be real days (a ``date``, or ISO ``YYYY-MM-DD`` text); anything else is not stored.
 
 Adding a DICOM field therefore touches this table, the ``images`` column in
 ``db/schema.py`` (with its migration) and the line in the pipeline that reads it.
@@ -23,8 +24,9 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date, datetime
 
-from sqlalchemy import Boolean, Float
+from sqlalchemy import Boolean, Date, Float
 
 from db.schema import Image
 
@@ -52,6 +54,7 @@ DICOM_ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("patient_age_years", "PatientAge"),
     Attribute("modality", "Modality"),
     Attribute("view_position", "ViewPosition"),
+    Attribute("study_date", "StudyDate"),
 )
 
 #: Other per-file values the pipeline reports with an outcome (not read from one DICOM element).
@@ -93,6 +96,8 @@ def _stored(attribute: Attribute, value: object) -> object:
     kind = _column_type(attribute.name)
     if isinstance(kind, Boolean):
         return bool(value)
+    if isinstance(kind, Date):
+        return _day(value)
     if isinstance(kind, Float):
         try:
             number = float(value)  # type: ignore[arg-type]
@@ -108,6 +113,17 @@ def _stored(attribute: Attribute, value: object) -> object:
         log.debug("%s longer than %d characters; cut", attribute.keyword or attribute.name, limit)
         text = text[:limit]
     return text or None
+
+
+def _day(value: object) -> date | None:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value).strip())
+    except ValueError:
+        return None
 
 
 def to_columns(values: Mapping[str, object] | None) -> dict:

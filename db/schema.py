@@ -14,11 +14,12 @@
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -108,6 +109,7 @@ class Image(Base):
     patient_age_years: Mapped[float | None] = mapped_column(Float)
     modality: Mapped[str | None] = mapped_column(String(16))
     view_position: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[date | None] = mapped_column(Date)
     out_of_scope: Mapped[bool] = mapped_column(Boolean, default=False)
     scope_note: Mapped[str | None] = mapped_column(Text)
     first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -275,3 +277,5 @@ Index("ix_images_reviewed_at", Image.reviewed_at)
 Index("ix_images_accession_number", Image.accession_number)
 Index("ix_images_patient_id", Image.patient_id)
 Index("ix_calibrations_model_active", Calibration.model_version, Calibration.active)
+# Migration 0005: the worklist's study-date range filter.
+Index("ix_images_study_date", Image.study_date)

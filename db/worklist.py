@@ -37,7 +37,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from datetime import date, datetime, time, timedelta
 
-from sqlalchemy import Boolean, DateTime, Float, String, Text, column, func, select, table
+from sqlalchemy import Boolean, Date, DateTime, Float, String, Text, column, func, select, table
 from sqlalchemy.orm import Session
 
 from db.queue import as_utc
@@ -77,6 +77,7 @@ _COLUMNS = (
     ("study_uid", String),
     ("sop_uid", String),
     ("accession_number", String),
+    ("study_date", Date),
     ("source_format", String),
     ("first_seen_at", DateTime(timezone=True)),
     ("reviewed_at", DateTime(timezone=True)),
@@ -119,6 +120,8 @@ class WorklistEntry:
     study_uid: str | None
     sop_uid: str | None
     accession_number: str | None
+    #: DICOM Study Date as ISO ``YYYY-MM-DD`` (None: not DICOM, or no valid date in the header).
+    study_date: str | None
     source_format: str | None
     first_seen_at: str
     reviewed_at: str | None
@@ -150,6 +153,8 @@ class WorklistFilter:
     folder: str | None = None
     arrived_from: date | None = None
     arrived_to: date | None = None
+    study_date_from: date | None = None
+    study_date_to: date | None = None
     search: str | None = None
 
     def __post_init__(self) -> None:
@@ -187,6 +192,11 @@ def _filtered(query, view, wanted: WorklistFilter):
     if wanted.arrived_to:
         day_after = datetime.combine(wanted.arrived_to + timedelta(days=1), time.min)
         query = query.where(c.first_seen_at < day_after)
+    # Inclusive days (ix_images_study_date); films without a study date are outside every range.
+    if wanted.study_date_from:
+        query = query.where(c.study_date >= wanted.study_date_from)
+    if wanted.study_date_to:
+        query = query.where(c.study_date <= wanted.study_date_to)
     if wanted.search:
         term = wanted.search.strip()
         query = query.where((c.patient_id == term) | (c.accession_number == term))
@@ -257,7 +267,7 @@ def _flag(value) -> bool | None:
 
 
 def row_to_dict(row) -> dict:
-    """A view row as the JSON the CLI prints: booleans, ISO-8601 times, ``paths`` as a list."""
+    """A view row as the JSON the CLI prints: booleans, ISO-8601 times and days, ``paths`` as a list."""
     out = {name: row[name] for name in COLUMNS}
     out["paths"] = json.loads(out["paths"]) if out["paths"] else []
     for name in ("screening_positive", "high_confidence", "out_of_scope"):
@@ -265,6 +275,7 @@ def row_to_dict(row) -> dict:
     out["out_of_scope"] = bool(out["out_of_scope"])
     for name in ("first_seen_at", "reviewed_at"):
         out[name] = _iso(out[name])
+    out["study_date"] = out["study_date"].isoformat() if out["study_date"] is not None else None
     out["worklist_rank"] = float(out["worklist_rank"])
     return out
 

@@ -1,6 +1,10 @@
 """The worklist's SQL objects (views, triggers, indexes) for SQLite and PostgreSQL.
 
-Created by migration 0004. A later migration that makes SQLite rebuild ``images``, ``scores``,
+Created by migration 0004; migration 0005 adds ``study_date`` to the views. Each migration asks for
+the definition of its own revision (``study_date=False`` is 0004's), so replaying the history creates
+no view over a column that does not exist yet.
+
+A later migration that makes SQLite rebuild ``images``, ``scores``,
 ``calibrations`` or ``source_files`` (Alembic ``batch_alter_table`` with a recreate: changing or
 dropping a column) must lift these objects around it, because SQLite refuses to rename a table that
 a view depends on and drops a table's triggers with it::
@@ -96,7 +100,7 @@ SELECT
     CASE WHEN b.scored THEN {round4_viral} END AS viral_probability,
     CASE WHEN b.scored AND b.reviewed_at IS NULL THEN {round2_priority} END AS priority,
     CASE WHEN b.scored THEN b.model_version END AS model_version,
-    b.out_of_scope, b.scope_note, b.study_uid, b.sop_uid, b.accession_number, b.source_format,
+    b.out_of_scope, b.scope_note, b.study_uid, b.sop_uid, b.accession_number, {study_date}b.source_format,
     b.first_seen_at, b.reviewed_at,
     CASE WHEN b.scored THEN b.calibration END AS calibration,
     b.tier, b.patient_id, b.patient_name, b.patient_age_years, b.modality, b.view_position, b.reviewed_by,
@@ -106,7 +110,8 @@ FROM (
         o.image_id, o.status, o.tier, o.worklist_rank,
         (o.status = 'scored' AND o.score_id IS NOT NULL) AS scored,
         i.sha256, i.reason, i.out_of_scope, i.scope_note, i.study_uid, i.sop_uid, i.accession_number,
-        i.patient_id, i.patient_name, i.patient_age_years, i.modality, i.view_position, i.source_format,
+        {i_study_date}i.patient_id, i.patient_name, i.patient_age_years, i.modality, i.view_position,
+        i.source_format,
         i.first_seen_at, i.reviewed_at, i.reviewed_by,
         s.model_version, s.viral_probability,
         CASE WHEN c.id IS NULL OR c.temperature IS NULL THEN s.pneumonia_probability
@@ -210,8 +215,12 @@ APPEND_ONLY_POSTGRESQL = (
 )
 
 
-def view_sql(dialect: str) -> list[str]:
-    """The CREATE VIEW statements for ``dialect`` (sqlite or postgresql)."""
+#: Migration 0005's index for the study-date range filter.
+STUDY_DATE_INDEX = ("ix_images_study_date", "images", ["study_date"])
+
+
+def view_sql(dialect: str, *, study_date: bool = True) -> list[str]:
+    """The CREATE VIEW statements for ``dialect`` (sqlite or postgresql); ``study_date=False``: 0004's."""
     d = DIALECT[dialect]
     sigmoid = d["clamp_exp"].format(x="-s.pneumonia_logit / c.temperature")
     base = BASE.format(sigmoid_exp=sigmoid, first_days=d["days"].format(x="i.first_seen_at"))
@@ -226,6 +235,8 @@ def view_sql(dialect: str) -> list[str]:
         round2_priority=d["round2"].format(x=f"{STATIC_PRIORITY} + {aging}"),
         sigmoid_exp=sigmoid,
         first_days=d["days"].format(x="i.first_seen_at"),
+        study_date="b.study_date, " if study_date else "",
+        i_study_date="i.study_date, " if study_date else "",
     )
     visible = "CREATE VIEW triage_worklist AS SELECT * FROM triage_worklist_all WHERE status <> 'superseded'"
     return [source, full, visible]
@@ -281,17 +292,26 @@ def drop_sql(dialect: str) -> list[str]:
     return statements
 
 
-def create_sql(dialect: str) -> list[str]:
+def create_sql(dialect: str, *, study_date: bool = True) -> list[str]:
     """Statements creating the views and triggers, then bringing worklist_order up to date."""
-    return view_sql(dialect) + trigger_sql(dialect) + [refresh_sql()]
+    return view_sql(dialect, study_date=study_date) + trigger_sql(dialect) + [refresh_sql()]
 
 
 @contextmanager
-def lifted(op) -> Iterator[None]:
-    """Drop the worklist views and triggers for the duration of a table rebuild, then restore them."""
-    dialect = op.get_bind().dialect.name
+def lifted(op, *, study_date: bool = True) -> Iterator[None]:
+    """Drop the worklist views and triggers for the duration of a table rebuild, then restore them
+    (as of the revision that ``study_date`` names: True from 0005 on).
+
+    On SQLite the rebuild drops the old table, which with foreign keys on deletes every row that
+    references it (``ON DELETE CASCADE``: all scores and reviews for ``images``). Migrations run with
+    them off (db/migrations/env.py); anywhere else this refuses rather than lose the rows.
+    """
+    bind = op.get_bind()
+    dialect = bind.dialect.name
+    if dialect == "sqlite" and bind.exec_driver_sql("PRAGMA foreign_keys").scalar():
+        raise RuntimeError("SQLite foreign keys are on: a table rebuild would delete the rows referencing it")
     for statement in drop_sql(dialect):
         op.execute(sa.text(statement))
     yield
-    for statement in create_sql(dialect):
+    for statement in create_sql(dialect, study_date=study_date):
         op.execute(sa.text(statement))

@@ -39,6 +39,7 @@ import io
 import re
 import warnings
 import zlib
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,26 @@ def parse_age_years(value: object) -> float | None:
     return int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2)] if match else None
 
 
+#: Date (PS3.5 6.2, VR DA): ``YYYYMMDD``; also the ACR-NEMA 2.0 form ``YYYY.MM.DD`` that old files carry.
+_DATE = re.compile(r"^\s*(\d{4})\.?(\d{2})\.?(\d{2})\s*$")
+
+
+def parse_date(value: object) -> date | None:
+    """A DA value as a date, or None when it is absent, empty, multi-valued or not a real day.
+
+    A bad date in a header is a bad label on a good film: it must never fail the film.
+    """
+    if isinstance(value, bytes):  # an element read as UN (its length contradicted its VR)
+        value = value.decode("ascii", "replace")
+    match = _DATE.match(str(value or ""))
+    if not match:
+        return None
+    try:
+        return date(*(int(part) for part in match.groups()))
+    except ValueError:  # month 13, 30 February, year 0000
+        return None
+
+
 def _text(ds: Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
@@ -116,6 +137,7 @@ def read_attributes(ds: Dataset) -> DicomAttributes:
         patient_age_years=parse_age_years(ds.get("PatientAge")),
         modality=(_text(ds, "Modality") or "").upper() or None,
         view_position=(_text(ds, "ViewPosition") or "").upper() or None,
+        study_date=parse_date(ds.get("StudyDate")),
         body_part=(_text(ds, "BodyPartExamined") or "").upper() or None,
         photometric=(_text(ds, "PhotometricInterpretation") or "").upper() or None,
         transfer_syntax=str(ts) if ts else None,

@@ -7,6 +7,7 @@ these types; keeping them here is what lets ``dicom`` avoid importing ``decode``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import date
 
 import numpy as np
 
@@ -26,6 +27,8 @@ class DicomAttributes:
     patient_age_years: float | None = None
     modality: str | None = None
     view_position: str | None = None
+    #: Study Date (0008,0020); None when absent or not a valid date.
+    study_date: date | None = None
     body_part: str | None = None
     photometric: str | None = None
     transfer_syntax: str | None = None

@@ -289,6 +289,17 @@ def test_audit_log_records_views_reviews_and_sign_ins(client, site):
     assert printed.returncode == 0 and '"action": "review"' in printed.stdout
 
 
+def test_a_review_from_the_command_line_is_audited_too(site):
+    url, shas, _ = site
+    done = cli("review", shas[1][:12], "--reviewer", "dr-cli", "--database-url", url)
+    assert done.returncode == 0, done.stderr
+    assert cli("review", shas[1], "--database-url", url).returncode == 1, "already reviewed: nothing to audit"
+    with session_scope(url) as session:
+        logged = events(session)
+    reviews = [(e["username"], e["sha256"], e["detail"]) for e in logged if e["action"] == "review"]
+    assert reviews == [("dr-cli", shas[1], "cli")]
+
+
 def test_a_removed_user_is_signed_out_at_once(client, site):
     url, _, _ = site
     _sign_in(client, "viewer")

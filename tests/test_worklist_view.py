@@ -49,7 +49,8 @@ def _mixed_site(url: str) -> None:
     for n in (19, 20, 21):
         _scored(url, n, p=0.9, reviewed_at=utcnow() - timedelta(hours=n), reviewed_by="dr-x")
     _scored(url, 22, p=0.95, status=ImageStatus.SUPERSEDED)
-    _scored(url, 23, p=0.5, patient_id="PID-23", patient_name="DOE^JANE", view_position="AP")
+    named = {"patient_id": "PID-23", "patient_name": "DOE^JANE", "view_position": "AP"}
+    _scored(url, 23, p=0.5, study_date=date(2024, 2, 29), **named)
     _scored(url, 24, p=0.31, version="m2")
 
 
@@ -69,6 +70,7 @@ def test_select_star_is_what_the_cli_prints(url):
     assert printed.returncode == 0, printed.stderr
     rows = json.loads(printed.stdout)
     assert [r["sha256"] for r in raw] == [r["sha256"] for r in rows] and len(rows) == 20
+    assert "2024-02-29" in {r["study_date"] for r in rows}
     assert list(raw[0]) == list(rows[0]), "same columns in the same order"
     for sql_row, cli_row in zip(raw, rows, strict=True):
         for name, value in sql_row.items():
@@ -77,6 +79,8 @@ def test_select_star_is_what_the_cli_prints(url):
                 assert _as_time(value) == _as_time(shown)
             elif name == "paths":
                 assert json.loads(value) == shown
+            elif name == "study_date":  # a DATE in PostgreSQL, ISO text in SQLite; ISO in JSON
+                assert (None if value is None else str(value)) == shown
             elif name in ("screening_positive", "high_confidence", "out_of_scope"):
                 assert (None if value is None else bool(value)) == shown
             elif name == "priority" and value is not None:
@@ -212,6 +216,7 @@ def test_indexes_for_the_order_and_filters_exist(url):
         "ix_images_reviewed_at",
         "ix_images_accession_number",
         "ix_images_patient_id",
+        "ix_images_study_date",
     } <= names
     assert {"triage_worklist", "triage_worklist_all"} <= set(inspector.get_view_names())
 
@@ -230,7 +235,8 @@ def test_worklist_refuses_an_unknown_status(tmp_path):
 
 
 def test_a_later_table_rebuild_keeps_the_worklist_current(url):
-    """A later migration that rebuilds `images` (SQLite batch mode) wraps it in `lifted(op)`."""
+    """A later migration that rebuilds `images` (SQLite batch mode) wraps it in `lifted(op)`; the
+    scores survive it (SQLite drops the old table: with foreign keys on, that deleted every score)."""
     import sqlalchemy as sa
     from alembic.migration import MigrationContext
     from alembic.operations import Operations
@@ -238,14 +244,29 @@ def test_a_later_table_rebuild_keeps_the_worklist_current(url):
     from db.worklist_sql import lifted
 
     _scored(url, 1, p=0.1)
-    with get_engine(url).begin() as connection:
-        op = Operations(MigrationContext.configure(connection))
-        rebuild = "always" if connection.dialect.name == "sqlite" else "auto"  # PostgreSQL alters in place
-        with lifted(op), op.batch_alter_table("images", recreate=rebuild) as batch:
-            batch.add_column(sa.Column("later_column", sa.Integer()))
+    with get_engine(url).connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            with pytest.raises(RuntimeError, match="foreign keys"), lifted(
+                Operations(MigrationContext.configure(connection))
+            ):
+                pass
+            connection.rollback()
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")  # as db/migrations/env.py runs migrations
+            connection.commit()
+        with connection.begin():
+            op = Operations(MigrationContext.configure(connection))
+            rebuild = "always" if sqlite else "auto"  # PostgreSQL alters in place
+            with lifted(op), op.batch_alter_table("images", recreate=rebuild) as batch:
+                batch.add_column(sa.Column("later_column", sa.Integer()))
+        if sqlite:
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+            connection.commit()
     _scored(url, 2, p=0.9)  # written after the rebuild: the triggers are back
     with session_scope(url) as session:
-        assert [r["sha256"] for r in query_rows(session)] == [f"{2:064x}", f"{1:064x}"]
+        rows = query_rows(session)
+    assert [r["sha256"] for r in rows] == [f"{2:064x}", f"{1:064x}"]
+    assert (rows[1]["score"], rows[1]["tier"]) == (0.1, "below"), "the rebuild kept the older film's score"
 
 
 def test_sqlite_worklist_survives_tensorflow_loaded_first(tmp_path):

@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import time
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -259,6 +260,12 @@ def worklist(
     format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.table,
     limit: Annotated[int | None, typer.Option(help="Show at most N rows.", min=1)] = None,
     status: Annotated[ImageStatus | None, typer.Option(help="Only rows in this state.")] = None,
+    study_date_from: Annotated[
+        datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Only studies from this day (StudyDate).")
+    ] = None,
+    study_date_to: Annotated[
+        datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Only studies up to this day, inclusive.")
+    ] = None,
     database_url: DatabaseUrl = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -272,7 +279,11 @@ def worklist(
 
     settings = _settings(quiet=True, database_url=database_url, log_level=log_level)
     _prepare_database(settings)
-    wanted = WorklistFilter(status=None if status is None else status.value)
+    wanted = WorklistFilter(
+        status=None if status is None else status.value,
+        study_date_from=study_date_from.date() if study_date_from else None,
+        study_date_to=study_date_to.date() if study_date_to else None,
+    )
     with session_scope(settings.database_url) as session:
         rows = query_rows(session, wanted, limit=limit)
     if format is OutputFormat.json:
@@ -289,7 +300,7 @@ def worklist(
 
 def _print_table(rows: list[dict]) -> None:
     table = Table(show_lines=False)
-    for column in ("priority", "score", "call", "viral", "status", "scope", "path / reason"):
+    for column in ("priority", "score", "call", "viral", "study date", "status", "scope", "path / reason"):
         table.add_column(column, overflow="fold")
     for row in rows:
         call = ""
@@ -303,6 +314,7 @@ def _print_table(rows: list[dict]) -> None:
             "" if row["score"] is None else f"{row['score']:.3f}",
             call,
             "" if row["viral_probability"] is None else f"{row['viral_probability']:.2f}",
+            row["study_date"] or "",
             row["status"],
             ("OUT OF SCOPE: " + (row["scope_note"] or "")) if row["out_of_scope"] else "",
             detail,
@@ -320,14 +332,19 @@ def review(
     log_level: LogLevel = None,
 ) -> None:
     """Mark a film as reviewed: it leaves the top of the worklist."""
+    from db import audit
     from db.engine import session_scope
-    from db.queue import mark_reviewed
+    from db.queue import find_by_sha256, mark_reviewed
+    from worker.web_commands import operator_account
 
     settings = _settings(quiet=True, database_url=database_url, log_level=log_level)
     _prepare_database(settings)
     try:
         with session_scope(settings.database_url) as session:
             changed = mark_reviewed(session, sha256, reviewer)
+            if changed:  # the audit log names who reviewed what, whichever way it was done
+                who = reviewer or operator_account()
+                audit.record(session, audit.AuditAction.REVIEW, who, find_by_sha256(session, sha256), "cli")
     except ValueError as exc:
         console.print(str(exc), markup=False)
         raise typer.Exit(2) from None

@@ -53,6 +53,7 @@ def _attributes(decoded: DecodedImage, scope: ScopePolicy) -> dict:
         patient_age_years=attrs.patient_age_years,
         modality=attrs.modality,
         view_position=attrs.view_position,
+        study_date=attrs.study_date,
     )
     reasons = scope.out_of_scope_reasons(attrs)
     values.update(out_of_scope=bool(reasons), scope_note="; ".join(reasons) or None)

@@ -106,14 +106,15 @@ def users_add(
     try:
         with session_scope(settings.database_url) as session:
             add_user(session, name, password, role)
-            audit.record(session, audit.AuditAction.USER_ADD, _operator(), detail=f"{name} as {role.value}")
+            detail = f"{name} as {role.value}"
+            audit.record(session, audit.AuditAction.USER_ADD, operator_account(), detail=detail)
     except UserError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
     console.print(f"user {name} added ({role.value})")
 
 
-def _operator() -> str:
+def operator_account() -> str:
     """Who ran a user command (the operating-system account), for the audit log."""
     try:
         return "os:" + getpass.getuser()
@@ -153,7 +154,7 @@ def users_remove(
     try:
         with session_scope(settings.database_url) as session:
             remove_user(session, name)
-            audit.record(session, audit.AuditAction.USER_REMOVE, _operator(), detail=name)
+            audit.record(session, audit.AuditAction.USER_REMOVE, operator_account(), detail=name)
     except UserError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc

@@ -19,8 +19,15 @@ def run_migrations_online() -> None:
     engine = get_engine(url)
     with engine.connect() as connection:
         is_postgres = connection.dialect.name == "postgresql"
+        is_sqlite = connection.dialect.name == "sqlite"
         if is_postgres:
             connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
+            connection.commit()
+        if is_sqlite:
+            # SQLite rebuilds a table (batch mode) by dropping the old one: with foreign keys on, that
+            # deletes every dependent row (ON DELETE CASCADE from images: scores, reviews, outbox). Alembic's
+            # advice: off for the migrations (a no-op inside a transaction, so before it), on again after.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
             connection.commit()
         try:
             context.configure(
@@ -31,6 +38,9 @@ def run_migrations_online() -> None:
             with context.begin_transaction():
                 context.run_migrations()
         finally:
+            if is_sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
             if is_postgres:
                 connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_LOCK_KEY})
                 connection.commit()

@@ -129,6 +129,8 @@ def filters_from(form) -> tuple[WorklistFilter, int]:
         folder=_optional(form, "folder"),
         arrived_from=_date(_optional(form, "arrived_from")),
         arrived_to=_date(_optional(form, "arrived_to")),
+        study_date_from=_date(_optional(form, "study_date_from")),
+        study_date_to=_date(_optional(form, "study_date_to")),
         search=_optional(form, "search"),
     )
     offset = int(_optional(form, "offset") or 0)
@@ -376,11 +378,13 @@ def api_worklist(
     request: Request,
     who: Viewer,
     status: Annotated[str | None, Query(description="Only rows in this state")] = None,
+    study_date_from: Annotated[date | None, Query(description="Only studies from this day")] = None,
+    study_date_to: Annotated[date | None, Query(description="Only studies up to this day, inclusive")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_API_LIMIT)] = PAGE_SIZE,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[dict]:
     try:
-        wanted = WorklistFilter(status=status)
+        wanted = WorklistFilter(status=status, study_date_from=study_date_from, study_date_to=study_date_to)
     except ValueError as exc:
         raise StarletteHTTPException(400, "unknown status") from exc
     with session_scope(_state(request).database_url) as session:

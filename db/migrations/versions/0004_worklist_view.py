@@ -52,7 +52,7 @@ def upgrade() -> None:
         op.create_index(name, table, columns)
     if dialect == "postgresql":  # folder filter: LIKE 'prefix%' as an index range whatever the collation
         op.execute("CREATE INDEX ix_source_files_path_prefix ON source_files (path text_pattern_ops)")
-    for statement in create_sql(dialect):
+    for statement in create_sql(dialect, study_date=False):  # the views as of this revision
         op.execute(sa.text(statement))
     op.create_table(
         "app_secrets",
