@@ -20,53 +20,36 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from models import default_model_dir
+from worker.options import ModelDir, setting
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=False)
 
-DatabaseUrlOption = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url",
-        envvar="CXR_TRIAGE_DATABASE_URL",
-        show_envvar=True,
-        help="SQLAlchemy URL of the worklist database. Default: the local SQLite file.",
-    ),
-]
-ModelDirOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--model-dir",
-        envvar="CXR_TRIAGE_MODEL_DIR",
-        show_envvar=True,
-        help="Model folder (metadata.json + model.keras). Default: the shipped model.",
-    ),
-]
+DatabaseUrlOption = Annotated[str | None, setting("database_url")]
+ModelDirOption = ModelDir
 LABELS = {"pneumonia": 1, "1": 1, "positive": 1, "normal": 0, "0": 0, "negative": 0}
 FILE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", "")
 
 
 def _database(database_url: str | None) -> str:
     """Settings' database URL, migrated to the newest schema (clear message, no traceback)."""
-    from db.engine import masked
-    from db.migrate import upgrade
+    from worker.startup import database_settings
+
+    return database_settings(quiet=True, database_url=database_url).database_url
+
+
+def _model_dir(model_dir: Path | None) -> Path:
+    """The flag, else ``CXR_TRIAGE_MODEL_DIR`` (through Settings), else the shipped model."""
     from worker.settings import Settings
 
-    url = Settings.build(database_url=database_url or None).database_url
-    try:
-        upgrade(url)
-    except Exception as exc:  # noqa: BLE001 - a clear message instead of a traceback
-        console.print(f"[red]cannot open the database {masked(url)}: {type(exc).__name__}[/red]")
-        raise typer.Exit(2) from exc
-    return url
+    return Settings.build(model_dir=model_dir).resolved_model_dir()
 
 
 def shipped_thresholds(model_dir: Path | None):
     """The model's own operating points, read from metadata.json (no TensorFlow needed)."""
     from db.calibration import ShippedThresholds
 
-    meta = json.loads(((model_dir or default_model_dir()) / "metadata.json").read_text())
+    meta = json.loads((_model_dir(model_dir) / "metadata.json").read_text())
     return ShippedThresholds(
         str(meta["version"]),
         float(meta["screening_threshold"]),
@@ -214,7 +197,7 @@ def calibrate_command(
     if sum(bool(x) for x in (folder, labels, from_reviews)) != 1:
         raise typer.BadParameter("give exactly one of DIR, --labels CSV or --from-reviews")
     url = _database(database_url)
-    directory = model_dir or default_model_dir()
+    directory = _model_dir(model_dir)
     shipped = shipped_thresholds(directory)
     if from_reviews:
         with session_scope(url) as session:
@@ -409,7 +392,7 @@ def fit_ood_command(
     from models.ood_fit import battery, fit_and_write, run_battery
     from pipeline.inference import Scorer
 
-    directory = model_dir or default_model_dir()
+    directory = _model_dir(model_dir)
     root = data_dir or DEFAULT_DATA_DIR
     guard = fit_and_write(root, directory)
     console.print(f"wrote {directory / 'ood.npz'}: {json.dumps(guard.info)}")

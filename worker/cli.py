@@ -24,7 +24,10 @@ from worker import logs, metrics
 from worker.dicomnet.commands import SendHeatmap, SendKeyObject, SendResults, check_results  # issue 11
 from worker.options import ModelDir, setting, with_options
 from worker.progress import progress_bar
-from worker.settings import Settings, env_name, flag_name
+from worker.settings import Settings
+from worker.startup import command_settings as _settings
+from worker.startup import flags_of as _flags
+from worker.startup import prepare_database as _prepare_database
 
 log = logging.getLogger("cxr_triage")
 console = Console(stderr=True, soft_wrap=True)
@@ -66,44 +69,6 @@ SCORING_OPTIONS: dict[str, Any] = {
     "send_key_object": SendKeyObject,
     "log_level": LogLevel,
 }
-
-
-def _flags(given: dict[str, Any]) -> dict[str, Any]:
-    """The command's parameters that are settings (by name), for :func:`_settings`."""
-    return {name: value for name, value in given.items() if name in Settings.model_fields}
-
-
-def _settings(*, quiet: bool = False, **flags: Any) -> Settings:
-    """Build this process's one :class:`Settings` (flags over environment over file over defaults)
-    and set up logging to stderr. ``quiet`` commands log warnings only unless a level is set."""
-    from pydantic import ValidationError
-
-    try:
-        settings = Settings.build(**{k: (None if v == "" else v) for k, v in flags.items()})
-    except ValidationError as exc:
-        for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
-            console.print(
-                f"invalid setting {flag_name(field)} / {env_name(field)}: {error['msg']}", markup=False
-            )
-        raise typer.Exit(2) from None
-    level = "WARNING" if quiet and "log_level" not in settings.model_fields_set else settings.log_level
-    logs.configure(level)
-    return settings
-
-
-def _prepare_database(settings: Settings) -> None:
-    """Create or upgrade the schema (Alembic); cheap when it is already current."""
-    from db.migrate import upgrade
-
-    try:
-        upgrade(settings.database_url)
-    except Exception as exc:  # noqa: BLE001 - show a clear message instead of a traceback
-        console.print(
-            f"cannot open the database {masked(settings.database_url)}: {logs.describe_error(exc)}",
-            markup=False,
-        )
-        raise typer.Exit(2) from exc
 
 
 @db_app.command("upgrade")

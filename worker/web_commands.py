@@ -30,12 +30,9 @@ LogLevel = Annotated[str | None, setting("log_level")]
 
 
 def _settings(database_url: str | None, log_level: str, **flags):
-    from worker.cli import _prepare_database
-    from worker.cli import _settings as cli_settings
+    from worker.startup import database_settings
 
-    settings = cli_settings(database_url=database_url, log_level=log_level, **flags)
-    _prepare_database(settings)
-    return settings
+    return database_settings(database_url=database_url, log_level=log_level, **flags)
 
 
 def web_command(

@@ -18,11 +18,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from db.engine import masked
 from db.schema import OutboxStatus
-from worker import logs, metrics
+from worker import metrics
 from worker.options import setting
 from worker.settings import Settings
+from worker.startup import command_settings, database_settings
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=False)
@@ -72,19 +72,14 @@ def dicom_listen_command(
     """
     from worker.dicomnet.listener import StorageListener
 
-    try:
-        settings = Settings.build(
-            dicom_port=port,
-            dicom_ae_title=ae_title,
-            allowed_callers=allowed_callers,
-            dicom_bind_address=bind,
-            metrics_port=metrics_port,
-            log_level=log_level,
-        )
-    except ValueError as exc:
-        console.print(f"[red]invalid option: {str(exc).splitlines()[0]}[/red]")
-        raise typer.Exit(2) from exc
-    logs.configure(settings.log_level)
+    settings = command_settings(
+        dicom_port=port,
+        dicom_ae_title=ae_title,
+        allowed_callers=allowed_callers,
+        dicom_bind_address=bind,
+        metrics_port=metrics_port,
+        log_level=log_level,
+    )
     metrics.start(settings, model_check=lambda: True, disk_paths={"drop_folder": [str(drop_dir)]})
     listener = StorageListener(
         drop_dir,
@@ -191,18 +186,8 @@ def outbox_retry(
         raise typer.Exit(1)
 
 
-def _prepared(database_url: str | None, log_level: str) -> Settings:
-    from db.migrate import upgrade
-
-    logs.configure(log_level)
-    settings = Settings.build(database_url=database_url or None, log_level=log_level)
-    try:
-        upgrade(settings.database_url)
-    except Exception as exc:  # noqa: BLE001 - a clear message instead of a traceback
-        where = masked(settings.database_url)
-        console.print(f"[red]cannot open the database {where}: {type(exc).__name__}[/red]")
-        raise typer.Exit(2) from exc
-    return settings
+def _prepared(database_url: str | None, log_level: str | None) -> Settings:
+    return database_settings(database_url=database_url, log_level=log_level)
 
 
 def register(app: typer.Typer) -> None:

@@ -227,21 +227,26 @@ def _statuses() -> list[str]:
     return [s.value for s in ImageStatus]
 
 
-@pages.post("/rows")
-async def worklist_rows(request: Request, who: Viewer) -> Response:
+async def _form_filters(request: Request) -> tuple[WorklistFilter, int]:
+    """The worklist filter and page offset posted by the page's form (400 when one is invalid)."""
     try:
-        wanted, offset = filters_from(await request.form())
-    except ValueError:
-        return PlainTextResponse("invalid filter", status_code=400)
+        return filters_from(await request.form())
+    except ValueError as exc:
+        raise StarletteHTTPException(400, "invalid filter") from exc
+
+
+FormFilters = Annotated[tuple[WorklistFilter, int], Depends(_form_filters)]
+
+
+@pages.post("/rows")
+async def worklist_rows(request: Request, who: Viewer, posted: FormFilters) -> Response:
+    wanted, offset = posted
     return _page(request, "_rows.html", {"who": who, **_rows_context(request, wanted, offset)})
 
 
 @pages.post("/export.csv")
-async def export_csv(request: Request, who: Viewer) -> Response:
-    try:
-        wanted, _ = filters_from(await request.form())
-    except ValueError:
-        return PlainTextResponse("invalid filter", status_code=400)
+async def export_csv(request: Request, who: Viewer, posted: FormFilters) -> Response:
+    wanted, _ = posted
     state = _state(request)
     with session_scope(state.database_url) as session:
         rows = query_rows(session, wanted)
@@ -494,7 +499,7 @@ def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         messages = {404: "not found", 405: "method not allowed"}
-        detail = exc.detail if exc.status_code in (404, 409) and isinstance(exc.detail, str) else None
+        detail = exc.detail if exc.status_code in (400, 404, 409) and isinstance(exc.detail, str) else None
         message = (
             detail if detail and detail != "Not Found" else messages.get(exc.status_code, "request refused")
         )
