@@ -124,12 +124,12 @@ def test_calibrate_on_held_out_films_changes_the_worklist_tiers(
         _run(["scan", str(drop), "--database-url", url, "--no-progress", "--decode-workers", "0"])
         cluster = None
     else:
-        from tests.test_distributed import _env, _start, _stop
+        from tests.conftest import services_env, start_cli, stop_group
 
         url = request.getfixturevalue("pg_url")
-        env = _env(url, request.getfixturevalue("redis_url"))
+        env = services_env(url, request.getfixturevalue("redis_url"), 20, CXR_TRIAGE_LOG_LEVEL="INFO")
         _run(["db", "upgrade"], env)
-        cluster = _start(["worker", "--processes", "1"], env, tmp_path / "worker.log")
+        cluster = start_cli(["worker", "--processes", "1"], env, tmp_path / "worker.log")
     try:
         if cluster is not None:
             _run(["scan", str(drop), "--wait", "--no-progress"], env)
@@ -185,7 +185,7 @@ def test_calibrate_on_held_out_films_changes_the_worklist_tiers(
         assert name == SHIPPED and len(stored) == 54
     finally:
         if cluster is not None:
-            _stop(cluster)
+            stop_group(cluster, timeout=60)
 
 
 def test_too_small_a_sample_is_refused_without_force(kermany, model_dir, tmp_path):
