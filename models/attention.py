@@ -87,10 +87,18 @@ def summarise(shares: list[dict[str, float]]) -> AttentionSummary:
     )
 
 
-def measure(paths: Iterable[Path], model_dir: str | Path | None = None) -> AttentionSummary:
-    """Grad-CAM mass shares over ``paths`` (decoded through the serving path)."""
-    from models.explain import gradcam
+def measure(
+    paths: Iterable[Path], model_dir: str | Path | None = None, member: int | None = None
+) -> AttentionSummary:
+    """Grad-CAM mass shares over ``paths`` (decoded through the serving path).
+
+    ``member``: the map of one member of an ensemble only (its index), to compare a member
+    with a separately trained single model; default: the ensemble's averaged map.
+    """
+    from models.explain import gradcam, member_gradcam
     from pipeline.decode import decode_file
 
-    shares = [mass_shares(gradcam(model_dir, decode_file(p).pixels)) for p in paths]
-    return summarise(shares)
+    def heatmap(grey: np.ndarray) -> np.ndarray:
+        return gradcam(model_dir, grey) if member is None else member_gradcam(model_dir, grey, member)
+
+    return summarise([mass_shares(heatmap(decode_file(p).pixels)) for p in paths])

@@ -85,6 +85,15 @@ def gradcam(model_dir: str | Path | None, grey: np.ndarray) -> np.ndarray:
     return np.clip(cam, 0.0, 1.0).astype(np.float32)
 
 
+def member_gradcam(model_dir: str | Path | None, grey: np.ndarray, member: int) -> np.ndarray:
+    """Grad-CAM heat map of one member of an ensemble (index ``member``), scaled like :func:`gradcam`."""
+    import tensorflow as tf
+
+    cam_models, size = _cam_models(str(Path(model_dir or default_model_dir()).resolve()))
+    x = tf.constant(to_model_input(grey, size)[np.newaxis])
+    return np.clip(_one_cam(cam_models[member], x, grey.shape), 0.0, 1.0).astype(np.float32)
+
+
 def overlay_rgb(grey: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
     """The grey film (0..1) with the heat map blended on top (jet colour map), as uint8 RGB."""
     import matplotlib

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from models import data
-from pipeline.ood import DEFAULT_KEEP, DEFAULT_SHRINKAGE, OOD_FILE, OodGuard, fit_guard
+from pipeline.ood import DEFAULT_KEEP, DEFAULT_SHRINKAGE, OOD_FILE, OodGuard, fit_guard, fit_orientation
 
 Item = tuple[str, str, np.ndarray]  # (category, name, grey levels in [0, 1])
 
@@ -245,6 +245,30 @@ def serving_features(scorer, paths: list[Path], batch: int = 64) -> np.ndarray:
     return np.concatenate(chunks)
 
 
+def turned_features(scorer, paths: list[Path], batch: int = 64) -> np.ndarray:
+    """Features of every film under every :data:`CHEST_TRANSFORMS` entry (rows: film-major)."""
+    from pipeline.decode import decode_file
+    from pipeline.normalise import to_model_input
+
+    chunks, pending = [], []
+    for path in paths:
+        grey = decode_file(path).pixels
+        pending.extend(
+            to_model_input(np.ascontiguousarray(turn(grey)), scorer.input_size)
+            for turn in CHEST_TRANSFORMS.values()
+        )
+        if len(pending) >= batch:
+            chunks.append(scorer.features(np.stack(pending)))
+            pending = []
+    if pending:
+        chunks.append(scorer.features(np.stack(pending)))
+    return np.concatenate(chunks)
+
+
+#: Training films used for the orientation check (each also turned 5 ways): every n-th one.
+ORIENTATION_STRIDE = 2
+
+
 def fit_and_write(
     data_dir: Path,
     model_dir: Path,
@@ -252,18 +276,74 @@ def fit_and_write(
     shrinkage: float = DEFAULT_SHRINKAGE,
     out: Path | None = None,
 ) -> OodGuard:
-    """Fit the guard on the training films of the shipped split, cut-off on validation; write ``ood.npz``."""
+    """Fit the guard on the training films of the shipped split, cut-off on validation; write ``ood.npz``.
+
+    Density on all training films; orientation check on every other training film against
+    its own rotations, flips and inversion; both cut-offs on the validation films.
+    """
     from pipeline.inference import Scorer
 
     scorer = Scorer.load(model_dir, features=True)
     train, val = data.partition(data.list_samples(data_dir), data.read_split())
+    train_features = serving_features(scorer, [s.path for s in train])
+    val_features = serving_features(scorer, [s.path for s in val])
     guard = fit_guard(
-        serving_features(scorer, [s.path for s in train]),
+        train_features,
         np.array([s.pneumonia for s in train]),
-        serving_features(scorer, [s.path for s in val]),
+        val_features,
         keep=keep,
         shrinkage=shrinkage,
         info={"model_version": scorer.version, "split_file": "models/splits/val_patients.txt"},
     )
+    chosen = list(range(0, len(train), ORIENTATION_STRIDE))
+    turned = turned_features(scorer, [train[i].path for i in chosen])
+    within = guard.distances(turned) <= guard.cutoff  # turned films the density alone lets through
+    guard.orientation, info = fit_orientation(
+        train_features[chosen], turned, val_features, keep=keep, turned_kept=within
+    )
+    guard.info.update(info)
     guard.save(out or Path(model_dir) / OOD_FILE)
     return guard
+
+
+def turned_rates(guard: OodGuard, upright: np.ndarray, turned: np.ndarray) -> dict[str, dict]:
+    """Rejection rate per transform (and upright), by the density cut-off alone and by the whole guard.
+
+    ``turned`` rows are film-major as from :func:`turned_features`.
+    """
+    names = list(CHEST_TRANSFORMS)
+    out = {}
+    for name, feats in [("upright", upright)] + [(n, turned[i :: len(names)]) for i, n in enumerate(names)]:
+        density = guard.distances(feats) > guard.cutoff
+        out[name] = {
+            "films": int(len(feats)),
+            "density_only": round(float(density.mean()), 4),
+            "with_orientation": round(float(guard.flags(feats).mean()), 4),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m models.ood_fit DATA_DIR [--model-dir D]``: rates on all validation films, turned.
+
+    Prints, per transform, the share of validation films rejected by the density cut-off alone
+    and by the whole guard (with the orientation check, when ``ood.npz`` has one).
+    """
+    import argparse
+    import json
+
+    from pipeline.inference import Scorer
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--model-dir", type=Path, default=Path(__file__).parent / "shipped")
+    args = parser.parse_args(argv)
+    scorer = Scorer.load(args.model_dir, features=True)
+    _, val = data.partition(data.list_samples(args.data_dir), data.read_split())
+    paths = [s.path for s in val]
+    rates = turned_rates(scorer.ood, serving_features(scorer, paths), turned_features(scorer, paths))
+    print(json.dumps({"model_version": scorer.version, "ood": scorer.ood.info, "rates": rates}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -31,7 +31,9 @@ class ModelScore:
     viral_probability: float | None  # P(viral | pneumonia), sigmoid of the viral head
     # Out-of-distribution guard (pipeline.ood), when the model ships one:
     ood_distance: float | None = None  # Mahalanobis distance of the penultimate features
-    out_of_distribution: bool = False  # beyond the guard's cut-off: reject, do not rank
+    out_of_distribution: bool = False  # beyond the guard's cut-off, or turned: reject, do not rank
+    orientation_logit: float | None = None  # the guard's "film looks turned or inverted" logit
+    ood_reason: str | None = None  # why it is rejected (pipeline.ood.REASON / ORIENTATION_REASON)
 
 
 def sigmoid(logits: Any, temperature: float = 1.0) -> np.ndarray:
@@ -200,13 +202,22 @@ class Scorer:
         prob = sigmoid(pneumonia, self.temperature)
         viral_prob = sigmoid(viral) if viral is not None else None
         distance = np.asarray(out["ood_distance"], dtype=np.float64) if "ood_distance" in out else None
+        turned = (
+            np.asarray(out["orientation_logit"], dtype=np.float64) if "orientation_logit" in out else None
+        )
+        reasons = [
+            None if distance is None else self.ood.reason(distance[i], None if turned is None else turned[i])
+            for i in range(len(prob))
+        ]
         return [
             ModelScore(
                 pneumonia_probability=float(prob[i]),
                 pneumonia_logit=float(pneumonia[i]),
                 viral_probability=None if viral_prob is None else float(viral_prob[i]),
                 ood_distance=None if distance is None else float(distance[i]),
-                out_of_distribution=bool(distance is not None and distance[i] > self.ood.cutoff),
+                out_of_distribution=reasons[i] is not None,
+                orientation_logit=None if turned is None else float(turned[i]),
+                ood_reason=reasons[i],
             )
             for i in range(len(prob))
         ]
@@ -241,6 +252,8 @@ def _serve(model: Any, guard: Any, x: Any) -> Any:
     out = model(x, training=False)
     if guard is not None and "features" in out:
         out = {**out, "ood_distance": guard.graph_distances(out["features"])}
+        if guard.orientation is not None:
+            out["orientation_logit"] = guard.orientation.graph_logits(out["features"])
     return out
 
 

@@ -26,6 +26,7 @@ from sqlalchemy import select
 from db.calibration import SHIPPED, ShippedThresholds, thresholds_in_force, tier
 from db.engine import session_scope
 from db.schema import Image, ImageStatus, Score
+from pipeline.ood import ORIENTATION_REASON
 from tests.conftest import CLI, copy_into
 
 
@@ -136,7 +137,15 @@ def test_calibrate_on_held_out_films_changes_the_worklist_tiers(
         before = json.loads(_run(["model", "calibrations", "--json", "--database-url", url], env).stdout)
         assert [(r["name"], r["active"]) for r in before] == [(SHIPPED, True)]
         stored, in_force, name = _tiers(url, shipped)
-        assert name == SHIPPED and stored == in_force and len(stored) == 50
+        # the OOD guard's orientation check may reject one real film (it keeps >= 99.5 % of the
+        # validation films; person1463_bacteria_3811 of these 50 looks turned to it)
+        with session_scope(url) as session:
+            turned = session.execute(
+                select(Image.sha256).where(
+                    Image.status == ImageStatus.REJECTED, Image.reason == ORIENTATION_REASON
+                )
+            ).all()
+        assert name == SHIPPED and stored == in_force and len(stored) + len(turned) == 50 and len(turned) <= 1
 
         fit = json.loads(
             _run(
@@ -182,7 +191,7 @@ def test_calibrate_on_held_out_films_changes_the_worklist_tiers(
 
         _run(["model", "calibrations", "--activate", SHIPPED, "--database-url", url], env)
         stored, in_force, name = _tiers(url, shipped)
-        assert name == SHIPPED and len(stored) == 54
+        assert name == SHIPPED and len(stored) + len(turned) == 54
     finally:
         if cluster is not None:
             stop_group(cluster, timeout=60)

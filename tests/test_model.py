@@ -156,6 +156,20 @@ def test_gradcam_heatmap_shape(tmp_path: Path) -> None:
     assert out.stat().st_size > 0
 
 
+def test_member_gradcam_maps_average_to_the_ensemble_map(kermany) -> None:
+    """The per-member maps (used to compare a member with a separately trained variant) are the
+    parts of the ensemble's map."""
+    from models.explain import _cam_models, gradcam, member_gradcam
+    from pipeline.decode import decode_file
+
+    grey = decode_file(sorted((kermany / "PNEUMONIA").glob("*.jpeg"))[0]).pixels
+    members = len(_cam_models(str(default_model_dir().resolve()))[0])
+    maps = [member_gradcam(None, grey, i) for i in range(members)]
+    mean = np.mean(maps, axis=0)
+    expected = mean / mean.max()
+    np.testing.assert_allclose(gradcam(None, grey), expected, atol=1e-5)
+
+
 def test_metrics_helpers() -> None:
     y = np.array([0, 0, 0, 1, 1, 1])
     assert roc_auc(y, np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])) == 1.0

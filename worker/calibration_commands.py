@@ -374,7 +374,8 @@ def _row_dict(row) -> dict:
 
 def fit_ood_command(
     data_dir: Annotated[
-        Path | None, typer.Argument(help="Training data (kermany-cxr224/train layout). Default: ../shared.")
+        Path | None,
+        typer.Argument(help="Training data (kermany-cxr224/train layout). Default: CXR_TRIAGE_DATA_DIR."),
     ] = None,
     dicom_dir: Annotated[
         Path | None, typer.Option(help="Shared DICOM folder for the battery (INVENTORY.tsv).")
@@ -385,15 +386,17 @@ def fit_ood_command(
     """Fit the out-of-distribution guard (ood.npz beside the model) and report the battery's rates.
 
     Density on the training films' penultimate features, cut-off on the validation films
-    (1.25 x the distance keeping 99.5 %). No training: the model itself is unchanged.
+    (1.25 x the distance keeping 99.5 %); orientation check (rotated, upside-down, inverted
+    films) on training films vs their own turned copies, cut-off keeping 99.5 % of the
+    validation films. No training: the model itself is unchanged.
     """
     from models import data
-    from models.data import DEFAULT_DATA_DIR
     from models.ood_fit import battery, fit_and_write, run_battery
     from pipeline.inference import Scorer
+    from worker.model_commands import _data_dir  # resolves the folder like `model train` (no cycle: lazy)
 
     directory = _model_dir(model_dir)
-    root = data_dir or DEFAULT_DATA_DIR
+    root = _data_dir(data_dir)
     guard = fit_and_write(root, directory)
     console.print(f"wrote {directory / 'ood.npz'}: {json.dumps(guard.info)}")
     scorer = Scorer.load(directory)

@@ -83,7 +83,11 @@ def train_command(
     size: Annotated[int, typer.Option(min=32, max=512, help="Square input size in pixels.")] = 128,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, warm-up + cosine).")] = 2e-3,
     augment: Annotated[
-        str, typer.Option(help="Augmentation preset: 'standard' or 'strong' (wider zoom, black borders).")
+        str,
+        typer.Option(
+            help="Augmentation preset: 'standard', 'strong' (wider zoom, black borders) or 'shift' (strong"
+            " plus random side markers/text, collimation bands, resolution loss, contrast curves)."
+        ),
     ] = "standard",
     out: Annotated[
         Path, typer.Option(help="Output folder for model.keras, metadata.json and history.json.")

@@ -348,7 +348,8 @@ class Processor:
         if score is not None and score.out_of_distribution:  # OOD guard (pipeline.ood): never ranked
             from pipeline.ood import REASON
 
-            queue.record_problem(session, image_id, ImageStatus.REJECTED, REASON, prepared.attributes)
+            reason = score.ood_reason or REASON  # not a chest film, or a turned / inverted one
+            queue.record_problem(session, image_id, ImageStatus.REJECTED, reason, prepared.attributes)
             log.debug("%s rejected: out of distribution (distance %.1f)", tag, score.ood_distance)
             return Outcome.REJECTED
         if score is not None:
