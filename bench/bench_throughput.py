@@ -49,7 +49,7 @@ def run_scan(corpus: Path, database_url: str, model_dir: Path, label: str, code:
     env = common.bench_env(model_dir)
     # The checkout measured: this one unless another is given. Without it the venv's editable
     # install decides, which in a git worktree sharing the main checkout's venv is the main checkout.
-    env["PYTHONPATH"] = str(code if code is not None else common.ROOT)
+    env["PYTHONPATH"] = str(code if code is not None else report.ROOT)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     summary_file = corpora.WORK / f"throughput-{label.split()[0].lower()}.summary.json"
     timed = processes.run_timed(
