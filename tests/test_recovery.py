@@ -367,3 +367,61 @@ def test_in_process_decoding_happens_under_a_claim(sqlite_url, kermany, model_di
     outcome = Processor.from_settings(settings, DecodePool(0)).process([image_id])
     assert dict(outcome.counts) == {"scored": 1}
     assert seen == [ImageStatus.PROCESSING]
+
+
+def test_a_worker_killed_with_films_in_hand_is_restarted_at_once(tmp_path, redis_url):
+    """Chaos suite (default settings): every kill of a busy worker counted as a start-up crash, so
+    the restarts backed off to 60 s and a killed worker's batch took 69 s to be final. A worker that
+    dies holding claimed films died at work: its films go back and it is restarted at once."""
+    from worker.settings import Settings, celery_owner_prefix
+    from worker.supervisor import Supervisor, WorkerSpec, _Child
+
+    url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
+    upgrade(url)
+    spec = WorkerSpec("cpu0", None)
+    supervisor = Supervisor(Settings(database_url=url, broker_url=redis_url), [spec])
+    delays = []
+    for n in range(6):
+        child: _Child = supervisor.children[spec.name]
+        child.process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+        child.started = time.monotonic()
+        image_id = _register(url, f"/drop/film-{n}.png")
+        with session_scope(url) as session:
+            owner = celery_owner_prefix(child.process.pid) + "task"
+            assert queue.claim(session, [image_id], 900, owner)[0] == [image_id]
+        child.process.wait()
+        supervisor._on_death(spec, child)  # died soon after its start, but with a film in hand
+        delays.append(round(child.restart_at - time.monotonic()))
+        assert _image(url, image_id).status == ImageStatus.QUEUED
+    assert all(delay <= 0 for delay in delays), delays
+
+
+@pytest.mark.parametrize("claim_before_decode", [True, False])
+def test_a_celery_worker_claims_before_its_decodes_finish(
+    claim_before_decode, sqlite_url, kermany, model_dir, tmp_path, monkeypatch
+):
+    """A Celery worker (claim_before_decode) holds the lease while its pool decodes, so a kill hands
+    the batch back at once; the embedded scan decodes first (no lease held while decoding)."""
+    from worker.decode_pool import DecodePool, PendingBatch
+    from worker.processing import Processor
+    from worker.settings import Settings
+
+    upgrade(sqlite_url)
+    path = Path(shutil.copy(kermany_files(kermany, "NORMAL", 1)[0], tmp_path / "film.jpeg"))
+    image_id = _register_file(sqlite_url, path)
+    seen: list[ImageStatus] = []
+    real_results = PendingBatch.results
+
+    def watching_results(self):
+        seen.append(_image(sqlite_url, image_id).status)
+        return real_results(self)
+
+    monkeypatch.setattr(PendingBatch, "results", watching_results)
+    settings = Settings(database_url=sqlite_url, model_dir=model_dir, decode_workers=1)
+    pool = DecodePool(1)
+    try:
+        processor = Processor.from_settings(settings, pool, claim_before_decode=claim_before_decode)
+        assert dict(processor.process([image_id]).counts) == {"scored": 1}
+    finally:
+        pool.close()
+    assert seen[0] == (ImageStatus.PROCESSING if claim_before_decode else ImageStatus.QUEUED)

@@ -77,6 +77,7 @@ class Processor:
         owner: str | None = None,
         full_resolution_decode: bool = False,
         outbox_plan: outbox.OutboxPlan = outbox.NO_RESULTS,
+        claim_before_decode: bool = False,
     ) -> None:
         self.database_url = database_url
         self.model_dir = model_dir
@@ -95,10 +96,20 @@ class Processor:
         self.owner: str | None = owner
         #: DICOM objects to send back for each scored DICOM film (issue 11; empty: nothing is sent).
         self.outbox_plan = outbox_plan
+        #: Claim each batch as soon as it is taken on, not once it is decoded. A Celery worker does:
+        #: the supervisor hands a killed worker's claimed images back at once, while images it was
+        #: still decoding unclaimed would wait for the lost-message re-send (seen in the chaos suite).
+        self.claim_before_decode = claim_before_decode
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, pool: DecodePool, *, retry_incomplete: bool = False, owner: str | None = None
+        cls,
+        settings: Settings,
+        pool: DecodePool,
+        *,
+        retry_incomplete: bool = False,
+        owner: str | None = None,
+        claim_before_decode: bool = False,
     ) -> Processor:
         return cls(
             settings.database_url,
@@ -110,6 +121,7 @@ class Processor:
             owner=owner,
             full_resolution_decode=settings.full_resolution_decode,
             outbox_plan=results_plan(settings),
+            claim_before_decode=claim_before_decode,
         )
 
     @property
@@ -251,10 +263,11 @@ class Processor:
 
         The model is loaded (and a broken one refused) before anything is claimed. A decode child
         cannot take this process down, so its batch is claimed after decoding (no lease held while
-        decoding); a file decoded in this process is claimed first, so that one which kills the
-        process counts as an interrupted attempt (and is failed after ``queue.MAX_ATTEMPTS``)."""
+        decoding) unless ``claim_before_decode``; a file decoded in this process is claimed first, so
+        that one which kills the process counts as an interrupted attempt (and is failed after
+        ``queue.MAX_ATTEMPTS``)."""
         scorer = self.scorer
-        if started.pending is not None:
+        if started.pending is not None and not self.claim_before_decode:
             prepared = self._decoded(scorer, started, started.todo)
             claimed = self._claim(started)
         else:

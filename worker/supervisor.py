@@ -181,20 +181,24 @@ class Supervisor:
             return
         log.warning("worker %s exited with code %s", spec.name, process.returncode)
         metrics.worker_restarted(process.pid)
-        self._release_dead(process.pid)
+        held = self._release_dead(process.pid)
         lived = time.monotonic() - child.started
-        child.crashes = child.crashes + 1 if lived < HEALTHY_AFTER_S else 0
+        # A worker that had claimed films died at work (killed, out of memory), not in a start-up
+        # crash loop: restart it at once, or its backlog waits on a growing back-off (chaos suite).
+        child.crashes = child.crashes + 1 if lived < HEALTHY_AFTER_S and not held else 0
         delay = 0.0 if child.crashes <= 1 else min(2.0 ** (child.crashes - 1), MAX_RESTART_DELAY_S)
         child.restart_at = time.monotonic() + delay
         if delay:
             log.warning("worker %s keeps dying; restarting in %.0f s", spec.name, delay)
 
-    def _release_dead(self, pid: int) -> None:
-        """The dead child's leases go back to the queue (one attempt counted) and are re-sent now."""
+    def _release_dead(self, pid: int) -> int:
+        """The dead child's leases go back to the queue (one attempt counted) and are re-sent now;
+        returns how many it held."""
         from db import queue
         from db.engine import session_scope
         from worker.submit import send_batches
 
+        ids: list[int] = []
         try:
             with session_scope(self.settings.database_url) as session:
                 ids = queue.release_dead_owners(session, celery_owner_prefix(pid), lambda _owner: True)
@@ -205,6 +209,7 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001 - lease expiry remains the backstop
             problem = describe_error(exc)
             log.warning("could not release the dead worker's images (%s); their lease will", problem)
+        return len(ids)
 
     def _supervise(self) -> None:
         now = time.monotonic()
