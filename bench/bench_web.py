@@ -58,13 +58,13 @@ FILL = [
     """
     INSERT INTO images (sha256, status, reason, attempts, size_bytes, source_format, accession_number,
                         patient_id, patient_name, patient_age_years, modality, view_position, out_of_scope,
-                        first_seen_at, updated_at)
+                        study_date, first_seen_at, updated_at)
     SELECT encode(sha256(('film' || g)::bytea), 'hex'),
            CASE WHEN g % 100 < 86 THEN 'scored' WHEN g % 100 < 90 THEN 'failed'
                 WHEN g % 100 < 92 THEN 'rejected' WHEN g % 100 < 95 THEN 'queued' ELSE 'superseded' END,
            CASE WHEN g % 100 BETWEEN 86 AND 91 THEN 'synthetic problem' END,
            1, 200000, 'dicom', 'ACC' || g, 'PID' || (g % 40000), 'PATIENT^' || g, 1 + (g % 5), 'CR', 'AP',
-           g % 100 = 91, now() - (random() * interval '30 days'), now()
+           g % 100 = 91, date '2026-01-01' + (g % 330), now() - (random() * interval '30 days'), now()
     FROM generate_series(1, :n) AS g
     """,
     _scores(MODEL, "status IN ('scored', 'superseded')"),
@@ -186,6 +186,10 @@ def main() -> None:
             "filtered: status failed (POST /rows)": {"status": "failed"},
             "filtered: patient id search (POST /rows)": {"search": "PID123"},
             "filtered: folder /drop/ward-7 (POST /rows)": {"folder": "/drop/ward-7"},
+            "filtered: study dates 2026-03-01..2026-03-07 (POST /rows)": {
+                "study_date_from": "2026-03-01",
+                "study_date_to": "2026-03-07",
+            },
         }
         for label, form in filters.items():
             data = {"csrf_token": token, "offset": "0", **form}
