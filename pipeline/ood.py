@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.inference import sigmoid
+
 OOD_FILE = "ood.npz"
 REASON = "does not look like a frontal chest radiograph (out of distribution)"
 ORIENTATION_REASON = "film appears rotated, upside down or grey-inverted; re-send it upright"
@@ -87,7 +89,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = DEFAULT_ORIENTATION_L
     penalty = np.full(d + 1, l2)
     penalty[-1] = 0.0  # the bias is not shrunk
     for _ in range(steps):
-        p = 0.5 * (1.0 + np.tanh(0.5 * (design @ beta)))
+        p = sigmoid(design @ beta)
         grad = design.T @ (sample_w * (p - y)) + penalty * beta
         curvature = sample_w * p * (1.0 - p)
         hessian = (design * curvature[:, None]).T @ design + np.diag(penalty + 1e-9)
