@@ -267,17 +267,18 @@ class Processor:
         that one which kills the process counts as an interrupted attempt (and is failed after
         ``queue.MAX_ATTEMPTS``)."""
         scorer = self.scorer
-        if started.pending is not None and not self.claim_before_decode:
-            prepared = self._decoded(scorer, started, started.todo)
-            claimed = self._claim(started)
-        else:
-            claimed = self._claim(started)
-            taken = set(claimed)
-            prepared = self._decoded(scorer, started, [i for i in started.todo if i in taken])
-        if not claimed:
+        decode_first = started.pending is not None and not self.claim_before_decode
+        decoded = self._decoded(scorer, started, started.todo) if decode_first else None
+        claimed = self._claim(started)
+        if not claimed:  # taken by another worker, or failed for too many attempts
+            if started.pending is not None:
+                started.pending.cancel()
             return BatchOutcome(started.counts, [])
         try:
-            return self._score_claimed(scorer, started, prepared)
+            if decoded is None:  # claimed first: decoding under the claim, released on any error
+                taken = set(claimed)
+                decoded = self._decoded(scorer, started, [i for i in started.todo if i in taken])
+            return self._score_claimed(scorer, started, decoded)
         except BaseException:
             self._release(claimed)
             raise
