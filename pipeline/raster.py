@@ -75,7 +75,8 @@ def bin_factor(width: int, height: int, min_side: int) -> int:
 
 
 def bin_down(values: np.ndarray, min_side: int) -> np.ndarray | None:
-    """Mean of k x k blocks of unsigned 8/16-bit stored values (Pillow ``reduce``, integer result),
+    """Mean of k x k blocks of unsigned 8/16-bit stored values (integer result, rounded half up;
+    blocks at the right and bottom edges average the pixels they have, as Pillow ``reduce``),
     or None when there is nothing to gain or the type is not one binned here.
 
     Averaging commutes with every linear grey-level map (a modality rescale, the min-max scaling
@@ -83,18 +84,35 @@ def bin_down(values: np.ndarray, min_side: int) -> np.ndarray | None:
     model input only by rounding (to the stored integer level) and by the bilinear resize starting
     from the binned image; the float chain then runs on 1/k^2 of the pixels.
     """
-    if values.ndim != 2 or values.dtype not in (np.uint8, np.uint16):
+    if values.ndim != 2 or values.dtype.kind != "u" or values.dtype.itemsize > 2:
         return None
     height, width = values.shape
     k = bin_factor(width, height, min_side)
     if k < 2:
         return None
-    return np.asarray(_bin_image(Image.fromarray(np.ascontiguousarray(values)), k)).astype(values.dtype)
+    if values.dtype.itemsize == 1:  # Pillow's 8-bit reduce is the faster one here
+        return np.asarray(Image.fromarray(np.ascontiguousarray(values)).reduce(k))
+    return block_means(values, k)
 
 
-def _bin_image(image: Image.Image, k: int) -> Image.Image:
-    """k x k block means of an L or I;16 image (16-bit values are averaged as 32-bit integers)."""
-    return image.reduce(k) if image.mode == "L" else image.convert("I").reduce(k)
+def block_means(values: np.ndarray, k: int) -> np.ndarray:
+    """k x k block means of 2-D unsigned 16-bit values, summed in 32 bits: the same integers as
+    Pillow's ``convert("I").reduce(k)``, in a quarter of its time (no 32-bit copy of the image)."""
+    height, width = values.shape
+    rows = values[0::k].astype(np.uint32)
+    for offset in range(1, k):
+        part = values[offset::k]
+        rows[: len(part)] += part
+    sums = rows[:, 0::k].copy()
+    for offset in range(1, k):
+        part = rows[:, offset::k]
+        sums[:, : part.shape[1]] += part
+    per_row = np.full(len(sums), k, np.uint32)
+    per_row[-1] = height - (len(sums) - 1) * k
+    per_column = np.full(sums.shape[1], k, np.uint32)
+    per_column[-1] = width - (sums.shape[1] - 1) * k
+    counts = per_row[:, np.newaxis] * per_column[np.newaxis, :]
+    return ((sums + counts // 2) // counts).astype(np.uint16)
 
 
 def _binned_grey(image: Image.Image, min_side: int) -> np.ndarray | None:
@@ -103,7 +121,8 @@ def _binned_grey(image: Image.Image, min_side: int) -> np.ndarray | None:
     k = bin_factor(*image.size, min_side)
     if peak is None or k < 2:
         return None
-    return np.asarray(_bin_image(image, k), dtype=np.float32) / peak
+    binned = image.reduce(k) if image.mode == "L" else block_means(np.asarray(image), k)
+    return np.asarray(binned, dtype=np.float32) / peak
 
 
 def _reduce(image: Image.Image, data: bytes | None, min_side: int) -> None:

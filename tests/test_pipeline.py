@@ -456,3 +456,15 @@ def test_reduced_decoding_keeps_scores_on_the_bench_corpus(kermany, scorer, tmp_
     worst = max(gaps, key=gaps.get)
     print(f"largest change of P(pneumonia), reduced vs full decoding: {gaps[worst]:.4f} ({worst})")
     assert gaps[worst] <= 0.01, (worst, gaps[worst])
+
+
+@pytest.mark.parametrize("shape", [(2048, 2048), (2047, 1841), (1001, 999)])
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 8])
+def test_16_bit_block_means_equal_pillows_reduce(shape, k):
+    """Issue 13: the 16-bit binning (numpy, no 32-bit copy of the image) gives Pillow's integers,
+    partial blocks at the right and bottom edges included."""
+    from pipeline.raster import block_means
+
+    values = np.random.default_rng(k).integers(0, 65536, shape).astype(np.uint16)
+    expected = np.asarray(Image.fromarray(values).convert("I").reduce(k))
+    np.testing.assert_array_equal(block_means(values, k), expected)

@@ -30,7 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from pipeline.scope import ScopePolicy
 from worker.hashing import sha256_following_links, sha256_regular_file
-from worker.prepare import Prepared, limit_threads, prepare
+from worker.prepare import Prepared, limit_threads, prepare, prepare_found
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +287,30 @@ class DecodePool:
                 break
         return [_result_or_none(future) for future in futures]
 
+    def predecode(
+        self,
+        paths: list[str],
+        input_size: int,
+        scope: ScopePolicy | None = None,
+        full_resolution_decode: bool | None = None,
+        follow_symlinks: bool = False,
+    ) -> Predecoded:
+        """Start reading files just found, once each, for both registration and scoring; returns at
+        once (see :class:`Predecoded`). Needs decode processes (``workers > 0``)."""
+        full = self.full_resolution_decode if full_resolution_decode is None else full_resolution_decode
+        options = {
+            "input_size": input_size,
+            "scope": scope or ScopePolicy(),
+            "full_resolution_decode": full,
+            "follow_symlinks": follow_symlinks,
+        }
+        try:
+            futures = {path: self._pool().submit(prepare_found, path, **options) for path in paths}
+        except BrokenProcessPool:
+            self.reset()
+            futures = {}
+        return Predecoded(self, futures, follow_symlinks)
+
     def __enter__(self) -> DecodePool:
         return self
 
@@ -298,3 +322,59 @@ def _result_or_none(future: Future) -> str | None:
     if not future.done() or future.cancelled() or future.exception() is not None:
         return None
     return future.result()
+
+
+class Predecoded:
+    """Files of one scanner chunk read once in the decode pool: the hash that registers each file
+    and the decode that scores it come from the same bytes (issue 13: no second read).
+
+    :meth:`hasher` is the scanner's ``Hasher`` (``register_chunk`` waits on it); :attr:`prepared`
+    then holds the decodes by path, for the processor to use instead of decoding again. A file
+    whose read did not finish (a decoder crashed or hung on it, or it was not submitted) is hashed
+    by :meth:`DecodePool.hash_many` instead, with its rules and time limit, and is decoded later
+    by the processor like any registered file, so that a bad file is still isolated and failed.
+    """
+
+    def __init__(self, pool: DecodePool, futures: dict[str, Future], follow_symlinks: bool) -> None:
+        self._pool = pool
+        self._futures = futures
+        self._follow_symlinks = follow_symlinks
+        self.prepared: dict[str, Prepared] = {}
+        self._unreadable: set[str] = set()
+        self._collected = False
+
+    @property
+    def submitted(self) -> int:
+        return len(self._futures)
+
+    def cancel(self) -> None:
+        for future in self._futures.values():
+            future.cancel()
+
+    def hasher(self, paths: list[str], follow_symlinks: bool = False) -> list[str | None]:
+        """Content hashes of ``paths`` in order (None: not a regular file, or unreadable now)."""
+        self._collect()
+        digests = {path: prepared.sha256 for path, prepared in self.prepared.items()}
+        unread = [path for path in paths if path not in digests and path not in self._unreadable]
+        if unread:
+            digests.update(zip(unread, self._pool.hash_many(unread, follow_symlinks), strict=True))
+        return [digests.get(path) for path in paths]
+
+    def _collect(self) -> None:
+        if self._collected:
+            return
+        self._collected = True
+        futures = list(self._futures.values())
+        try:
+            self._pool.wait_for(futures)
+        except (BrokenProcessPool, TimeoutError):
+            log.warning("a decoder crashed or hung while reading new files; hashing the rest on their own")
+            self._pool.reset()
+        for path, future in self._futures.items():
+            prepared = _result_if_done(future)
+            if prepared is None:
+                continue  # not read: hash_many decides
+            if prepared.sha256 is None:
+                self._unreadable.add(path)  # not a regular file, or unreadable now: None, as hashing
+            else:
+                self.prepared[path] = prepared

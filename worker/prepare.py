@@ -3,6 +3,10 @@
 Runs in the decode pool, so it must stay importable without TensorFlow and
 return only picklable values. Each file is read once: the bytes that are hashed
 (to check them against the registration) are the bytes that are decoded.
+
+:func:`prepare` decodes a registered file (checking its hash); :func:`prepare_found` reads a
+file the scanner has just found, under the scanner's rules (:mod:`worker.hashing`), and gives
+both the hash that registers it and the decode that scores it, from that one read.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from pipeline.hashing import sha256_bytes
 from pipeline.normalise import to_model_input
 from pipeline.scope import ScopePolicy
 from pipeline.types import DecodedImage
+from worker.hashing import read_regular_file
 
-__all__ = ["Prepared", "limit_threads", "prepare"]
+__all__ = ["Prepared", "limit_threads", "prepare", "prepare_found"]
 
 
 @dataclass
@@ -81,20 +86,58 @@ def prepare(
     return prepared
 
 
+def prepare_found(
+    path: str,
+    input_size: int,
+    *,
+    scope: ScopePolicy | None = None,
+    full_resolution_decode: bool = False,
+    follow_symlinks: bool = False,
+) -> Prepared:
+    """Read a file just found by the scanner once: ``sha256`` registers it, the rest scores it.
+
+    ``sha256`` is None when the file is not a regular file or cannot be read now (the
+    scanner's rule: not registered, looked at again later). A file that grew beyond the
+    read limit is hashed but not decoded (it is failed with that reason).
+    """
+    started = time.perf_counter()
+    found = read_regular_file(path, follow_symlinks)
+    if found is None:
+        return Prepared(status="failed", reason="cannot be read now")
+    data, sha256 = found
+    if data is None:
+        prepared = Prepared(status="failed", reason="file grew beyond the read limit", sha256=sha256)
+    else:
+        prepared = _decode_data(data, sha256, input_size, scope or ScopePolicy(), full_resolution_decode)
+    prepared.decode_seconds = time.perf_counter() - started
+    return prepared
+
+
 def _decode(
     path: str, input_size: int, expected_sha256: str | None, scope: ScopePolicy, full_resolution_decode: bool
 ) -> Prepared:
-    sha256 = None
     try:
         data = read_file(path)
-        sha256 = sha256_bytes(data)
-        if expected_sha256 is not None and sha256 != expected_sha256:
-            return Prepared(
-                status="failed",
-                reason="file content changed after it was registered",
-                incomplete=True,
-                sha256=sha256,
-            )
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - see _problem
+        return _problem(exc, None)
+    sha256 = sha256_bytes(data)
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        return Prepared(
+            status="failed",
+            reason="file content changed after it was registered",
+            incomplete=True,
+            sha256=sha256,
+        )
+    return _decode_data(data, sha256, input_size, scope, full_resolution_decode)
+
+
+def _decode_data(
+    data: bytes, sha256: str, input_size: int, scope: ScopePolicy, full_resolution_decode: bool
+) -> Prepared:
+    """Decode bytes already read and hashed; problems become a status and a reason (never raises)."""
+    try:
         decoded = decode_bytes(data, min_side=None if full_resolution_decode else input_size)
         del data
         return Prepared(
@@ -102,17 +145,22 @@ def _decode(
             attributes=_attributes(decoded, scope),
             sha256=sha256,
         )
-    except IncompleteFile as exc:
-        return Prepared(status=exc.status, reason=exc.reason, incomplete=True, sha256=sha256)
-    except ImageProblem as exc:
-        return Prepared(status=exc.status, reason=exc.reason, sha256=sha256)
-    except MemoryError:
-        return Prepared(status="failed", reason="out of memory while decoding", sha256=sha256)
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as exc:  # noqa: BLE001 - one bad file must never take the worker down, and
-        # nothing unpicklable (a decoder's PanicException) may cross the decode-pool boundary.
-        return Prepared(status="failed", reason=f"the decoder crashed on this file ({type(exc).__name__})")
+    except BaseException as exc:  # noqa: BLE001 - see _problem
+        return _problem(exc, sha256)
+
+
+def _problem(exc: BaseException, sha256: str | None) -> Prepared:
+    """The outcome of a file whose read or decode raised: one bad file must never take the worker
+    down, and nothing unpicklable (a decoder's PanicException) may cross the decode-pool boundary."""
+    if isinstance(exc, IncompleteFile):
+        return Prepared(status=exc.status, reason=exc.reason, incomplete=True, sha256=sha256)
+    if isinstance(exc, ImageProblem):
+        return Prepared(status=exc.status, reason=exc.reason, sha256=sha256)
+    if isinstance(exc, MemoryError):
+        return Prepared(status="failed", reason="out of memory while decoding", sha256=sha256)
+    return Prepared(status="failed", reason=f"the decoder crashed on this file ({type(exc).__name__})")
 
 
 def limit_threads() -> None:

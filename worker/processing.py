@@ -11,7 +11,7 @@ import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +57,10 @@ class _Started:
     todo: list[int]
     pending: PendingBatch | None
     input_size: int
+    #: Decodes made when the files were registered (``DecodePool.predecode``), by image id.
+    cached: dict[int, Prepared] = field(default_factory=dict)
+    #: The images of ``todo`` handed to the pool (``pending`` holds their decodes, in this order).
+    to_decode: list[int] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
     claimed: list[int] = field(default_factory=list)
 
@@ -134,8 +138,16 @@ class Processor:
             metrics.model_loaded(self._scorer)
         return self._scorer
 
-    def process(self, image_ids: Sequence[int], owner: str | None = None) -> BatchOutcome:
-        """Bring ``image_ids`` to a final state; ``owner`` (a task id) may re-take its own leases."""
+    def process(
+        self,
+        image_ids: Sequence[int],
+        owner: str | None = None,
+        predecoded: Mapping[str, Prepared] | None = None,
+    ) -> BatchOutcome:
+        """Bring ``image_ids`` to a final state; ``owner`` (a task id) may re-take its own leases.
+
+        ``predecoded``: decodes by path made when the files were registered
+        (:meth:`DecodePool.predecode`); used where the path and content hash still match."""
         self.owner = owner or self.default_owner
         counts: Counter = Counter()
         retry: list[int] = []
@@ -145,7 +157,7 @@ class Processor:
         unfinished: list[_Started] = []
 
         def start(batch: list[int]) -> _Started:
-            unfinished.append(started := self._start_batch(batch))
+            unfinished.append(started := self._start_batch(batch, predecoded or {}))
             return started
 
         batches = self._batches(list(image_ids))
@@ -242,21 +254,29 @@ class Processor:
         scorer = self.scorer
         return scorer.input_size, ScopePolicy.from_metadata(scorer.metadata)
 
-    def _start_batch(self, image_ids: list[int]) -> _Started:
+    def _start_batch(
+        self, image_ids: list[int], predecoded: Mapping[str, Prepared] | None = None
+    ) -> _Started:
         """Hand the batch's files to the decode pool; returns before they are decoded, claims nothing.
 
-        Without decode processes nothing is decoded here: see :meth:`_finish_batch`."""
+        Files decoded when they were registered (``predecoded``, by path) are not decoded again when
+        the path and the content hash still match. Without decode processes nothing is decoded
+        here: see :meth:`_finish_batch`."""
         input_size, scope = self._decode_plan()
         with session_scope(self.database_url) as session:
             paths = queue.source_paths(session, image_ids)
             known = {row.id: row for row in session.execute(_identity_query(image_ids))} if image_ids else {}
         located = {image_id: _locate(paths.get(image_id, [])) for image_id in known}
         todo = [image_id for image_id in image_ids if image_id in known and located[image_id][0]]
-        jobs = [(located[i][0], known[i].sha256) for i in todo]
+        cached = _matching(predecoded or {}, todo, located, known)
+        to_decode = [i for i in todo if i not in cached]
+        jobs = [(located[i][0], known[i].sha256) for i in to_decode]
         pending = None
         if jobs and self.pool.workers > 0:
             pending = self.pool.submit(jobs, input_size, scope, self.full_resolution_decode)
-        return _Started(image_ids, located, known, todo, pending, input_size)
+        return _Started(
+            image_ids, located, known, todo, pending, input_size, cached=cached, to_decode=to_decode
+        )
 
     def _finish_batch(self, started: _Started) -> BatchOutcome:
         """Wait for the batch's decodes, claim it, score it in one model call, store every outcome.
@@ -267,7 +287,8 @@ class Processor:
         that one which kills the process counts as an interrupted attempt (and is failed after
         ``queue.MAX_ATTEMPTS``)."""
         scorer = self.scorer
-        decode_first = started.pending is not None and not self.claim_before_decode
+        decoding_elsewhere = started.pending is not None or not started.to_decode  # not in this process
+        decode_first = decoding_elsewhere and not self.claim_before_decode
         decoded = self._decoded(scorer, started, started.todo) if decode_first else None
         claimed = self._claim(started)
         if not claimed:  # taken by another worker, or failed for too many attempts
@@ -284,14 +305,21 @@ class Processor:
             raise
 
     def _decoded(self, scorer, started: _Started, image_ids: list[int]) -> dict[int, Prepared]:
-        """Decodes of ``image_ids`` (among the batch's): the pool's, or made now at the model's size."""
-        if started.pending is not None and started.input_size == scorer.input_size:
-            return dict(zip(started.todo, started.pending.results(), strict=True))
+        """Decodes of ``image_ids`` (among the batch's): made at registration, the pool's, or made
+        now at the model's size."""
+        decoded: dict[int, Prepared] = {}
+        if started.input_size == scorer.input_size:
+            decoded.update(started.cached)
+            if started.pending is not None:
+                decoded.update(zip(started.to_decode, started.pending.results(), strict=True))
         # decoding in this process, or the metadata file disagreed with the loaded model
-        jobs = [(started.located[i][0], started.known[i].sha256) for i in image_ids]
-        scope = ScopePolicy.from_metadata(scorer.metadata)
-        redone = self.pool.prepare_many(jobs, scorer.input_size, scope, self.full_resolution_decode)
-        return dict(zip(image_ids, redone, strict=True))
+        rest = [i for i in image_ids if i not in decoded]
+        if rest:
+            jobs = [(started.located[i][0], started.known[i].sha256) for i in rest]
+            scope = ScopePolicy.from_metadata(scorer.metadata)
+            redone = self.pool.prepare_many(jobs, scorer.input_size, scope, self.full_resolution_decode)
+            decoded.update(zip(rest, redone, strict=True))
+        return decoded
 
     def _claim(self, started: _Started) -> list[int]:
         with session_scope(self.database_url) as session:
@@ -398,6 +426,18 @@ class Processor:
 
     def _within_grace(self, first_seen_at) -> bool:
         return (utcnow() - as_utc(first_seen_at)).total_seconds() < self.incomplete_grace_s
+
+
+def _matching(
+    predecoded: Mapping[str, Prepared], todo: list[int], located: dict, known: dict
+) -> dict[int, Prepared]:
+    """The registration-time decodes still valid: same path found now, same content hash."""
+    matches: dict[int, Prepared] = {}
+    for image_id in todo:
+        prepared = predecoded.get(located[image_id][0])
+        if prepared is not None and prepared.sha256 == known[image_id].sha256:
+            matches[image_id] = prepared
+    return matches
 
 
 def _identity_query(image_ids: list[int]):

@@ -124,6 +124,13 @@ def _hash(hasher: Hasher, files: list[FileSeen], follow_symlinks: bool) -> list[
     return [None if f.size_bytes > MAX_FILE_BYTES else next(digests) for f in files]
 
 
+def files_to_read(session, files: list[FileSeen]) -> list[str]:
+    """Paths among ``files`` that :func:`register_chunk` will read: new or changed since they were
+    registered (path, size, mtime) and within the size that is read at all."""
+    unchanged = queue.find_unchanged(session, files)
+    return [f.path for f in files if f.path not in unchanged and f.size_bytes <= MAX_FILE_BYTES]
+
+
 def register_chunk(
     database_url: str,
     files: list[FileSeen],

@@ -31,14 +31,17 @@ from db import queue
 from db.engine import session_scope
 from db.queue import FileSeen
 from worker import metrics
-from worker.decode_pool import DecodePool
+from worker.decode_pool import DecodePool, Predecoded
 from worker.logs import describe_error
-from worker.scanner import CHUNK_FILES, ScanSummary, chunked, iter_files, register_chunk
+from worker.overlap import prefetched
+from worker.scanner import CHUNK_FILES, ScanSummary, chunked, files_to_read, iter_files, register_chunk
 from worker.settings import Settings, local_owner, local_owner_is_dead, local_owner_prefix
 
 log = logging.getLogger(__name__)
 
 TASK_NAME = "cxr_triage.score_images"
+#: Chunks of files read (hashed and decoded) ahead of the one being registered and scored.
+CHUNKS_READ_AHEAD = 1
 #: A queued image whose message went out this long ago, with the broker's queue empty, was lost.
 LOST_AFTER_S = 30.0
 RESEND_LOCK = "cxr-triage:resend-lock"
@@ -60,8 +63,9 @@ class Submitter(Protocol):
     #: Lease owner of work done in this process (None when the work is sent elsewhere).
     owner: str | None
 
-    def submit(self, image_ids: Sequence[int]) -> Submitted:
-        """Bring ``image_ids`` (registered, unfinished) towards a final state."""
+    def submit(self, image_ids: Sequence[int], predecoded: Predecoded | None = None) -> Submitted:
+        """Bring ``image_ids`` (registered, unfinished) towards a final state; ``predecoded`` holds
+        decodes made while registering them, for a submitter that scores here."""
         ...
 
     def recover(self) -> Submitted:
@@ -87,10 +91,32 @@ class InProcess:
             settings, pool, retry_incomplete=resume_all, owner=self.owner
         )
 
-    def submit(self, image_ids: Sequence[int]) -> Submitted:
-        outcome = self.processor.process(image_ids)
+    def submit(self, image_ids: Sequence[int], predecoded: Predecoded | None = None) -> Submitted:
+        outcome = self.processor.process(image_ids, predecoded=predecoded.prepared if predecoded else None)
         counts = Counter({str(kind): n for kind, n in outcome.counts.items()})  # plain names for logs
         return Submitted(counts, list(outcome.retry_later))
+
+    def predecode(self, files: Sequence[FileSeen], pool: DecodePool) -> Predecoded | None:
+        """Start reading the new or changed ``files`` once each in the decode pool, for registration
+        and scoring alike (None: nothing to read, or no decode processes to read them in)."""
+        if pool.workers <= 0:
+            return None
+        with session_scope(self.settings.database_url) as session:
+            paths = files_to_read(session, files)
+        if not paths:
+            return None
+        input_size, scope = self.processor._decode_plan()  # noqa: SLF001 - metadata, no model load
+        return pool.predecode(
+            paths,
+            input_size,
+            scope,
+            self.settings.full_resolution_decode,
+            follow_symlinks=self.settings.follow_symlinks,
+        )
+
+    def warm_up(self) -> None:
+        """Load the model now (while the decode pool reads the first files)."""
+        self.processor.scorer  # noqa: B018 - loads on first use
 
     def rescore_outdated(self, files: Sequence[FileSeen]) -> int:
         """Films among ``files`` scored by an older model get the current model's score (a new model
@@ -199,7 +225,7 @@ class ViaCelery:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def submit(self, image_ids: Sequence[int]) -> Submitted:
+    def submit(self, image_ids: Sequence[int], predecoded: Predecoded | None = None) -> Submitted:
         with session_scope(self.settings.database_url) as session:
             unsent = queue.never_sent(session, image_ids)
         if unsent:
@@ -237,14 +263,30 @@ def make_submitter(settings: Settings, pool: DecodePool, *, resume_all: bool = F
 # -- the one register-and-submit loop -------------------------------------------------------------
 
 
+def start_reading(files: list[FileSeen], pool: DecodePool, submitter: Submitter) -> Predecoded | None:
+    """Start the one read of ``files`` that both registers and (scoring here) decodes them."""
+    return submitter.predecode(files, pool) if isinstance(submitter, InProcess) else None
+
+
 def hand_on(
-    settings: Settings, files: list[FileSeen], pool: DecodePool, submitter: Submitter, summary: ScanSummary
+    settings: Settings,
+    files: list[FileSeen],
+    pool: DecodePool,
+    submitter: Submitter,
+    summary: ScanSummary,
+    predecoded: Predecoded | None = None,
 ) -> Submitted:
-    """Register ``files`` (hashing what changed) and submit the images that need work."""
+    """Register ``files`` (hashing what changed) and submit the images that need work.
+
+    Scoring in this process, each new file is read once (:func:`start_reading`): the read that
+    hashes it for registration also decodes it. ``predecoded`` is that read started earlier
+    (``scan`` starts chunk k+1's while chunk k is scored)."""
+    if predecoded is None:
+        predecoded = start_reading(files, pool, submitter)
     pending = register_chunk(
         settings.database_url,
         files,
-        pool.hash_many,
+        predecoded.hasher if predecoded is not None else pool.hash_many,
         summary,
         owner=submitter.owner,
         follow_symlinks=settings.follow_symlinks,
@@ -254,7 +296,7 @@ def hand_on(
         submitter.rescore_outdated(files)
     if not pending:
         return Submitted()
-    submitted = submitter.submit(pending)
+    submitted = submitter.submit(pending, predecoded)
     submitted.image_ids = pending
     summary.outcomes.update(submitted.counts)
     return submitted
@@ -276,8 +318,14 @@ def scan(
         submitter.recover()
     except BROKER_ERRORS as exc:  # sending below will say so clearly if the broker is really gone
         log.warning("could not check for lost work (%s)", describe_error(exc))
-    for files in chunked(iter_files(roots, settings.follow_symlinks), CHUNK_FILES):
-        submitted = hand_on(settings, files, pool, submitter, summary)
+    chunks = chunked(iter_files(roots, settings.follow_symlinks), CHUNK_FILES)
+    started = ((files, start_reading(files, pool, submitter)) for files in chunks)
+    # The next chunk's files are read while this one is registered and scored; the model loads
+    # (once there is something to score) while the first chunks are read.
+    for files, predecoded in prefetched(started, ahead=CHUNKS_READ_AHEAD):
+        if predecoded is not None and isinstance(submitter, InProcess):
+            submitter.warm_up()
+        submitted = hand_on(settings, files, pool, submitter, summary, predecoded)
         if handed_on is not None:
             handed_on.extend(submitted.image_ids)
         if on_progress:
