@@ -36,8 +36,6 @@ def read_file(path: str | Path) -> bytes:
         raise FailedImage("no permission to read the file") from exc
     except IsADirectoryError as exc:
         raise FailedImage("not a regular file") from exc
-    if not data:
-        raise FailedImage("empty file")
     if len(data) > MAX_FILE_BYTES:
         raise FailedImage(f"file grew beyond the {MAX_FILE_BYTES} byte limit while it was read")
     return data
@@ -45,6 +43,8 @@ def read_file(path: str | Path) -> bytes:
 
 def decode_bytes(data: bytes, *, min_side: int | None = None) -> DecodedImage:
     """Decode the content of a supported file; raise :class:`pipeline.errors.ImageProblem` otherwise."""
+    if not data:
+        raise FailedImage("empty file")
     kind = detect_format(data[:HEADER_BYTES])
     if kind is ImageFormat.DICOM:
         from pipeline.dicom import decode_dicom  # pydicom import is kept off the raster path

@@ -32,6 +32,9 @@ from worker.startup import prepare_database as _prepare_database
 log = logging.getLogger("cxr_triage")
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=False)
+#: Files counted for the scan's progress bar before scanning starts; a larger tree is not walked
+#: twice (its total shows as "?" until the scan's own walk ends).
+PROGRESS_COUNT_LIMIT = 50_000
 
 app = typer.Typer(
     help="Pneumonia triage for chest radiographs: score DICOM/PNG/JPEG files and keep a "
@@ -132,7 +135,13 @@ def scan(
     results = start_results_sender(settings)
     roots = _resolve_roots(paths)
     console.print(f"database: {masked(settings.database_url)}", markup=False)
-    per_root = {root: count_files([root], settings.follow_symlinks) for root in roots}
+    # The bar's total: counted first only up to PROGRESS_COUNT_LIMIT files, so a large archive is not
+    # walked twice before any work starts; beyond it the total shows as "?" until the scan's own
+    # walk has found every file.
+    per_root = {
+        root: count_files([root], settings.follow_symlinks, limit=PROGRESS_COUNT_LIMIT + 1) for root in roots
+    }
+    counted = sum(per_root.values())
     for path, root in zip(paths, roots, strict=True):
         if per_root[root] == 0:
             console.print(f"nothing to score under {path}: no regular files found", markup=False)
@@ -144,10 +153,11 @@ def scan(
         else:
             _check_model_or_exit(settings)
             submitter = InProcess(settings, pool)
-        task = bar.add_task("scanning", total=sum(per_root.values()))
+        task = bar.add_task("scanning", total=counted if counted <= PROGRESS_COUNT_LIMIT else None)
         try:
             advance = lambda n: bar.advance(task, n)  # noqa: E731
             summary = scan_roots(settings, roots, submitter, pool, on_progress=advance, handed_on=handed_on)
+            bar.update(task, total=summary.files)  # exact now (the count may have stopped early)
         except BROKER_ERRORS as exc:
             _broker_down(settings, exc)
         if settings.broker_url:
@@ -166,7 +176,7 @@ def scan(
     results.close(drain_s=120.0)  # send the results of this scan before exiting (bounded wait)
     if summary_json is not None:
         summary_json.write_text(json.dumps(summary_record(summary, elapsed), indent=2) + "\n")
-    if sum(per_root.values()) == 0:
+    if counted == 0:
         raise typer.Exit(1)
 
 

@@ -14,6 +14,7 @@ import stat
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 from db import queue
 from db.engine import session_scope
@@ -71,8 +72,10 @@ def iter_files(roots: Iterable[str], follow_symlinks: bool = False) -> Iterator[
         stack.extend(reversed(children))
 
 
-def count_files(roots: Iterable[str], follow_symlinks: bool = False) -> int:
-    return sum(1 for _ in iter_files(roots, follow_symlinks))
+def count_files(roots: Iterable[str], follow_symlinks: bool = False, limit: int | None = None) -> int:
+    """Regular files under ``roots``; with ``limit``, the walk stops once it has found that many."""
+    files = iter_files(roots, follow_symlinks)
+    return sum(1 for _ in (files if limit is None else islice(files, limit)))
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:
