@@ -63,6 +63,7 @@ from pydicom.uid import (
 from pipeline import codestream
 from pipeline.errors import FailedImage, IncompleteFile, RejectedImage
 from pipeline.limits import MAX_DECODED_BYTES, MAX_PIXELS, MIN_SIDE
+from pipeline.raster import realign_j2k
 from pipeline.types import DicomAttributes
 
 #: Modalities of projection radiographs (PS3.3 C.7.3.1.1.1 defined terms).
@@ -263,8 +264,9 @@ def check_codestream(ds: Dataset, frame: bytes | None) -> codestream.CodestreamH
 
 def _decode_reduced(
     ds: Dataset, frame: bytes | None, header: codestream.CodestreamHeader | None, min_side: int
-) -> np.ndarray | None:
-    """Stored values at reduced resolution, or None where the full-resolution path must be used."""
+) -> tuple[np.ndarray, int] | None:
+    """Stored values at reduced resolution and the JPEG 2000 reduction levels they were decoded at
+    (0 for JPEG), or None where the full-resolution path must be used."""
     if frame is None or header is None or header.components != 1:
         return None
     ts = ds.file_meta.TransferSyntaxUID
@@ -274,6 +276,7 @@ def _decode_reduced(
     from pipeline.raster import set_j2k_reduce
 
     try:
+        levels = 0
         if ts in REDUCIBLE_J2K and header.kind == "jpeg2000" and not header.signed and header.precision <= 16:
             levels = codestream.reduction_levels(
                 side, min_side * codestream.J2K_MIN_SIDE_FACTOR, header.levels
@@ -299,7 +302,7 @@ def _decode_reduced(
         return None  # let the standard decoder fail with its own reason
     if values.ndim != 2:
         return None
-    return values.astype(np.uint8 if _int(ds, "BitsAllocated", 16) <= 8 else np.uint16)
+    return values.astype(np.uint8 if _int(ds, "BitsAllocated", 16) <= 8 else np.uint16), levels
 
 
 def has_linear_luts(ds: Dataset) -> bool:
@@ -375,12 +378,14 @@ def decode_dicom(
             check_dimensions(ds)
             frame = _first_frame(ds)
             header = check_codestream(ds, frame)
-            pixels = _decode_reduced(ds, frame, header, min_side) if min_side else None
-            if pixels is None:
-                pixels = _decode_pixels(ds)
+            reduced = _decode_reduced(ds, frame, header, min_side) if min_side else None
+            if reduced is None:
+                pixels, levels = _decode_pixels(ds), 0
                 if min_side and has_linear_luts(ds):
                     pixels = _binned(pixels, min_side)
-            return to_display_grey(pixels, ds), attrs
+            else:
+                pixels, levels = reduced
+            return realign_j2k(to_display_grey(pixels, ds), levels), attrs
     except (FailedImage, RejectedImage, MemoryError, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - lazy parsing surfaces damage anywhere; Rust decoders

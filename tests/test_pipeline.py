@@ -341,6 +341,26 @@ def test_reduced_decoding_keeps_scores_of_big_films(big_films, scorer):
     assert max(gaps.values()) <= 0.01, gaps
 
 
+def test_jpeg2000_reduced_decoding_is_realigned_to_the_full_resolution_grid(big_films, monkeypatch):
+    """A JPEG 2000 image decoded L levels down is shifted by (2^L - 1) / 2^(L+1) of its pixels
+    (wavelet low-pass samples stand at even positions); ``realign_j2k`` moves it back. Without it
+    the model input differed from full decoding about three times as much (0.010-0.017 std units
+    on the bench films) and P(pneumonia) by up to 0.033 (bench/RESULTS.md)."""
+    paths = [path for name, path in big_films.items() if "j2k" in name or "jp2" in name]
+    full = [to_model_input(decode_file(path).pixels, 128) for path in paths]
+
+    def worst_gap() -> float:
+        reduced = [to_model_input(decode_file(path, min_side=128).pixels, 128) for path in paths]
+        return max(float(np.abs(a - b).mean()) for a, b in zip(reduced, full, strict=True))
+
+    aligned = worst_gap()
+    for module in ("pipeline.raster", "pipeline.dicom"):
+        monkeypatch.setattr(f"{module}.realign_j2k", lambda grey, levels: grey)
+    shifted = worst_gap()
+    assert aligned < 0.5 * shifted, (aligned, shifted)
+    assert aligned < 0.008, aligned
+
+
 def test_monochrome1_and_luts_apply_at_reduced_size(tmp_path, film):
     """Modality LUT, window and MONOCHROME1 act on the reduced array exactly as on the full one."""
     big = np.asarray(Image.fromarray(film).resize((1024, 1024), Image.Resampling.BICUBIC))
