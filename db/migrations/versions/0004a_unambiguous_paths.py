@@ -11,8 +11,6 @@ are not UTF-8 (the only names the old code escaped), unless only its literal nam
 on disk. Everything here is frozen at this revision on purpose (no import of db.paths; only
 ``db.utf8``'s test of valid UTF-8, which is the codec's own definition).
 
-Revision ID: 0004a
-Revises: 0003
 Create Date: 2026-11-23 02:10:00
 """
 
@@ -26,8 +24,6 @@ from db.utf8 import is_utf8
 
 revision = "0004a"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
 
 _ESCAPE = re.compile(r"\\(\\|x[0-9a-fA-F]{2})")
 _paths = sa.table("source_files", sa.column("id", sa.Integer), sa.column("path", sa.Text))
