@@ -49,13 +49,7 @@ def shipped_thresholds(model_dir: Path | None):
     """The model's own operating points, read from metadata.json (no TensorFlow needed)."""
     from db.calibration import ShippedThresholds
 
-    meta = json.loads((_model_dir(model_dir) / "metadata.json").read_text())
-    return ShippedThresholds(
-        str(meta["version"]),
-        float(meta["screening_threshold"]),
-        float(meta["high_confidence_threshold"]),
-        float(meta.get("temperature", 1.0)),
-    )
+    return ShippedThresholds.from_metadata(json.loads((_model_dir(model_dir) / "metadata.json").read_text()))
 
 
 def add_active_calibration(report, database_url: str | None, model_dir: Path | None) -> None:
