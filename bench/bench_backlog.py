@@ -122,9 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only generate the trees and register them (cached), then exit",
     )
-    args = parser.parse_args(argv)
-
-    model_dir, model = common.model_under_test(args)
+    args, model_dir, model = parser.parse_with_model(argv)
     tree, manifest = corpora.build_small_tree("backlog", args.files)
     new_tree, _ = corpora.build_small_tree("backlog-new", args.new_files, seed=11, tag="-new")
     extra_dir = tree / "zz-new"

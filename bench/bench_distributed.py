@@ -121,9 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--configs", default="1x2,2x1", help="comma-separated PROCESSESxDECODE_WORKERS (default 1x2,2x1)"
     )
-    args = parser.parse_args(argv)
-
-    model_dir, model = common.model_under_test(args)
+    args, model_dir, model = parser.parse_with_model(argv)
     corpus, manifest = corpora.build_corpus("mixed", args.files)
     if processes.training_running():
         log("WARNING: model training is running: CPU contention, figures will be pessimistic")

@@ -81,9 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="FILE",
         help="attach py-spy (--idle, all processes) to the watcher during the drip; raw stacks to FILE",
     )
-    args = parser.parse_args(argv)
-
-    model_dir, model = common.model_under_test(args)
+    args, model_dir, model = parser.parse_with_model(argv)
     count = int(round(args.rate * args.seconds))
     corpus, manifest = corpora.build_corpus("drip-jpeg", count + 1, mix={"jpeg": 1.0}, seed=3)
     files = sorted(str(p) for p in corpus.rglob("*.jpg"))

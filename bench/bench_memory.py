@@ -41,9 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_size("--files", 10_000, 300, "files to score")
     parser.add_size("--first", 1_000, 50, "first checkpoint")
     parser.add_argument("--interval", type=float, default=0.5, help="sampling interval, s")
-    args = parser.parse_args(argv)
-
-    model_dir, model = common.model_under_test(args)
+    args, model_dir, model = parser.parse_with_model(argv)
     # the same cached set of unique small files as the "new files" of bench_backlog.py
     tree, manifest = corpora.build_small_tree("backlog-new", args.files, seed=11, tag="-new")
     if processes.training_running():

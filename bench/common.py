@@ -89,6 +89,11 @@ class BenchParser(argparse.ArgumentParser):
         )
         self._quick_sizes[action.dest] = quick
 
+    def parse_with_model(self, args=None) -> tuple[argparse.Namespace, Path, str]:
+        """:meth:`parse_args`, then the model under test (:func:`model_under_test`): folder, description."""
+        parsed = self.parse_args(args)
+        return (parsed, *model_under_test(parsed))
+
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         parsed = super().parse_args(args, namespace)
         if getattr(parsed, "quick", False):

@@ -29,6 +29,7 @@ from datetime import date, datetime
 from sqlalchemy import Boolean, Date, Float
 
 from db.schema import Image
+from db.utf8 import is_utf8
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +76,7 @@ def from_dicom(attrs: object) -> dict:
 def clean_text(value: str) -> str:
     """Text any database accepts: no NUL, no unpaired surrogates."""
     value = value.replace("\x00", "\ufffd")
-    return value.encode("utf-8", "replace").decode("utf-8") if _has_surrogates(value) else value
-
-
-def _has_surrogates(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+    return value if is_utf8(value) else value.encode("utf-8", "replace").decode("utf-8")
 
 
 def _column_type(name: str):

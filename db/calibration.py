@@ -10,6 +10,7 @@ Only the ``db`` layer is imported here: callers pass the shipped thresholds in.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
@@ -27,12 +28,27 @@ class CalibrationError(ValueError):
 
 @dataclass(frozen=True)
 class ShippedThresholds:
-    """The operating points that ship in the model's metadata."""
+    """The operating points that ship in the model's metadata (``metadata.json``: ``version``,
+    ``screening_threshold``, ``high_confidence_threshold``, ``temperature``).
+
+    ``temperature`` is stored with the shipped calibration row (:func:`ensure_shipped`); None where
+    only the thresholds are asked for (:func:`thresholds_in_force`).
+    """
 
     model_version: str
     screening_threshold: float
     high_confidence_threshold: float
     temperature: float | None = None
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping) -> ShippedThresholds:
+        """Read from a model's ``metadata.json`` (a missing temperature is 1.0: none applied)."""
+        return cls(
+            str(meta["version"]),
+            float(meta["screening_threshold"]),
+            float(meta["high_confidence_threshold"]),
+            float(meta.get("temperature", 1.0)),
+        )
 
 
 def details_of(row: Calibration) -> dict:

@@ -19,17 +19,13 @@ from __future__ import annotations
 import os
 import re
 
+from db.utf8 import is_utf8
+
 _ESCAPE = re.compile(r"\\(\\|x[0-9a-fA-F]{2})")
 
 
 def needs_escaping(path: str) -> bool:
-    if "\\" in path:
-        return True
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+    return "\\" in path or not is_utf8(path)
 
 
 def to_db(path: str) -> str:

@@ -25,6 +25,9 @@ from db.schema import FINAL_STATUSES, Image, ImageStatus, Score, SourceFile, utc
 #: A file whose processing killed its worker this many times is failed, not retried.
 MAX_ATTEMPTS = 3
 
+#: The values that hand an image's lease back: nobody holds it (every release and requeue writes them).
+_UNLEASED = {"lease_expires_at": None, "lease_owner": None}
+
 
 def as_utc(moment: datetime | None) -> datetime | None:
     """SQLite returns naive datetimes; everything stored here is UTC."""
@@ -142,10 +145,9 @@ def supersede_if_orphaned(session: Session, image_id: int, reason: str = REPLACE
         .values(
             status=ImageStatus.SUPERSEDED,
             reason=reason,
-            lease_expires_at=None,
-            lease_owner=None,
             finished_at=func.coalesce(Image.finished_at, now),
             updated_at=now,
+            **_UNLEASED,
         )
     )
     return result.rowcount == 1
@@ -373,7 +375,7 @@ def release(session: Session, image_ids: Sequence[int]) -> None:
     session.execute(
         update(Image)
         .where(Image.id.in_(image_ids), Image.status == ImageStatus.PROCESSING)
-        .values(status=ImageStatus.QUEUED, lease_expires_at=None, lease_owner=None, updated_at=utcnow())
+        .values(status=ImageStatus.QUEUED, updated_at=utcnow(), **_UNLEASED)
     )
 
 
@@ -386,9 +388,8 @@ def _requeue_after_death(session: Session, condition) -> list[int]:
             .values(
                 status=ImageStatus.QUEUED,
                 attempts=Image.attempts + 1,
-                lease_expires_at=None,
-                lease_owner=None,
                 updated_at=utcnow(),
+                **_UNLEASED,
             )
             .returning(Image.id)
         )
@@ -464,9 +465,8 @@ def requeue_by_status(session: Session, status: ImageStatus, reason_contains: st
                 attempts=0,
                 sent_at=None,
                 finished_at=None,
-                lease_expires_at=None,
-                lease_owner=None,
                 updated_at=utcnow(),
+                **_UNLEASED,
             )
             .returning(Image.id)
         )

@@ -52,32 +52,17 @@ FINAL_STATUSES = frozenset(
 )
 
 
-class UserRole(enum.StrEnum):
-    VIEWER = "viewer"
-    REVIEWER = "reviewer"
-    ADMIN = "admin"
-
-
-class ReviewDecision(enum.StrEnum):
-    AGREE = "agree"
-    DISAGREE = "disagree"
-
-
-class ReaderLabel(enum.StrEnum):
-    PNEUMONIA = "pneumonia"
-    NORMAL = "normal"
+# StrEnum's functional form: each value is its member's name in lower case (UserRole.VIEWER == "viewer").
+UserRole = enum.StrEnum("UserRole", "VIEWER REVIEWER ADMIN")
+ReviewDecision = enum.StrEnum("ReviewDecision", "AGREE DISAGREE")
+ReaderLabel = enum.StrEnum("ReaderLabel", "PNEUMONIA NORMAL")
+OutboxStatus = enum.StrEnum("OutboxStatus", "PENDING SENT FAILED")
 
 
 class OutboxKind(enum.StrEnum):
     STRUCTURED_REPORT = "sr"
     SECONDARY_CAPTURE = "sc"
     KEY_OBJECT = "ko"
-
-
-class OutboxStatus(enum.StrEnum):
-    PENDING = "pending"
-    SENT = "sent"
-    FAILED = "failed"
 
 
 class Base(DeclarativeBase):

@@ -144,7 +144,11 @@ assert tuple(f.name for f in fields(WorklistEntry)) == COLUMNS
 
 @dataclass(frozen=True)
 class WorklistFilter:
-    """What a reader narrowed the list to; every field is applied in SQL."""
+    """What a reader narrowed the list to; every field is applied in SQL, and None (the default) does
+    not narrow. ``folder``: films seen under that folder at any of their paths; the two day ranges
+    (``arrived_*`` on the first sighting, ``study_date_*`` on DICOM Study Date) include both ends;
+    ``search``: an exact patient ID or accession number.
+    """
 
     status: str | None = None
     tier: str | None = None

@@ -17,7 +17,7 @@ a view depends on and drops a table's triggers with it::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import sqlalchemy as sa
@@ -297,6 +297,12 @@ def create_sql(dialect: str, *, study_date: bool = True) -> list[str]:
     return view_sql(dialect, study_date=study_date) + trigger_sql(dialect) + [refresh_sql()]
 
 
+def execute(op, statements: Iterable[str]) -> None:
+    """Run each of ``statements`` (from this module) through a migration's ``op``, in order."""
+    for statement in statements:
+        op.execute(sa.text(statement))
+
+
 @contextmanager
 def lifted(op, *, study_date: bool = True) -> Iterator[None]:
     """Drop the worklist views and triggers for the duration of a table rebuild, then restore them
@@ -310,8 +316,6 @@ def lifted(op, *, study_date: bool = True) -> Iterator[None]:
     dialect = bind.dialect.name
     if dialect == "sqlite" and bind.exec_driver_sql("PRAGMA foreign_keys").scalar():
         raise RuntimeError("SQLite foreign keys are on: a table rebuild would delete the rows referencing it")
-    for statement in drop_sql(dialect):
-        op.execute(sa.text(statement))
+    execute(op, drop_sql(dialect))
     yield
-    for statement in create_sql(dialect, study_date=study_date):
-        op.execute(sa.text(statement))
+    execute(op, create_sql(dialect, study_date=study_date))

@@ -11,7 +11,6 @@ delivered as 8-bit JPEG, 16-bit PNG or 12-bit DICOM gives the same input.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
 EPSILON = 1e-6
 
@@ -20,6 +19,10 @@ def resize_square(grey: np.ndarray, size: int) -> np.ndarray:
     """Resize a 2-D float image to ``size`` x ``size`` with antialiased bilinear filtering."""
     if grey.shape == (size, size):
         return grey.astype(np.float32, copy=False)
+    # Pillow is imported where films are resized (the decoders), not by every importer of this module
+    # (a scan's own process only hands files to its decode children).
+    from PIL import Image
+
     image = Image.fromarray(np.ascontiguousarray(grey, dtype=np.float32), mode="F")
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
 

@@ -104,9 +104,10 @@ def fit_orientation(
     upright: np.ndarray,
     turned: np.ndarray,
     val_upright: np.ndarray,
+    turned_kept: np.ndarray | None = None,
+    *,
     keep: float = DEFAULT_KEEP,
     l2: float = DEFAULT_ORIENTATION_L2,
-    turned_kept: np.ndarray | None = None,
 ) -> tuple[OrientationCheck, dict]:
     """Fit upright (training films) vs turned (their rotations, flips, inversions); cut-off in the gap.
 
@@ -356,6 +357,7 @@ def fit_guard(
     train_features: np.ndarray,
     train_labels: np.ndarray,
     val_features: np.ndarray,
+    *,
     keep: float = DEFAULT_KEEP,
     shrinkage: float = DEFAULT_SHRINKAGE,
     margin: float = DEFAULT_MARGIN,

@@ -101,8 +101,7 @@ def _tiers(url: str, shipped: ShippedThresholds) -> tuple[dict[str, str], dict[s
 
 
 def _shipped(model_dir: Path) -> ShippedThresholds:
-    meta = json.loads((model_dir / "metadata.json").read_text())
-    return ShippedThresholds(meta["version"], meta["screening_threshold"], meta["high_confidence_threshold"])
+    return ShippedThresholds.from_metadata(json.loads((model_dir / "metadata.json").read_text()))
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])

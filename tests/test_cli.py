@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from tests.conftest import CLI, kermany_files
+from tests.conftest import CLI, REPO, kermany_files
 from tests.test_pipeline import _png_with_declared_size
 
 FINAL = {"scored", "rejected", "failed"}
@@ -267,3 +268,28 @@ def test_scan_writes_a_machine_readable_summary(scanned, mixed_folder, tmp_path)
     }
     assert (summary["files"], summary["skipped"], summary["scored"], summary["queued"]) == (18, 18, 0, 0)
     assert summary["elapsed_s"] > 0 and summary["images_per_s"] == 0
+
+
+@pytest.mark.parametrize("first", ["import pydicom", "import pipeline.dicom", "import highdicom"])
+def test_pydicom_settings_come_with_its_first_import(first):
+    """The CLI's entry does not load pydicom at start (a rescan reads no DICOM in its own process), yet
+    whichever module imports pydicom first finds the process-wide settings in place (issue 15 item 4)."""
+    probe = (
+        "import sys; from worker.startup import configure_pydicom_on_import; configure_pydicom_on_import(); "
+        f"assert 'pydicom' not in sys.modules; {first}; from pydicom import config; "
+        "assert config.settings.reading_validation_mode == config.IGNORE; "
+        "assert config.convert_wrong_length_to_UN"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=REPO)
+
+
+def test_a_plain_command_loads_no_dicom_celery_or_web_stack():
+    """Startup cost of every command (the rescan's memory, bench/RESULTS.md benchmark 5): the CLI module
+    and a command's settings load none of the heavy stacks that only some commands use."""
+    probe = (
+        "import sys, worker.cli; worker.cli.configure_pydicom_on_import(); "
+        "heavy = {'pydicom', 'PIL', 'highdicom', 'pynetdicom', 'celery', 'numpy', 'fastapi', 'starlette', "
+        "'jinja2', 'matplotlib', 'tensorflow', 'prometheus_client'}; "
+        "loaded = sorted(heavy & {name.split('.')[0] for name in sys.modules}); assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=REPO)

@@ -55,6 +55,9 @@ RSS_BUDGET_MB = 1500
 SPARSE_BYTES = 3 * 1024**3  # 3 GiB, above the 2 GiB file limit; no disk blocks used
 
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+#: Hypothesis settings of the fuzz tests: reproducible (derandomized, no example database), no deadline
+#: (a decode may take a while on a busy machine), no health check (the inputs are large by design).
+FUZZ_SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,13 +523,7 @@ def test_decode_file_fuzz_never_raises_anything_but_image_problems(seeds, tmp_pa
     target = tmp_path / "fuzzed"
     outcomes = {"decoded": 0, "problem": 0}
 
-    @settings(
-        max_examples=150,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @settings(max_examples=150, **FUZZ_SETTINGS)
     @given(data=mutated(seeds))
     def check(data: bytes) -> None:
         target.write_bytes(data)
@@ -650,13 +647,7 @@ def test_reduced_decoders_fuzz_never_raise_anything_but_image_problems(films, tm
     ]
     target = tmp_path / "fuzzed"
 
-    @settings(
-        max_examples=100,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @settings(max_examples=100, **FUZZ_SETTINGS)
     @given(data=mutated(reducible))
     def check(data: bytes) -> None:
         target.write_bytes(data)

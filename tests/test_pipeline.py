@@ -197,40 +197,43 @@ def test_png_bomb_refused_before_allocation(tmp_path):
         decode_file(path)
 
 
-def test_dicom_bomb_refused_before_allocation(tmp_path, film):
-    path = radiograph(film.astype(np.uint16) * 16, tmp_path / "bomb.dcm")
+def _edited(film, path: Path, edit, **save_options) -> Path:
+    """A synthetic radiograph of ``film`` at ``path``, changed by ``edit(dataset)`` and saved again."""
     import pydicom
 
+    radiograph(film.astype(np.uint16) * 16, path)
     ds = pydicom.dcmread(path)
-    ds.Rows, ds.Columns, ds.NumberOfFrames = 65535, 65535, 1
-    ds.save_as(path)
+    edit(ds)
+    ds.save_as(path, **save_options)
+    return path
+
+
+def test_dicom_bomb_refused_before_allocation(tmp_path, film):
+    def huge(ds) -> None:
+        ds.Rows, ds.Columns, ds.NumberOfFrames = 65535, 65535, 1
+
     with pytest.raises(FailedImage, match="decode limit"):
-        decode_file(path)
+        decode_file(_edited(film, tmp_path / "bomb.dcm", huge))
 
 
 def test_pixel_data_shorter_than_header_fails(tmp_path, film):
-    import pydicom
+    def cut(ds) -> None:
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
 
-    path = radiograph(film.astype(np.uint16) * 16, tmp_path / "short.dcm")
-    ds = pydicom.dcmread(path)
-    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
-    ds.save_as(path)
     with pytest.raises(FailedImage, match="does not match the header"):
-        decode_file(path)
+        decode_file(_edited(film, tmp_path / "short.dcm", cut))
 
 
 def test_undecodable_transfer_syntax_fails(tmp_path, film):
-    import pydicom
     from pydicom.encaps import encapsulate
 
-    path = radiograph(film.astype(np.uint16) * 16, tmp_path / "jxl.dcm")
-    ds = pydicom.dcmread(path)
-    ds.file_meta.TransferSyntaxUID = JPEG2000MC  # JPEG 2000 Part 2 multi-component: no decoder here
-    ds.PixelData = encapsulate([b"\xff\x0a" + b"\x00" * 64])
-    ds["PixelData"].VR = "OB"
-    ds.save_as(path, enforce_file_format=True)
+    def jpeg2000_part2(ds) -> None:
+        ds.file_meta.TransferSyntaxUID = JPEG2000MC  # JPEG 2000 Part 2 multi-component: no decoder here
+        ds.PixelData = encapsulate([b"\xff\x0a" + b"\x00" * 64])
+        ds["PixelData"].VR = "OB"
+
     with pytest.raises(FailedImage, match="cannot be decoded|cannot decode"):
-        decode_file(path)
+        decode_file(_edited(film, tmp_path / "jxl.dcm", jpeg2000_part2, enforce_file_format=True))
 
 
 @pytest.mark.parametrize(

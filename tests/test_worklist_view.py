@@ -124,26 +124,17 @@ def test_active_calibration_sets_tiers_thresholds_and_priority(url):
         row = query_rows(session)[0]
     assert (row["calibration"], row["threshold"], row["tier"]) == ("shipped", 0.2, "screen+")
     with session_scope(url) as session:
-        session.add(
-            Calibration(
-                name="site-a",
-                model_version="m1",
-                screening_threshold=0.3,
-                high_confidence_threshold=0.45,
-                active=True,
-                source="labels",
+        for name, screening, high, active in (("site-a", 0.3, 0.45, True), ("old", 0.9, 0.95, False)):
+            session.add(
+                Calibration(
+                    name=name,
+                    model_version="m1",
+                    screening_threshold=screening,
+                    high_confidence_threshold=high,
+                    active=active,
+                    source="labels",
+                )
             )
-        )
-        session.add(
-            Calibration(
-                name="old",
-                model_version="m1",
-                screening_threshold=0.9,
-                high_confidence_threshold=0.95,
-                active=False,
-                source="labels",
-            )
-        )
     with session_scope(url) as session:
         rows = {r["sha256"]: r for r in query_rows(session)}
     site = rows[f"{1:064x}"]

@@ -13,14 +13,16 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from worker.options import ModelDir, setting
+
+if TYPE_CHECKING:  # numpy is imported by the commands that compute: every CLI start loads this module
+    import numpy as np
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=False)
@@ -49,13 +51,7 @@ def shipped_thresholds(model_dir: Path | None):
     """The model's own operating points, read from metadata.json (no TensorFlow needed)."""
     from db.calibration import ShippedThresholds
 
-    meta = json.loads((_model_dir(model_dir) / "metadata.json").read_text())
-    return ShippedThresholds(
-        str(meta["version"]),
-        float(meta["screening_threshold"]),
-        float(meta["high_confidence_threshold"]),
-        float(meta.get("temperature", 1.0)),
-    )
+    return ShippedThresholds.from_metadata(json.loads((_model_dir(model_dir) / "metadata.json").read_text()))
 
 
 def add_active_calibration(report, database_url: str | None, model_dir: Path | None) -> None:
@@ -125,6 +121,8 @@ def score_labelled(scorer, films: list[tuple[Path, int]], batch_size: int = 32) 
     Films that cannot be decoded, or that the OOD guard rejects, would never reach the
     worklist, so they are left out of the fit and counted.
     """
+    import numpy as np
+
     from worker.prepare import prepare
 
     labels, probs, logits = [], [], []
@@ -190,6 +188,8 @@ def calibrate_command(
     priorities follow it without a restart. `cxr-triage model calibrations --activate shipped`
     goes back.
     """
+    import numpy as np
+
     from db.calibration import CalibrationError, review_labels, store
     from db.engine import session_scope
     from models.calibration import ThresholdRule, calibrate
@@ -390,6 +390,8 @@ def fit_ood_command(
     films) on training films vs their own turned copies, cut-off keeping 99.5 % of the
     validation films. No training: the model itself is unchanged.
     """
+    import numpy as np
+
     from models import data
     from models.ood_fit import battery, fit_and_write, run_battery
     from pipeline.inference import Scorer

@@ -26,6 +26,7 @@ from worker.options import ModelDir, setting, with_options
 from worker.progress import progress_bar
 from worker.settings import Settings
 from worker.startup import command_settings as _settings
+from worker.startup import configure_pydicom_on_import
 from worker.startup import flags_of as _flags
 from worker.startup import prepare_database as _prepare_database
 
@@ -472,9 +473,9 @@ _register_web_commands(app)
 def main() -> None:
     """Entry point. Errors that reach here become one line on stderr: no traceback, and never the SQL
     parameters a database error carries (patient names, UIDs, paths)."""
-    from pipeline.dicom import configure_pydicom
-
-    configure_pydicom()  # process-wide pydicom settings, set by the process entry (issue 15 item 4)
+    # Process-wide pydicom settings, set up by the process entry (issue 15 item 4); applied when this
+    # process first imports pydicom, so that a command that reads no DICOM here does not load it.
+    configure_pydicom_on_import()
     try:
         app()
     except Exception as exc:  # noqa: BLE001 - the CLI boundary

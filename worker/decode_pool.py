@@ -27,6 +27,7 @@ from concurrent.futures import (
     wait,
 )
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 
 from pipeline.scope import ScopePolicy
 from worker.hashing import sha256_following_links, sha256_regular_file
@@ -63,61 +64,55 @@ def init_decode_process(memory_limit_bytes: int | None = DECODE_MEMORY_LIMIT_BYT
     cap_memory(memory_limit_bytes)
 
 
+@dataclass(eq=False)
 class PendingBatch:
-    """Decodes handed to the pool; :meth:`results` waits for them, in order."""
+    """Decodes handed to the pool (``futures``) or done in-process (``ready``); :meth:`results` waits for
+    them, in order."""
 
-    def __init__(
-        self,
-        pool: DecodePool,
-        jobs: list[Job],
-        options: dict,
-        futures: list[Future] | None = None,
-        ready: list[Prepared] | None = None,
-    ) -> None:
-        self._pool = pool
-        self._jobs = jobs
-        self._options = options
-        self._futures = futures
-        self._ready = ready
+    pool: DecodePool
+    jobs: list[Job]
+    options: dict
+    futures: list[Future] | None = None
+    ready: list[Prepared] | None = None
 
     def cancel(self) -> None:
         """Drop the decodes that have not started (the batch will not be used)."""
-        for future in self._futures or []:
+        for future in self.futures or []:
             future.cancel()
 
     def results(self) -> list[Prepared]:
-        if self._ready is None:
-            self._ready = self._collect()
-        return self._ready
+        if self.ready is None:
+            self.ready = self._collect()
+        return self.ready
 
     def _collect(self) -> list[Prepared]:
-        assert self._futures is not None
+        assert self.futures is not None
         try:
-            self._pool.wait_for(self._futures)
-            return [future.result(timeout=0) for future in self._futures]
+            self.pool.wait_for(self.futures)
+            return [future.result(timeout=0) for future in self.futures]
         except (BrokenProcessPool, TimeoutError, CancelledError) as problem:
             log.warning("a decoder crashed or hung; retrying the rest of this batch one file at a time")
-            finished = [_result_if_done(future) for future in self._futures]
+            finished = [_result_if_done(future) for future in self.futures]
             # wait_for raises TimeoutError only while every decoder is alive and none finished for
             # the whole timeout: each decoder holds a file that hangs (a hung share, a FIFO swapped
             # in). Those files have had their one timeout and fail now (decoding one again alone would
             # hang a second time); the files queued behind them are innocent and are decoded again.
             hung = self._hung_indices(finished) if isinstance(problem, TimeoutError) else set()
-            self._pool.reset()
+            self.pool.reset()
             return [
                 done
                 if done is not None
-                else self._pool.timed_out()
+                else self.pool.timed_out()
                 if index in hung
-                else self._pool.prepare_isolated(path, sha, **self._options)
-                for index, (done, (path, sha)) in enumerate(zip(finished, self._jobs, strict=True))
+                else self.pool.prepare_isolated(path, sha, **self.options)
+                for index, (done, (path, sha)) in enumerate(zip(finished, self.jobs, strict=True))
             ]
 
     def _hung_indices(self, finished: list[Prepared | None]) -> set[int]:
         """The unfinished files the decoders were working on: the pool takes jobs in order, so they
         are the first ``workers`` unfinished ones."""
         unfinished = [index for index, done in enumerate(finished) if done is None]
-        return set(unfinished[: self._pool.workers])
+        return set(unfinished[: self.pool.workers])
 
 
 def _broken(future: Future) -> bool:
@@ -235,15 +230,10 @@ class DecodePool:
             futures = [self._submit(job, options) for job in jobs]
         return PendingBatch(self, jobs, options, futures=futures)
 
-    def prepare_many(
-        self,
-        jobs: list[Job],
-        input_size: int,
-        scope: ScopePolicy | None = None,
-        full_resolution_decode: bool | None = None,
-    ) -> list[Prepared]:
-        """Decode (path, expected sha256) pairs in parallel, in order."""
-        return self.submit(jobs, input_size, scope, full_resolution_decode).results()
+    def prepare_many(self, jobs: list[Job], *args, **kwargs) -> list[Prepared]:
+        """Decode (path, expected sha256) pairs in parallel, in order: :meth:`submit` (same arguments), then
+        wait for the results."""
+        return self.submit(jobs, *args, **kwargs).results()
 
     def prepare_isolated(self, path: str, sha256: str | None, **options) -> Prepared:
         """Decode one file alone, so that a crash or hang names its culprit."""

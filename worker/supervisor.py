@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker import metrics
-from worker.celery_app import EXIT_MODEL_UNUSABLE, SCORE_QUEUE
 from worker.logs import describe_error
 from worker.settings import ENV_FILE_VARIABLE, Settings, celery_owner_prefix, env_name
 
@@ -59,6 +58,9 @@ class WorkerSpec:
 
 
 def worker_command(spec: WorkerSpec, log_level: str) -> list[str]:
+    # Celery is imported where a worker is started: scan and watch use this module without a broker.
+    from worker.celery_app import SCORE_QUEUE
+
     return [
         sys.executable,
         "-m",
@@ -175,6 +177,8 @@ class Supervisor:
         assert process is not None
         _kill_group(process.pid)
         child.process = None
+        from worker.celery_app import EXIT_MODEL_UNUSABLE  # loaded already: worker_command started the child
+
         if process.returncode == EXIT_MODEL_UNUSABLE:
             log.error("worker %s cannot load its model; stopping (see its message above)", spec.name)
             self.exit_code, self.stopping = 2, True

@@ -156,6 +156,17 @@ def _device_context() -> hd.sr.ObserverContext:
     return hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device)
 
 
+def _instance(kind: OutboxKind, sop_instance_uid: str) -> dict:
+    """What every object this module makes says about its own series and instance."""
+    return {
+        "series_instance_uid": series_uid_for(sop_instance_uid),
+        "series_number": SERIES_NUMBER[kind],
+        "sop_instance_uid": sop_instance_uid,
+        "instance_number": 1,
+        "manufacturer": MANUFACTURER,
+    }
+
+
 def _observer() -> hd.sr.ObservationContext:
     return hd.sr.ObservationContext(observer_device_context=_device_context())
 
@@ -194,11 +205,7 @@ def structured_report(header: Dataset, result: Result, sop_instance_uid: str) ->
     sr = hd.sr.ComprehensiveSR(
         evidence=[source],
         content=report[0],
-        series_instance_uid=series_uid_for(sop_instance_uid),
-        series_number=SERIES_NUMBER[OutboxKind.STRUCTURED_REPORT],
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
+        **_instance(OutboxKind.STRUCTURED_REPORT, sop_instance_uid),
         is_complete=True,
         is_final=False,
         is_verified=False,
@@ -220,11 +227,7 @@ def key_object(header: Dataset, result: Result, sop_instance_uid: str) -> hd.ko.
     return hd.ko.KeyObjectSelectionDocument(
         evidence=[source],
         content=content,
-        series_instance_uid=series_uid_for(sop_instance_uid),
-        series_number=SERIES_NUMBER[OutboxKind.KEY_OBJECT],
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
+        **_instance(OutboxKind.KEY_OBJECT, sop_instance_uid),
     )
 
 
@@ -239,11 +242,7 @@ def secondary_capture(header: Dataset, overlay_rgb: np.ndarray, sop_instance_uid
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=series_uid_for(sop_instance_uid),
-        series_number=SERIES_NUMBER[OutboxKind.SECONDARY_CAPTURE],
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
+        **_instance(OutboxKind.SECONDARY_CAPTURE, sop_instance_uid),
         patient_orientation=orientation or ("L", "F"),
         transfer_syntax_uid="1.2.840.10008.1.2.1",
     )

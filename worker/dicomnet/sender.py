@@ -14,6 +14,7 @@ treats as the same object (PS3.4 B.4.1.3), not as a second report.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,35 +22,43 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-
-import pydicom
-from pydicom.uid import generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import (
-    ComprehensiveSRStorage,
-    KeyObjectSelectionDocumentStorage,
-    SecondaryCaptureImageStorage,
-)
+from typing import TYPE_CHECKING
 
 from db import outbox
 from db.engine import session_scope
 from db.outbox import Claimed
 from db.paths import from_db
 from db.schema import OutboxKind, OutboxStatus, Score
-from worker.dicomnet import objects
 from worker.dicomnet.plan import Destination, DestinationError
 from worker.logs import describe_error, short
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.dicomnet import objects
+
+# pydicom, pynetdicom and highdicom (worker.dicomnet.objects) are imported by the methods that use
+# them: a command with no results destination (every plain scan) starts no sender and never loads them.
 
 log = logging.getLogger(__name__)
 
 #: Statuses that mean the object itself is refused: resending it unchanged cannot help (PS3.4 B.2.3).
 PERMANENT_FAILURES = (0xA900, 0xC000)
-SOP_CLASSES = {
-    OutboxKind.STRUCTURED_REPORT: ComprehensiveSRStorage,
-    OutboxKind.SECONDARY_CAPTURE: SecondaryCaptureImageStorage,
-    OutboxKind.KEY_OBJECT: KeyObjectSelectionDocumentStorage,
-}
+
+
+@functools.cache
+def sop_classes() -> dict:
+    """The Storage SOP Class that each outbox kind is sent as."""
+    from pynetdicom.sop_class import (
+        ComprehensiveSRStorage,
+        KeyObjectSelectionDocumentStorage,
+        SecondaryCaptureImageStorage,
+    )
+
+    return {
+        OutboxKind.STRUCTURED_REPORT: ComprehensiveSRStorage,
+        OutboxKind.SECONDARY_CAPTURE: SecondaryCaptureImageStorage,
+        OutboxKind.KEY_OBJECT: KeyObjectSelectionDocumentStorage,
+    }
 
 
 def thresholds_for(score: Score) -> tuple[float, float]:
@@ -157,8 +166,10 @@ class OutboxSender:
                 built.append((item, dataset))
         if not built:
             return
+        from pynetdicom import AE
+
         ae = AE(ae_title=self.calling_ae_title)
-        for sop_class in SOP_CLASSES.values():
+        for sop_class in sop_classes().values():
             ae.add_requested_context(sop_class)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
@@ -179,10 +190,9 @@ class OutboxSender:
 
     def _store_one(self, assoc, item: Claimed, dataset) -> None:
         accepted = {context.abstract_syntax for context in assoc.accepted_contexts}
-        if SOP_CLASSES[item.kind] not in accepted:  # PS3.8 9.3.3.2: the PACS refused this SOP class
-            self._finish(
-                item, f"the destination does not accept {SOP_CLASSES[item.kind].name}", permanent=True
-            )
+        sop_class = sop_classes()[item.kind]
+        if sop_class not in accepted:  # PS3.8 9.3.3.2: the PACS refused this SOP class
+            self._finish(item, f"the destination does not accept {sop_class.name}", permanent=True)
             return
         try:
             status = assoc.send_c_store(dataset)
@@ -219,6 +229,8 @@ class OutboxSender:
 
     # -- building -------------------------------------------------------------------------------
     def _build_or_fail(self, item: Claimed):
+        from worker.dicomnet import objects
+
         try:
             return self.build(item)
         except SourceGone as exc:
@@ -231,6 +243,11 @@ class OutboxSender:
 
     def build(self, item: Claimed):
         """The dataset for one row, with the SOP Instance UID remembered before it is sent."""
+        import pydicom
+        from pydicom.uid import generate_uid
+
+        from worker.dicomnet import objects
+
         with session_scope(self.database_url) as session:
             context = outbox.send_context(session, item)
             if context is None:
@@ -251,6 +268,8 @@ class OutboxSender:
         return objects.secondary_capture(header, self._overlay(path), sop_instance_uid)
 
     def _result(self, score: Score) -> objects.Result:
+        from worker.dicomnet import objects
+
         screening, high = thresholds_for(score)
         return objects.Result(
             pneumonia_probability=score.pneumonia_probability,
@@ -281,6 +300,7 @@ class OutboxSender:
         """Grad-CAM of the film (loads the model in this process on first use)."""
         from models.explain import gradcam
         from pipeline.decode import decode_file
+        from worker.dicomnet import objects
 
         grey = decode_file(path).pixels
         return objects.overlay_rgb(grey, gradcam(self._resolved_model_dir(), grey))

@@ -1,7 +1,5 @@
 """the triage worklist as a database view; indexes for its order and filters; append-only audit log
 
-Revision ID: 0004
-Revises: 0004a
 Create Date: 2026-11-23 01:45:00
 
 ``triage_worklist_all`` has one row per film with every column of ``cxr-triage worklist --format
@@ -29,12 +27,11 @@ from db.worklist_sql import (
     INDEXES,
     create_sql,
     drop_sql,
+    execute,
 )
 
 revision = "0004"
 down_revision = "0004a"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
@@ -52,8 +49,7 @@ def upgrade() -> None:
         op.create_index(name, table, columns)
     if dialect == "postgresql":  # folder filter: LIKE 'prefix%' as an index range whatever the collation
         op.execute("CREATE INDEX ix_source_files_path_prefix ON source_files (path text_pattern_ops)")
-    for statement in create_sql(dialect, study_date=False):  # the views as of this revision
-        op.execute(sa.text(statement))
+    execute(op, create_sql(dialect, study_date=False))  # the views as of this revision
     op.create_table(
         "app_secrets",
         sa.Column("name", sa.String(length=64), nullable=False),
@@ -61,8 +57,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("name"),
     )
-    for statement in APPEND_ONLY_POSTGRESQL if dialect == "postgresql" else APPEND_ONLY_SQLITE:
-        op.execute(sa.text(statement))
+    execute(op, APPEND_ONLY_POSTGRESQL if dialect == "postgresql" else APPEND_ONLY_SQLITE)
 
 
 def downgrade() -> None:
@@ -73,8 +68,7 @@ def downgrade() -> None:
     else:
         op.execute("DROP TRIGGER IF EXISTS audit_log_no_update")
         op.execute("DROP TRIGGER IF EXISTS audit_log_no_delete")
-    for statement in drop_sql(dialect):
-        op.execute(sa.text(statement))
+    execute(op, drop_sql(dialect))
     op.drop_table("app_secrets")
     op.execute("DROP INDEX IF EXISTS ix_source_files_path_prefix")
     for name, table, _ in INDEXES:

@@ -8,10 +8,9 @@ literal backslash get theirs doubled.
 
 An old row is read as escaped when its escapes are well formed and decode to bytes that
 are not UTF-8 (the only names the old code escaped), unless only its literal name exists
-on disk. Everything here is frozen at this revision on purpose (no import of db.paths).
+on disk. Everything here is frozen at this revision on purpose (no import of db.paths; only
+``db.utf8``'s test of valid UTF-8, which is the codec's own definition).
 
-Revision ID: 0004a
-Revises: 0003
 Create Date: 2026-11-23 02:10:00
 """
 
@@ -21,10 +20,10 @@ import re
 import sqlalchemy as sa
 from alembic import op
 
+from db.utf8 import is_utf8
+
 revision = "0004a"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
 
 _ESCAPE = re.compile(r"\\(\\|x[0-9a-fA-F]{2})")
 _paths = sa.table("source_files", sa.column("id", sa.Integer), sa.column("path", sa.Text))
@@ -44,17 +43,9 @@ def _unescape(stored: str) -> bytes | None:
     return bytes(out + stored[position:].encode("utf-8"))
 
 
-def _is_utf8(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 def _was_escaped(stored: str) -> bool:
     raw = _unescape(stored)
-    if raw is None or _is_utf8(raw):
+    if raw is None or is_utf8(raw):
         return False
     return not (os.path.lexists(stored) and not os.path.lexists(raw))
 
@@ -78,5 +69,5 @@ def downgrade() -> None:
     connection = op.get_bind()
     for row_id, stored in list(_rows(connection)):
         raw = _unescape(stored)
-        if raw is not None and _is_utf8(raw):
+        if raw is not None and is_utf8(raw):
             connection.execute(_paths.update().where(_paths.c.id == row_id).values(path=raw.decode("utf-8")))

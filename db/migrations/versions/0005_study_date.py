@@ -1,7 +1,5 @@
 """study date: ``images.study_date`` (DICOM StudyDate), its index, and the column in the worklist views
 
-Revision ID: 0005
-Revises: 0004
 Create Date: 2026-11-23 05:00:00
 
 Readers find a film by the day it was taken; the worklist shows ``study_date`` and filters on a
@@ -15,23 +13,19 @@ change and created again (``db.worklist_sql``; the downgrade inside ``lifted(op,
 import sqlalchemy as sa
 from alembic import op
 
-from db.worklist_sql import STUDY_DATE_INDEX, create_sql, drop_sql, lifted
+from db.worklist_sql import STUDY_DATE_INDEX, create_sql, drop_sql, execute, lifted
 
 revision = "0005"
 down_revision = "0004"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
     dialect = op.get_bind().dialect.name
-    for statement in drop_sql(dialect):
-        op.execute(sa.text(statement))
+    execute(op, drop_sql(dialect))
     op.add_column("images", sa.Column("study_date", sa.Date(), nullable=True))
     name, table, columns = STUDY_DATE_INDEX
     op.create_index(name, table, columns)
-    for statement in create_sql(dialect, study_date=True):
-        op.execute(sa.text(statement))
+    execute(op, create_sql(dialect, study_date=True))
 
 
 def downgrade() -> None:
