@@ -125,7 +125,7 @@ def scan(
     """
     from worker.decode_pool import DecodePool
     from worker.scanner import count_files
-    from worker.submit import BROKER_ERRORS, InProcess, ViaCelery, wait_until_final
+    from worker.submit import InProcess, ViaCelery, broker_errors, wait_until_final
     from worker.submit import scan as scan_roots
 
     settings = _settings(**_flags(locals()), **options)
@@ -159,7 +159,7 @@ def scan(
             advance = lambda n: bar.advance(task, n)  # noqa: E731
             summary = scan_roots(settings, roots, submitter, pool, on_progress=advance, handed_on=handed_on)
             bar.update(task, total=summary.files)  # exact now (the count may have stopped early)
-        except BROKER_ERRORS as exc:
+        except broker_errors() as exc:
             _broker_down(settings, exc)
         if settings.broker_url:
             console.print(f"enqueued {summary.outcomes.get('queued', 0)} image(s) for the workers")
@@ -358,11 +358,11 @@ def requeue(
         ids = queue.requeue_by_status(session, status, reason)
     console.print(f"{len(ids)} image(s) put back in the queue")
     if ids and settings.broker_url:
-        from worker.submit import BROKER_ERRORS, send_batches
+        from worker.submit import broker_errors, send_batches
 
         try:
             send_batches(settings, ids)
-        except BROKER_ERRORS as exc:
+        except broker_errors() as exc:
             _broker_down(settings, exc)
         console.print(f"sent {len(ids)} image(s) to the workers")
 

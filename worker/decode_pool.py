@@ -207,19 +207,18 @@ class DecodePool:
     def _submit(self, job: Job, options: dict) -> Future:
         return self._pool().submit(prepare, job[0], expected_sha256=job[1], **options)
 
-    def submit(
-        self,
-        jobs: list[Job],
-        input_size: int,
-        scope: ScopePolicy | None = None,
-        full_resolution_decode: bool | None = None,
-    ) -> PendingBatch:
-        """Start decoding (path, expected sha256) pairs; returns at once unless decoding in-process.
-
-        ``full_resolution_decode`` overrides the pool's own setting for this batch when given.
-        """
+    def decode_options(
+        self, input_size: int, scope: ScopePolicy | None = None, full_resolution_decode: bool | None = None
+    ) -> dict:
+        """Keyword arguments of one decode: ``full_resolution_decode`` overrides the pool's own
+        setting when given."""
         full = self.full_resolution_decode if full_resolution_decode is None else full_resolution_decode
-        options = {"input_size": input_size, "scope": scope or ScopePolicy(), "full_resolution_decode": full}
+        return {"input_size": input_size, "scope": scope or ScopePolicy(), "full_resolution_decode": full}
+
+    def submit(self, jobs: list[Job], *args, **kwargs) -> PendingBatch:
+        """Start decoding (path, expected sha256) pairs with :meth:`decode_options` (same arguments);
+        returns at once unless decoding in-process."""
+        options = self.decode_options(*args, **kwargs)
         if self.workers <= 0:
             ready = [prepare(path, expected_sha256=sha, **options) for path, sha in jobs]
             return PendingBatch(self, jobs, options, ready=ready)
@@ -277,23 +276,11 @@ class DecodePool:
                 break
         return [_result_or_none(future) for future in futures]
 
-    def predecode(
-        self,
-        paths: list[str],
-        input_size: int,
-        scope: ScopePolicy | None = None,
-        full_resolution_decode: bool | None = None,
-        follow_symlinks: bool = False,
-    ) -> Predecoded:
-        """Start reading files just found, once each, for both registration and scoring; returns at
-        once (see :class:`Predecoded`). Needs decode processes (``workers > 0``)."""
-        full = self.full_resolution_decode if full_resolution_decode is None else full_resolution_decode
-        options = {
-            "input_size": input_size,
-            "scope": scope or ScopePolicy(),
-            "full_resolution_decode": full,
-            "follow_symlinks": follow_symlinks,
-        }
+    def predecode(self, paths: list[str], *args, follow_symlinks: bool = False, **kwargs) -> Predecoded:
+        """Start reading files just found, once each, for both registration and scoring, with
+        :meth:`decode_options` (same arguments); returns at once (see :class:`Predecoded`). Needs
+        decode processes (``workers > 0``)."""
+        options = self.decode_options(*args, **kwargs) | {"follow_symlinks": follow_symlinks}
         try:
             futures = {path: self._pool().submit(prepare_found, path, **options) for path in paths}
         except BrokenProcessPool:

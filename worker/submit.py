@@ -24,9 +24,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
-from kombu.exceptions import KombuError
-from redis.exceptions import RedisError
-
 from db import queue
 from db.engine import session_scope
 from db.queue import FileSeen
@@ -45,8 +42,15 @@ CHUNKS_READ_AHEAD = 1
 #: A queued image whose message went out this long ago, with the broker's queue empty, was lost.
 LOST_AFTER_S = 30.0
 RESEND_LOCK = "cxr-triage:resend-lock"
-#: What a broker outage raises (Kombu when sending, redis-py for the lock and queue length).
-BROKER_ERRORS = (KombuError, RedisError, OSError)
+def broker_errors() -> tuple[type[BaseException], ...]:
+    """What a broker outage raises (Kombu when sending, redis-py for the lock and queue length).
+
+    A function, so that a command without a broker never imports Kombu or redis-py (``except
+    broker_errors()`` is evaluated only when something was raised)."""
+    from kombu.exceptions import KombuError
+    from redis.exceptions import RedisError
+
+    return (KombuError, RedisError, OSError)
 
 
 @dataclass
@@ -316,7 +320,7 @@ def scan(
     summary = ScanSummary()
     try:
         submitter.recover()
-    except BROKER_ERRORS as exc:  # sending below will say so clearly if the broker is really gone
+    except broker_errors() as exc:  # sending below will say so clearly if the broker is really gone
         log.warning("could not check for lost work (%s)", describe_error(exc))
     chunks = chunked(iter_files(roots, settings.follow_symlinks), CHUNK_FILES)
     started = ((files, start_reading(files, pool, submitter)) for files in chunks)

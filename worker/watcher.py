@@ -36,7 +36,7 @@ from worker.decode_pool import DecodePool
 from worker.logs import describe_error
 from worker.scanner import ScanSummary, is_temporary, iter_files
 from worker.settings import Settings
-from worker.submit import BROKER_ERRORS, InProcess, Submitter, hand_on, make_submitter
+from worker.submit import InProcess, Submitter, broker_errors, hand_on, make_submitter
 
 #: First wait before a rescan for files that could not be read now (doubles up to rescan_interval).
 UNREADABLE_RETRY_S = 10.0
@@ -234,7 +234,7 @@ class Watcher:
         try:
             yield
             self.backoff_s = 0.0
-        except (SQLAlchemyError, *BROKER_ERRORS) as exc:
+        except (SQLAlchemyError, *broker_errors()) as exc:
             self.backoff_s = min(max(self.backoff_s * 2, 1.0), 30.0)
             log.warning("%s failed (%s); retrying in %.0f s", what, describe_error(exc), self.backoff_s)
             self.stop_event.wait(self.backoff_s)
