@@ -96,7 +96,7 @@ def row(model_dir: Path, data_dir: str | Path, with_stress: bool = True, with_be
 
     metadata = json.loads((model_dir / "metadata.json").read_text())
     logits = np.load(model_dir / "val_logits.npz")
-    scorer = Scorer.load(model_dir)
+    scorer = Scorer.load(model_dir, engine="tensorflow")  # the Keras model itself: its parameters
     result = {
         "model": model_dir.name,
         "version": metadata["version"],

@@ -1,5 +1,9 @@
 """Load a model directory (``metadata.json`` + Keras model file) and score batches.
 
+Two engines run the same serving graph (the ensemble, its features and the OOD guard):
+LiteRT (``model.tflite``, exported from the Keras model by :mod:`models.lite`) on CPU-only
+machines, which never imports TensorFlow, and TensorFlow (the Keras model) on GPU machines, for
+model folders without a current export, and wherever the Keras model itself is needed.
 TensorFlow is imported only inside :meth:`Scorer.load`, so importing this module is cheap.
 Inputs are the output of :func:`pipeline.normalise.to_model_input` stacked into
 ``(N, size, size, 1)`` float32 arrays.
@@ -8,11 +12,14 @@ Inputs are the output of :func:`pipeline.normalise.to_model_input` stacked into
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import json
 import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,101 @@ import numpy as np
 
 METADATA_FILE = "metadata.json"
 DEFAULT_MODEL_FILE = "model.keras"
+#: The serving graph exported for LiteRT, and what it was exported from (``models.lite``).
+LITE_MODEL_FILE = "model.tflite"
+LITE_SIDECAR_FILE = "model.tflite.json"
+#: Files whose content the exported graph depends on, besides the Keras model file itself.
+LITE_SOURCES = ("ood.npz",)
+
+log = logging.getLogger(__name__)
+
+
+class Engine(StrEnum):
+    """What runs the model: ``auto`` picks LiteRT on a CPU-only machine when the folder ships a
+    current export, else TensorFlow."""
+
+    AUTO = "auto"
+    LITERT = "litert"
+    TENSORFLOW = "tensorflow"
+
+
+def lite_sources_digest(model_dir: str | Path) -> str:
+    """SHA-256 over the files the LiteRT export is made from (the Keras model file and the guard)."""
+    from pipeline.hashing import sha256_file
+
+    model_dir = Path(model_dir)
+    metadata = json.loads((model_dir / METADATA_FILE).read_text())
+    names = [metadata.get("model_file", DEFAULT_MODEL_FILE), *LITE_SOURCES]
+    parts = [f"{name}:{sha256_file(model_dir / name)}" for name in names if (model_dir / name).is_file()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _lite_export(model_dir: Path) -> dict | None:
+    """The sidecar of a current LiteRT export in ``model_dir``, or None (none, or made from other files)."""
+    try:
+        sidecar = json.loads((model_dir / LITE_SIDECAR_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (model_dir / LITE_MODEL_FILE).is_file() or sidecar.get("sources_sha256") != lite_sources_digest(
+        model_dir
+    ):
+        log.warning("the LiteRT export in the model folder is out of date: TensorFlow serves the model")
+        return None
+    return sidecar
+
+
+def _gpu_present() -> bool:
+    """An NVIDIA device node: a machine where TensorFlow (the ``gpu`` extra) should run the model."""
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def resolve_engine(model_dir: str | Path, engine: Engine | str = Engine.AUTO) -> Engine:
+    """The engine that will serve ``model_dir``; ``litert`` when asked for and impossible is an error."""
+    engine = Engine(engine)
+    if engine is Engine.TENSORFLOW:
+        return engine
+    available = _lite_export(Path(model_dir)) is not None and _litert_installed()
+    if engine is Engine.LITERT and not available:
+        raise RuntimeError(
+            "LiteRT cannot serve this model folder: export it with `cxr-triage model export-lite` "
+            "(and install ai-edge-litert)"
+        )
+    if available and (engine is Engine.LITERT or not _gpu_present()):
+        return Engine.LITERT
+    return Engine.TENSORFLOW
+
+
+def _litert_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ai_edge_litert") is not None
+
+
+class _LiteRunner:
+    """The exported serving graph run by LiteRT's interpreter (XNNPACK, CPU): called like the
+    TensorFlow function, with a batch, it returns the same named outputs."""
+
+    def __init__(self, model_dir: Path, sidecar: dict, threads: int | None = None) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interpreter = Interpreter(
+            model_path=str(model_dir / LITE_MODEL_FILE), num_threads=threads or os.cpu_count() or 1
+        )
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._outputs = {
+            detail["index"]: sidecar["outputs"][detail["name"]]
+            for detail in self._interpreter.get_output_details()
+        }
+        self._batch: int | None = None
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        if x.shape[0] != self._batch:  # cheap: the weights are constants, only buffers are resized
+            self._interpreter.resize_tensor_input(self._input, x.shape)
+            self._interpreter.allocate_tensors()
+            self._batch = x.shape[0]
+        self._interpreter.set_tensor(self._input, np.ascontiguousarray(x, dtype=np.float32))
+        self._interpreter.invoke()
+        return {name: self._interpreter.get_tensor(index).copy() for index, name in self._outputs.items()}
 
 
 @dataclass(frozen=True)
@@ -127,19 +229,28 @@ class Scorer:
     _fn: Any = field(repr=False, default=None)
     #: Out-of-distribution guard (``pipeline.ood``) shipped beside the model, or None.
     ood: Any = field(repr=False, default=None)
+    #: What runs the model (:class:`Engine`); ``_model`` (the Keras model) is None under LiteRT.
+    engine: Engine = Engine.TENSORFLOW
 
     @classmethod
-    def load(cls, model_dir: str | Path, features: bool | None = None) -> Scorer:
-        """Load ``model_dir``; imports TensorFlow and sets GPU memory growth if a GPU is visible.
+    def load(
+        cls, model_dir: str | Path, features: bool | None = None, engine: Engine | str = Engine.AUTO
+    ) -> Scorer:
+        """Load ``model_dir`` with ``engine`` (:func:`resolve_engine`). TensorFlow is imported only for
+        the TensorFlow engine, which also sets GPU memory growth if a GPU is visible.
 
         ``features``: also compute the penultimate features (for the OOD guard); default: when
-        the model folder ships a guard (``ood.npz``).
+        the model folder ships a guard (``ood.npz``). The LiteRT export always computes them.
         """
         from pipeline.ood import OodGuard
 
         model_dir = Path(model_dir)
         metadata = json.loads((model_dir / METADATA_FILE).read_text())
         guard = OodGuard.for_model_dir(model_dir)
+        if features is not False and resolve_engine(model_dir, engine) is Engine.LITERT:
+            return cls._from_metadata(
+                metadata, _LiteRunner(model_dir, _lite_export(model_dir) or {}), guard, Engine.LITERT
+            )
         quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)
         with _native_stderr_silenced(quiet):
             import tensorflow as tf
@@ -157,16 +268,22 @@ class Scorer:
                 input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32)],
             )
             fn(np.zeros((1, size, size, 1), dtype=np.float32))  # warm-up: the first call prints banners too
+        scorer = cls._from_metadata(metadata, fn, guard, Engine.TENSORFLOW)
+        scorer._model = model
+        return scorer
+
+    @classmethod
+    def _from_metadata(cls, metadata: dict, fn: Any, guard: Any, engine: Engine) -> Scorer:
         return cls(
             version=str(metadata["version"]),
-            input_size=size,
+            input_size=int(metadata["input_size"]),
             screening_threshold=float(metadata["screening_threshold"]),
             high_confidence_threshold=float(metadata["high_confidence_threshold"]),
             temperature=float(metadata["temperature"]),
             metadata=metadata,
-            _model=model,
             _fn=fn,
             ood=guard,
+            engine=engine,
         )
 
     def _outputs(self, tensors: np.ndarray) -> dict:

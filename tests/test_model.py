@@ -23,7 +23,7 @@ def metadata() -> dict:
 def scorer():
     from pipeline.inference import Scorer
 
-    return Scorer.load(default_model_dir())
+    return Scorer.load(default_model_dir(), engine="tensorflow")  # the Keras model itself
 
 
 def test_metadata_is_consistent(metadata: dict) -> None:

@@ -394,13 +394,18 @@ def fit_ood_command(
 
     from models import data
     from models.ood_fit import battery, fit_and_write, run_battery
-    from pipeline.inference import Scorer
+    from pipeline.inference import LITE_MODEL_FILE, Scorer
     from worker.model_commands import _data_dir  # resolves the folder like `model train` (no cycle: lazy)
 
     directory = _model_dir(model_dir)
     root = _data_dir(data_dir)
     guard = fit_and_write(root, directory)
     console.print(f"wrote {directory / 'ood.npz'}: {json.dumps(guard.info)}")
+    if (directory / LITE_MODEL_FILE).is_file():  # the export holds the guard: make it anew
+        from models.lite import export_lite
+
+        export_lite(directory)
+        console.print(f"wrote {directory / LITE_MODEL_FILE} (the serving graph with the new guard)")
     scorer = Scorer.load(directory)
     _, val = data.partition(data.list_samples(root), data.read_split())
     rng = np.random.default_rng(1)

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from db.engine import masked
 from db.schema import ImageStatus
+from pipeline.inference import Engine
 from worker import logs, metrics
 from worker.dicomnet.commands import SendHeatmap, SendKeyObject, SendResults, check_results  # issue 11
 from worker.options import ModelDir, setting, with_options
@@ -56,6 +57,7 @@ LogLevel = Annotated[str | None, setting("log_level")]
 BatchSize = Annotated[int | None, setting("batch_size", min=1, max=512)]
 DecodeWorkers = Annotated[int | None, setting("decode_workers", min=0)]
 FullResolution = Annotated[bool | None, setting("full_resolution_decode")]
+InferenceEngine = Annotated[Engine | None, setting("inference_engine")]
 FollowSymlinks = Annotated[bool | None, setting("follow_symlinks")]
 
 MetricsPort = Annotated[int | None, setting("metrics_port", min=0, max=65535)]
@@ -68,6 +70,7 @@ SCORING_OPTIONS: dict[str, Any] = {
     "batch_size": BatchSize,
     "decode_workers": DecodeWorkers,
     "full_resolution_decode": FullResolution,
+    "inference_engine": InferenceEngine,
     "results_destination": SendResults,
     "send_heatmap": SendHeatmap,
     "send_key_object": SendKeyObject,

@@ -213,6 +213,25 @@ def evaluate_command(
     typer.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.text())
 
 
+@model_app.command("export-lite")
+def export_lite_command(model_dir: ModelDir = None) -> None:
+    """Export the model's serving graph for LiteRT (model.tflite beside the Keras model).
+
+    CPU-only machines then score without importing TensorFlow (~12 CPU s and ~1 GB less in every
+    process that scores). The export is checked against the Keras model before it is written; run it
+    again after the model or its out-of-distribution guard (`model fit-ood`) changes: until then
+    TensorFlow serves the model.
+    """
+    from models.lite import export_lite
+
+    directory = model_dir or default_model_dir()
+    sidecar = export_lite(directory)
+    worst = max(sidecar["max_abs_difference"].values())
+    typer.echo(
+        f"wrote {directory}/model.tflite ({sidecar['exported_with']}; largest output difference {worst:.2g})"
+    )
+
+
 def explain_command(
     file: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG chest radiograph.", exists=True)],
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG file for the Grad-CAM overlay.")],

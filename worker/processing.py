@@ -23,6 +23,7 @@ from db.engine import session_scope
 from db.paths import from_db
 from db.queue import as_utc
 from db.schema import Image, ImageStatus, utcnow
+from pipeline.inference import Engine
 from pipeline.scope import ScopePolicy
 from worker import metrics
 from worker.decode_pool import DecodePool, PendingBatch
@@ -82,8 +83,11 @@ class Processor:
         full_resolution_decode: bool = False,
         outbox_plan: outbox.OutboxPlan = outbox.NO_RESULTS,
         claim_before_decode: bool = False,
+        inference_engine: Engine = Engine.AUTO,
     ) -> None:
         self.database_url = database_url
+        #: What runs the model (``Settings.inference_engine``).
+        self.inference_engine = inference_engine
         self.model_dir = model_dir
         self.pool = pool
         self.batch_size = batch_size or default_of("batch_size")
@@ -126,6 +130,7 @@ class Processor:
             full_resolution_decode=settings.full_resolution_decode,
             outbox_plan=results_plan(settings),
             claim_before_decode=claim_before_decode,
+            inference_engine=settings.inference_engine,
         )
 
     @property
@@ -133,8 +138,13 @@ class Processor:
         if self._scorer is None:
             from pipeline.inference import Scorer
 
-            self._scorer = Scorer.load(self.model_dir)
-            log.info("model %s loaded (input %d px)", self._scorer.version, self._scorer.input_size)
+            self._scorer = Scorer.load(self.model_dir, engine=self.inference_engine)
+            log.info(
+                "model %s loaded (input %d px, %s)",
+                self._scorer.version,
+                self._scorer.input_size,
+                self._scorer.engine,
+            )
             metrics.model_loaded(self._scorer)
         return self._scorer
 

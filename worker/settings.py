@@ -22,6 +22,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from db.engine import default_database_url
+from pipeline.inference import Engine
 
 ENV_PREFIX = "CXR_TRIAGE_"
 ENV_FILE_VARIABLE = ENV_PREFIX + "ENV_FILE"
@@ -62,6 +63,12 @@ class Settings(BaseSettings):
     )
     full_resolution_decode: bool = Field(
         False, description="Decode every film at full resolution (for checking the reduced decode)"
+    )
+    inference_engine: Engine = Field(
+        Engine.AUTO,
+        description="What runs the model: litert (CPU, no TensorFlow import: the model folder's export), "
+        "tensorflow (the Keras model; GPUs), auto (litert on a CPU-only machine whose model folder ships "
+        "a current export, else tensorflow)",
     )
     lease_seconds: float = Field(
         900.0, gt=0, description="A claimed file unfinished after this long is requeued (machine lost)"
