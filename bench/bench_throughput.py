@@ -369,8 +369,9 @@ def main(argv: list[str] | None = None) -> None:
         "TensorFlow import, schema check and model load included; the CLI's own figure excludes start-up "
         "and schema check",
         "product settings: defaults (batch 32, one decode process per core, reduced-resolution decoding, "
-        "decoding ahead of the model: every batch while the model loads, then two batches ahead of "
-        "the one scored)",
+        "each new file read once in the decode pool for its registration hash and its decode, the next "
+        "256-file chunk read while this one is registered and scored, the model loaded while the first "
+        "chunks are read; the model served by LiteRT where the model folder ships its export, else TensorFlow)",
     ]
     report.publish(args, "End-to-end throughput vs naive vs limit (benchmarks 1-3)", model, body, notes)
 
