@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.inference import LITE_MODEL_FILE, LITE_SIDECAR_FILE, Scorer, lite_sources_digest
+from pipeline.inference import Scorer
+from pipeline.model_folder import LITE_MODEL_FILE, LITE_SIDECAR_FILE, lite_sources_digest
 
 #: Largest difference allowed between the exported graph's outputs and TensorFlow's (logits,
 #: features, distances alike: float32 round-off from other kernels, nothing more).

@@ -12,89 +12,26 @@ Inputs are the output of :func:`pipeline.normalise.to_model_input` stacked into
 from __future__ import annotations
 
 import contextlib
-import glob
-import hashlib
 import json
 import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-METADATA_FILE = "metadata.json"
-DEFAULT_MODEL_FILE = "model.keras"
-#: The serving graph exported for LiteRT, and what it was exported from (``models.lite``).
-LITE_MODEL_FILE = "model.tflite"
-LITE_SIDECAR_FILE = "model.tflite.json"
-#: Files whose content the exported graph depends on, besides the Keras model file itself.
-LITE_SOURCES = ("ood.npz",)
-
-log = logging.getLogger(__name__)
-
-
-class Engine(StrEnum):
-    """What runs the model: ``auto`` picks LiteRT on a CPU-only machine when the folder ships a
-    current export, else TensorFlow."""
-
-    AUTO = "auto"
-    LITERT = "litert"
-    TENSORFLOW = "tensorflow"
-
-
-def lite_sources_digest(model_dir: str | Path) -> str:
-    """SHA-256 over the files the LiteRT export is made from (the Keras model file and the guard)."""
-    from pipeline.hashing import sha256_file
-
-    model_dir = Path(model_dir)
-    metadata = json.loads((model_dir / METADATA_FILE).read_text())
-    names = [metadata.get("model_file", DEFAULT_MODEL_FILE), *LITE_SOURCES]
-    parts = [f"{name}:{sha256_file(model_dir / name)}" for name in names if (model_dir / name).is_file()]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-def _lite_export(model_dir: Path) -> dict | None:
-    """The sidecar of a current LiteRT export in ``model_dir``, or None (none, or made from other files)."""
-    try:
-        sidecar = json.loads((model_dir / LITE_SIDECAR_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not (model_dir / LITE_MODEL_FILE).is_file() or sidecar.get("sources_sha256") != lite_sources_digest(
-        model_dir
-    ):
-        log.warning("the LiteRT export in the model folder is out of date: TensorFlow serves the model")
-        return None
-    return sidecar
-
-
-def _gpu_present() -> bool:
-    """An NVIDIA device node: a machine where TensorFlow (the ``gpu`` extra) should run the model."""
-    return bool(glob.glob("/dev/nvidia[0-9]*"))
-
-
-def resolve_engine(model_dir: str | Path, engine: Engine | str = Engine.AUTO) -> Engine:
-    """The engine that will serve ``model_dir``; ``litert`` when asked for and impossible is an error."""
-    engine = Engine(engine)
-    if engine is Engine.TENSORFLOW:
-        return engine
-    available = _lite_export(Path(model_dir)) is not None and _litert_installed()
-    if engine is Engine.LITERT and not available:
-        raise RuntimeError(
-            "LiteRT cannot serve this model folder: export it with `cxr-triage model export-lite` "
-            "(and install ai-edge-litert)"
-        )
-    if available and (engine is Engine.LITERT or not _gpu_present()):
-        return Engine.LITERT
-    return Engine.TENSORFLOW
-
-
-def _litert_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("ai_edge_litert") is not None
+from pipeline.model_folder import (  # noqa: F401 - the folder's layout, re-exported for its callers
+    DEFAULT_MODEL_FILE,
+    LITE_MODEL_FILE,
+    LITE_SIDECAR_FILE,
+    METADATA_FILE,
+    Engine,
+    lite_export,
+    lite_sources_digest,
+    resolve_engine,
+)
 
 
 class _LiteRunner:
@@ -249,7 +186,7 @@ class Scorer:
         guard = OodGuard.for_model_dir(model_dir)
         if features is not False and resolve_engine(model_dir, engine) is Engine.LITERT:
             return cls._from_metadata(
-                metadata, _LiteRunner(model_dir, _lite_export(model_dir) or {}), guard, Engine.LITERT
+                metadata, _LiteRunner(model_dir, lite_export(model_dir) or {}), guard, Engine.LITERT
             )
         quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)
         with _native_stderr_silenced(quiet):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from pipeline.decode import decode_file
-from pipeline.inference import LITE_SIDECAR_FILE, Engine, Scorer, resolve_engine
+from pipeline.inference import Scorer
+from pipeline.model_folder import LITE_SIDECAR_FILE, Engine, resolve_engine
 from pipeline.normalise import to_model_input
 from tests.conftest import CLI, kermany_files
 

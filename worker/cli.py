@@ -20,7 +20,7 @@ from rich.table import Table
 
 from db.engine import masked
 from db.schema import ImageStatus
-from pipeline.inference import Engine
+from pipeline.model_folder import Engine
 from worker import logs, metrics
 from worker.dicomnet.commands import SendHeatmap, SendKeyObject, SendResults, check_results  # issue 11
 from worker.options import ModelDir, setting, with_options

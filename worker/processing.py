@@ -23,7 +23,7 @@ from db.engine import session_scope
 from db.paths import from_db
 from db.queue import as_utc
 from db.schema import Image, ImageStatus, utcnow
-from pipeline.inference import Engine
+from pipeline.model_folder import Engine
 from pipeline.scope import ScopePolicy
 from worker import metrics
 from worker.decode_pool import DecodePool, PendingBatch

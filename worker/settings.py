@@ -22,7 +22,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from db.engine import default_database_url
-from pipeline.inference import Engine
+from pipeline.model_folder import Engine
 
 ENV_PREFIX = "CXR_TRIAGE_"
 ENV_FILE_VARIABLE = ENV_PREFIX + "ENV_FILE"
