@@ -249,7 +249,7 @@ class Processor:
     def _process_batch(self, image_ids: list[int]) -> BatchOutcome:
         return self._finish_batch(self._start_batch(image_ids))
 
-    def _decode_plan(self) -> tuple[int, ScopePolicy]:
+    def decode_plan(self) -> tuple[int, ScopePolicy]:
         """Input size and scope for decoding: the loaded model's, or its metadata file's while the
         model is not loaded yet (so that decoding can start first). A folder whose metadata cannot be
         read loads the model here, which fails with the model's own reason."""
@@ -272,7 +272,7 @@ class Processor:
         Files decoded when they were registered (``predecoded``, by path) are not decoded again when
         the path and the content hash still match. Without decode processes nothing is decoded
         here: see :meth:`_finish_batch`."""
-        input_size, scope = self._decode_plan()
+        input_size, scope = self.decode_plan()
         with session_scope(self.database_url) as session:
             paths = queue.source_paths(session, image_ids)
             known = {row.id: row for row in session.execute(_identity_query(image_ids))} if image_ids else {}

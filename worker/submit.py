@@ -42,6 +42,8 @@ CHUNKS_READ_AHEAD = 1
 #: A queued image whose message went out this long ago, with the broker's queue empty, was lost.
 LOST_AFTER_S = 30.0
 RESEND_LOCK = "cxr-triage:resend-lock"
+
+
 def broker_errors() -> tuple[type[BaseException], ...]:
     """What a broker outage raises (Kombu when sending, redis-py for the lock and queue length).
 
@@ -109,7 +111,7 @@ class InProcess:
             paths = files_to_read(session, files)
         if not paths:
             return None
-        input_size, scope = self.processor._decode_plan()  # noqa: SLF001 - metadata, no model load
+        input_size, scope = self.processor.decode_plan()  # from the metadata: no model load
         return pool.predecode(
             paths,
             input_size,
