@@ -63,7 +63,6 @@ from pydicom.uid import (
 from pipeline import codestream
 from pipeline.errors import FailedImage, IncompleteFile, RejectedImage
 from pipeline.limits import MAX_DECODED_BYTES, MAX_PIXELS, MIN_SIDE
-from pipeline.raster import realign_j2k
 from pipeline.types import DicomAttributes
 
 #: Modalities of projection radiographs (PS3.3 C.7.3.1.1.1 defined terms).
@@ -385,6 +384,8 @@ def decode_dicom(
                     pixels = _binned(pixels, min_side)
             else:
                 pixels, levels = reduced
+            from pipeline.raster import realign_j2k  # Pillow is kept off a command's start
+
             return realign_j2k(to_display_grey(pixels, ds), levels), attrs
     except (FailedImage, RejectedImage, MemoryError, KeyboardInterrupt, SystemExit):
         raise

@@ -27,7 +27,6 @@ from worker.options import ModelDir, setting, with_options
 from worker.progress import progress_bar
 from worker.settings import Settings
 from worker.startup import command_settings as _settings
-from worker.startup import configure_pydicom_on_import
 from worker.startup import flags_of as _flags
 from worker.startup import prepare_database as _prepare_database
 
@@ -476,9 +475,12 @@ _register_web_commands(app)
 def main() -> None:
     """Entry point. Errors that reach here become one line on stderr: no traceback, and never the SQL
     parameters a database error carries (patient names, UIDs, paths)."""
-    # Process-wide pydicom settings, set up by the process entry (issue 15 item 4); applied when this
-    # process first imports pydicom, so that a command that reads no DICOM here does not load it.
-    configure_pydicom_on_import()
+    # Process-wide pydicom settings, set by the process entry (issue 15 item 4) before any thread can
+    # import pydicom: a lazy first import raced in two threads (the outbox sender's and the watcher's)
+    # and failed on the partly initialised pydicom.dataset (seen in CI), so pydicom is loaded here.
+    from pipeline.dicom import configure_pydicom
+
+    configure_pydicom()
     try:
         app()
     except Exception as exc:  # noqa: BLE001 - the CLI boundary

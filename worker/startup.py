@@ -4,9 +4,6 @@ bad setting or an unreachable database instead of a traceback."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.abc
-import sys
 from typing import Any
 
 import typer
@@ -62,58 +59,3 @@ def database_settings(*, quiet: bool = False, **flags: Any) -> Settings:
     settings = command_settings(quiet=quiet, **flags)
     prepare_database(settings)
     return settings
-
-
-def configure_pydicom_on_import() -> None:
-    """Give this process pydicom's process-wide settings (:func:`pipeline.dicom.configure_pydicom`)
-    before its first DICOM read, without loading pydicom at start.
-
-    Called by the process entry (``cxr-triage``'s ``main``). Most commands never read DICOM in this
-    process (``scan`` decodes in its children, which configure themselves), and pydicom with what it
-    pulls in is ~15 MiB; so the settings are applied right after whichever module imports pydicom
-    first here (the decoder, the outbox sender, the DICOM listener, model tooling), or at once if it is
-    imported already.
-    """
-    if "pydicom" in sys.modules:
-        from pipeline.dicom import configure_pydicom
-
-        configure_pydicom()
-    elif not any(isinstance(finder, _PydicomSettings) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _PydicomSettings())
-
-
-class _PydicomSettings(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: it lets the other finders find ``pydicom`` and ``pipeline.dicom``, and
-    configures pydicom as soon as it is loaded (when ``pipeline.dicom`` is the importer, as soon as
-    ``pipeline.dicom`` is); then it removes itself."""
-
-    WATCHED = ("pydicom", "pipeline.dicom")
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in self.WATCHED:
-            return None
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            spec = None if finder is self or find is None else find(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None:
-                    self._after_exec(spec.loader, fullname)
-                return spec
-        return None
-
-    def _after_exec(self, loader, fullname: str) -> None:
-        exec_module = loader.exec_module
-
-        def exec_then_configure(module) -> None:
-            exec_module(module)
-            if fullname == "pipeline.dicom":
-                self._configure(module)
-            elif "pipeline.dicom" not in sys.modules:  # else pipeline.dicom imports pydicom: wait for it
-                self._configure(importlib.import_module("pipeline.dicom"))
-
-        loader.exec_module = exec_then_configure
-
-    def _configure(self, dicom_module) -> None:
-        if self in sys.meta_path:  # once
-            sys.meta_path.remove(self)
-            dicom_module.configure_pydicom()

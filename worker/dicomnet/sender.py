@@ -348,6 +348,12 @@ def start_results_sender(settings: Settings) -> SenderHandle:
         calling_ae_title=settings.dicom_ae_title,
         model_dir=settings.model_dir,
     )
+    # The DICOM stack is imported here, before the thread starts: two threads importing highdicom,
+    # pydicom or pynetdicom for the first time at once can meet a partly initialised module.
+    import pynetdicom  # noqa: F401
+
+    import worker.dicomnet.objects  # noqa: F401
+
     sender.start()
     return SenderHandle(sender)
 
