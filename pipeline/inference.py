@@ -28,7 +28,7 @@ from pipeline.model_folder import (  # noqa: F401 - the folder's layout, re-expo
     LITE_SIDECAR_FILE,
     METADATA_FILE,
     Engine,
-    lite_export,
+    lite_serving,
     lite_sources_digest,
     resolve_engine,
 )
@@ -184,10 +184,9 @@ class Scorer:
         model_dir = Path(model_dir)
         metadata = json.loads((model_dir / METADATA_FILE).read_text())
         guard = OodGuard.for_model_dir(model_dir)
-        if features is not False and resolve_engine(model_dir, engine) is Engine.LITERT:
-            return cls._from_metadata(
-                metadata, _LiteRunner(model_dir, lite_export(model_dir) or {}), guard, Engine.LITERT
-            )
+        sidecar = lite_serving(model_dir, engine) if features is not False else None
+        if sidecar is not None:
+            return cls._from_metadata(metadata, _LiteRunner(model_dir, sidecar), guard, Engine.LITERT)
         quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)
         with _native_stderr_silenced(quiet):
             import tensorflow as tf

@@ -61,20 +61,24 @@ def _gpu_present() -> bool:
     return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
-def resolve_engine(model_dir: str | Path, engine: Engine | str = Engine.AUTO) -> Engine:
-    """The engine that will serve ``model_dir``; ``litert`` when asked for and impossible is an error."""
+def lite_serving(model_dir: str | Path, engine: Engine | str = Engine.AUTO) -> dict | None:
+    """The sidecar of the LiteRT export that serves ``model_dir`` under ``engine``, or None when
+    TensorFlow serves it; ``litert`` asked for and impossible is an error."""
     engine = Engine(engine)
     if engine is Engine.TENSORFLOW:
-        return engine
-    available = lite_export(Path(model_dir)) is not None and _litert_installed()
-    if engine is Engine.LITERT and not available:
+        return None
+    sidecar = lite_export(Path(model_dir)) if _litert_installed() else None
+    if engine is Engine.LITERT and sidecar is None:
         raise RuntimeError(
             "LiteRT cannot serve this model folder: export it with `cxr-triage model export-lite` "
             "(and install ai-edge-litert)"
         )
-    if available and (engine is Engine.LITERT or not _gpu_present()):
-        return Engine.LITERT
-    return Engine.TENSORFLOW
+    return sidecar if sidecar is not None and (engine is Engine.LITERT or not _gpu_present()) else None
+
+
+def resolve_engine(model_dir: str | Path, engine: Engine | str = Engine.AUTO) -> Engine:
+    """The engine that will serve ``model_dir`` (see :func:`lite_serving`)."""
+    return Engine.TENSORFLOW if lite_serving(model_dir, engine) is None else Engine.LITERT
 
 
 def _litert_installed() -> bool:

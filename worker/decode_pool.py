@@ -286,7 +286,7 @@ class DecodePool:
         except BrokenProcessPool:
             self.reset()
             futures = {}
-        return Predecoded(self, futures, follow_symlinks)
+        return Predecoded(self, futures)
 
     def __enter__(self) -> DecodePool:
         return self
@@ -312,21 +312,12 @@ class Predecoded:
     by the processor like any registered file, so that a bad file is still isolated and failed.
     """
 
-    def __init__(self, pool: DecodePool, futures: dict[str, Future], follow_symlinks: bool) -> None:
+    def __init__(self, pool: DecodePool, futures: dict[str, Future]) -> None:
         self._pool = pool
         self._futures = futures
-        self._follow_symlinks = follow_symlinks
         self.prepared: dict[str, Prepared] = {}
         self._unreadable: set[str] = set()
         self._collected = False
-
-    @property
-    def submitted(self) -> int:
-        return len(self._futures)
-
-    def cancel(self) -> None:
-        for future in self._futures.values():
-            future.cancel()
 
     def hasher(self, paths: list[str], follow_symlinks: bool = False) -> list[str | None]:
         """Content hashes of ``paths`` in order (None: not a regular file, or unreadable now)."""

@@ -60,10 +60,13 @@ class _Started:
     input_size: int
     #: Decodes made when the files were registered (``DecodePool.predecode``), by image id.
     cached: dict[int, Prepared] = field(default_factory=dict)
-    #: The images of ``todo`` handed to the pool (``pending`` holds their decodes, in this order).
-    to_decode: list[int] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
     claimed: list[int] = field(default_factory=list)
+
+    @property
+    def to_decode(self) -> list[int]:
+        """The images of ``todo`` handed to the pool (``pending`` holds their decodes, in this order)."""
+        return [image_id for image_id in self.todo if image_id not in self.cached]
 
 
 class Processor:
@@ -279,14 +282,11 @@ class Processor:
         located = {image_id: _locate(paths.get(image_id, [])) for image_id in known}
         todo = [image_id for image_id in image_ids if image_id in known and located[image_id][0]]
         cached = _matching(predecoded or {}, todo, located, known)
-        to_decode = [i for i in todo if i not in cached]
-        jobs = [(located[i][0], known[i].sha256) for i in to_decode]
-        pending = None
+        started = _Started(image_ids, located, known, todo, None, input_size, cached=cached)
+        jobs = [(located[i][0], known[i].sha256) for i in started.to_decode]
         if jobs and self.pool.workers > 0:
-            pending = self.pool.submit(jobs, input_size, scope, self.full_resolution_decode)
-        return _Started(
-            image_ids, located, known, todo, pending, input_size, cached=cached, to_decode=to_decode
-        )
+            started.pending = self.pool.submit(jobs, input_size, scope, self.full_resolution_decode)
+        return started
 
     def _finish_batch(self, started: _Started) -> BatchOutcome:
         """Wait for the batch's decodes, claim it, score it in one model call, store every outcome.
