@@ -185,9 +185,13 @@ class Scorer:
         metadata = json.loads((model_dir / METADATA_FILE).read_text())
         guard = OodGuard.for_model_dir(model_dir)
         sidecar = lite_serving(model_dir, engine) if features is not False else None
-        if sidecar is not None:
-            return cls._from_metadata(metadata, _LiteRunner(model_dir, sidecar), guard, Engine.LITERT)
         quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)
+        if sidecar is not None:
+            with _native_stderr_silenced(quiet):  # LiteRT's "Created ... XNNPACK delegate" banner
+                runner = _LiteRunner(model_dir, sidecar)
+                size = int(metadata["input_size"])
+                runner(np.zeros((1, size, size, 1), dtype=np.float32))  # warm-up: the banner comes here
+            return cls._from_metadata(metadata, runner, guard, Engine.LITERT)
         with _native_stderr_silenced(quiet):
             import tensorflow as tf
 
