@@ -490,3 +490,20 @@ def test_16_bit_block_means_equal_pillows_reduce(shape, k):
     values = np.random.default_rng(k).integers(0, 65536, shape).astype(np.uint16)
     expected = np.asarray(Image.fromarray(values).convert("I").reduce(k))
     np.testing.assert_array_equal(block_means(values, k), expected)
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+def test_exif_orientation_of_a_jpeg_is_applied(tmp_path, film, reduced):
+    """A phone or scanner JPEG tagged "rotate 90° clockwise to view" (EXIF Orientation 6) decodes
+    upright, at full and at reduced resolution; an untagged one is left as stored."""
+    stored = np.ascontiguousarray(np.rot90(np.pad(film, ((0, 0), (0, 64)))))  # tall as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tagged, plain = tmp_path / "tagged.jpg", tmp_path / "plain.jpg"
+    Image.fromarray(stored).save(tagged, quality=95, exif=exif)
+    Image.fromarray(stored).save(plain, quality=95)
+    min_side = 64 if reduced else None
+    upright = decode_file(tagged, min_side=min_side).pixels
+    as_stored = decode_file(plain, min_side=min_side).pixels
+    assert upright.shape == as_stored.shape[::-1] and upright.shape[1] > upright.shape[0]
+    np.testing.assert_allclose(upright, np.rot90(as_stored, k=-1), atol=0.02)

@@ -479,8 +479,10 @@ def main() -> None:
     # import pydicom: a lazy first import raced in two threads (the outbox sender's and the watcher's)
     # and failed on the partly initialised pydicom.dataset (seen in CI), so pydicom is loaded here.
     from pipeline.dicom import configure_pydicom
+    from worker.allocator import retain_freed_memory
 
     configure_pydicom()
+    retain_freed_memory()
     try:
         app()
     except Exception as exc:  # noqa: BLE001 - the CLI boundary

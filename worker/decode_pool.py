@@ -56,11 +56,14 @@ def cap_memory(limit_bytes: int | None) -> None:
 
 
 def init_decode_process(memory_limit_bytes: int | None = DECODE_MEMORY_LIMIT_BYTES) -> None:
-    """Initialiser of every decode child: one thread, pydicom's process settings, a memory cap."""
+    """Initialiser of every decode child: one thread, pydicom's process settings, freed memory kept
+    (:mod:`worker.allocator`), a memory cap."""
     from pipeline.dicom import configure_pydicom
+    from worker.allocator import retain_freed_memory
 
     limit_threads()
     configure_pydicom()
+    retain_freed_memory()
     cap_memory(memory_limit_bytes)
 
 
