@@ -8,8 +8,9 @@ With ``min_side`` (the model's input size), JPEG is decoded with DCT scaling
 (Pillow ``reduce``), each to the smallest size whose short side is still at
 least ``min_side`` times a per-codec safety factor
 (:data:`pipeline.codestream.J2K_MIN_SIDE_FACTOR`, ``JPEG_MIN_SIDE_FACTOR``);
-PNG has no such shortcut in its decoder: an 8-bit or 16-bit grey PNG is decoded in full and
-binned (:func:`bin_down`, integer block means) before the float conversion.
+PNG has no such shortcut in its decoder: an 8-bit or 16-bit grey PNG is decoded in full (by
+Wuffs, :mod:`pipeline.png`, when it is a plain one) and binned (:func:`bin_down`, integer block
+means) before the float conversion.
 """
 
 from __future__ import annotations
@@ -125,6 +126,22 @@ def _binned_grey(image: Image.Image, min_side: int) -> np.ndarray | None:
     return np.asarray(binned, dtype=np.float32) / peak
 
 
+def _fast_png(image: Image.Image, data: bytes | None, min_side: int | None) -> np.ndarray | None:
+    """A plain grey PNG decoded by Wuffs (:mod:`pipeline.png`) and binned as :func:`_binned_grey`
+    bins Pillow's decode (the same values), or None. Only on the reduced path: the full-resolution
+    switch keeps Pillow, the decoder every film had before, for checking."""
+    if not min_side or data is None or image.format != "PNG":
+        return None
+    from pipeline import png
+
+    levels = png.grey_levels(data, *image.size)
+    if levels is None:
+        return None
+    binned = bin_down(levels, min_side)
+    peak = 255.0 if levels.dtype == np.uint8 else 65535.0
+    return np.asarray(levels if binned is None else binned, dtype=np.float32) / peak
+
+
 def _reduce(image: Image.Image, data: bytes | None, min_side: int) -> int:
     """Ask the decoder for the smallest resolution whose short side stays >= ``min_side``; returns
     the JPEG 2000 reduction levels set (0 for JPEG and anything else)."""
@@ -186,6 +203,9 @@ def decode_raster(source: str | Path | bytes, *, min_side: int | None = None) ->
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data) if data is not None else source) as image:
                 _check_size(*image.size)
+                fast = _fast_png(image, data, min_side)
+                if fast is not None:
+                    return fast
                 levels = _reduce(image, data, min_side) if min_side else 0
                 image.load()
                 # In place: without an orientation tag, exif_transpose would return a copy (6 ms for a
