@@ -334,3 +334,32 @@ def test_content_at_no_known_path_is_superseded_not_failed(url):
         image = session.get(Image, image_id)
         assert image.status == ImageStatus.SUPERSEDED and image.reason == queue.GONE_REASON
         assert queue.claim(session, [image_id], 60) == ([], [])
+
+
+def test_a_batch_of_scores_is_written_as_one_film_at_a_time_would_be(url):
+    """record_scores (the batch's scores in a few statements) leaves the rows record_score leaves:
+    mixed attribute sets, a film already final keeps its state, a score delivered twice is one row."""
+    dicom = {"modality": "CR", "view_position": "PA", "source_format": "dicom", "study_uid": "1.2.3"}
+    raster = {"source_format": "png"}
+    films = [
+        (_claimed(url, f"/drop/{name}", name[0] * 64), attributes, 0.1 * (i + 1))
+        for i, (name, attributes) in enumerate(
+            [("aa.dcm", dicom), ("bb.png", raster), ("cc.jpg", None), ("dd.dcm", dicom)]
+        )
+    ]
+    already_failed = films[3][0]
+    with session_scope(url) as session:
+        queue.record_problem(session, already_failed, ImageStatus.FAILED, "decoder crashed")
+    batch = [(image_id, score_record(p), attributes) for image_id, attributes, p in films]
+    for _ in range(2):  # the second time, as a redelivered batch would
+        with session_scope(url) as session:
+            queue.record_scores(session, batch)
+    with session_scope(url) as session:
+        states = {i: session.get(Image, i) for i, _, _ in films}
+        assert [states[i].status for i, _, _ in films] == [ImageStatus.SCORED] * 3 + [ImageStatus.FAILED]
+        assert states[films[0][0]].view_position == "PA" and states[films[0][0]].study_uid == "1.2.3"
+        assert states[films[1][0]].source_format == "png" and states[films[1][0]].view_position is None
+        assert all(states[i].finished_at is not None and states[i].lease_expires_at is None for i in states)
+        assert states[already_failed].reason == "decoder crashed"
+        scores = dict(session.execute(select(Score.image_id, Score.pneumonia_probability)).all())
+    assert scores == pytest.approx({image_id: p for image_id, _, p in films})

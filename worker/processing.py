@@ -357,6 +357,7 @@ class Processor:
         score_of = dict(zip(ready, scores, strict=True))
         retry: list[int] = []
         back: list[int] = []  # not final: released to the queue
+        scored: list[tuple[int, queue.ScoreRecord, dict | None]] = []  # written together below
         with session_scope(self.database_url) as session:
             self._thresholds = self._thresholds_in_force(session) if scores else None
             for image_id in claimed:
@@ -367,6 +368,7 @@ class Processor:
                     prepared.get(image_id),
                     score_of.get(image_id),
                     known[image_id],
+                    scored,
                 )
                 metrics.outcome(outcome, prepared.get(image_id), known[image_id].first_seen_at)
                 if outcome is Outcome.RETRY:
@@ -375,6 +377,9 @@ class Processor:
                     counts[outcome] += 1
                 if outcome in (Outcome.RETRY, Outcome.UNREACHABLE):
                     back.append(image_id)
+            queue.record_scores(session, scored)
+            for image_id, _, attributes in scored:  # after the scores: a key object needs its score
+                outbox.enqueue_results(session, image_id, self.scorer.version, self.outbox_plan, attributes)
             queue.release(session, back)
         return BatchOutcome(counts, retry)
 
@@ -386,7 +391,10 @@ class Processor:
         prepared: Prepared | None,
         score,
         known,
+        scored: list[tuple[int, queue.ScoreRecord, dict | None]],
     ) -> Outcome:
+        """The outcome of one claimed film, written in this transaction; a score is appended to
+        ``scored`` for the caller to write with the batch's others (:func:`db.queue.record_scores`)."""
         tag = short(known.sha256)
         path, unreachable = located
         if path is None and unreachable:
@@ -405,10 +413,7 @@ class Processor:
             log.debug("%s rejected: out of distribution (distance %.1f)", tag, score.ood_distance)
             return Outcome.REJECTED
         if score is not None:
-            queue.record_score(session, image_id, self._score_record(score), prepared.attributes)
-            outbox.enqueue_results(
-                session, image_id, self.scorer.version, self.outbox_plan, prepared.attributes
-            )
+            scored.append((image_id, self._score_record(score), prepared.attributes))
             log.debug("%s scored %.3f", tag, score.pneumonia_probability)
             return Outcome.SCORED
         if is_transient(prepared.reason):
