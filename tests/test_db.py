@@ -387,3 +387,31 @@ def test_a_new_database_is_not_current(tmp_path):
     from db.migrate import schema_is_current
 
     assert not schema_is_current(f"sqlite:///{tmp_path / 'new.db'}")
+
+
+def test_registering_a_chunk_at_once(url):
+    """register_many (a scan's chunk in a few statements): same content under two paths is one image,
+    new only once; a replaced file's old content is superseded when no path shows it; superseded
+    content seen again is queued again."""
+    first = [(FileSeen("/drop/a.dcm", 10, 1), "a" * 64), (FileSeen("/drop/b.dcm", 10, 1), "b" * 64)]
+    first.append((FileSeen("/drop/copy-of-a.dcm", 10, 1), "a" * 64))
+    with session_scope(url) as session:
+        registered = queue.register_many(session, first)
+    (a, a_new), (b, b_new), (copy, copy_new) = registered
+    assert a == copy != b and (a_new, b_new, copy_new) == (True, True, False)
+    # b.dcm is replaced by new content; a.dcm's content now shows at b.dcm only through its copy
+    second = [(FileSeen("/drop/b.dcm", 11, 2), "c" * 64), (FileSeen("/drop/d.dcm", 10, 1), "b" * 64)]
+    with session_scope(url) as session:
+        (c, c_new), (b_again, b_again_new) = queue.register_many(session, second)
+        assert c_new and b_again == b and not b_again_new  # b's content is still at d.dcm: not superseded
+        assert session.get(Image, b).status == ImageStatus.QUEUED
+        session.execute(update(SourceFile).where(SourceFile.image_id == b).values(image_id=c))
+        queue.supersede_if_orphaned(session, b)
+        assert session.get(Image, b).status == ImageStatus.SUPERSEDED
+    third = [(FileSeen("/drop/e.dcm", 10, 1), "b" * 64), (FileSeen("/drop/f.dcm", 10, 1), "b" * 64)]
+    with session_scope(url) as session:
+        (e, e_new), (f, f_new) = queue.register_many(session, third)
+        assert e == f == b and (e_new, f_new) == (True, False)  # revived once
+        assert session.get(Image, b).status == ImageStatus.QUEUED
+        assert session.scalar(select(func.count()).select_from(SourceFile)) == 6
+        assert queue.register_many(session, []) == []

@@ -157,13 +157,18 @@ def register_chunk(
     candidates = set(unchanged.values())
     oversized: list[tuple[int, int]] = []
     unreadable = 0
+    readable = []
+    for seen, digest in zip(to_hash, hashes, strict=True):
+        if digest is None and seen.size_bytes <= MAX_FILE_BYTES:
+            unreadable += 1
+            log.debug("a file cannot be read now (permission, share, not a regular file); retried later")
+        else:
+            readable.append((seen, digest))
     with session_scope(database_url) as session:
-        for seen, digest in zip(to_hash, hashes, strict=True):
-            if digest is None and seen.size_bytes <= MAX_FILE_BYTES:
-                unreadable += 1
-                log.debug("a file cannot be read now (permission, share, not a regular file); retried later")
-                continue
-            image_id, is_new = queue.register(session, seen, digest or unreadable_key(seen))
+        registered = queue.register_many(
+            session, [(seen, digest or unreadable_key(seen)) for seen, digest in readable]
+        )
+        for (seen, digest), (image_id, is_new) in zip(readable, registered, strict=True):
             if is_new:
                 summary.new_images.add(image_id)
             if digest is None:
