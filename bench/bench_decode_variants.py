@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipeline.dicom import configure_pydicom
     from pipeline.inference import Scorer
+    from worker.allocator import retain_freed_memory
     from worker.prepare import prepare
 
     configure_pydicom()
+    retain_freed_memory()  # as in every decode process of the product (worker.decode_pool)
     model_dir, model = common.model_under_test(args)
     corpus, manifest = corpora.build_corpus("mixed", args.files)
     scorer = Scorer.load(model_dir)

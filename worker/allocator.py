@@ -4,7 +4,7 @@ Decoding a 2048 px film allocates a few buffers of 4-16 MB (the file's bytes, py
 the pixel data, Pillow's image, numpy's arrays) and frees them before the next film. glibc's
 default adapts its mmap threshold upwards and then trims the top of the heap whenever more than
 twice that is free, so each film's buffers are faulted in afresh, page by page: on the benchmark's
-VM that was 20-30 % of the decode CPU (uncompressed DICOM 37 -> 23 ms, PNG 66 -> 52 ms per film,
+VM that was 20-30 % of the decode CPU (uncompressed DICOM 37-39 -> 22-24 ms, PNG 65-68 -> 49-55 ms per film,
 bench/RESULTS.md). Fixing both thresholds keeps those pages mapped; a process then stays at the
 high-water mark of its heap (a few MiB more per decode process in the benchmarks).
 
