@@ -17,8 +17,8 @@ reason a damaged or truncated file is refused.
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
-from functools import cache
 
 import numpy as np
 
@@ -57,15 +57,21 @@ def _plain_grey_depth(data: bytes | memoryview) -> int | None:
     return None  # no IEND: truncated or still being written
 
 
-@cache
-def _decoder(depth: int):
-    from pywuffs import ImageDecoderType, PixelFormat
-    from pywuffs.aux import ImageDecoder, ImageDecoderConfig
+_per_thread = threading.local()
 
-    config = ImageDecoderConfig()
-    config.enabled_decoders = [ImageDecoderType.PNG]
-    config.pixel_format = PixelFormat.Y if depth == 8 else PixelFormat.Y_16LE
-    return ImageDecoder(config)
+
+def _decoder(depth: int):
+    """This thread's Wuffs decoder for ``depth``-bit grey (a decoder holds state between calls)."""
+    decoders = _per_thread.__dict__.setdefault("decoders", {})
+    if depth not in decoders:
+        from pywuffs import ImageDecoderType, PixelFormat
+        from pywuffs.aux import ImageDecoder, ImageDecoderConfig
+
+        config = ImageDecoderConfig()
+        config.enabled_decoders = [ImageDecoderType.PNG]
+        config.pixel_format = PixelFormat.Y if depth == 8 else PixelFormat.Y_16LE
+        decoders[depth] = ImageDecoder(config)
+    return decoders[depth]
 
 
 def grey_levels(data: bytes, width: int, height: int) -> np.ndarray | None:
