@@ -39,7 +39,7 @@ def head_revision() -> str:
     from the scripts' ``revision`` / ``down_revision`` lines; a test checks it against Alembic)."""
     revisions, parents = set(), set()
     for script in (MIGRATIONS_DIR / "versions").glob("*.py"):
-        found = dict((name, value) for name, value in _REVISION.findall(script.read_text()))
+        found = dict(_REVISION.findall(script.read_text()))
         revisions.add(found["revision"])
         parents.add(found.get("down_revision") or None)
     heads = revisions - parents
