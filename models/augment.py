@@ -12,7 +12,7 @@ in, so a run is reproducible regardless of TensorFlow's random state.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -62,7 +62,11 @@ SHIFT = AugmentConfig(
     blur_probability=0.3,
     curve_probability=0.3,
 )
-PRESETS = {"standard": AugmentConfig(), "strong": STRONG, "shift": SHIFT}
+#: "strong" plus the burned-in markers only: the shortcut cue the external check found (the "R"
+#: side marker), without the acquisition-shift transforms of "shift", to tell which part of that
+#: preset costs specificity.
+MARKERS = replace(STRONG, marker_probability=0.5)
+PRESETS = {"standard": AugmentConfig(), "strong": STRONG, "shift": SHIFT, "markers": MARKERS}
 
 
 def draw_params(rng: np.random.Generator, n: int, size: int, cfg: AugmentConfig) -> dict:

@@ -89,3 +89,14 @@ def test_contrast_curve_is_monotone_and_changes_contrast(films):
         order = np.argsort(film.ravel(), kind="stable")
         assert np.all(np.diff(image.ravel()[order]) >= -1e-5)  # a grey-level curve keeps the order
         assert np.abs(image - film).mean() > 0.01
+
+
+def test_markers_preset_is_strong_plus_markers_only(films):
+    from models.augment import MARKERS
+
+    assert PRESETS["markers"] is MARKERS
+    assert MARKERS.marker_probability > 0
+    assert MARKERS.border_mask_probability == MARKERS.blur_probability == MARKERS.curve_probability == 0
+    params = draw_params(np.random.default_rng(3), len(films), SIZE, MARKERS)
+    assert params["blur"].max() == 0 and params["curve"].max() == 0
+    assert params["alpha"].any()  # some films got a marker

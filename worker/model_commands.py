@@ -86,7 +86,8 @@ def train_command(
         str,
         typer.Option(
             help="Augmentation preset: 'standard', 'strong' (wider zoom, black borders) or 'shift' (strong"
-            " plus random side markers/text, collimation bands, resolution loss, contrast curves)."
+            " plus random side markers/text, collimation bands, resolution loss, contrast curves) or"
+            " 'markers' (strong plus the side markers/text only)."
         ),
     ] = "standard",
     out: Annotated[
