@@ -12,7 +12,7 @@ import time
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -29,6 +29,9 @@ from worker.settings import Settings
 from worker.startup import command_settings as _settings
 from worker.startup import flags_of as _flags
 from worker.startup import prepare_database as _prepare_database
+
+if TYPE_CHECKING:
+    from worker.decode_pool import DecodePool
 
 log = logging.getLogger("cxr_triage")
 console = Console(stderr=True, soft_wrap=True)
@@ -126,11 +129,28 @@ def scan(
     the same content under two paths is scored once. With a broker, files are queued for the workers.
     """
     from worker.decode_pool import DecodePool
+
+    settings = _settings(**_flags(locals()), **options)
+    # The decode processes start first, so that their own start-up overlaps this one's.
+    with DecodePool(settings.decode_processes) as pool:
+        pool.start()
+        _scan_with(settings, pool, paths, wait=wait, progress=progress, summary_json=summary_json)
+
+
+def _scan_with(
+    settings: Settings,
+    pool: DecodePool,
+    paths: list[Path],
+    *,
+    wait: bool,
+    progress: bool,
+    summary_json: Path | None,
+) -> None:
+    """The body of :func:`scan`, with its decode pool."""
     from worker.scanner import count_files
     from worker.submit import InProcess, ViaCelery, broker_errors, wait_until_final
     from worker.submit import scan as scan_roots
 
-    settings = _settings(**_flags(locals()), **options)
     _prepare_database(settings)
     check_results(settings)
     from worker.dicomnet.sender import start_results_sender
@@ -150,7 +170,7 @@ def scan(
             console.print(f"nothing to score under {path}: no regular files found", markup=False)
     started = time.perf_counter()
     handed_on: list[int] = []
-    with DecodePool(settings.decode_processes) as pool, progress_bar(console, progress) as bar:
+    with progress_bar(console, progress) as bar:
         if settings.broker_url:
             submitter = ViaCelery(settings)
         else:

@@ -260,6 +260,7 @@ class Watcher:
         started = time.monotonic()
         next_rescan = -float("inf")
         with DecodePool(self.settings.decode_processes) as pool:
+            pool.start()  # the decode processes start while the model loads, not at the first film
             submitter = make_submitter(self.settings, pool, resume_all=True)
             if isinstance(submitter, InProcess):
                 submitter.processor.scorer  # load the model now, not when the first film arrives  # noqa: B018
