@@ -507,3 +507,43 @@ def test_exif_orientation_of_a_jpeg_is_applied(tmp_path, film, reduced):
     as_stored = decode_file(plain, min_side=min_side).pixels
     assert upright.shape == as_stored.shape[::-1] and upright.shape[1] > upright.shape[0]
     np.testing.assert_allclose(upright, np.rot90(as_stored, k=-1), atol=0.02)
+
+
+def test_read_file_allocates_by_the_files_size_not_by_the_limit(tmp_path):
+    """A read asked for MAX_FILE_BYTES + 1 (2 GiB) got that much fresh address space for every film,
+    and faulting it in cost five times the read of an 8 MB film (issue 13)."""
+    import tracemalloc
+
+    from pipeline.decode import read_file
+
+    content = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    path = tmp_path / "film.dcm"
+    path.write_bytes(content)
+    tracemalloc.start()
+    try:
+        data = read_file(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert data == content
+    assert peak < 4 * len(content)
+
+
+def test_read_file_reads_a_file_that_grew_after_its_size_was_taken(tmp_path, monkeypatch):
+    import os
+
+    import pipeline.decode
+
+    path = tmp_path / "growing.dcm"
+    path.write_bytes(b"x" * 5000)
+    real_fstat = os.fstat
+
+    class Smaller:  # the size when the file was opened; 3,000 bytes were written after it
+        def __init__(self, result):
+            self.st_size = result.st_size - 3000
+
+    monkeypatch.setattr(pipeline.decode.os, "fstat", lambda fd: Smaller(real_fstat(fd)))
+    assert pipeline.decode.read_file(path) == b"x" * 5000
+    monkeypatch.setattr(pipeline.decode, "MAX_FILE_BYTES", 4000)
+    with pytest.raises(FailedImage, match="grew beyond"):
+        pipeline.decode.read_file(path)
