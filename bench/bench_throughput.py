@@ -61,6 +61,7 @@ def run_scan(corpus: Path, database_url: str, model_dir: Path, label: str, code:
             database_url,
             "--log-level",
             "WARNING",
+            program=None if code is None else common.console_script(code, corpora.WORK),
         ),
         env=env,
         poll_rss=True,

@@ -25,10 +25,29 @@ def cli(*args: str) -> list[str]:
     return [CLI, *args]
 
 
-def scan_cli(summary_json: Path, *args: str) -> list[str]:
-    """``cxr-triage scan ARGS --summary-json FILE``: read the outcome with results.read_scan_summary."""
+def console_script(code: Path, folder: Path) -> str:
+    """Another checkout's ``cxr-triage``, written into ``folder`` as pip writes a console script from
+    that checkout's ``[project.scripts]`` entry. An A/B run must start as an install of that code
+    starts: each spawned decode process re-imports this script, and so its entry module."""
+    import tomllib
+
+    entry = tomllib.loads((code / "pyproject.toml").read_text())["project"]["scripts"]["cxr-triage"]
+    module, function = entry.split(":")
+    script = folder / f"cxr-triage-{code.name}"
+    script.write_text(
+        f"#!{sys.executable}\nimport sys\nfrom {module} import {function}\n"
+        f"if __name__ == '__main__':\n    sys.argv[0] = sys.argv[0].removesuffix('.exe')\n    sys.exit({function}())\n"
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def scan_cli(summary_json: Path, *args: str, program: str | None = None) -> list[str]:
+    """``cxr-triage scan ARGS --summary-json FILE``: read the outcome with results.read_scan_summary.
+    ``program`` replaces this venv's ``cxr-triage`` (see :func:`console_script`)."""
     summary_json.unlink(missing_ok=True)
-    return cli("scan", *args, "--summary-json", str(summary_json))
+    command = cli("scan", *args, "--summary-json", str(summary_json))
+    return [program or command[0], *command[1:]]
 
 
 def store_args(database_url: str, *, broker: bool = False) -> list[str]:
@@ -41,7 +60,9 @@ def store_args(database_url: str, *, broker: bool = False) -> list[str]:
 def upgrade_schema(database_url: str, model_dir: Path) -> None:
     """Create the schema before the measured run, so nothing measured races the product's migration."""
     env = dict(os.environ, **bench_env(model_dir))
-    subprocess.run(cli("db", "upgrade", "--database-url", database_url), check=True, capture_output=True, env=env)
+    subprocess.run(
+        cli("db", "upgrade", "--database-url", database_url), check=True, capture_output=True, env=env
+    )
 
 
 def start_product(cmd: list[str], model_dir: Path) -> subprocess.Popen[str]:
@@ -85,7 +106,10 @@ class BenchParser(argparse.ArgumentParser):
     def add_size(self, flag: str, default: float, quick: float, what: str) -> None:
         """A size of the run (files, seconds ...), ``default`` unless given; ``--quick`` caps it at ``quick``."""
         action = self.add_argument(
-            flag, type=type(default), default=default, help=f"{what} (default {default:g}; --quick: {quick:g})"
+            flag,
+            type=type(default),
+            default=default,
+            help=f"{what} (default {default:g}; --quick: {quick:g})",
         )
         self._quick_sizes[action.dest] = quick
 
