@@ -80,3 +80,47 @@ def build_and_export(
     ]
     (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
+
+
+def unpack(
+    model_dir: Path, out_root: Path, data_dir: str | Path, cache_dir: str | Path | None = None
+) -> list[Path]:
+    """Write each member of a packed ensemble back as a training run folder, so that an ensemble can
+    be rebuilt with one member replaced (``cxr-triage model ensemble``) without retraining the others.
+
+    A member's weights are exactly those inside ``model_dir``; its folder gets what training writes
+    (model file, metadata with its own calibration, history, validation logits), with the version
+    and the training command of the member's record in the ensemble's metadata. Returns the folders.
+    """
+    import keras
+
+    from models.architectures import load_trained
+
+    model, metadata = load_trained(model_dir)
+    members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    records = metadata.get("members") or []
+    if not members or len(members) != len(records):
+        raise ValueError(f"{model_dir} is not a packed ensemble with a record of each member")
+    history_file = Path(model_dir) / "history.json"
+    histories = json.loads(history_file.read_text()) if history_file.is_file() else {}
+    size = int(metadata["input_size"])
+    folders = []
+    for index, (member, record) in enumerate(zip(members, records, strict=True)):
+        run_name = Path(record["training_command"].split("--out ")[-1].split()[0]).name
+        member.name = member.name.removeprefix(f"member{index}_")  # build_ensemble adds it again
+        y, v, p, vl = validation_logits(member, size, data_dir, cache_dir)
+        history = histories.get(run_name, [])
+        wall = sum(epoch.get("seconds", 0.0) for epoch in history)
+        cfg = TrainConfig(
+            arch=record["architecture"], size=size, epochs=record["epochs"], seed=record["seed"]
+        )
+        folder = Path(out_root) / run_name
+        exported = export(member, cfg, folder, y, v, p, vl, history, wall)
+        exported.update(
+            version=record["version"],
+            training_command=record["training_command"],
+            unpacked_from=metadata["version"],
+        )
+        (folder / "metadata.json").write_text(json.dumps(exported, indent=2) + "\n")
+        folders.append(folder)
+    return folders

@@ -188,3 +188,26 @@ def test_ensemble_members_match_metadata(scorer, metadata: dict) -> None:
     assert len(members) == len(metadata.get("members", []))
     for layer, member in zip(members, metadata.get("members", []), strict=True):
         assert member["architecture"] in layer.name
+
+
+@pytest.mark.skipif(not TRAIN_DIR.is_dir(), reason="needs the full training set (../shared)")
+def test_unpacked_members_rebuild_the_shipped_ensemble(tmp_path: Path) -> None:
+    """``model unpack`` gives run folders from which ``model ensemble`` rebuilds the shipped model: same
+    validation logits, same calibration (so one member can be swapped without retraining the others)."""
+    import os
+
+    from models.ensemble import build_and_export, unpack
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cxr-triage"  # the CLI's
+    shipped = default_model_dir()
+    folders = unpack(shipped, tmp_path / "runs", TRAIN_DIR, cache)
+    meta = json.loads((shipped / "metadata.json").read_text())
+    assert [f.name for f in folders] == ["resnet128strong", "mobilenet128", "baseline128strong"]
+    for folder, record in zip(folders, meta["members"], strict=True):
+        member = json.loads((folder / "metadata.json").read_text())
+        assert member["version"] == record["version"] and member["unpacked_from"] == meta["version"]
+    rebuilt = build_and_export(folders, tmp_path / "rebuilt", TRAIN_DIR, cache)
+    assert rebuilt["temperature"] == meta["temperature"]
+    assert rebuilt["validation"] == meta["validation"]
+    assert rebuilt["screening_threshold"] == meta["screening_threshold"]
+    assert rebuilt["high_confidence_threshold"] == meta["high_confidence_threshold"]

@@ -132,6 +132,25 @@ def ensemble_command(
     typer.echo(json.dumps(metadata, indent=2))
 
 
+@model_app.command("unpack")
+def unpack_command(
+    out: Annotated[Path, typer.Option(help="Folder to write one run folder per member into.")],
+    model_dir: ModelDir = None,
+    data_dir: DataDirOption = None,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Write each member of an ensemble (the shipped model by default) back as a training run folder.
+
+    Then ``model ensemble`` can rebuild the ensemble with one member replaced, and ``model compare``
+    can compare a new member with the one it would replace, without retraining the others.
+    """
+    from models.ensemble import unpack
+
+    folder = model_dir or default_model_dir()
+    for member in unpack(Path(folder), out, _data_dir(data_dir), _cache_dir(cache_dir)):
+        typer.echo(str(member))
+
+
 @model_app.command("compare")
 def compare_command(
     model_dirs: Annotated[list[Path], typer.Argument(help="Trained model folders.", exists=True)],
