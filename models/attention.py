@@ -102,3 +102,28 @@ def measure(
         return gradcam(model_dir, grey) if member is None else member_gradcam(model_dir, grey, member)
 
     return summarise([mass_shares(heatmap(decode_file(p).pixels)) for p in paths])
+
+
+def validation_shares(
+    data_dir: str | Path, model_dir: str | Path | None = None, member: int | None = None
+) -> dict[str, AttentionSummary]:
+    """:func:`measure` over the validation films of ``data_dir`` (the patient-wise split), by class:
+    ``normal``, ``pneumonia`` and ``all`` (the figures of the model card's Grad-CAM table)."""
+    from models import data
+
+    validation = data.partition(data.list_samples(data_dir), data.read_split())[1]
+    by_class = {
+        "normal": [s.path for s in validation if s.pneumonia == 0],
+        "pneumonia": [s.path for s in validation if s.pneumonia == 1],
+    }
+    summaries = {name: measure(paths, model_dir, member) for name, paths in by_class.items()}
+    normal, pneumonia = summaries["normal"], summaries["pneumonia"]
+    films = normal.films + pneumonia.films
+    # "all" weighs each class by its films that have a map (an empty map is left out, as in summarise)
+    mean = {
+        region: (normal.mean[region] * normal.films + pneumonia.mean[region] * pneumonia.films) / films
+        for region in normal.mean
+    }
+    majority = (normal.central_majority * normal.films + pneumonia.central_majority * pneumonia.films) / films
+    summaries["all"] = AttentionSummary(films, mean, {}, normal.area, majority)
+    return summaries

@@ -211,3 +211,28 @@ def test_unpacked_members_rebuild_the_shipped_ensemble(tmp_path: Path) -> None:
     assert rebuilt["validation"] == meta["validation"]
     assert rebuilt["screening_threshold"] == meta["screening_threshold"]
     assert rebuilt["high_confidence_threshold"] == meta["high_confidence_threshold"]
+
+
+def test_attention_command_measures_the_validation_films_by_class() -> None:
+    """``model attention`` (the model card's Grad-CAM table) on the bundled sample's validation films."""
+    import re
+    import subprocess
+
+    from tests.conftest import CLI, KERMANY_SAMPLE, REPO
+
+    shown = subprocess.run(
+        [CLI, "model", "attention", str(default_model_dir()), "--data-dir", str(KERMANY_SAMPLE)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout
+    area, row = shown.splitlines()[2:4]
+    assert area.startswith("| area share (uniform map) | | 0.56 | 0.36 |")
+    normal, pneumonia = (int(n) for n in re.search(r"\| (\d+) / (\d+) \|", row).groups())
+    validation = data.partition(data.list_samples(KERMANY_SAMPLE), data.read_split())[1]
+    assert 0 < normal <= sum(s.pneumonia == 0 for s in validation)
+    assert 0 < pneumonia <= sum(s.pneumonia == 1 for s in validation)
+    shares = [float(x) for x in re.findall(r"\d\.\d{3}", row)]
+    assert len(shares) == 12 and all(0.0 <= x <= 1.0 for x in shares)

@@ -252,6 +252,46 @@ def export_lite_command(model_dir: ModelDir = None) -> None:
     )
 
 
+@model_app.command("attention")
+def attention_command(
+    model_dirs: Annotated[list[Path], typer.Argument(help="Model or training run folders.", exists=True)],
+    data_dir: DataDirOption = None,
+    member: Annotated[
+        int | None, typer.Option(help="Map of this member of an ensemble only (its index), not the average.")
+    ] = None,
+) -> None:
+    """Where does the ranking come from? Share of Grad-CAM mass in the central thoracic box, the border
+    frame, the corners and the top band, over the validation films, by class (a markdown table).
+
+    A uniform map would give each region its area share (first row). Shortcut cues (side markers,
+    neck, arms, borders) show as mass outside the central box.
+    """
+    from models.attention import validation_shares
+
+    regions = ("central", "border", "corners", "top_band")
+    typer.echo(
+        "| model | films with a map (normal / pneumonia) | "
+        + " | ".join(f"{region}: normal / pneumonia / all" for region in regions)
+        + " | films with > half in the centre |"
+    )
+    typer.echo("|---" * (len(regions) + 3) + "|")
+    for folder in model_dirs:
+        shares = validation_shares(_data_dir(data_dir), folder, member)
+        normal, pneumonia, both = shares["normal"], shares["pneumonia"], shares["all"]
+        if folder is model_dirs[0]:
+            typer.echo(
+                "| area share (uniform map) | | "
+                + " | ".join(f"{both.area[r]:.2f}" for r in regions)
+                + " | |"
+            )
+        cells = [f"{normal.mean[r]:.3f} / {pneumonia.mean[r]:.3f} / {both.mean[r]:.3f}" for r in regions]
+        typer.echo(
+            f"| {folder.name} | {normal.films} / {pneumonia.films} | "
+            + " | ".join(cells)
+            + f" | {both.central_majority:.0%} |"
+        )
+
+
 def explain_command(
     file: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG chest radiograph.", exists=True)],
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG file for the Grad-CAM overlay.")],
