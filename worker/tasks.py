@@ -31,9 +31,9 @@ def processor() -> Processor:
     global _processor
     if _processor is None:
         settings = Settings.build()
-        _processor = Processor.from_settings(
-            settings, DecodePool(settings.decode_processes), claim_before_decode=True
-        )
+        # decode processes started with the model load (worker_init), not at the first task
+        pool = DecodePool(settings.decode_processes).start()
+        _processor = Processor.from_settings(settings, pool, claim_before_decode=True)
         log.info("worker process %d ready (decode workers: %d)", os.getpid(), settings.decode_processes)
     return _processor
 
