@@ -166,18 +166,22 @@ def test_killed_workers_batch_is_final_long_before_the_lease(
     tree = tmp_path / "archive"
     files = kermany_files(kermany, "PNEUMONIA", 48) + kermany_files(kermany, "NORMAL", 16)
     copy_into(files, tree)
-    scan = subprocess.run([CLI, "scan", str(tree), "--no-progress"], env=env, capture_output=True, text=True)
-    assert scan.returncode == 0, scan.stderr
-    # wait until a batch is in the worker's hands, then kill it without warning
+    # watched while the scan is still queueing: a worker whose decoders are up scores a batch of these
+    # small films in a fraction of a second, so a batch in its hands is caught with a short poll
+    scan = subprocess.Popen(
+        [CLI, "scan", str(tree), "--no-progress"], env=env, stderr=subprocess.PIPE, text=True
+    )
     end = time.monotonic() + 180
     while db_states(pg_url).get("processing", 0) == 0:
         assert time.monotonic() < end, "the worker never started a batch"
-        time.sleep(0.2)
+        assert db_states(pg_url).get("scored", 0) < len(files), "every film was scored before one was seen"
+        time.sleep(0.02)
     pids = _celery_pids(supervisor)
     assert pids, "no celery worker process found"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
+    assert scan.wait(timeout=120) == 0, scan.stderr.read()
     states = wait_final(pg_url, 64, 240)
     recovery_s = time.monotonic() - killed_at
     assert states == {"scored": 64}
