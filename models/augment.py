@@ -66,7 +66,10 @@ SHIFT = AugmentConfig(
 #: side marker), without the acquisition-shift transforms of "shift", to tell which part of that
 #: preset costs specificity.
 MARKERS = replace(STRONG, marker_probability=0.5)
-PRESETS = {"standard": AugmentConfig(), "strong": STRONG, "shift": SHIFT, "markers": MARKERS}
+#: "strong" plus the collimation bands of "shift" only (black or white bands on one to four sides):
+#: the part of "shift" that should make the border frame carry no label information.
+BANDS = replace(STRONG, border_mask_probability=0.35)
+PRESETS = {"standard": AugmentConfig(), "strong": STRONG, "shift": SHIFT, "markers": MARKERS, "bands": BANDS}
 
 
 def draw_params(rng: np.random.Generator, n: int, size: int, cfg: AugmentConfig) -> dict:

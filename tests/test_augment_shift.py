@@ -100,3 +100,15 @@ def test_markers_preset_is_strong_plus_markers_only(films):
     params = draw_params(np.random.default_rng(3), len(films), SIZE, MARKERS)
     assert params["blur"].max() == 0 and params["curve"].max() == 0
     assert params["alpha"].any()  # some films got a marker
+
+
+def test_bands_preset_is_strong_plus_collimation_bands_only(films):
+    from models.augment import BANDS
+
+    assert PRESETS["bands"] is BANDS
+    assert BANDS.border_mask_probability > 0
+    assert BANDS.marker_probability == BANDS.blur_probability == BANDS.curve_probability == 0
+    params = draw_params(np.random.default_rng(3), len(films), SIZE, BANDS)
+    assert params["blur"].max() == 0 and params["curve"].max() == 0
+    covered = params["alpha"].reshape(len(films), -1).mean(axis=1)
+    assert (covered > 0).any() and covered.max() < 0.6  # bands at the sides, never the whole film

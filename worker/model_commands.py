@@ -87,7 +87,7 @@ def train_command(
         typer.Option(
             help="Augmentation preset: 'standard', 'strong' (wider zoom, black borders) or 'shift' (strong"
             " plus random side markers/text, collimation bands, resolution loss, contrast curves) or"
-            " 'markers' (strong plus the side markers/text only)."
+            " 'markers' / 'bands' (strong plus only the side markers/text, or only the collimation bands)."
         ),
     ] = "standard",
     out: Annotated[
