@@ -91,24 +91,18 @@ def test_contrast_curve_is_monotone_and_changes_contrast(films):
         assert np.abs(image - film).mean() > 0.01
 
 
-def test_markers_preset_is_strong_plus_markers_only(films):
-    from models.augment import MARKERS
-
-    assert PRESETS["markers"] is MARKERS
-    assert MARKERS.marker_probability > 0
-    assert MARKERS.border_mask_probability == MARKERS.blur_probability == MARKERS.curve_probability == 0
-    params = draw_params(np.random.default_rng(3), len(films), SIZE, MARKERS)
-    assert params["blur"].max() == 0 and params["curve"].max() == 0
-    assert params["alpha"].any()  # some films got a marker
-
-
-def test_bands_preset_is_strong_plus_collimation_bands_only(films):
-    from models.augment import BANDS
-
-    assert PRESETS["bands"] is BANDS
-    assert BANDS.border_mask_probability > 0
-    assert BANDS.marker_probability == BANDS.blur_probability == BANDS.curve_probability == 0
-    params = draw_params(np.random.default_rng(3), len(films), SIZE, BANDS)
+@pytest.mark.parametrize(
+    ("name", "kept"), [("markers", "marker_probability"), ("bands", "border_mask_probability")]
+)
+def test_ablation_presets_are_strong_plus_one_part_of_shift(films, name, kept):
+    """'markers' and 'bands' each keep one part of 'shift' on top of 'strong', at the same rate."""
+    preset = PRESETS[name]
+    parts = ("marker_probability", "border_mask_probability", "blur_probability", "curve_probability")
+    assert {part: getattr(preset, part) for part in parts} == {
+        part: getattr(SHIFT, part) if part == kept else 0.0 for part in parts
+    }
+    assert replace(preset, **{kept: 0.0}) == STRONG
+    params = draw_params(np.random.default_rng(3), len(films), SIZE, preset)
     assert params["blur"].max() == 0 and params["curve"].max() == 0
     covered = params["alpha"].reshape(len(films), -1).mean(axis=1)
-    assert (covered > 0).any() and covered.max() < 0.6  # bands at the sides, never the whole film
+    assert (covered > 0).any() and covered.max() < 0.6  # near the edges, never the whole film
