@@ -259,8 +259,11 @@ def main(argv: list[str] | None = None) -> None:
             text=True,
         ).stdout.strip()
         baseline = f"SQLite, baseline code {revision or args.baseline_code}"
-        # ABBA: scans on this VM drift by several percent over a minute, and whichever code ran first
-        # was measured slower (2026-12-02: a 30 % "gain" of the code run second vanished when alternated)
+        # An untimed scan first, then ABBA: the first scan of a run was 3-6 s slower than the others
+        # in every run on 2026-12-02 (so the code scanned first looked slower), and scans drift by a
+        # few percent over a minute.
+        log("warm-up: one untimed scan of the corpus (the first scan of a run is measured slower)")
+        run_scan(corpus, databases.fresh_sqlite(work / "e2e-warmup.sqlite3"), model_dir, "warm-up")
         for label, code in (
             (baseline, args.baseline_code),
             ("sqlite", None),
