@@ -260,11 +260,11 @@ def attention_command(
         int | None, typer.Option(help="Map of this member of an ensemble only (its index), not the average.")
     ] = None,
 ) -> None:
-    """Where does the ranking come from? Share of Grad-CAM mass in the central thoracic box, the border
-    frame, the corners and the top band, over the validation films, by class (a markdown table).
+    """Where the Grad-CAM mass falls on the validation films, by class: lung fields or borders.
 
-    A uniform map would give each region its area share (first row). Shortcut cues (side markers,
-    neck, arms, borders) show as mass outside the central box.
+    A markdown table of the mass shares in the central thoracic box, the border frame, the corners and
+    the top band (neck, shoulders). A uniform map would give each region its area share (first row).
+    Shortcut cues (side markers, neck, arms, borders) show as mass outside the central box.
     """
     from models.attention import validation_shares
 
