@@ -69,7 +69,7 @@ def tta_logits(
 
     from models.architectures import load_trained
     from models.augment import standardise_tf
-    from models.ensemble import validation_logits
+    from models.ensemble import logits_on, validation_set
 
     model, metadata = load_trained(model_dir)
     size = metadata["input_size"]
@@ -84,9 +84,9 @@ def tta_logits(
             img = tf.image.resize(img, (size, size), method="bilinear", antialias=True)
             return model(standardise_tf(img[..., 0]), training=False)
 
-    runs = [validation_logits(Zoomed(z), size, data_dir, cache_dir) for z in zooms]
-    y, v = runs[0][0], runs[0][1]
-    return y, v, np.mean([r[2] for r in runs], axis=0), np.mean([r[3] for r in runs], axis=0)
+    y, v, grey = validation_set(size, data_dir, cache_dir)
+    runs = [logits_on(Zoomed(z), grey) for z in zooms]
+    return y, v, np.mean([r[0] for r in runs], axis=0), np.mean([r[1] for r in runs], axis=0)
 
 
 def row(model_dir: Path, data_dir: str | Path, with_stress: bool = True, with_bench: bool = True) -> dict:

@@ -42,24 +42,37 @@ def build_ensemble(model_dirs: list[Path]):
     return model, metas
 
 
-def validation_logits(
-    model, size: int, data_dir: str | Path, cache_dir: str | Path | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(y, viral labels, pneumonia logits, viral logits) on the validation split of ``data_dir``."""
-    from models.augment import standardise_tf
-
+def validation_set(
+    size: int, data_dir: str | Path, cache_dir: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(y, viral labels, resized grey images) of the validation split of ``data_dir``, read once for
+    any number of models (:func:`logits_on`)."""
     samples = data.list_samples(data_dir)
     x_all = data.cached_arrays(samples, size, cache_dir)
     val = data.read_split()
     keep = [i for i, s in enumerate(samples) if s.patient in val]
     y, v = data.labels([samples[i] for i in keep])
+    return y, v, x_all[keep]
+
+
+def logits_on(model, grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pneumonia logits, viral logits) of ``model`` on resized grey images, standardised as served."""
+    from models.augment import standardise_tf
+
     p_out, v_out = [], []
-    for start in range(0, len(keep), 64):
-        x = np.asarray(standardise_tf(x_all[keep[start : start + 64]]))
-        out = model(x, training=False)
+    for start in range(0, len(grey), 64):
+        out = model(np.asarray(standardise_tf(grey[start : start + 64])), training=False)
         p_out.append(np.asarray(out["pneumonia"])[:, 0])
         v_out.append(np.asarray(out["viral"])[:, 0])
-    return y, v, np.concatenate(p_out), np.concatenate(v_out)
+    return np.concatenate(p_out), np.concatenate(v_out)
+
+
+def validation_logits(
+    model, size: int, data_dir: str | Path, cache_dir: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(y, viral labels, pneumonia logits, viral logits) on the validation split of ``data_dir``."""
+    y, v, grey = validation_set(size, data_dir, cache_dir)
+    return y, v, *logits_on(model, grey)
 
 
 def build_and_export(
@@ -104,11 +117,12 @@ def unpack(
     history_file = Path(model_dir) / "history.json"
     histories = json.loads(history_file.read_text()) if history_file.is_file() else {}
     size = int(metadata["input_size"])
+    y, v, grey = validation_set(size, data_dir, cache_dir)
     folders = []
     for index, (member, record) in enumerate(zip(members, records, strict=True)):
         run_name = Path(record["training_command"].split("--out ")[-1].split()[0]).name
         member.name = member.name.removeprefix(f"member{index}_")  # build_ensemble adds it again
-        y, v, p, vl = validation_logits(member, size, data_dir, cache_dir)
+        p, vl = logits_on(member, grey)
         history = histories.get(run_name, [])
         wall = sum(epoch.get("seconds", 0.0) for epoch in history)
         cfg = TrainConfig(
