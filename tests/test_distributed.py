@@ -172,9 +172,9 @@ def test_killed_workers_batch_is_final_long_before_the_lease(
         [CLI, "scan", str(tree), "--no-progress"], env=env, stderr=subprocess.PIPE, text=True
     )
     end = time.monotonic() + 180
-    while db_states(pg_url).get("processing", 0) == 0:
+    while (states := db_states(pg_url)).get("processing", 0) == 0:
         assert time.monotonic() < end, "the worker never started a batch"
-        assert db_states(pg_url).get("scored", 0) < len(files), "every film was scored before one was seen"
+        assert states.get("scored", 0) < len(files), "every film was scored before one was seen"
         time.sleep(0.02)
     pids = _celery_pids(supervisor)
     assert pids, "no celery worker process found"

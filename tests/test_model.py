@@ -194,11 +194,10 @@ def test_ensemble_members_match_metadata(scorer, metadata: dict) -> None:
 def test_unpacked_members_rebuild_the_shipped_ensemble(tmp_path: Path) -> None:
     """``model unpack`` gives run folders from which ``model ensemble`` rebuilds the shipped model: same
     validation logits, same calibration (so one member can be swapped without retraining the others)."""
-    import os
-
     from models.ensemble import build_and_export, unpack
+    from worker.model_commands import _cache_dir
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cxr-triage"  # the CLI's
+    cache = _cache_dir(None)  # the CLI's training cache: the films are not decoded again
     shipped = default_model_dir()
     folders = unpack(shipped, tmp_path / "runs", TRAIN_DIR, cache)
     meta = json.loads((shipped / "metadata.json").read_text())
