@@ -190,7 +190,7 @@ def test_ensemble_members_match_metadata(scorer, metadata: dict) -> None:
         assert member["architecture"] in layer.name
 
 
-@pytest.mark.skipif(not TRAIN_DIR.is_dir(), reason="needs the full training set (../shared)")
+@pytest.mark.extended  # the full training set
 def test_unpacked_members_rebuild_the_shipped_ensemble(tmp_path: Path) -> None:
     """``model unpack`` gives run folders from which ``model ensemble`` rebuilds the shipped model: same
     validation logits, same calibration (so one member can be swapped without retraining the others)."""
