@@ -104,6 +104,7 @@ def _shipped(model_dir: Path) -> ShippedThresholds:
     return ShippedThresholds.from_metadata(json.loads((model_dir / "metadata.json").read_text()))
 
 
+@pytest.mark.extended  # 100 held-out films of the full training set
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
 def test_calibrate_on_held_out_films_changes_the_worklist_tiers(
     backend, kermany, model_dir, tmp_path, request
@@ -211,6 +212,7 @@ def test_too_small_a_sample_is_refused_without_force(kermany, model_dir, tmp_pat
     assert [r["name"] for r in listed if r["active"]] == ["tiny"] and listed[-1]["details"]["forced"]
 
 
+@pytest.mark.extended  # 100 held-out films of the full training set, and the rest
 @pytest.mark.parametrize("site", ["as-is", "cropped-80"])
 def test_targets_on_the_remaining_held_out_films(site, kermany, scorer, tmp_path):
     """Issue targets: sensitivity >= 0.95 with specificity >= 0.75 at screening, >= 0.95 spec at high."""
