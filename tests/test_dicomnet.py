@@ -281,6 +281,7 @@ COMPRESSED = [
 ]
 
 
+@pytest.mark.extended  # real files of ../shared/data/dicom with no stand-in in a bare clone
 def test_listener_accepts_compressed_syntaxes_and_writes_whole_files(listener, dicom_dir, tmp_path):
     scp = listener()
     ae = AE(ae_title="MODALITY")

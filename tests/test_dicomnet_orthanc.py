@@ -180,6 +180,7 @@ def film_factory(tmp_path, kermany):
     return make
 
 
+@pytest.mark.extended  # real files of ../shared/data/dicom with no stand-in in a bare clone
 def test_round_trip_modality_and_pacs_push_to_sr_in_orthanc(tmp_path, dicom_dir, film_factory):
     listen_port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", {"cxr": ("CXR_TRIAGE", listen_port)}).start()

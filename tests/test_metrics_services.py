@@ -95,16 +95,15 @@ def total(found: dict, name: str, **labels: str) -> float:
     )
 
 
-def _corpus(kermany: Path, dicom_dir: Path, folder: Path) -> int:
+def _corpus(kermany: Path, dicom_samples: dict[str, Path], folder: Path) -> int:
     files = kermany_files(kermany, "NORMAL", 3) + kermany_files(kermany, "PNEUMONIA", 3)
-    chest = dicom_dir / "nema-wg4-compsamples-RG1-RG3__pydicom-data-pypi" / "RG1_J2KR.dcm"
-    copy_into([*files, chest, dicom_dir / "edge-cases__pydicom-testfiles" / "test-SR.dcm"], folder)
+    copy_into([*files, dicom_samples["chest_j2k_lossless"], dicom_samples["sr"]], folder)
     (folder / "empty.dcm").write_bytes(b"")
     (folder / "notes.txt").write_text("not an image at all\n")
     return 10
 
 
-def test_worker_and_watch_metrics_equal_the_database(pg_url, redis_url, kermany, dicom_dir, tmp_path):
+def test_worker_and_watch_metrics_equal_the_database(pg_url, redis_url, kermany, dicom_samples, tmp_path):
     env = _env(pg_url, redis_url)
     subprocess.run([CLI, "db", "upgrade"], env=env, check=True, capture_output=True)
     worker_port, watch_port = free_port(), free_port()
@@ -114,7 +113,7 @@ def test_worker_and_watch_metrics_equal_the_database(pg_url, redis_url, kermany,
     try:
         wait_http(worker_port, worker, worker_log)
         backlog = tmp_path / "backlog"
-        expected = _corpus(kermany, dicom_dir, backlog)
+        expected = _corpus(kermany, dicom_samples, backlog)
         scan = subprocess.run(
             [CLI, "scan", str(backlog), "--wait", "--no-progress"], env=env, capture_output=True, text=True
         )

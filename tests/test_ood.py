@@ -134,6 +134,7 @@ def test_upright_films_pass_and_turned_films_are_flagged(scorer, kermany):
         assert sum(s.ood_reason == ORIENTATION_REASON for s in turned) >= 10, [s.ood_reason for s in turned]
 
 
+@pytest.mark.extended  # real files of ../shared/data/dicom with no stand-in in a bare clone
 def test_battery_rejection_rates(scorer, kermany, dicom_dir):
     """Non-chest DICOMs (forced past the header checks), natural and synthetic images, inverted and
     rotated chest films are rejected; validation chest films, also mildly perturbed, are kept."""
@@ -157,6 +158,7 @@ def test_battery_rejection_rates(scorer, kermany, dicom_dir):
     assert rates["dicom-chest"]["rejected"] <= 1  # real adult chest films from other sources are kept
 
 
+@pytest.mark.extended  # real files of ../shared/data/dicom with no stand-in in a bare clone
 def test_scan_rejects_what_is_not_a_chest_film(kermany, dicom_dir, tmp_path):
     from PIL import Image
 

@@ -170,6 +170,7 @@ def test_compressed_and_uncompressed_decode_alike(dicom_dir):
     np.testing.assert_allclose(reference, lossless, atol=1e-6)
 
 
+@pytest.mark.extended  # real files of ../shared/data/dicom with no stand-in in a bare clone
 def test_reduced_decoding_keeps_scores(dicom_dir, scorer):
     """Issue 13: on every scored real DICOM file, reduced decoding scores within 0.01 of full decoding."""
     from pipeline.normalise import to_model_input
@@ -184,6 +185,7 @@ def test_reduced_decoding_keeps_scores(dicom_dir, scorer):
     assert max(gaps.values()) <= 0.01, gaps
 
 
+@pytest.mark.extended  # real files of ../shared/data/dicom with no stand-in in a bare clone
 def test_odd_sized_jpeg2000_reduces_without_error(dicom_dir):
     """RG1 is 1841 x 1955: Pillow's and OpenJPEG's rounding of reduced sizes differ (see raster)."""
     folder = dicom_dir / "nema-wg4-compsamples-RG1-RG3__pydicom-data-pypi"
