@@ -260,3 +260,21 @@ def test_calibrate_from_reviews_uses_the_readers_labels(tmp_path, model_dir):
     with session_scope(url) as session:
         row = active_calibration(session, version)
         assert row.name == "readers" and row.source == "reviews"
+
+
+def test_site_draws_keep_each_patient_on_one_side_and_report_the_targets():
+    """models.site_draws (the card's repeated-draws table): a draw fits on 40 + 60 patients' films
+    and checks on the films of the other patients only."""
+    from models.site_draws import HeldOut, one_draw, summarise
+
+    rng = np.random.default_rng(3)
+    patients = np.repeat([f"p{i}" for i in range(300)], 2)  # two films per patient
+    labels = np.repeat((np.arange(300) >= 100).astype(int), 2)
+    prob = np.clip(np.where(labels == 1, 0.8, 0.2) + rng.normal(0, 0.12, labels.size), 0.001, 0.999)
+    held = HeldOut(labels, patients, prob, np.log(prob / (1 - prob)), 1.0, rejected=0)
+    draw = one_draw(held, np.random.default_rng(0))
+    assert draw["remaining"] == labels.size - 2 * 100  # both films of each of the 100 sampled patients
+    assert 0 < draw["screening_threshold"] <= draw["high_confidence_threshold"] < 1
+    summary = summarise([draw, one_draw(held, np.random.default_rng(1))])
+    assert summary["all_targets_met"].endswith("of 2")
+    assert summary["screening_sensitivity"]["worst"] <= summary["screening_sensitivity"]["mean"]
