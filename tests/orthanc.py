@@ -15,14 +15,10 @@ from pathlib import Path
 
 import httpx
 
+from tests.ports import free_port
+
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 AE_TITLE = "ORTHANC"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def available() -> bool:

@@ -28,7 +28,8 @@ from db.migrate import upgrade
 from db.schema import Image, OutboxItem, Score
 from tests.conftest import CLI, kermany_files
 from tests.dicom_factory import radiograph
-from tests.orthanc import Orthanc, available, free_port
+from tests.orthanc import Orthanc, available
+from tests.ports import free_port
 from tests.test_dicomnet import dcmtk_check, numeric_values, sparse_film
 
 # In CI (.ci/run installs orthanc and dcmtk) a missing binary is a failure, not a skip.

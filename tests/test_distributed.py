@@ -145,6 +145,29 @@ def _celery_pids(supervisor: subprocess.Popen) -> list[int]:
     ]
 
 
+def _freeze_while_a_batch_is_held(supervisor: subprocess.Popen, pg_url: str, total: int) -> list[int]:
+    """Stop (SIGSTOP) the Celery processes at a moment when a batch is in their hands, and return them.
+
+    Seeing ``processing`` and then killing is a race on a loaded machine: the batch may be scored in
+    between, and the kill then catches an idle worker. Frozen first, the state is checked again;
+    if the batch finished meanwhile, the workers go on (SIGCONT) and the poll resumes.
+    """
+    end = time.monotonic() + 180
+    while True:
+        while (states := db_states(pg_url)).get("processing", 0) == 0:
+            assert time.monotonic() < end, "the worker never started a batch"
+            assert states.get("scored", 0) < total, "every film was scored before one was seen"
+            time.sleep(0.02)
+        pids = _celery_pids(supervisor)
+        assert pids, "no celery worker process found"
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        if db_states(pg_url).get("processing", 0):
+            return pids
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
 @pytest.fixture
 def default_lease_cluster(pg_url, redis_url, tmp_path, model_dir):
     """A supervised worker with the default lease (900 s): recovery must not wait for it."""
@@ -171,13 +194,7 @@ def test_killed_workers_batch_is_final_long_before_the_lease(
     scan = subprocess.Popen(
         [CLI, "scan", str(tree), "--no-progress"], env=env, stderr=subprocess.PIPE, text=True
     )
-    end = time.monotonic() + 180
-    while (states := db_states(pg_url)).get("processing", 0) == 0:
-        assert time.monotonic() < end, "the worker never started a batch"
-        assert states.get("scored", 0) < len(files), "every film was scored before one was seen"
-        time.sleep(0.02)
-    pids = _celery_pids(supervisor)
-    assert pids, "no celery worker process found"
+    pids = _freeze_while_a_batch_is_held(supervisor, pg_url, len(files))
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()

@@ -17,7 +17,8 @@ import time
 import pytest
 
 from tests.conftest import REPO, copy_into, db_states, kermany_files
-from tests.test_metrics_services import CLI, free_port, get, samples, total, wait_http
+from tests.ports import free_port
+from tests.test_metrics_services import CLI, get, samples, total, wait_http
 
 RULES = REPO / "deploy" / "prometheus" / "cxr-triage-rules.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "cxr-triage-dashboard.json"

@@ -16,7 +16,8 @@ import urllib.request
 import pytest
 
 from tests.conftest import start_cli
-from tests.test_metrics_services import _env, _stop, free_port
+from tests.ports import free_port
+from tests.test_metrics_services import _env, _stop
 
 pytestmark = pytest.mark.services
 

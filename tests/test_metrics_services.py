@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -36,17 +35,12 @@ from tests.conftest import (
     stop_group,
     wait_final,
 )
+from tests.ports import free_port
 from worker.outcomes import classify
 
 pytestmark = pytest.mark.services
 
 DEADLINE_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env(pg_url: str, redis_url: str, **extra: str) -> dict[str, str]:

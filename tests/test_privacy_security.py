@@ -29,6 +29,7 @@ from PIL import Image
 
 from tests.conftest import CLI, REPO, kermany_files
 from tests.dicom_factory import radiograph
+from tests.ports import free_port
 
 PASSWORD = "Pw-Zq7@s3cr3t"  # '@' must be percent-encoded in a URL
 PASSWORD_IN_URL = PASSWORD.replace("@", "%40")
@@ -86,19 +87,13 @@ def test_readme_examples_never_put_a_password_on_the_command_line():
 # ----------------------------------------------------------------------------------------------
 # a running worker: /proc/<pid>/cmdline of the supervisor and every descendant
 # ----------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def private_redis(tmp_path):
     """A Redis of our own that requires a password (so the broker URL carries a secret too)."""
     server = shutil.which("redis-server")
     if server is None:
         pytest.skip("redis-server is not installed")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             server,
@@ -229,7 +224,7 @@ def test_password_never_logged_at_debug(pg_url, tmp_path, kermany, model_dir):
         assert done.returncode == 0, done.stderr[-2000:]
         outputs.append(done.stdout + done.stderr)
     # and the error path: the database cannot be reached
-    unreachable = _pg_with_password(pg_url, port=_free_port())
+    unreachable = _pg_with_password(pg_url, port=free_port())
     failed = subprocess.run(
         [CLI, "db", "upgrade", "--log-level", "DEBUG"],
         env=_clean_env(CXR_TRIAGE_DATABASE_URL=unreachable),
