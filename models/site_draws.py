@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,19 @@ class HeldOut:
     rejected: int
 
 
+def site_sample(patients: Sequence[str], labels: Sequence[int], rng: np.random.Generator) -> list[int]:
+    """Indices of one site's labelled sample: the first film of 40 normal and 60 pneumonia patients,
+    taken in a random order of the patients (normals first)."""
+    first: dict[str, int] = {}
+    for index, patient in enumerate(patients):
+        first.setdefault(patient, index)
+    order = rng.permutation(sorted(first))
+    chosen: list[int] = []
+    for label, count in ((0, SAMPLE_NORMAL), (1, SAMPLE_PNEUMONIA)):
+        chosen += [first[p] for p in order if labels[first[p]] == label][:count]
+    return chosen
+
+
 def score_held_out(data_dir: str | Path, model_dir: str | Path | None = None) -> HeldOut:
     from models import default_model_dir
     from pipeline.inference import Scorer
@@ -61,13 +75,7 @@ def score_held_out(data_dir: str | Path, model_dir: str | Path | None = None) ->
 
 def one_draw(held: HeldOut, rng: np.random.Generator) -> dict[str, float]:
     """Fit on one random site sample, report the four figures on the films of the other patients."""
-    first = {}
-    for index, patient in enumerate(held.patients):
-        first.setdefault(patient, index)
-    order = rng.permutation(sorted(first))
-    chosen: list[int] = []
-    for label, count in ((0, SAMPLE_NORMAL), (1, SAMPLE_PNEUMONIA)):
-        chosen += [first[p] for p in order if held.labels[first[p]] == label][:count]
+    chosen = site_sample(held.patients, held.labels, rng)
     in_sample = np.isin(held.patients, held.patients[chosen])
     fit = calibrate(held.labels[chosen], held.probabilities[chosen], held.logits[chosen], held.temperature)
     y, p = held.labels[~in_sample], held.probabilities[~in_sample]
@@ -84,19 +92,21 @@ def one_draw(held: HeldOut, rng: np.random.Generator) -> dict[str, float]:
     }
 
 
-def summarise(draws: list[dict[str, float]]) -> dict:
-    figures = ("screening_sensitivity", "screening_specificity", "high_confidence_sensitivity",
-               "high_confidence_specificity")  # fmt: skip
-    summary = {
-        name: {
-            "mean": round(float(np.mean(values)), 3),
-            "p10": round(float(np.percentile(values, 10)), 3),
-            "worst": round(float(np.min(values)), 3),
-            "best": round(float(np.max(values)), 3),
-        }
-        for name in figures
-        for values in [[d[name] for d in draws]]
+FIGURES = ("screening_sensitivity", "screening_specificity", "high_confidence_sensitivity",
+           "high_confidence_specificity")  # fmt: skip
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": round(float(np.mean(values)), 3),
+        "p10": round(float(np.percentile(values, 10)), 3),
+        "worst": round(float(np.min(values)), 3),
+        "best": round(float(np.max(values)), 3),
     }
+
+
+def summarise(draws: list[dict[str, float]]) -> dict:
+    summary: dict = {name: _spread([d[name] for d in draws]) for name in FIGURES}
     met = [all(d[name] >= floor for name, floor in TARGETS.items()) for d in draws]
     summary["all_targets_met"] = f"{sum(met)} of {len(draws)}"
     return summary

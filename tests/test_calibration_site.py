@@ -37,25 +37,15 @@ def held_out_films(kermany: Path) -> tuple[list[tuple[Path, int]], list[tuple[Pa
     never trained on. No patient is on both sides.
     """
     from models import data
+    from models.site_draws import site_sample
 
     val = data.read_split()
     held = [s for s in data.list_samples(kermany) if s.patient in val]
-    patients = sorted({s.patient for s in held})
-    np.random.default_rng(12).shuffle(patients)
-    first_film = {}
-    for sample in held:
-        first_film.setdefault(sample.patient, sample)
-    chosen: set[str] = set()
-    sample_films: list[tuple[Path, int]] = []
-    for label, count in ((0, 40), (1, 60)):
-        for patient in patients:
-            film = first_film[patient]
-            if film.pneumonia == label and patient not in chosen and count > 0:
-                chosen.add(patient)
-                sample_films.append((film.path, label))
-                count -= 1
+    picked = [held[i] for i in site_sample([s.patient for s in held], [s.pneumonia for s in held],
+                                          np.random.default_rng(12))]  # fmt: skip
+    chosen = {s.patient for s in picked}
     rest = [(s.path, s.pneumonia) for s in held if s.patient not in chosen]
-    return sample_films, rest
+    return [(s.path, s.pneumonia) for s in picked], rest
 
 
 def site_copy(films: list[Path], folder: Path, crop: float = 0.8) -> None:
