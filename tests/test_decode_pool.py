@@ -7,6 +7,7 @@ import signal
 import time
 from concurrent.futures import TimeoutError
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,41 @@ def test_decode_processes_of_the_console_script_do_not_load_the_cli(tmp_path):
     loaded = set(shown) | {name.split(".")[0] for name in shown}
     heavy = {"worker.cli", "typer", "rich", "sqlalchemy", "pydantic", "pydantic_settings", "db"}
     assert not heavy & loaded, sorted(heavy & loaded)
+
+
+class _MarksTeardown:
+    """Writes a file when the interpreter tears its modules down (a module global's finaliser)."""
+
+    def __init__(self, marker: str) -> None:
+        # Kept on the object: teardown clears module globals (``os`` among them) before finalising.
+        self._write, self._fd = os.write, os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+
+    def __del__(self) -> None:
+        self._write(self._fd, b"torn down")
+
+
+_KEPT: list[_MarksTeardown] = []
+
+
+def _leave_unflushed_text_and_a_finaliser(stderr_file: str, marker: str) -> int:
+    """Run in a decode child: text left in stderr's buffer, and an object only teardown finalises."""
+    import sys
+
+    sys.stderr = open(stderr_file, "w", buffering=1 << 16)  # noqa: SIM115 - the exit hook flushes it
+    sys.stderr.write("written before exit")
+    _KEPT.append(_MarksTeardown(marker))
+    return os.getpid()
+
+
+def test_decode_children_exit_without_teardown_and_keep_what_they_wrote(tmp_path):
+    """Issue 13: a scan ends by waiting for its decode children to exit; their interpreter teardown is
+    skipped (exit_without_teardown), but what they wrote is flushed and the exit status is 0. (The
+    standard streams are also flushed by multiprocessing's own bootstrap; the hook covers logging's.)"""
+    stderr_file, marker = str(tmp_path / "stderr.txt"), str(tmp_path / "teardown.txt")
+    pool = DecodePool(1).start()
+    pid = pool._pool().submit(_leave_unflushed_text_and_a_finaliser, stderr_file, marker).result(60)  # noqa: SLF001
+    child = next(p for p in pool._executor._processes.values() if p.pid == pid)  # noqa: SLF001
+    pool.close()
+    assert child.exitcode == 0
+    assert Path(stderr_file).read_text() == "written before exit"
+    assert Path(marker).read_text() == "", "the child's interpreter was torn down"

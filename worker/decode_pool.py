@@ -14,9 +14,13 @@ scores batch k (see :mod:`worker.overlap`).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import multiprocessing
+import os
 import resource
+import sys
 import time
 from concurrent.futures import (
     FIRST_COMPLETED,
@@ -57,7 +61,7 @@ def cap_memory(limit_bytes: int | None) -> None:
 
 def init_decode_process(memory_limit_bytes: int | None = DECODE_MEMORY_LIMIT_BYTES) -> None:
     """Initialiser of every decode child: one thread, pydicom's process settings, freed memory kept
-    (:mod:`worker.allocator`), a memory cap."""
+    (:mod:`worker.allocator`), a memory cap, and an exit without interpreter teardown."""
     from pipeline.dicom import configure_pydicom
     from worker.allocator import retain_freed_memory
 
@@ -65,6 +69,24 @@ def init_decode_process(memory_limit_bytes: int | None = DECODE_MEMORY_LIMIT_BYT
     configure_pydicom()
     retain_freed_memory()
     cap_memory(memory_limit_bytes)
+    # Registered after logging's own exit hook, so it runs first (atexit is last-in, first-out).
+    atexit.register(exit_without_teardown)
+
+
+def exit_without_teardown() -> None:
+    """A decode child's last exit hook: flush what it wrote, then end the process at once.
+
+    A child holds nothing that needs cleaning up: it has sent every result (the result pipe is
+    written synchronously), and its files were closed with each film. Tearing down its interpreter
+    (numpy, pydicom, Pillow and their modules) took 0.05-0.3 s, and the pool's ``close()`` waits for
+    every child to exit, so that time was added to the end of every scan (bench/RESULTS.md, #13).
+    Only a normal exit reaches this hook (the pool's stop signal), so the exit status is 0.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken stream: nothing left to flush
+            stream.flush()
+    os._exit(0)
 
 
 @dataclass(eq=False)
