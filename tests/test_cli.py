@@ -283,7 +283,7 @@ def test_the_entry_sets_pydicoms_process_settings_before_any_thread_starts():
     """Issue 15 item 4: the process entry applies pydicom's settings (no identifiers in its warnings,
     wrong-length values read as UN). It imports pydicom to do so, on purpose: a lazy first import of
     pydicom in two threads at once (the outbox sender and the watcher) failed on the partly
-    initialised ``pydicom.dataset`` in CI."""
+    initialised ``pydicom.dataset`` in CI. (``scan`` is the one exception: see the next test.)"""
     probe = (
         "import sys; sys.argv = ['cxr-triage', '--help']; import worker.cli\n"
         "try:\n    worker.cli.main()\nexcept SystemExit:\n    pass\n"
@@ -291,6 +291,39 @@ def test_the_entry_sets_pydicoms_process_settings_before_any_thread_starts():
         "assert config.convert_wrong_length_to_UN"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, cwd=REPO, capture_output=True)
+
+
+@pytest.mark.parametrize("decode_processes", [1, 0])
+def test_a_scan_loads_pydicom_only_where_it_reads_dicom(tmp_path, dicom_samples, decode_processes):
+    """#13: the entry leaves pydicom unloaded for ``scan`` (~0.3 s of start-up). With decode processes
+    the scan's own process never loads it, and the DICOM film is still scored by a child (which sets
+    pydicom's settings itself); decoding in-process, the pool sets the settings before the first film."""
+    (tmp_path / "drop").mkdir()
+    shutil.copyfile(dicom_samples["chest_j2k"], tmp_path / "drop" / "film.dcm")
+    probe = (
+        "import json, sys; folder, summary = sys.argv[1:]\n"
+        "sys.argv = ['cxr-triage', 'scan', folder, '--no-progress', '--summary-json', summary]\n"
+        "import worker.cli\n"
+        "try:\n    worker.cli.main()\nexcept SystemExit:\n    pass\n"
+        "loaded = 'pydicom' in sys.modules\n"
+        "from pydicom import config\n"
+        "configured = config.settings.reading_validation_mode == config.IGNORE\n"
+        "print(json.dumps([loaded, configured, json.load(open(summary))['scored']]))"
+    )
+    env = {
+        **os.environ,
+        "CXR_TRIAGE_DATABASE_URL": f"sqlite:///{tmp_path / 'w.sqlite3'}",
+        "CXR_TRIAGE_DECODE_WORKERS": str(decode_processes),
+    }
+    env.pop("CXR_TRIAGE_RESULTS_DESTINATION", None)
+    folder, summary = str(tmp_path / "drop"), str(tmp_path / "summary.json")
+    done = subprocess.run(
+        [sys.executable, "-c", probe, folder, summary], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    loaded, configured, scored = json.loads(done.stdout.splitlines()[-1])
+    assert scored == 1
+    assert (loaded, configured) == ((False, False) if decode_processes else (True, True))
 
 
 def test_a_plain_command_loads_no_dicom_celery_or_web_stack():

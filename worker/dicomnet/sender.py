@@ -349,10 +349,14 @@ def start_results_sender(settings: Settings) -> SenderHandle:
         model_dir=settings.model_dir,
     )
     # The DICOM stack is imported here, before the thread starts: two threads importing highdicom,
-    # pydicom or pynetdicom for the first time at once can meet a partly initialised module.
+    # pydicom or pynetdicom for the first time at once can meet a partly initialised module. A scan's
+    # entry leaves pydicom unloaded, so its process settings are set here too (idempotent).
     import pynetdicom  # noqa: F401
 
     import worker.dicomnet.objects  # noqa: F401
+    from pipeline.dicom import configure_pydicom
+
+    configure_pydicom()
 
     sender.start()
     return SenderHandle(sender)
