@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.decode import decode_file
 from pipeline.hashing import sha256_file
+from pipeline.lungs import LungModel, lung_crop
 from pipeline.normalise import resize_square
 
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -168,18 +169,33 @@ def load_grey(path: Path, size: int) -> np.ndarray:
     return resize_square(decode_file(path).pixels, size)
 
 
+def load_lung_crop(path: Path, size: int, lungs: LungModel) -> np.ndarray:
+    """Serving-path decode, cut to the lung box (:func:`pipeline.lungs.lung_crop`), square resize."""
+    return resize_square(lung_crop(decode_file(path).pixels, lungs)[0], size)
+
+
 def cached_arrays(
-    samples: list[Sample], size: int, cache_dir: str | Path | None = None, progress: bool = False
+    samples: list[Sample],
+    size: int,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    lung_model: str | Path | None = None,
 ) -> np.ndarray:
-    """(N, size, size) float32 resized grey images for ``samples``, cached in ``cache_dir`` if given."""
+    """(N, size, size) float32 resized grey images for ``samples``, cached in ``cache_dir`` if given.
+
+    With ``lung_model`` (a ``lungs.tflite``), each film is first cut to its lung box, as served.
+    """
     names = "\n".join(s.name for s in samples)
+    crop = sha256_file(Path(lung_model))[:16] if lung_model else "none"
     digest = hashlib.sha256(f"{size}\n{names}".encode()).hexdigest()[:16]
-    cache = Path(cache_dir) / f"grey_{size}_{digest}.npy" if cache_dir else None
+    prefix = "grey" if not lung_model else f"lungs{crop}"
+    cache = Path(cache_dir) / f"{prefix}_{size}_{digest}.npy" if cache_dir else None
     if cache and cache.exists():
         return np.load(cache, mmap_mode=None)
     arrays = np.empty((len(samples), size, size), dtype=np.float32)
+    lungs = LungModel(lung_model, threads=1) if lung_model else None
     for i, sample in enumerate(samples):
-        arrays[i] = load_grey(sample.path, size)
+        arrays[i] = load_lung_crop(sample.path, size, lungs) if lungs else load_grey(sample.path, size)
         if progress and i % 500 == 0:
             print(f"cached {i}/{len(samples)}", flush=True)
     if cache is None:

@@ -54,6 +54,8 @@ class TrainConfig:
     #: Where resized training arrays are cached between runs (None: not cached).
     cache_dir: str | None = None
     split_file: str = str(data.SPLIT_FILE)
+    #: A lung model (``lungs.tflite``): the classifier then reads each film cut to its lung box.
+    lung_model: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -179,7 +181,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=None) -> dict:
     samples = data.list_samples(cfg.data_dir)
     val_patients = data.read_split(Path(cfg.split_file))
     train_s, val_s = data.partition(samples, val_patients)
-    x_all = data.cached_arrays(samples, cfg.size, cfg.cache_dir)
+    x_all = data.cached_arrays(samples, cfg.size, cfg.cache_dir, progress=True, lung_model=cfg.lung_model)
     index = {s.name: i for i, s in enumerate(samples)}
     x_train = x_all[[index[s.name] for s in train_s]]
     x_val = _standardised(x_all[[index[s.name] for s in val_s]])
@@ -283,12 +285,36 @@ def export(model, cfg: TrainConfig, out_dir, y_val, v_val, p_logit, v_logit, his
         "training_command": _command_line(),
         "training_wall_seconds": round(wall, 1),
         "git_revision": git_revision(),
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "cache_dir", "split_file")},
+        "config": {
+            k: v
+            for k, v in asdict(cfg).items()
+            if k not in ("data_dir", "cache_dir", "split_file", "lung_model")
+        },
     }
+    if cfg.lung_model:
+        metadata.update(_lung_crop_entries(Path(cfg.lung_model), out_dir))
     (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     np.savez(out_dir / "val_logits.npz", y=y_val, v=v_val, p=p_logit, vl=v_logit)
     return metadata
+
+
+def _lung_crop_entries(lung_model: Path, out_dir: Path) -> dict:
+    """Copy the lung model (and its report) into the model folder; the metadata entries that say
+    the classifier reads the lung crop."""
+    import shutil
+
+    from pipeline.lungs import CROP_MARGIN, LUNG_LITE_FILE, LUNG_METADATA_FILE
+
+    shutil.copyfile(lung_model, out_dir / LUNG_LITE_FILE)
+    report = lung_model.with_name(LUNG_METADATA_FILE)
+    if report.is_file():
+        shutil.copyfile(report, out_dir / LUNG_METADATA_FILE)
+    return {
+        "input": "pipeline.lungs.lung_model_input(grey, input_size, lungs): the film cut to its lung box",
+        "crop": {"kind": "lungs", "lung_model": LUNG_LITE_FILE, "margin": CROP_MARGIN,
+                 "lung_model_sha256": sha256_file(lung_model)},
+    }
 
 
 def recalibrate(run_dir: str | Path) -> dict:

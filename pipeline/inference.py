@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.lungs import ModelInput
 from pipeline.model_folder import (  # noqa: F401 - the folder's layout, re-exported for its callers
     DEFAULT_MODEL_FILE,
     LITE_MODEL_FILE,
@@ -168,6 +169,9 @@ class Scorer:
     ood: Any = field(repr=False, default=None)
     #: What runs the model (:class:`Engine`); ``_model`` (the Keras model) is None under LiteRT.
     engine: Engine = Engine.TENSORFLOW
+    #: The model folder (its lung model, when the classifier reads the lung crop).
+    model_dir: Path | None = None
+    _input: ModelInput | None = field(repr=False, default=None)
 
     @classmethod
     def load(
@@ -191,7 +195,7 @@ class Scorer:
                 runner = _LiteRunner(model_dir, sidecar)
                 size = int(metadata["input_size"])
                 runner(np.zeros((1, size, size, 1), dtype=np.float32))  # warm-up: the banner comes here
-            return cls._from_metadata(metadata, runner, guard, Engine.LITERT)
+            return cls._from_metadata(metadata, runner, guard, Engine.LITERT, model_dir)
         with _native_stderr_silenced(quiet):
             import tensorflow as tf
 
@@ -208,12 +212,14 @@ class Scorer:
                 input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32)],
             )
             fn(np.zeros((1, size, size, 1), dtype=np.float32))  # warm-up: the first call prints banners too
-        scorer = cls._from_metadata(metadata, fn, guard, Engine.TENSORFLOW)
+        scorer = cls._from_metadata(metadata, fn, guard, Engine.TENSORFLOW, model_dir)
         scorer._model = model
         return scorer
 
     @classmethod
-    def _from_metadata(cls, metadata: dict, fn: Any, guard: Any, engine: Engine) -> Scorer:
+    def _from_metadata(
+        cls, metadata: dict, fn: Any, guard: Any, engine: Engine, model_dir: Path | None = None
+    ) -> Scorer:
         return cls(
             version=str(metadata["version"]),
             input_size=int(metadata["input_size"]),
@@ -224,6 +230,7 @@ class Scorer:
             _fn=fn,
             ood=guard,
             engine=engine,
+            model_dir=model_dir,
         )
 
     def _outputs(self, tensors: np.ndarray) -> dict:
@@ -279,15 +286,21 @@ class Scorer:
             for i in range(len(prob))
         ]
 
+    @property
+    def model_input(self) -> ModelInput:
+        """What turns decoded grey levels into this model's input (:class:`pipeline.lungs.ModelInput`)."""
+        if self._input is None:
+            self._input = ModelInput.for_model(self.model_dir, self.metadata)
+        return self._input
+
     def score_files(self, paths: Iterable[str | Path], batch_size: int = 32) -> list[ModelScore]:
         """Decode, preprocess and score files through the serving path (errors propagate)."""
         from pipeline.decode import decode_file
-        from pipeline.normalise import to_model_input
 
         scores: list[ModelScore] = []
         batch: list[np.ndarray] = []
         for path in paths:
-            batch.append(to_model_input(decode_file(path).pixels, self.input_size))
+            batch.append(self.model_input(decode_file(path).pixels)[0])
             if len(batch) == batch_size:
                 scores.extend(self.score_batch(np.stack(batch)))
                 batch = []

@@ -1,0 +1,159 @@
+"""Lung fields: where the lungs are on a film, and the crop the pneumonia model reads.
+
+The lung model (a small U-Net, trained by :mod:`models.lung_seg`) sees the film squashed to a
+``LUNG_INPUT_SIZE`` square, standardised like the classifier's input, and returns the probability
+that each pixel is lung. :func:`lung_fields` turns that map into what the pipeline needs: the
+lung box (normalised to the film, so it applies to the film at any resolution), the lung area,
+and whether two lung fields are present (a frontal chest film has one either side of the
+midline). :func:`crop_to_lungs` cuts the decoded film to the box with a margin, so that the
+classifier reads the lungs and not the film's edges (markers, arms, collimation, corners).
+
+Pure functions and one small LiteRT runner; nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.normalise import resize_square, standardise, to_model_input
+
+LUNG_INPUT_SIZE = 128
+LUNG_KERAS_FILE = "lungs.keras"
+LUNG_LITE_FILE = "lungs.tflite"
+LUNG_METADATA_FILE = "lungs.json"
+#: A pixel is lung where the model's probability reaches this.
+LUNG_PROBABILITY = 0.5
+#: Each side of the midline needs this share of the film as lung to count as a lung field.
+MIN_FIELD_SHARE = 0.015
+#: Rows and columns with fewer lung pixels than this are specks, not lung (at LUNG_INPUT_SIZE).
+MIN_LINE_PIXELS = 2
+#: Margin added to each side of the lung box, as a share of the box's side.
+CROP_MARGIN = 0.08
+
+
+@dataclass(frozen=True)
+class LungFields:
+    """What the lung map says about one film (coordinates normalised to [0, 1] of the film)."""
+
+    #: (top, left, bottom, right) of the lungs, without margin; None where no lung was found.
+    box: tuple[float, float, float, float] | None
+    #: Share of the film that is lung.
+    area: float
+    #: Lung share left and right of the film's midline (image left, image right).
+    sides: tuple[float, float]
+    #: Centre of the lung pixels (row, column); None where no lung was found.
+    centroid: tuple[float, float] | None
+
+    @property
+    def two_fields(self) -> bool:
+        """One lung field either side of the midline, as on any frontal chest film."""
+        return min(self.sides) >= MIN_FIELD_SHARE
+
+
+def lung_fields(probability: np.ndarray) -> LungFields:
+    """Geometry of the lungs from a (H, W) probability map."""
+    lung = probability >= LUNG_PROBABILITY
+    height, width = lung.shape
+    rows = np.flatnonzero(lung.sum(axis=1) >= MIN_LINE_PIXELS)
+    cols = np.flatnonzero(lung.sum(axis=0) >= MIN_LINE_PIXELS)
+    half = width // 2
+    sides = (float(lung[:, :half].sum()) / lung.size, float(lung[:, half:].sum()) / lung.size)
+    if rows.size == 0 or cols.size == 0:
+        return LungFields(None, float(lung.mean()), sides, None)
+    box = (rows[0] / height, cols[0] / width, (rows[-1] + 1) / height, (cols[-1] + 1) / width)
+    ys, xs = np.nonzero(lung)
+    centroid = (float(ys.mean() + 0.5) / height, float(xs.mean() + 0.5) / width)
+    return LungFields(tuple(float(v) for v in box), float(lung.mean()), sides, centroid)
+
+
+def crop_box(fields: LungFields, margin: float = CROP_MARGIN) -> tuple[float, float, float, float]:
+    """The box the classifier reads: the lung box plus ``margin`` of its side each way, kept on the
+    film; the whole film where no lung box was found (the input checks then say why)."""
+    if fields.box is None:
+        return (0.0, 0.0, 1.0, 1.0)
+    top, left, bottom, right = fields.box
+    dy, dx = (bottom - top) * margin, (right - left) * margin
+    return (max(0.0, top - dy), max(0.0, left - dx), min(1.0, bottom + dy), min(1.0, right + dx))
+
+
+def crop_to_lungs(grey: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+    """The part of a (H, W) film inside a normalised box (at least 8 pixels a side)."""
+    height, width = grey.shape
+    top, left, bottom, right = box
+    y0, x0 = int(np.floor(top * height)), int(np.floor(left * width))
+    y1 = max(int(np.ceil(bottom * height)), min(height, y0 + 8))
+    x1 = max(int(np.ceil(right * width)), min(width, x0 + 8))
+    return grey[y0:y1, x0:x1]
+
+
+def lung_input(grey: np.ndarray, size: int = LUNG_INPUT_SIZE) -> np.ndarray:
+    """The lung model's input, (size, size, 1) float32, from grey levels in [0, 1]."""
+    return standardise(resize_square(grey, size))[..., np.newaxis]
+
+
+class LungModel:
+    """The exported lung model (``lungs.tflite``) run by LiteRT on CPU."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.path = Path(path)
+        self._interpreter = Interpreter(model_path=str(self.path), num_threads=threads or os.cpu_count() or 1)
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._batch: int | None = None
+
+    def probability(self, inputs: np.ndarray) -> np.ndarray:
+        """(N, S, S) lung probability for a (N, S, S, 1) batch of :func:`lung_input` arrays."""
+        if inputs.shape[0] != self._batch:
+            self._interpreter.resize_tensor_input(self._input, inputs.shape)
+            self._interpreter.allocate_tensors()
+            self._batch = inputs.shape[0]
+        self._interpreter.set_tensor(self._input, np.ascontiguousarray(inputs, dtype=np.float32))
+        self._interpreter.invoke()
+        return self._interpreter.get_tensor(self._output)[..., 0].copy()
+
+    def fields(self, grey: np.ndarray) -> tuple[LungFields, np.ndarray]:
+        """(geometry, probability map) of one film's grey levels in [0, 1]."""
+        probability = self.probability(lung_input(grey)[np.newaxis])[0]
+        return lung_fields(probability), probability
+
+
+def lung_crop(grey: np.ndarray, lungs: LungModel) -> tuple[np.ndarray, LungFields]:
+    """(the film cut to its lung box with a margin, the lung geometry) for grey levels in [0, 1]."""
+    fields, _ = lungs.fields(grey)
+    return crop_to_lungs(grey, crop_box(fields)), fields
+
+
+def lung_model_input(grey: np.ndarray, size: int, lungs: LungModel) -> tuple[np.ndarray, LungFields]:
+    """The classifier's input read from the lungs only: (size, size, 1) float32, and the geometry."""
+    crop, fields = lung_crop(grey, lungs)
+    return to_model_input(crop, size), fields
+
+
+class ModelInput:
+    """Turns a film's grey levels into the classifier's input, as its model folder says: the whole
+    film squashed to a square, or (metadata ``crop.kind == "lungs"``) the film cut to its lung box
+    by the lung model shipped in the folder. Also returns the lung geometry where there is one."""
+
+    def __init__(self, size: int, lungs: LungModel | None = None) -> None:
+        self.size = size
+        self.lungs = lungs
+
+    @classmethod
+    def for_model(cls, model_dir: str | Path, metadata: dict, threads: int | None = None) -> ModelInput:
+        """The input maker of a model folder (its ``metadata.json`` already read)."""
+        crop = metadata.get("crop") or {}
+        lungs = None
+        if crop.get("kind") == "lungs":
+            lungs = LungModel(Path(model_dir) / crop.get("lung_model", LUNG_LITE_FILE), threads=threads)
+        return cls(int(metadata["input_size"]), lungs)
+
+    def __call__(self, grey: np.ndarray) -> tuple[np.ndarray, LungFields | None]:
+        if self.lungs is None:
+            return to_model_input(grey, self.size), None
+        return lung_model_input(grey, self.size, self.lungs)
