@@ -7,15 +7,13 @@ reviews, an ``admin`` also manages users (:func:`can`).
 from __future__ import annotations
 
 import re
-import secrets
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from db.queue import _insert
-from db.schema import AppSecret, User, UserRole, utcnow
+from db.schema import User, UserRole, WebSession
 
 USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MIN_PASSWORD_LENGTH = 8
@@ -23,7 +21,6 @@ _RANK = {UserRole.VIEWER: 0, UserRole.REVIEWER: 1, UserRole.ADMIN: 2}
 _hasher = PasswordHasher()
 #: Verified against when the user does not exist, so that a wrong name costs as long as a wrong password.
 _DUMMY_HASH = _hasher.hash("not a real password")
-SESSION_KEY_NAME = "web_session_key"
 
 
 class UserError(ValueError):
@@ -41,10 +38,14 @@ def check_username(username: str) -> str:
     return username
 
 
-def add_user(session: Session, username: str, password: str, role: UserRole) -> User:
-    check_username(username)
+def _check_password(password: str) -> None:
     if len(password) < MIN_PASSWORD_LENGTH:
         raise UserError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
+
+
+def add_user(session: Session, username: str, password: str, role: UserRole) -> User:
+    check_username(username)
+    _check_password(password)
     if get_user(session, username) is not None:
         raise UserError(f"user {username!r} exists already")
     user = User(username=username, password_hash=_hasher.hash(password), role=UserRole(role).value)
@@ -62,8 +63,22 @@ def list_users(session: Session) -> list[User]:
 
 
 def remove_user(session: Session, username: str) -> None:
-    if session.execute(delete(User).where(User.username == username)).rowcount != 1:
+    """Remove the user and end every web session of theirs (SQLite does not enforce the cascade)."""
+    user = get_user(session, username)
+    if user is None:
         raise UserError(f"no user {username!r}")
+    session.execute(delete(WebSession).where(WebSession.user_id == user.id))
+    session.execute(delete(User).where(User.id == user.id))
+
+
+def set_password(session: Session, username: str, password: str) -> None:
+    """A new password; every web session of the user ends (whoever knew the old one is signed out)."""
+    _check_password(password)
+    user = get_user(session, username)
+    if user is None:
+        raise UserError(f"no user {username!r}")
+    user.password_hash = _hasher.hash(password)
+    session.execute(delete(WebSession).where(WebSession.user_id == user.id))
 
 
 def authenticate(session: Session, username: str, password: str) -> User | None:
@@ -78,16 +93,3 @@ def authenticate(session: Session, username: str, password: str) -> User | None:
     if _hasher.check_needs_rehash(user.password_hash):
         user.password_hash = _hasher.hash(password)
     return user
-
-
-def session_key(session: Session) -> str:
-    """The web session signing key: made once, kept in the database so every web process shares it."""
-    key = session.scalar(select(AppSecret.value).where(AppSecret.name == SESSION_KEY_NAME))
-    if key is None:
-        session.execute(
-            _insert(session)(AppSecret)
-            .values(name=SESSION_KEY_NAME, value=secrets.token_urlsafe(48), created_at=utcnow())
-            .on_conflict_do_nothing(index_elements=["name"])
-        )
-        key = session.scalar(select(AppSecret.value).where(AppSecret.name == SESSION_KEY_NAME))
-    return key
