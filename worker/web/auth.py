@@ -136,7 +136,7 @@ class SignInLimiter:
                 entry.count += 1
                 entry.last_at = now
                 if entry.count > free:
-                    delay = self.first_delay_s * 2 ** (entry.count - free - 1)
+                    delay = self.first_delay_s * 2 ** min(entry.count - free - 1, 30)
                     entry.blocked_until = now + min(delay, self.max_delay_s)
                 self._entries[key] = entry  # most recently failed at the end
             self._prune(now)
