@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.lungs import ModelInput
+from pipeline.lungs import LungFields, ModelInput
 from pipeline.model_folder import (  # noqa: F401 - the folder's layout, re-exported for its callers
     DEFAULT_MODEL_FILE,
     LITE_MODEL_FILE,
@@ -292,6 +292,13 @@ class Scorer:
         if self._input is None:
             self._input = ModelInput.for_model(self.model_dir, self.metadata)
         return self._input
+
+    def input_check(self, score: ModelScore, fields: LungFields | None) -> str | None:
+        """Why the input checks turn a scored film away (not a chest film, turned, no lung fields),
+        or None when it is read. The lung fields come first: they say most plainly what is wrong."""
+        if fields is not None and fields.problem():
+            return fields.problem()
+        return score.ood_reason if score.out_of_distribution else None
 
     def score_files(self, paths: Iterable[str | Path], batch_size: int = 32) -> list[ModelScore]:
         """Decode, preprocess and score files through the serving path (errors propagate)."""
