@@ -94,6 +94,15 @@ def train_command(
         Path, typer.Option(help="Output folder for model.keras, metadata.json and history.json.")
     ] = Path("models/shipped"),
     cache_dir: CacheDirOption = None,
+    lung_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="A lung model (lungs.tflite from `python -m models.lung_seg`): the classifier then reads"
+            " each film cut to its lung box, and OUT ships that lung model beside it.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Train on the patient-wise split (models/splits/val_patients.txt), calibrate, write OUT.
 
@@ -107,7 +116,8 @@ def train_command(
         raise typer.BadParameter(f"choose one of {', '.join(sorted(PRESETS))}", param_hint="--augment")
     folders = {"data_dir": str(_data_dir(data_dir)), "cache_dir": str(_cache_dir(cache_dir))}
     recipe = {"arch": arch, "epochs": epochs, "seed": seed, "size": size, "lr": lr}
-    cfg = TrainConfig(**recipe, **folders, augment=PRESETS[augment])
+    lungs = str(lung_model) if lung_model else None
+    cfg = TrainConfig(**recipe, **folders, augment=PRESETS[augment], lung_model=lungs)
     metadata = train(cfg, out, log=_log)
     typer.echo(json.dumps(metadata, indent=2))
 
