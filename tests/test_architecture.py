@@ -62,7 +62,8 @@ def test_installed_code_assumes_no_checkout():
 def test_cli_and_supervisor_never_load_tensorflow():
     """TensorFlow is loaded in worker processes only, never in the CLI or the supervising parent."""
     code = (
-        "import sys, worker.cli, worker.supervisor, worker.celery_app, worker.tasks, worker.watcher;"
+        "import sys, worker.cli.app, worker.queue.supervisor, worker.queue.celery_app, worker.queue.tasks,"
+        " worker.ingest.watcher;"
         "print('tensorflow' in sys.modules or 'keras' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
