@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.metrics.state import definitions, enable, multiprocess_dir
+from worker.settings import SCORE_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,6 @@ class Probe:
                 self._redis = redis.Redis.from_url(
                     url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=CONNECT_TIMEOUT_S
                 )
-            from worker.queue.celery_app import SCORE_QUEUE
-
             return int(self._redis.llen(SCORE_QUEUE))
         from kombu import Connection
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from celery import Celery
 
-from worker.settings import Settings
+from worker.settings import SCORE_QUEUE, Settings
 
-SCORE_QUEUE = "cxr-score"
+__all__ = ["SCORE_QUEUE", "EXIT_MODEL_UNUSABLE", "NoBrokerError", "app", "celery_config", "configure"]
 #: Exit status of a worker process whose model cannot be loaded (EX_CONFIG): its supervisor stops.
 EXIT_MODEL_UNUSABLE = 78
 
