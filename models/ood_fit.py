@@ -43,13 +43,13 @@ def forced_dicom_grey(path: Path) -> np.ndarray | None:
 
     import pydicom
 
-    from pipeline.dicom import _ensure_transfer_syntax, to_display_grey
+    from pipeline.dicom import ensure_transfer_syntax, to_display_grey
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True)
-            _ensure_transfer_syntax(ds)
+            ensure_transfer_syntax(ds)
             pixels = np.asarray(ds.pixel_array)
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             if frames > 1:

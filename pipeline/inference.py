@@ -33,6 +33,7 @@ from pipeline.model_folder import (  # noqa: F401 - the folder's layout, re-expo
     lite_sources_digest,
     resolve_engine,
 )
+from pipeline.probability import sigmoid
 
 
 class _LiteRunner:
@@ -74,15 +75,6 @@ class ModelScore:
     out_of_distribution: bool = False  # beyond the guard's cut-off, or turned: reject, do not rank
     orientation_logit: float | None = None  # the guard's "film looks turned or inverted" logit
     ood_reason: str | None = None  # why it is rejected (pipeline.ood.REASON / ORIENTATION_REASON)
-
-
-def sigmoid(logits: Any, temperature: float = 1.0) -> np.ndarray:
-    """Calibrated probability ``sigmoid(logit / temperature)`` (numerically stable, any shape).
-
-    The one place this formula lives: serving, training calibration, comparison and benchmarks
-    all call it, so a stored score and an evaluated score cannot drift apart.
-    """
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits, dtype=np.float64) / temperature))
 
 
 @contextlib.contextmanager
@@ -332,8 +324,3 @@ def _serve(model: Any, guard: Any, x: Any) -> Any:
         if guard.orientation is not None:
             out["orientation_logit"] = guard.orientation.graph_logits(out["features"])
     return out
-
-
-def logit_to_probability(logit: float, temperature: float) -> float:
-    """Calibrated probability from one raw logit (see :func:`sigmoid`)."""
-    return float(sigmoid(logit, temperature))
