@@ -26,6 +26,7 @@ class AuditAction(enum.StrEnum):
     LIST = "list"
     USER_ADD = "user_add"
     USER_REMOVE = "user_remove"
+    PASSWORD_CHANGE = "password_change"
 
 
 def record(

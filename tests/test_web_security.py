@@ -153,9 +153,8 @@ def test_failed_sign_ins_from_one_address_do_not_lock_out_a_colleague(app):
         refused = attacker.post("/login", data={"username": "reader", "password": PASSWORD}, headers=ORIGIN)
         assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
         assert attacker.get("/api/worklist", headers=_basic("reader")).status_code == 429
-        signed_in = colleague.post(
-            "/login", data={"username": "reader", "password": PASSWORD}, headers=ORIGIN, follow_redirects=False
-        )
+        right = {"username": "reader", "password": PASSWORD}
+        signed_in = colleague.post("/login", data=right, headers=ORIGIN, follow_redirects=False)
         assert signed_in.status_code == 303
         assert colleague.get("/api/worklist", headers=_basic("reader")).status_code == 200
 
@@ -233,7 +232,7 @@ def test_a_decode_queue_that_stays_full_answers_503(client, site, monkeypatch):
     assert busy.status_code == 503 and "Content-Security-Policy" in busy.headers
 
 
-# -- item 13: extreme filter values ---------------------------------------------------------------------------
+# -- item 13: extreme filter values -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -274,9 +273,8 @@ def test_http_basic_is_not_accepted_on_pages_and_forms(client, site):
     # A cross-site form post carrying Basic credentials (a browser can be made to send them).
     posted = client.post("/rows", data={"search": "x"}, headers=_basic("viewer"), follow_redirects=False)
     assert posted.status_code == 303 and posted.headers["location"] == "/login"
-    review = client.post(
-        f"/films/{shas[0]}/review", data={"decision": "agree"}, headers=_basic("reader"), follow_redirects=False
-    )
+    target, agree = f"/films/{shas[0]}/review", {"decision": "agree"}
+    review = client.post(target, data=agree, headers=_basic("reader"), follow_redirects=False)
     assert review.status_code == 303
     assert client.get("/", headers=_basic("viewer"), follow_redirects=False).status_code == 303
     assert client.get("/api/worklist", headers=_basic("viewer")).status_code == 200
