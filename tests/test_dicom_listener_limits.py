@@ -21,7 +21,8 @@ from pynetdicom.sop_class import Verification
 from tests.conftest import CLI
 from tests.dicom_factory import radiograph
 from tests.ports import free_port
-from worker.dicomnet.listener import ListenerLimits, StorageListener
+from worker.dicomnet import listener as scp_module
+from worker.dicomnet.listener import StorageListener
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def test_ten_idle_connections_do_not_block_the_listener(listener, tmp_path):
 
 
 def test_idle_connections_are_dropped_and_free_their_slots(listener, tmp_path):
-    scp = listener(limits=ListenerLimits(max_associations=2, acse_timeout_s=1.0))
+    scp = listener(limits=scp_module.ListenerLimits(max_associations=2, acse_timeout_s=1.0))
     film = _film(tmp_path, 64, "a.dcm")
     idle = _idle_connections(scp.port, 2)
     try:
@@ -96,7 +97,7 @@ def test_an_instance_over_the_cap_is_answered_out_of_resources(listener, tmp_pat
     received_tmp = tmp_path / "tmp"
     received_tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(received_tmp))
-    scp = listener(limits=ListenerLimits(max_instance_bytes=96 * 1024))
+    scp = listener(limits=scp_module.ListenerLimits(max_instance_bytes=96 * 1024))
     big, small = _film(tmp_path, 256, "big.dcm"), _film(tmp_path, 64, "small.dcm")  # 128 KiB, 8 KiB
     assert _send(scp.port, [big, small]) == [0xA700, 0x0000]
     (written,) = (tmp_path / "drop").iterdir()
@@ -109,7 +110,7 @@ def test_a_transfer_far_over_the_cap_is_aborted_and_leaves_nothing(listener, tmp
     received_tmp = tmp_path / "tmp"
     received_tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(received_tmp))
-    scp = listener(limits=ListenerLimits(max_instance_bytes=64 * 1024))
+    scp = listener(limits=scp_module.ListenerLimits(max_instance_bytes=64 * 1024))
     huge = _film(tmp_path, 1024, "huge.dcm")  # 2 MiB
     assert _send(scp.port, [huge]) == [None]  # aborted: no status
     assert _send(scp.port, [_film(tmp_path, 64, "small.dcm")]) == [0x0000]  # the listener goes on

@@ -23,7 +23,6 @@ from db.audit import events
 from db.engine import session_scope
 from db.queue import FileSeen
 from db.users import add_user
-from db.worklist_csv import spreadsheet_safe, write_csv
 from tests.conftest import score_record
 from worker.settings import Settings
 from worker.web import images
@@ -86,6 +85,8 @@ def _basic(username: str, password: str = PASSWORD) -> dict:
 
 
 def test_spreadsheet_formulas_are_escaped_numbers_are_not():
+    from db.worklist_csv import spreadsheet_safe, write_csv
+
     for formula in ("=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx", FORMULA_NAME):
         assert spreadsheet_safe(formula) == "'" + formula
     assert spreadsheet_safe("Doe^Jane") == "Doe^Jane"

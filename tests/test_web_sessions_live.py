@@ -13,7 +13,6 @@ import pytest
 from db import users
 from db.engine import session_scope
 from db.migrate import upgrade
-from db.users import set_password
 from tests.web_helpers import add_user, cli, web_server
 
 PASSWORD = "a long enough password"
@@ -99,6 +98,8 @@ def test_a_removed_and_re_added_users_old_cookie_is_dead(server):
 
 
 def test_a_password_change_ends_the_users_sessions(server):
+    from db.users import set_password
+
     base, url, _ = server
     cookie = _signed_in(base, "nurse").cookies["cxr_session"]
     other = _signed_in(base, "viewer").cookies["cxr_session"]
