@@ -32,14 +32,14 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def open_session(session: Session, user: User, max_age_s: float = SESSION_MAX_AGE_S) -> tuple[str, str]:
-    """A new session for ``user``: (the cookie's token, the session's CSRF token)."""
+def open_session(session: Session, user_id: int, max_age_s: float = SESSION_MAX_AGE_S) -> tuple[str, str]:
+    """A new session for the user ``user_id``: (the cookie's token, the session's CSRF token)."""
     token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
     now = utcnow()
     session.add(
         WebSession(
             token_sha256=_digest(token),
-            user_id=user.id,
+            user_id=user_id,
             csrf_token=csrf,
             created_at=now,
             expires_at=now + timedelta(seconds=max_age_s),

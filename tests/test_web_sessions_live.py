@@ -110,28 +110,35 @@ def test_a_password_change_ends_the_users_sessions(server):
 
 
 def test_password_checks_do_not_stall_the_event_loop(server):
-    """16 concurrent HTTP Basic calls (argon2 each) while /healthz is asked: it answers at once.
-    Before, argon2 ran on the event loop and /healthz waited for all of them (2.65 s)."""
+    """16 concurrent HTTP Basic calls (argon2 each) while /healthz is asked again and again: it keeps
+    answering at once. Before, argon2 ran on the event loop and /healthz waited behind every queued
+    sign-in (2.65 s in the review). The bound is relative to the burst, so a slow machine is fair."""
     base, _, _ = server
     auth = ("viewer", PASSWORD)
     start = threading.Barrier(17)
     statuses = []
 
     def call() -> None:
-        start.wait()
-        statuses.append(httpx.get(base + "/api/worklist", auth=auth, timeout=60).status_code)
+        with httpx.Client(base_url=base, timeout=120) as client:
+            client.get("/healthz")  # connected before the burst
+            start.wait()
+            statuses.append(client.get("/api/worklist", auth=auth).status_code)
 
     threads = [threading.Thread(target=call) for _ in range(16)]
     for thread in threads:
         thread.start()
-    with httpx.Client(base_url=base, timeout=60) as probe:
-        probe.get("/healthz")  # connection made before the burst
+    waits = []
+    with httpx.Client(base_url=base, timeout=120) as probe:
+        probe.get("/healthz")
         start.wait()
-        time.sleep(0.05)  # the Basic calls are in
-        began = time.perf_counter()
-        assert probe.get("/healthz").status_code == 200
-        healthz_s = time.perf_counter() - began
+        burst_began = time.perf_counter()
+        while any(thread.is_alive() for thread in threads):
+            began = time.perf_counter()
+            assert probe.get("/healthz").status_code == 200
+            waits.append(time.perf_counter() - began)
+        burst_s = time.perf_counter() - burst_began
     for thread in threads:
         thread.join()
     assert statuses == [200] * 16
-    assert healthz_s < 0.75, f"/healthz took {healthz_s:.2f} s behind 16 sign-ins"
+    worst = max(waits)
+    assert worst < 0.3 * burst_s, f"/healthz took up to {worst:.2f} s during a {burst_s:.2f} s burst"

@@ -190,13 +190,13 @@ PostedForm = Annotated[FormData, Depends(_posted_form)]
 
 def _sign_in(state: WebState, username: str, password: str) -> str | None:
     """A new session's token for the right password, else None (argon2: in the thread pool)."""
+    user = authenticate(state.database_url, username, password)  # holds no connection while hashing
     with session_scope(state.database_url) as session:
-        user = authenticate(session, username, password)
         audit.record(session, AuditAction.SIGN_IN if user else AuditAction.SIGN_IN_FAILED, username)
         if user is None:
             return None
         prune_expired(session)
-        token, _ = open_session(session, user)
+        token, _ = open_session(session, user.id)
     return token
 
 

@@ -174,12 +174,11 @@ def principal(request: Request) -> Principal:
     if basic is not None:
         address = client_address(request)
         state.limiter.check(address, basic[0])
-        with session_scope(state.database_url) as session:
-            user = authenticate(session, *basic)
-            if user is None:
-                state.limiter.failed(address, basic[0])
-                raise NotSignedIn()
-            return Principal(user.username, user.role, "", via_session=False)
+        user = authenticate(state.database_url, *basic)
+        if user is None:
+            state.limiter.failed(address, basic[0])
+            raise NotSignedIn()
+        return Principal(user.username, user.role, "", via_session=False)
     token = request.cookies.get(COOKIE)
     if not token:
         raise NotSignedIn()
