@@ -280,3 +280,33 @@ def test_http_basic_is_not_accepted_on_pages_and_forms(client, site):
     assert client.get("/", headers=_basic("viewer"), follow_redirects=False).status_code == 303
     assert client.get("/api/worklist", headers=_basic("viewer")).status_code == 200
     assert client.get(f"/api/films/{shas[0]}", headers=_basic("viewer")).json()["reviews"] == []
+
+
+# -- item 7 (command line) and the password change ----------------------------------------------------------
+
+
+def test_worklist_csv_on_the_command_line_escapes_formulas(site):
+    from tests.web_helpers import cli
+
+    url, _ = site
+    result = cli("worklist", "--format", "csv", "--database-url", url)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [row["patient_name"] for row in rows if row["patient_name"]] == ["'" + FORMULA_NAME]
+    assert [row["patient_id"] for row in rows if row["patient_id"]] == ["'-1+1"]
+
+
+def test_users_passwd_sets_a_new_password_and_is_audited(site):
+    from tests.web_helpers import cli
+
+    url, _ = site
+    new = "a brand new password\n"
+    changed = cli("users", "passwd", "viewer", "--database-url", url, stdin=new)
+    assert changed.returncode == 0, changed.stderr
+    assert cli("users", "passwd", "nobody", "--database-url", url, stdin=new).returncode == 2
+    with session_scope(url) as session:
+        from db.users import authenticate
+
+        assert authenticate(url, "viewer", "a brand new password") is not None
+        assert authenticate(url, "viewer", PASSWORD) is None
+        assert ("password_change", "viewer") in [(e["action"], e["detail"]) for e in events(session)]
