@@ -34,3 +34,27 @@ def test_scorer_on_tensorflow_without_it_names_the_extra(monkeypatch):
     monkeypatch.setattr(extras, "tensorflow_installed", lambda: False)
     with pytest.raises(extras.ExtraMissing, match=r"needs TensorFlow: pip install 'cxr-triage\[train\]'"):
         Scorer.load(default_model_dir(), engine="tensorflow")
+
+
+def test_a_command_that_needs_tensorflow_says_which_extra_in_one_line(tmp_path):
+    """`model export-lite` where TensorFlow cannot be imported: one line naming the extra, no traceback."""
+    import os
+    import shutil
+    import subprocess
+
+    from tests.conftest import CLI, REPO
+
+    blocker = tmp_path / "blocked" / "tensorflow"
+    blocker.mkdir(parents=True)  # a tensorflow that fails to import, as where it is not installed
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError('no tensorflow', name='tensorflow')\n")
+    model = shutil.copytree(default_model_dir(), tmp_path / "model")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker.parent), str(REPO)])}
+    done = subprocess.run(
+        [CLI, "model", "export-lite", "--model-dir", str(model)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines == [
+        "cxr-triage: error: this command needs TensorFlow: pip install 'cxr-triage[train]' "
+        "(on an NVIDIA GPU: pip install 'cxr-triage[gpu]')"
+    ], done.stderr
