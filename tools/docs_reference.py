@@ -79,10 +79,9 @@ def configuration_markdown() -> str:
     ]
     for name, field in Settings.model_fields.items():
         description = (field.description or "").replace("|", "\\|")
-        rows.append(
-            f"| `{name}` | `{env_name(name)}` | `{flag_name(name)}` | {_cell(_type_name(field.annotation), True)} "
-            f"| `{_default(field)}` | {description} |"
-        )
+        kind = _cell(_type_name(field.annotation), code=True)
+        names = f"`{name}` | `{env_name(name)}` | `{flag_name(name)}`"
+        rows.append(f"| {names} | {kind} | `{_default(field)}` | {description} |")
     return "\n".join(rows) + "\n"
 
 
