@@ -111,6 +111,9 @@ def _command_markdown(command: Any, path: list[str], level: int) -> list[str]:
     return out
 
 
+HIDDEN_ROOT_OPTIONS = {"help", "install_completion", "show_completion"}
+
+
 def cli_markdown() -> str:
     import typer
 
@@ -124,6 +127,10 @@ def cli_markdown() -> str:
         "`cxr-triage COMMAND --help` prints the same, with each option's environment variable.",
         "",
     ]
+    options = [p for p in root.params if not getattr(p, "hidden", False) and p.name not in HIDDEN_ROOT_OPTIONS]
+    if options:  # options of `cxr-triage` itself (for example --version)
+        root_only = type(root)(name="cxr-triage", params=options, help=root.help)
+        lines += _command_markdown(root_only, ["cxr-triage"], 2)
     for name, command in root.commands.items():  # in the order `cxr-triage --help` lists them
         lines += _command_markdown(command, ["cxr-triage", name], 2)
     return "\n".join(lines) + "\n"
