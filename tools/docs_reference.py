@@ -127,7 +127,7 @@ def cli_markdown() -> str:
         "`cxr-triage COMMAND --help` prints the same, with each option's environment variable.",
         "",
     ]
-    options = [p for p in root.params if not getattr(p, "hidden", False) and p.name not in HIDDEN_ROOT_OPTIONS]
+    options = [p for p in root.params if not p.hidden and p.name not in HIDDEN_ROOT_OPTIONS]
     if options:  # options of `cxr-triage` itself (for example --version)
         root_only = type(root)(name="cxr-triage", params=options, help=root.help)
         lines += _command_markdown(root_only, ["cxr-triage"], 2)
