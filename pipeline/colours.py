@@ -1,7 +1,7 @@
 """The jet colour map as a 256 x 3 table, so that drawing a heat map needs no plotting library.
 
 The table is matplotlib's ``jet`` (its piecewise-linear segment data, sampled at 256 points the way
-matplotlib builds its lookup table); ``tests/test_colours.py`` checks it against matplotlib where that
+matplotlib builds its lookup table); ``tests/test_drawing.py`` checks it against matplotlib where that
 is installed (the ``train`` extra).
 """
 

@@ -1,4 +1,4 @@
-"""The numpy jet table (pipeline.colours) is matplotlib's jet: the heat maps look as they did."""
+"""Drawing without a plotting library: the numpy jet table is matplotlib's jet, and the ROC png is drawn by Pillow."""
 
 import numpy as np
 import pytest
