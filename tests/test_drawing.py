@@ -1,4 +1,4 @@
-"""Drawing without a plotting library: the numpy jet table is matplotlib's jet, and the ROC png is drawn by Pillow."""
+"""Drawing without a plotting library: the numpy jet table and the ROC png drawn by Pillow."""
 
 import numpy as np
 import pytest
