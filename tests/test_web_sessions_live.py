@@ -141,4 +141,6 @@ def test_password_checks_do_not_stall_the_event_loop(server):
         thread.join()
     assert statuses == [200] * 16
     worst = max(waits)
+    median = sorted(waits)[len(waits) // 2]
+    print(f"/healthz worst {worst:.2f} s, median {median:.3f} s, burst {burst_s:.2f} s")
     assert worst < 0.3 * burst_s, f"/healthz took up to {worst:.2f} s during a {burst_s:.2f} s burst"
