@@ -264,6 +264,9 @@ def worklist(
     study_date_to: Annotated[
         datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Only studies up to this day, inclusive.")
     ] = None,
+    site: Annotated[
+        str | None, typer.Option(help="Only films of this site (`cxr-triage sites list`).")
+    ] = None,
     database_url: DatabaseUrl = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -281,6 +284,7 @@ def worklist(
         status=None if status is None else status.value,
         study_date_from=study_date_from.date() if study_date_from else None,
         study_date_to=study_date_to.date() if study_date_to else None,
+        site=site,
     )
     with session_scope(settings.database_url) as session:
         rows = query_rows(session, wanted, limit=limit)
@@ -298,7 +302,17 @@ def worklist(
 
 def _print_table(rows: list[dict]) -> None:
     table = Table(show_lines=False)
-    for column in ("priority", "score", "call", "viral", "study date", "status", "scope", "path / reason"):
+    for column in (
+        "priority",
+        "score",
+        "call",
+        "viral",
+        "study date",
+        "site",
+        "status",
+        "scope",
+        "path / reason",
+    ):
         table.add_column(column, overflow="fold")
     for row in rows:
         call = ""
@@ -313,6 +327,7 @@ def _print_table(rows: list[dict]) -> None:
             call,
             "" if row["viral_probability"] is None else f"{row['viral_probability']:.2f}",
             row["study_date"] or "",
+            row["site"],
             row["status"],
             ("OUT OF SCOPE: " + (row["scope_note"] or "")) if row["out_of_scope"] else "",
             detail,
@@ -490,6 +505,9 @@ _register_optional_commands()
 from worker.cli.web_commands import register as _register_web_commands  # noqa: E402 - web, users, audit
 
 _register_web_commands(app)
+from worker.cli.site_commands import register as _register_site_commands  # noqa: E402 - sites, quality
+
+_register_site_commands(app)
 
 
 def main() -> None:
