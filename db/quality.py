@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.calibration import details_of
@@ -259,3 +259,57 @@ def quality_report(
         "drift_rule": rule.text(),
         "sites": parts,
     }
+
+
+@dataclass(frozen=True)
+class SiteGauges:
+    """What Prometheus scrapes per site (worker/metrics): the last :data:`DRIFT_DAYS` days."""
+
+    site: str
+    films: int
+    flagged_screen: float | None
+    flagged_high: float | None
+    reviewed: float | None
+    psi: float | None
+    ks_p_value: float | None
+    drifted: bool
+    last_film_age_seconds: float | None
+
+
+def site_gauges(
+    session: Session, now: datetime | None = None, rule: DriftRule | None = None
+) -> list[SiteGauges]:
+    """Per site: flagged and reviewed shares, PSI, KS p and verdict of the last 7 days, and the age
+    of its newest film (for "no films from site X for N hours")."""
+    now = now or datetime.now(UTC)
+    rule = rule or DriftRule()
+    films = load_films(session, now - timedelta(days=DRIFT_DAYS))
+    reviews = load_reviews(session, (f.image_id for f in films))
+    ids = {f.calibration_id for f in films if f.calibration_id is not None}
+    calibrations = {c.id: c for c in session.scalars(select(Calibration).where(Calibration.id.in_(ids)))}
+    newest = dict(
+        session.execute(select(Image.site, func.max(Image.first_seen_at)).group_by(Image.site)).all()
+    )
+    by_site: dict[str, list[FilmRow]] = defaultdict(list)
+    for film in films:
+        by_site[film.site].append(film)
+    out = []
+    for name in site_names(session):
+        rows = by_site.get(name, [])
+        shares = counts(rows, reviews, lambda reason: "rejected")
+        _, verdict, _, _ = site_drift(rows, calibrations, now, rule)
+        last = as_utc(newest.get(name))
+        out.append(
+            SiteGauges(
+                site=name,
+                films=shares["films"],
+                flagged_screen=shares["flagged_screen"]["estimate"],
+                flagged_high=shares["flagged_high"]["estimate"],
+                reviewed=shares["reviews"]["share_reviewed"]["estimate"],
+                psi=verdict.psi,
+                ks_p_value=verdict.ks_p_value,
+                drifted=verdict.verdict == "drifted",
+                last_film_age_seconds=None if last is None else max((now - last).total_seconds(), 0.0),
+            )
+        )
+    return out

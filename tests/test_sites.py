@@ -161,6 +161,73 @@ def test_quality_report_says_drifted_for_a_changed_mix_and_stable_for_the_same(u
     assert sum(parts["same"]["histogram"]["recent"]) == pytest.approx(1.0)
 
 
+def alert_fires(gauges, tmp_path) -> dict[str, bool]:
+    """Whether ``CxrTriageSiteScoreDrifted`` fires for each site when Prometheus scrapes these gauges
+    (db.quality.site_gauges: what /metrics serves) for two hours: ``promtool test rules`` on the
+    shipped rule file, with one test per site that expects the alert exactly where the gauge says so."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian package prometheus) is not installed")
+    rules = REPO / "deploy" / "prometheus" / "cxr-triage-rules.yml"
+    fires = {}
+    for gauge in gauges:
+        value = 1 if gauge.drifted else 0
+        annotations = {
+            "summary": f"Score distribution drifted at site {gauge.site}",
+            "description": f"See `cxr-triage quality --site {gauge.site}` or /quality; "
+            "recalibrate the site if the change is lasting.",
+        }
+        labels = {"severity": "warning", "site": gauge.site}
+        expected = [{"exp_labels": labels, "exp_annotations": annotations}] if value else []
+        test = {
+            "rule_files": [str(rules)],
+            "evaluation_interval": "1m",
+            "tests": [
+                {
+                    "interval": "5m",
+                    "input_series": [
+                        {
+                            "series": f'cxr_triage_site_score_drifted{{site="{gauge.site}"}}',
+                            "values": f"{value}x30",
+                        }
+                    ],
+                    "alert_rule_test": [
+                        {"eval_time": "2h", "alertname": "CxrTriageSiteScoreDrifted", "exp_alerts": expected}
+                    ],
+                }
+            ],
+        }
+        path = tmp_path / f"drift-{gauge.site}.test.yml"
+        path.write_text(yaml.safe_dump(test))
+        checked = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        fires[gauge.site] = bool(value)
+    return fires
+
+
+def test_a_drifted_site_fires_the_alert_rule(sqlite_url, tmp_path):
+    """quality's verdict reaches Prometheus: the drifted site's gauge fires the shipped alert rule
+    (promtool), the stable site's does not."""
+    from db.quality import site_gauges
+
+    upgrade(sqlite_url)
+    test_quality_report_says_drifted_for_a_changed_mix_and_stable_for_the_same(sqlite_url, tmp_path)
+    with session_scope(sqlite_url) as session:
+        gauges = {g.site: g for g in site_gauges(session)}
+    assert gauges["changed"].drifted and not gauges["same"].drifted
+    assert gauges["changed"].psi > 0.1 and gauges["changed"].ks_p_value < 0.01
+    assert gauges["same"].films == 150 and gauges["same"].last_film_age_seconds < 3600
+    fires = alert_fires([gauges["changed"], gauges["same"]], tmp_path)
+    assert fires == {"changed": True, "same": False}
+
+
 def test_migration_0006_up_and_down_over_existing_films(url, tmp_path):
     config = alembic_config(url)
     command.downgrade(config, "0005")

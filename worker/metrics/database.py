@@ -38,7 +38,9 @@ def read_gauges(engine, model_version: str) -> dict:
             .group_by(tier)
         ).all()
         calibration = _active_calibration(connection, model_version)
+        sites = _site_gauges(connection)
     return {
+        "sites": sites,
         "queue": {str(status): count for status, count in queue.items()},
         "oldest": {name: _age(oldest, now) for name, oldest, _ in rows},
         "unreviewed": {name: count for name, _, count in rows},
@@ -46,11 +48,29 @@ def read_gauges(engine, model_version: str) -> dict:
     }
 
 
+def _site_gauges(connection) -> list:
+    """Per-site shares and drift of the last 7 days (empty on a schema without sites)."""
+    from sqlalchemy.orm import Session
+
+    from db.quality import site_gauges
+
+    try:
+        with Session(bind=connection) as session:
+            return site_gauges(session)
+    except SQLAlchemyError:  # an older revision
+        connection.rollback()
+        return []
+
+
 def _active_calibration(connection, model_version: str) -> dict[str, str]:
     try:
         row = connection.execute(
             select(Calibration.name, Calibration.screening_threshold, Calibration.high_confidence_threshold)
-            .where(Calibration.model_version == model_version, Calibration.active.is_(True))
+            .where(
+                Calibration.model_version == model_version,
+                Calibration.active.is_(True),
+                Calibration.site.is_(None),  # the one for every site; per site: cxr_triage_site_*
+            )
             .order_by(Calibration.id.desc())
             .limit(1)
         ).first()

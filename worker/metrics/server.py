@@ -146,6 +146,7 @@ class Probe:
                 d.OLDEST_UNREVIEWED_AGE.labels(tier).set(gauges["oldest"].get(tier, 0.0))
                 d.UNREVIEWED.labels(tier).set(gauges["unreviewed"].get(tier, 0))
             self._calibration = gauges.get("calibration") or {}
+            _set_site_gauges(d, gauges.get("sites") or [])
         if isinstance(results.get("broker"), int):
             d.BROKER_QUEUE_LENGTH.set(results["broker"])
         for role, (free, total) in (results.get("disk") or {}).items():
@@ -189,6 +190,25 @@ class Probe:
             "checks": {name: "ok" if ok else "failing" for name, ok in passed.items()},
         }
         return (200 if all(passed.values()) else 503), body
+
+
+def _set_site_gauges(d, sites: list) -> None:
+    """Each site's gauges. A value undefined now (no scored film, no calibration sample) is NaN: a
+    removed series would linger in multiprocess mode, and NaN compares false in every alert rule."""
+    nan = float("nan")
+    for site in sites:
+        values = (
+            (d.SITE_FLAGGED, (site.site, "screening"), site.flagged_screen),
+            (d.SITE_FLAGGED, (site.site, "high"), site.flagged_high),
+            (d.SITE_REVIEWED, (site.site,), site.reviewed),
+            (d.SITE_SCORE_PSI, (site.site,), site.psi),
+            (d.SITE_SCORE_KS_P, (site.site,), site.ks_p_value),
+            (d.SITE_SCORE_DRIFTED, (site.site,), float(site.drifted)),
+            (d.SITE_FILMS_7D, (site.site,), float(site.films)),
+            (d.SITE_LAST_FILM_AGE, (site.site,), site.last_film_age_seconds),
+        )
+        for gauge, labels, value in values:
+            gauge.labels(*labels).set(nan if value is None else value)
 
 
 class _Families:
@@ -339,5 +359,3 @@ def starlette_routes(settings, **probe_kwargs: Any) -> list:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]
-
-
