@@ -227,6 +227,22 @@ def test_a_drifted_site_fires_the_alert_rule(sqlite_url, tmp_path):
     fires = alert_fires([gauges["changed"], gauges["same"]], tmp_path)
     assert fires == {"changed": True, "same": False}
 
+    # and /metrics serves them (the web app's routes; the standalone server answers the same)
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from tests.test_metrics_services import samples, total
+    from worker.metrics.server import starlette_routes
+    from worker.settings import Settings
+
+    settings = Settings.build(database_url=sqlite_url, broker_url="", min_free_disk_mb=1)
+    with TestClient(Starlette(routes=starlette_routes(settings))) as client:
+        found = samples(client.get("/metrics").text)
+    assert total(found, "cxr_triage_site_score_drifted", site="changed") == 1
+    assert total(found, "cxr_triage_site_score_drifted", site="same") == 0
+    assert total(found, "cxr_triage_site_films_7d", site="same") == 150
+    assert total(found, "cxr_triage_site_score_psi", site="changed") == pytest.approx(gauges["changed"].psi)
+
 
 def test_migration_0006_up_and_down_over_existing_films(url, tmp_path):
     config = alembic_config(url)

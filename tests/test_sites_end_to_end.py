@@ -12,6 +12,7 @@ The sample in tests/data is small (16 normal films), so the calibration is store
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -135,3 +136,49 @@ def test_each_site_follows_its_own_calibration_with_a_running_worker(
         stop_group(worker, timeout=60)
     log = Path(tmp_path / "worker.log").read_text()
     assert str(a) not in log and str(b) not in log, "no file paths in the worker's log"
+
+
+@pytest.mark.extended  # held-out films of the full training set
+def test_quality_says_drifted_when_a_sites_case_mix_changes_and_the_alert_fires(kermany, tmp_path):
+    """Two sites calibrated on the same 100 held-out films (40 normal, 60 pneumonia). Site ``same``
+    then receives 150 other held-out films in that mix, site ``changed`` only normal films (a
+    screening clinic's day, say). ``quality`` calls ``same`` stable and ``changed`` drifted, and
+    the gauge Prometheus scrapes for ``changed`` fires the shipped alert rule in promtool."""
+    from db.quality import site_gauges
+    from tests.test_calibration_site import held_out_films
+    from tests.test_sites import alert_fires
+
+    sample, rest = held_out_films(kermany)
+    labels = tmp_path / "labelled"
+    copy_into([p for p, y in sample if y == 0], labels / "NORMAL")
+    copy_into([p for p, y in sample if y == 1], labels / "PNEUMONIA")
+    normal = [p for p, y in rest if y == 0]
+    sick = [p for p, y in rest if y == 1]
+    copy_into(normal[:60] + sick[:90], tmp_path / "drop" / "same")
+    copy_into(normal[60:150], tmp_path / "drop" / "changed")
+    url = f"sqlite:///{tmp_path / 'worklist.sqlite3'}"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("CXR_TRIAGE_BROKER_URL", "PROMETHEUS_MULTIPROC_DIR")
+    }
+    env["CXR_TRIAGE_DATABASE_URL"] = url  # scored in-process: no broker
+    for site in ("same", "changed"):
+        _run(["sites", "add", site, "--folder", str(tmp_path / "drop" / site)], env)
+        fit = json.loads(
+            _run(
+                ["model", "calibrate", str(labels), "--site", site, "--name", f"{site}-cal", "--json"], env
+            ).stdout
+        )
+        assert fit["sample_size"] == 100 and not fit["too_small"]
+    _run(["scan", str(tmp_path / "drop"), "--no-progress", "--decode-workers", "0"], env)
+    report = json.loads(_run(["quality", "--format", "json"], env).stdout)
+    parts = {part["site"]: part for part in report["sites"]}
+    print({site: parts[site]["drift"] for site in ("same", "changed")})
+    assert parts["same"]["drift"]["verdict"] == "stable" and parts["same"]["drift"]["films"] >= 145
+    assert parts["changed"]["drift"]["verdict"] == "drifted" and parts["changed"]["drift"]["films"] >= 85
+    assert (
+        parts["changed"]["totals"]["flagged_screen"]["estimate"]
+        < parts["same"]["totals"]["flagged_screen"]["low"]
+    )
+    with session_scope(url) as session:
+        gauges = {g.site: g for g in site_gauges(session)}
+    assert alert_fires([gauges["changed"], gauges["same"]], tmp_path) == {"changed": True, "same": False}

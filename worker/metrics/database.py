@@ -38,9 +38,7 @@ def read_gauges(engine, model_version: str) -> dict:
             .group_by(tier)
         ).all()
         calibration = _active_calibration(connection, model_version)
-        sites = _site_gauges(connection)
     return {
-        "sites": sites,
         "queue": {str(status): count for status, count in queue.items()},
         "oldest": {name: _age(oldest, now) for name, oldest, _ in rows},
         "unreviewed": {name: count for name, _, count in rows},
@@ -48,17 +46,19 @@ def read_gauges(engine, model_version: str) -> dict:
     }
 
 
-def _site_gauges(connection) -> list:
-    """Per-site shares and drift of the last 7 days (empty on a schema without sites)."""
+def read_site_gauges(engine) -> list:
+    """Per-site shares and drift of the last 7 days (db/quality.py; empty on a schema without sites).
+
+    Not a readiness check: it reads a week of films, so the probe runs it beside the checks and
+    keeps its last result (worker/metrics/server.py)."""
     from sqlalchemy.orm import Session
 
     from db.quality import site_gauges
 
     try:
-        with Session(bind=connection) as session:
+        with Session(bind=engine) as session:
             return site_gauges(session)
     except SQLAlchemyError:  # an older revision
-        connection.rollback()
         return []
 
 
