@@ -302,17 +302,7 @@ def worklist(
 
 def _print_table(rows: list[dict]) -> None:
     table = Table(show_lines=False)
-    for column in (
-        "priority",
-        "score",
-        "call",
-        "viral",
-        "study date",
-        "site",
-        "status",
-        "scope",
-        "path / reason",
-    ):
+    for column in ("priority", "score", "call", "viral", "study date", "status", "scope", "path / reason"):
         table.add_column(column, overflow="fold")
     for row in rows:
         call = ""
@@ -327,7 +317,6 @@ def _print_table(rows: list[dict]) -> None:
             call,
             "" if row["viral_probability"] is None else f"{row['viral_probability']:.2f}",
             row["study_date"] or "",
-            row["site"],
             row["status"],
             ("OUT OF SCOPE: " + (row["scope_note"] or "")) if row["out_of_scope"] else "",
             detail,
