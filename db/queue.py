@@ -21,6 +21,7 @@ from db.attributes import clean_text, to_columns
 from db.engine import dialect_insert
 from db.paths import from_db, from_db_one, to_db
 from db.schema import FINAL_STATUSES, Image, ImageStatus, Score, SourceFile, utcnow
+from db.sites import SiteRules, load_rules
 
 #: A file whose processing killed its worker this many times is failed, not retried.
 MAX_ATTEMPTS = 3
@@ -113,7 +114,8 @@ def register_many(session: Session, found: Sequence[tuple[FileSeen, str]]) -> li
     first_of: dict[str, int] = {}
     for index, (_, sha256) in enumerate(found):
         first_of.setdefault(sha256, index)
-    created = _insert_new_content(session, insert, found, first_of, now)
+    rules = load_rules(session)  # read per batch: a site added while a worker runs applies at once
+    created = _insert_new_content(session, insert, found, first_of, now, rules)
     ids = created | _ids_of(session, [sha256 for sha256 in first_of if sha256 not in created])
     _upsert_paths(session, insert, found, stored, ids, now)
     for old in {previous[p] for p in stored if p in previous} - set(ids.values()):
@@ -125,8 +127,11 @@ def register_many(session: Session, found: Sequence[tuple[FileSeen, str]]) -> li
     ]
 
 
-def _insert_new_content(session: Session, insert, found, first_of: dict[str, int], now) -> dict[str, int]:
-    """Image rows for content not seen before, queued; returns {sha256: id} of those created."""
+def _insert_new_content(
+    session: Session, insert, found, first_of: dict[str, int], now, rules: SiteRules
+) -> dict[str, int]:
+    """Image rows for content not seen before, queued, each with the site of the path it came
+    under; returns {sha256: id} of those created."""
     rows = [
         {
             "sha256": sha256,
@@ -136,6 +141,7 @@ def _insert_new_content(session: Session, insert, found, first_of: dict[str, int
             "out_of_scope": False,
             "first_seen_at": now,
             "updated_at": now,
+            "site": rules.site_of(found[index][0].path),
         }
         for sha256, index in first_of.items()
     ]

@@ -323,6 +323,32 @@ def test_unknown_calling_ae_is_refused(listener, tmp_path):
     assert len(list((tmp_path / "drop").iterdir())) == 1
 
 
+def test_received_files_are_named_after_the_calling_ae_for_their_site(listener, tmp_path):
+    """The listener keeps the sender's AE title in the file name; a site with that calling AE takes
+    the film when it is registered (issue 29)."""
+    from db import queue
+    from db.engine import session_scope
+    from db.migrate import upgrade
+    from db.schema import Image
+    from db.sites import add_site, calling_ae_of
+
+    scp = listener()
+    film = pydicom.dcmread(radiograph(np.zeros((8, 8)), tmp_path / "m.dcm"))
+    assert _send(scp.port, [film], calling="WARD_B") == [0x0000]
+    (written,) = (tmp_path / "drop").iterdir()
+    assert calling_ae_of(str(written)) == "WARD_B"
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    upgrade(url)
+    with session_scope(url) as session:
+        add_site(session, "ward-b", calling_aes=["WARD_B"])
+        stat = written.stat()
+        image_id, _ = queue.register(
+            session, queue.FileSeen(str(written), stat.st_size, stat.st_mtime_ns), "f" * 64
+        )
+    with session_scope(url) as session:
+        assert session.get(Image, image_id).site == "ward-b"
+
+
 def test_unwritable_drop_folder_answers_a_failure(listener, tmp_path):
     scp = listener()
     drop = tmp_path / "drop"

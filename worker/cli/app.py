@@ -265,6 +265,9 @@ def worklist(
     study_date_to: Annotated[
         datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Only studies up to this day, inclusive.")
     ] = None,
+    site: Annotated[
+        str | None, typer.Option(help="Only films of this site (`cxr-triage sites list`).")
+    ] = None,
     database_url: DatabaseUrl = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -282,6 +285,7 @@ def worklist(
         status=None if status is None else status.value,
         study_date_from=study_date_from.date() if study_date_from else None,
         study_date_to=study_date_to.date() if study_date_to else None,
+        site=site,
     )
     with session_scope(settings.database_url) as session:
         rows = query_rows(session, wanted, limit=limit)
@@ -491,6 +495,9 @@ _register_optional_commands()
 from worker.cli.web_commands import register as _register_web_commands  # noqa: E402 - web, users, audit
 
 _register_web_commands(app)
+from worker.cli.site_commands import register as _register_site_commands  # noqa: E402 - sites, quality
+
+_register_site_commands(app)
 
 
 def main() -> None:

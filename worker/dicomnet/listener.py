@@ -31,6 +31,8 @@ from pydicom import uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
 
+from db.sites import received_file_name
+
 log = logging.getLogger(__name__)
 
 #: Transfer syntaxes the pipeline decodes (pydicom with pylibjpeg and its plugins).
@@ -94,9 +96,13 @@ def storage_ae(ae_title: str, allowed_callers: list[str] | None = None) -> AE:
     return ae
 
 
-def write_instance(drop_dir: Path, data: bytes) -> str:
-    """Write ``data`` (a DICOM file's bytes) into ``drop_dir`` atomically; returns the file name."""
-    name = hashlib.sha256(data).hexdigest()[:32] + ".dcm"
+def write_instance(drop_dir: Path, data: bytes, calling_ae: str | None = None) -> str:
+    """Write ``data`` (a DICOM file's bytes) into ``drop_dir`` atomically; returns the file name.
+
+    The name keeps the sender's calling AE title (db.sites.received_file_name): the film's site
+    is resolved from it when the file is registered (``cxr-triage sites add --calling-ae``).
+    """
+    name = received_file_name(hashlib.sha256(data).hexdigest()[:32], calling_ae)
     partial = drop_dir / f".{name}.{threading.get_ident()}.part"
     try:
         with open(partial, "wb") as handle:
@@ -125,7 +131,7 @@ def make_store_handler(drop_dir: Path, stats: ListenerStats):
             stats.count(False)
             return PROCESSING_FAILURE
         try:
-            name = write_instance(drop_dir, data)
+            name = write_instance(drop_dir, data, _calling_ae(event))
         except OSError as exc:
             status = store_status(exc)
             log.error(
@@ -140,6 +146,15 @@ def make_store_handler(drop_dir: Path, stats: ListenerStats):
         return SUCCESS
 
     return handle_store
+
+
+def _calling_ae(event) -> str | None:
+    """The AE title the sender called from (pynetdicom keeps it on the association's requestor)."""
+    try:
+        title = event.assoc.requestor.ae_title
+    except AttributeError:
+        return None
+    return title.decode("ascii", "replace") if isinstance(title, bytes) else title
 
 
 def _log_rejection(event) -> None:
