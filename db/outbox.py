@@ -11,6 +11,7 @@ update (matched on ``attempts``) counts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,7 +19,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.queue import _insert, as_utc
+from db.queue import _insert, as_utc, scrub_reason
 from db.schema import Image, OutboxItem, OutboxKind, OutboxStatus, Score, SourceFile, utcnow
 
 
@@ -184,7 +185,8 @@ def mark_retry(
     """Record a failed attempt: try again after a growing delay, or fail it for good.
 
     ``permanent`` (the destination refused the object itself, or the source film is gone) fails the
-    row at once: resending the same object would be refused the same way.
+    row at once: resending the same object would be refused the same way. File paths are taken out of
+    ``error`` before it is stored (they identify patients).
     """
     final = permanent or item.attempts >= policy.max_attempts
     status = OutboxStatus.FAILED if final else OutboxStatus.PENDING
@@ -193,7 +195,7 @@ def mark_retry(
         .where(*_still_claimed(item))
         .values(
             status=status,
-            last_error=error[:2000],
+            last_error=scrub_reason(error),
             next_attempt_at=None if final else utcnow() + timedelta(seconds=policy.delay(item.attempts)),
         )
     )
@@ -219,24 +221,49 @@ def release(session: Session, items: Iterable[Claimed]) -> None:
         )
 
 
+@dataclass(frozen=True)
+class RetryOutcome:
+    """What ``outbox retry`` did: rows queued again, and the ids it was given but left alone."""
+
+    queued: int
+    #: Already sent, given by id without ``include_sent``: sending again is asked for explicitly.
+    already_sent: tuple[int, ...] = ()
+    #: Still pending (perhaps claimed by a running sender, whose claim must stand).
+    pending: tuple[int, ...] = ()
+    missing: tuple[int, ...] = ()
+
+
 def retry(
     session: Session,
     *,
     ids: Sequence[int] = (),
-    status: OutboxStatus | None = None,
+    include_sent: bool = False,
     destination: str | None = None,
     new_instance: bool = False,
-) -> int:
-    """Operator asks again: matching rows go back to pending, due now, attempts reset.
+) -> RetryOutcome:
+    """Operator asks again: failed rows (and, with ``include_sent``, sent ones) go back to pending,
+    due now, attempts reset; ``ids`` narrows that to those rows.
 
-    ``new_instance`` forgets the SOP Instance UID so that a fresh object (new UID) is sent, for a PACS
-    that lost or deleted the first one; otherwise the same instance is sent again.
+    Pending rows are never touched: a running sender may hold one (its claim is matched on
+    ``attempts``, which a reset would give to a second sender). A sent row given by id without
+    ``include_sent`` is left as it is and reported. ``new_instance`` forgets the SOP Instance UID so
+    that a fresh object (new UID) is sent, for a PACS that lost or deleted the first one; otherwise
+    the same instance is sent again.
     """
-    query = update(OutboxItem)
+    wanted = [OutboxStatus.FAILED, *([OutboxStatus.SENT] if include_sent else [])]
+    query = update(OutboxItem).where(OutboxItem.status.in_(wanted))
+    already_sent: tuple[int, ...] = ()
+    pending: tuple[int, ...] = ()
+    missing: tuple[int, ...] = ()
     if ids:
+        found = dict(
+            session.execute(select(OutboxItem.id, OutboxItem.status).where(OutboxItem.id.in_(ids))).all()
+        )
+        missing = tuple(sorted(set(ids) - set(found)))
+        pending = tuple(sorted(i for i, s in found.items() if s == OutboxStatus.PENDING))
+        if not include_sent:
+            already_sent = tuple(sorted(i for i, s in found.items() if s == OutboxStatus.SENT))
         query = query.where(OutboxItem.id.in_(list(ids)))
-    if status is not None:
-        query = query.where(OutboxItem.status == status)
     if destination is not None:
         query = query.where(OutboxItem.destination == destination)
     values: dict = {
@@ -247,7 +274,8 @@ def retry(
     }
     if new_instance:
         values["sop_instance_uid"] = None
-    return session.execute(query.values(**values)).rowcount
+    queued = session.execute(query.values(**values)).rowcount
+    return RetryOutcome(queued, already_sent, pending, missing)
 
 
 @dataclass(frozen=True)
@@ -299,12 +327,46 @@ def counts(session: Session) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
+class CalibrationInForce:
+    """What the worklist shows for a score now: the active calibration of its model version (its
+    thresholds, and its temperature applied to the logit), or the thresholds stored with the score."""
+
+    name: str
+    probability: float
+    screening_threshold: float
+    high_confidence_threshold: float
+    temperature: float | None = None
+
+    @classmethod
+    def of(cls, session: Session, score: Score) -> CalibrationInForce:
+        from db.calibration import SHIPPED, active_calibration
+
+        row = active_calibration(session, score.model_version)
+        if row is None:
+            return cls(
+                SHIPPED,
+                score.pneumonia_probability,
+                score.screening_threshold,
+                score.high_confidence_threshold,
+            )
+        p = score.pneumonia_probability
+        if row.temperature is not None:  # as the worklist view computes it (db.worklist_sql)
+            p = 1.0 / (1.0 + math.exp(min(max(-score.pneumonia_logit / row.temperature, -700.0), 700.0)))
+        return cls(row.name, p, row.screening_threshold, row.high_confidence_threshold, row.temperature)
+
+
+@dataclass(frozen=True)
 class SendContext:
-    """The stored score and the film's paths: everything an object is built from."""
+    """Everything an object is built from: the stored score, the calibration in force, the film's
+    content hash and paths (its bytes must still hash to ``sha256``), and its scope flag."""
 
     score: Score
     paths: list[str]
     sha256: str
+    image_status: str
+    out_of_scope: bool
+    scope_note: str | None
+    calibration: CalibrationInForce
 
 
 def send_context(session: Session, item: Claimed) -> SendContext | None:
@@ -313,11 +375,16 @@ def send_context(session: Session, item: Claimed) -> SendContext | None:
     ).one_or_none()
     if score is None:
         return None
+    calibration = CalibrationInForce.of(session, score)
     session.expunge(score)
     paths = list(
         session.scalars(
             select(SourceFile.path).where(SourceFile.image_id == item.image_id).order_by(SourceFile.id)
         )
     )
-    sha256 = session.scalars(select(Image.sha256).where(Image.id == item.image_id)).one()
-    return SendContext(score, paths, sha256)
+    image = session.execute(
+        select(Image.sha256, Image.status, Image.out_of_scope, Image.scope_note).where(
+            Image.id == item.image_id
+        )
+    ).one()
+    return SendContext(score, paths, image[0], image[1], bool(image[2]), image[3], calibration)
