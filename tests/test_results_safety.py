@@ -48,7 +48,9 @@ def scored(url: str, path: Path, p: float, destination: str, *, out_of_scope: st
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     stat = path.stat()
     with session_scope(url) as session:
-        image_id, _ = register(session, FileSeen(str(path), stat.st_size, stat.st_mtime_ns), sha256_file(path))
+        image_id, _ = register(
+            session, FileSeen(str(path), stat.st_size, stat.st_mtime_ns), sha256_file(path)
+        )
         claim(session, [image_id], 60)
         attributes = {
             "source_format": "dicom",
@@ -230,7 +232,9 @@ def test_out_of_scope_sr_carries_scope_reasons_model_calibration_and_intended_us
         path = tmp_path / "sr.dcm"
         sr.save_as(path, enforce_file_format=True)
         dcmtk_check(path)
-        dumped = subprocess.run(["dsrdump", "+Pl", str(path)], capture_output=True, text=True, timeout=60).stdout
+        dumped = subprocess.run(
+            ["dsrdump", "+Pl", str(path)], capture_output=True, text=True, timeout=60
+        ).stdout
         for shown in (
             "OUT OF SCOPE: outside the validated population",
             "patient age 81.0 years is outside the validated 1-5 years",
