@@ -259,3 +259,49 @@ def test_sent_sr_of_an_out_of_scope_film_is_flagged(tmp_path, pacs):
     assert found["SCOPE"] == ["OUT OF SCOPE: outside the validated population"]
     assert found["SCOPE-REASON"] == [reason]
     assert "not a diagnosis" in found["INTENDED-USE"][0] and "shipped" in found["CALIBRATION"][0]
+
+
+# -- item 16: operator retries ---------------------------------------------------------------------
+def _three_rows(url: str, tmp_path: Path) -> tuple[int, int, outbox.Claimed]:
+    """A sent row, a failed row, and a pending row that a running sender has claimed."""
+    upgrade(url)
+    (tmp_path / "drop").mkdir()
+    for name in ("a", "b", "c"):
+        scored(url, film(tmp_path / "drop" / f"{name}.dcm", name, name), 0.5, "PACS@127.0.0.1:104")
+    with session_scope(url) as session:
+        sent, failed, held = outbox.claim_due(session, RETRY.claim_lease_s)
+        outbox.mark_sent(session, sent)
+        outbox.mark_retry(session, failed, "refused", RETRY, permanent=True)
+    return sent.id, failed.id, held
+
+
+def test_retry_by_id_refuses_a_sent_row_without_sent(tmp_path):
+    from tests.conftest import CLI
+
+    url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
+    sent_id, failed_id, _ = _three_rows(url, tmp_path)
+
+    def retry(*args: str) -> subprocess.CompletedProcess:
+        command = [CLI, "outbox", "retry", *args, "--database-url", url]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    refused = retry(str(sent_id))
+    assert refused.returncode == 1 and "already sent; add --sent" in refused.stderr
+    assert [s for s, _ in rows(url)] == ["sent", "failed", "pending"]
+    again = retry(str(sent_id), "--sent")
+    assert again.returncode == 0 and "1 row(s) queued again" in again.stderr
+    assert [s for s, _ in rows(url)] == ["pending", "failed", "pending"]
+    assert retry(str(failed_id)).returncode == 0
+
+
+def test_retry_sent_without_ids_leaves_a_claimed_row_to_its_sender(tmp_path):
+    url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
+    _, _, held = _three_rows(url, tmp_path)
+    with session_scope(url) as session:
+        done = outbox.retry(session, include_sent=True)
+        assert done.queued == 2
+        # the running sender's claim stands: nobody else can take the row, its answer still counts
+        assert held.id not in [c.id for c in outbox.claim_due(session, RETRY.claim_lease_s)]
+    with session_scope(url) as session:
+        assert outbox.mark_sent(session, held)
+        assert session.get(OutboxItem, held.id).status == OutboxStatus.SENT
