@@ -2,7 +2,9 @@
 
 An outbox row is one DICOM object (SR, SC or KOS) for one (film, model version,
 destination): the unique key makes :func:`enqueue_results` idempotent, so a
-score written twice, a task delivered twice or a rescan never sends twice.
+score written twice, a task delivered twice or a rescan never sends twice. A DICOM
+film is also keyed by its SOP Instance UID: the same instance received twice (in
+two transfer syntaxes: two contents, two images) gets one object, not two.
 Like :mod:`db.queue`, every transition is one conditional UPDATE, so two senders
 (a ``watch`` and a ``worker`` on the same database) cannot both take a row:
 a claim moves ``next_attempt_at`` past a lease, and only the claimer's later
@@ -20,7 +22,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.queue import _insert, as_utc, scrub_reason
-from db.schema import Image, OutboxItem, OutboxKind, OutboxStatus, Score, SourceFile, utcnow
+from db.schema import Image, ImageStatus, OutboxItem, OutboxKind, OutboxStatus, Score, SourceFile, utcnow
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,13 @@ def enqueue_results(
     kinds = list(plan.kinds)
     if OutboxKind.KEY_OBJECT in kinds and not _is_high(session, image_id, model_version):
         kinds.remove(OutboxKind.KEY_OBJECT)  # the key object flags HIGH films only
+    sop_uid = session.scalar(select(Image.sop_uid).where(Image.id == image_id))  # as stored (whole or none)
     insert = _insert(session)
     now = utcnow()
     created = 0
     for destination in plan.destinations:
         for kind in kinds:
+            # No conflict target: either key (this image, or this SOP instance) already there is enough.
             result = session.execute(
                 insert(OutboxItem)
                 .values(
@@ -93,11 +97,43 @@ def enqueue_results(
                     attempts=0,
                     next_attempt_at=now,
                     created_at=now,
+                    source_sop_uid=sop_uid or None,
                 )
-                .on_conflict_do_nothing(index_elements=["image_id", "model_version", "destination", "kind"])
+                .on_conflict_do_nothing()
             )
-            created += max(result.rowcount or 0, 0)
+            made = max(result.rowcount or 0, 0)
+            if not made and sop_uid:
+                made = _take_over(session, image_id, model_version, destination, kind, sop_uid, now)
+            created += made
     return created
+
+
+def _take_over(
+    session: Session, image_id: int, model_version: str, destination: str, kind: OutboxKind, sop_uid: str, now
+) -> int:
+    """The same SOP instance seen again after its first copy's content was gone (superseded) before
+    its result could be sent: the failed row is sent for this copy instead (same instance, one result)."""
+    first_gone = (
+        select(Image.id)
+        .where(Image.id == OutboxItem.image_id, Image.status == ImageStatus.SUPERSEDED)
+        .exists()
+    )
+    result = session.execute(
+        update(OutboxItem)
+        .where(
+            OutboxItem.source_sop_uid == sop_uid,
+            OutboxItem.model_version == model_version,
+            OutboxItem.destination == destination,
+            OutboxItem.kind == str(kind),
+            OutboxItem.status == OutboxStatus.FAILED,
+            OutboxItem.image_id != image_id,
+            first_gone,
+        )
+        .values(
+            image_id=image_id, status=OutboxStatus.PENDING, attempts=0, next_attempt_at=now, last_error=None
+        )
+    )
+    return result.rowcount or 0
 
 
 def _is_high(session: Session, image_id: int, model_version: str) -> bool:

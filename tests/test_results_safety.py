@@ -305,3 +305,72 @@ def test_retry_sent_without_ids_leaves_a_claimed_row_to_its_sender(tmp_path):
     with session_scope(url) as session:
         assert outbox.mark_sent(session, held)
         assert session.get(OutboxItem, held.id).status == OutboxStatus.SENT
+
+
+# -- item 4: one SOP instance is one film ----------------------------------------------------------
+def test_the_same_instance_sent_twice_in_two_syntaxes_is_one_file(tmp_path):
+    from pydicom.uid import RLELossless
+
+    from tests.test_dicomnet import _send
+
+    scp = StorageListener(tmp_path / "drop", port=0, ae_title="CXR_TRIAGE", host="127.0.0.1")
+    port = scp.start()
+    try:
+        stored = np.random.default_rng(3).integers(0, 4095, (64, 64)).astype(np.uint16)
+        first = pydicom.dcmread(radiograph(stored, tmp_path / "first.dcm"))
+        again = pydicom.dcmread(radiograph(stored, tmp_path / "again.dcm", syntax=RLELossless))
+        for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            setattr(again, keyword, first[keyword].value)
+        again.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+        assert _send(port, [first]) == [0] and _send(port, [again]) == [0]  # both answered success
+    finally:
+        scp.stop()
+    (kept,) = (tmp_path / "drop").iterdir()
+    assert pydicom.dcmread(kept).file_meta.TransferSyntaxUID == first.file_meta.TransferSyntaxUID
+
+
+def test_a_later_copy_of_a_scored_instance_is_a_duplicate_with_no_second_result(tmp_path):
+    """Two contents (two transfer syntaxes), one SOP Instance UID: one ranked film, one SR."""
+    from db.queue import record_scores
+    from db.schema import Image
+
+    url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
+    upgrade(url)
+    plan = outbox.OutboxPlan(("PACS@127.0.0.1:104",), (OutboxKind.STRUCTURED_REPORT,))
+    attributes = {"source_format": "dicom", "study_uid": "1.2.3", "sop_uid": "1.2.3.4"}
+    ids = []
+    for n, sha in enumerate(
+        ("a" * 64, "b" * 64, "c" * 64)
+    ):  # the third comes in the same batch as the second
+        with session_scope(url) as session:
+            image_id, _ = register(session, FileSeen(f"/drop/{n}.dcm", 1, 1), sha)
+            ids.append(image_id)
+    record = ScoreRecord("model-v1", 0.9, 2.0, None, 0.0734, 0.3826)
+    for batch in ([ids[0]], ids[1:]):
+        with session_scope(url) as session:
+            claim(session, batch, 60)
+            duplicates = record_scores(session, [(i, record, attributes) for i in batch])
+            for image_id in batch:
+                outbox.enqueue_results(session, image_id, "model-v1", plan, attributes)
+    assert duplicates == ids[1:]
+    with session_scope(url) as session:
+        states = session.execute(select(Image.status, Image.reason).order_by(Image.id)).all()
+        assert [s for s, _ in states] == ["scored", "rejected", "rejected"]
+        assert "duplicate of film aaaaaaaaaaaa" in states[1][1]
+        assert session.execute(select(OutboxItem.image_id)).scalars().all() == [ids[0]]
+
+
+def test_outbox_is_keyed_by_the_sop_instance_even_for_two_scored_copies(tmp_path):
+    """Whatever the images' states (e.g. two copies scored at once by two workers): one SR."""
+    url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
+    upgrade(url)
+    plan = outbox.OutboxPlan(("PACS@127.0.0.1:104",), (OutboxKind.STRUCTURED_REPORT,))
+    attributes = {"source_format": "dicom", "study_uid": "1.2.3", "sop_uid": "1.2.3.4"}
+    made = []
+    for n, sha in enumerate(("a" * 64, "b" * 64)):
+        with session_scope(url) as session:
+            image_id, _ = register(session, FileSeen(f"/drop/{n}.dcm", 1, 1), sha)
+            claim(session, [image_id], 60)
+            record_score(session, image_id, ScoreRecord("model-v1", 0.9, 2.0, None, 0.07, 0.38), attributes)
+            made.append(outbox.enqueue_results(session, image_id, "model-v1", plan, attributes))
+    assert made == [1, 0]

@@ -63,7 +63,8 @@ def dicom_listen_command(
     """Receive films over DICOM (C-STORE, C-ECHO) and drop them into DROP_DIR for `watch`.
 
     Each instance is written to a hidden .part file, flushed, and renamed into DROP_DIR under a name
-    made from a hash of its bytes (no patient identifiers). Compressed transfer syntaxes (JPEG,
+    made from a hash of its SOP Instance UID (no patient identifiers); the same instance sent again
+    (even in another transfer syntax) is a duplicate: the first copy is kept. Compressed syntaxes (JPEG,
     JPEG-LS, JPEG 2000, RLE, deflate) are accepted. A full disk or an unwritable folder answers the
     sender with a failure status (0xA700 / 0x0110), so the sender keeps the film and retries.
 
