@@ -21,7 +21,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.queue import _insert, as_utc, scrub_reason
+from db.engine import dialect_insert
+from db.queue import as_utc, scrub_reason
 from db.schema import Image, ImageStatus, OutboxItem, OutboxKind, OutboxStatus, Score, SourceFile, utcnow
 
 
@@ -80,7 +81,7 @@ def enqueue_results(
     if OutboxKind.KEY_OBJECT in kinds and not _is_high(session, image_id, model_version):
         kinds.remove(OutboxKind.KEY_OBJECT)  # the key object flags HIGH films only
     sop_uid = session.scalar(select(Image.sop_uid).where(Image.id == image_id))  # as stored (whole or none)
-    insert = _insert(session)
+    insert = dialect_insert(session)
     now = utcnow()
     created = 0
     for destination in plan.destinations:
