@@ -363,6 +363,18 @@ def counts(session: Session) -> dict[str, int]:
     return {status: count for status, count in session.execute(query)}
 
 
+def pending_untried(session: Session, attempts: int) -> int:
+    """Pending rows not yet tried ``attempts`` times without success: worth waiting for."""
+    return session.scalar(
+        select(func.count())
+        .select_from(OutboxItem)
+        .where(
+            OutboxItem.status == OutboxStatus.PENDING,
+            or_(OutboxItem.attempts < attempts, OutboxItem.last_error.is_(None)),
+        )
+    )
+
+
 @dataclass(frozen=True)
 class CalibrationInForce:
     """What the worklist shows for a score now: the active calibration of its model version (its

@@ -129,7 +129,7 @@ def outbox_list(
     from db import outbox
     from db.engine import session_scope
 
-    settings = _prepared(database_url, log_level)
+    settings = _prepared(database_url, log_level, read_only=True)
     with session_scope(settings.database_url) as session:
         rows = [row.as_dict() for row in outbox.list_items(session, status, limit)]
         counts = outbox.counts(session)
@@ -197,8 +197,8 @@ def outbox_retry(
         raise typer.Exit(1)
 
 
-def _prepared(database_url: str | None, log_level: str | None) -> Settings:
-    return database_settings(database_url=database_url, log_level=log_level)
+def _prepared(database_url: str | None, log_level: str | None, *, read_only: bool = False) -> Settings:
+    return database_settings(database_url=database_url, log_level=log_level, read_only=read_only)
 
 
 def register(app: typer.Typer) -> None:

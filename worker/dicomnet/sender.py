@@ -26,6 +26,7 @@ import os
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: A scan waits for its results until each pending one has failed this many times (2 s + 4 s of backoff).
+DRAIN_ATTEMPTS = 3
 #: Statuses that mean the object itself is refused: resending it unchanged cannot help (PS3.4 B.2.3).
 PERMANENT_FAILURES = (0xA900, 0xC000)
 
@@ -145,6 +148,8 @@ class OutboxSender:
         self._thread: threading.Thread | None = None
         self._model_name: str | None = None
         self.backoff_s = 0.0
+        #: Objects this sender delivered and failed for good (a scan reports them).
+        self.sent_count = self.failed_count = 0
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it quotes headers at DEBUG
 
     # -- thread ---------------------------------------------------------------------------------
@@ -171,13 +176,18 @@ class OutboxSender:
                 self.idle.set()
                 self.stop_event.wait(self.poll_seconds)
 
-    def drain(self, timeout: float) -> dict[str, int]:
-        """Wait (at most ``timeout`` s) until nothing is pending; returns the outbox counts."""
+    def drain(self, timeout: float, give_up_after: int = DRAIN_ATTEMPTS) -> dict[str, int]:
+        """Wait (at most ``timeout`` s) until nothing is pending, or every pending row has failed
+        ``give_up_after`` times (the destination is away: the next run sends them); returns the
+        outbox counts."""
         deadline = time.monotonic() + timeout
         while True:
             with session_scope(self.database_url) as session:
                 counts = outbox.counts(session)
-            if not counts.get(OutboxStatus.PENDING) or time.monotonic() >= deadline:
+                hopeless = counts.get(OutboxStatus.PENDING) and not outbox.pending_untried(
+                    session, give_up_after
+                )
+            if not counts.get(OutboxStatus.PENDING) or hopeless or time.monotonic() >= deadline:
                 return counts
             time.sleep(min(self.poll_seconds, max(deadline - time.monotonic(), 0.01)))
 
@@ -251,7 +261,8 @@ class OutboxSender:
             self._finish(item, "no answer to C-STORE (timeout or connection lost)")
         elif code == 0x0000 or (code & 0xF000) == 0xB000:  # success, or warning (PS3.4 B.2.3)
             with session_scope(self.database_url) as session:
-                outbox.mark_sent(session, item)
+                if outbox.mark_sent(session, item):
+                    self.sent_count += 1
             log.info(
                 "outbox: sent %s for image %d to %s",
                 item.kind.name.lower(),
@@ -266,6 +277,7 @@ class OutboxSender:
         with session_scope(self.database_url) as session:
             status = outbox.mark_retry(session, item, error, self.retry, permanent=permanent)
         if status is OutboxStatus.FAILED:
+            self.failed_count += 1
             log.error(
                 "outbox: %s for image %d failed for good: %s", item.kind.name.lower(), item.image_id, error
             )
@@ -367,22 +379,48 @@ class OutboxSender:
         return objects.overlay_rgb(grey, gradcam(self._resolved_model_dir(), grey))
 
 
+@dataclass(frozen=True)
+class ResultsReport:
+    """What a command's sender did, for its summary: delivered and failed for good in this run, and
+    what is still pending in the outbox (sent by the next watch, scan or worker)."""
+
+    sent: int
+    failed: int
+    pending: int
+
+    @property
+    def delivered(self) -> bool:
+        return not (self.failed or self.pending)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"results_sent": self.sent, "results_failed": self.failed, "results_pending": self.pending}
+
+
 class SenderHandle:
     """A running sender (or nothing, without a destination) that a command closes on its way out."""
 
     def __init__(self, sender: OutboxSender | None) -> None:
         self.sender = sender
 
-    def close(self, drain_s: float = 0.0) -> None:
-        """Stop the thread; with ``drain_s`` (``scan``) first wait that long for pending objects."""
+    def close(self, drain_s: float = 0.0) -> ResultsReport | None:
+        """Stop the thread; with ``drain_s`` (``scan``) first wait that long for pending objects.
+        Returns what was sent (None without a destination)."""
         if self.sender is None:
-            return
+            return None
+        sender, counts = self.sender, {}
         try:
             if drain_s:
-                _drain_and_report(self.sender, drain_s)
+                counts = _drain_and_report(sender, drain_s)
         finally:
-            self.sender.stop()
+            sender.stop()
             self.sender = None
+        if not drain_s:
+            try:
+                with session_scope(sender.database_url) as session:
+                    counts = outbox.counts(session)
+            except Exception as exc:  # noqa: BLE001 - a command on its way out must not fail here
+                log.warning("outbox: cannot count what is pending (%s)", describe_error(exc))
+        return ResultsReport(sender.sent_count, sender.failed_count, counts.get(OutboxStatus.PENDING, 0))
 
 
 def retry_policy(settings: Settings) -> outbox.RetryPolicy:
@@ -419,11 +457,11 @@ def start_results_sender(settings: Settings) -> SenderHandle:
     return SenderHandle(sender)
 
 
-def _drain_and_report(sender: OutboxSender, drain_s: float) -> None:
+def _drain_and_report(sender: OutboxSender, drain_s: float) -> dict[str, int]:
     counts = sender.drain(drain_s)
     if counts.get(OutboxStatus.PENDING):
         log.warning(
-            "outbox: %d object(s) still pending after %.0f s; the next watch, scan or worker sends them",
+            "outbox: %d object(s) still pending; the next watch, scan or worker sends them",
             counts[OutboxStatus.PENDING],
-            drain_s,
         )
+    return counts

@@ -163,6 +163,8 @@ class Processor:
         (:meth:`DecodePool.predecode`); used where the path and content hash still match."""
         self.owner = owner or self.default_owner
         counts: Counter = Counter()
+        #: The outcomes of this call's finished batches, while it runs (an interrupted scan reports them).
+        self.in_flight = counts
         retry: list[int] = []
         # Overlap: later batches decode in the pool while batch k is claimed, scored and stored. A
         # batch is claimed only once its decodes are done and the model is loaded, so decoding ahead
@@ -185,6 +187,7 @@ class Processor:
             for started in unfinished:  # an error or interrupt: their decodes are not needed
                 if started.pending is not None:
                     started.pending.cancel()
+        self.in_flight = Counter()
         return BatchOutcome(counts, retry)
 
     def _release(self, claimed: list[int]) -> None:
