@@ -116,6 +116,11 @@ def read_film(paths: list[str], sha256: str) -> bytes:
             "the film's file now holds other content (replaced since it was scored): no result sent, "
             "so that it cannot reach another patient's record"
         )
+    if not paths:  # a rescan moved its paths to the content they show now, or forgot them
+        raise SourceGone(
+            "the film's content is no longer at any known path (its file was replaced or deleted since "
+            "it was scored): no result sent, so that it cannot reach another patient's record"
+        )
     raise SourceGone("the film is no longer at any known path (deleted): no result sent")
 
 
