@@ -8,6 +8,7 @@ it receives) over a socket; the Orthanc round trip of the issue's scenario is in
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -374,3 +375,60 @@ def test_outbox_is_keyed_by_the_sop_instance_even_for_two_scored_copies(tmp_path
             record_score(session, image_id, ScoreRecord("model-v1", 0.9, 2.0, None, 0.07, 0.38), attributes)
             made.append(outbox.enqueue_results(session, image_id, "model-v1", plan, attributes))
     assert made == [1, 0]
+
+
+def test_scan_of_one_instance_in_two_syntaxes_ranks_one_film_and_sends_one_sr(tmp_path, pacs, kermany):
+    """The issue's reproduction of item 4, through a real scan: one worklist film, one SR."""
+    from PIL import Image as PilImage
+    from pydicom.uid import RLELossless
+
+    from tests.conftest import CLI, kermany_files
+
+    with PilImage.open(kermany_files(kermany, "PNEUMONIA", 1)[0]) as image:
+        stored = (np.asarray(image.convert("L"), dtype=np.uint16) * 16).astype(np.uint16)
+    folder = tmp_path / "films"
+    folder.mkdir()
+    first = pydicom.dcmread(radiograph(stored, folder / "explicit.dcm", modality="CR", view="PA"))
+    again = pydicom.dcmread(
+        radiograph(stored, tmp_path / "rle.dcm", modality="CR", view="PA", syntax=RLELossless)
+    )
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        setattr(again, keyword, first[keyword].value)
+    again.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    again.save_as(folder / "rle.dcm", enforce_file_format=True)
+    url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
+    done = subprocess.run(
+        [
+            CLI,
+            "scan",
+            str(folder),
+            "--database-url",
+            url,
+            "--no-progress",
+            "--send-results",
+            pacs.destination,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, CXR_TRIAGE_DECODE_WORKERS="0"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 scored, 1 rejected" in done.stderr and "results: 1 sent, 0 failed, 0 pending" in done.stderr
+    listed = subprocess.run(
+        [CLI, "worklist", "--format", "json", "--database-url", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    rows = json.loads(listed.stdout)
+    assert sorted(r["status"] for r in rows) == ["rejected", "scored"]
+    assert "duplicate of film" in next(r["reason"] for r in rows if r["status"] == "rejected")
+    (sr,) = reports(pacs.received)
+    assert (
+        sr.CurrentRequestedProcedureEvidenceSequence[0]
+        .ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID
+        == first.SOPInstanceUID
+    )

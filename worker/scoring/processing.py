@@ -380,9 +380,14 @@ class Processor:
                     counts[outcome] += 1
                 if outcome in (Outcome.RETRY, Outcome.UNREACHABLE):
                     back.append(image_id)
-            queue.record_scores(session, scored)
+            duplicates = queue.record_scores(session, scored)  # later copies of a scored SOP instance
+            counts[Outcome.SCORED] -= len(duplicates)
+            counts[Outcome.REJECTED] += len(duplicates)
             for image_id, _, attributes in scored:  # after the scores: a key object needs its score
-                outbox.enqueue_results(session, image_id, self.scorer.version, self.outbox_plan, attributes)
+                if image_id not in duplicates:  # (the outbox's SOP instance key would refuse them too)
+                    outbox.enqueue_results(
+                        session, image_id, self.scorer.version, self.outbox_plan, attributes
+                    )
             queue.release(session, back)
         return BatchOutcome(counts, retry)
 
