@@ -432,3 +432,17 @@ def test_scan_of_one_instance_in_two_syntaxes_ranks_one_film_and_sends_one_sr(tm
         .ReferencedSOPInstanceUID
         == first.SOPInstanceUID
     )
+
+
+def test_a_reason_quoting_a_path_is_scrubbed_in_the_row_and_the_log(tmp_path, caplog):
+    url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
+    upgrade(url)
+    (tmp_path / "drop").mkdir()
+    scored(url, film(tmp_path / "drop" / "a.dcm", "a", "a"), 0.5, "PACS@127.0.0.1:104")
+    with session_scope(url) as session:
+        (item,) = outbox.claim_due(session, RETRY.claim_lease_s)
+    quoted = "could not build the object: OSError: [Errno 5] Input/output error: '/srv/drop/DOE_JOHN.dcm'"
+    sender(url)._finish(item, quoted, permanent=True)
+    ((status, error),) = rows(url)
+    assert status == OutboxStatus.FAILED and "Input/output error" in error
+    assert "DOE_JOHN" not in error and "DOE_JOHN" not in caplog.text and "/srv/drop" not in caplog.text

@@ -34,6 +34,7 @@ from db import outbox
 from db.engine import session_scope
 from db.outbox import Claimed
 from db.paths import from_db
+from db.queue import scrub_reason
 from db.schema import OutboxKind, OutboxStatus
 from worker.dicomnet.plan import Destination, DestinationError
 from worker.logs import describe_error, short
@@ -279,6 +280,7 @@ class OutboxSender:
             self._finish(item, f"destination answered status 0x{code:04X}", permanent=permanent)
 
     def _finish(self, item: Claimed, error: str, *, permanent: bool = False) -> None:
+        error = scrub_reason(error)  # a library's message may quote a path: not in the log either
         with session_scope(self.database_url) as session:
             status = outbox.mark_retry(session, item, error, self.retry, permanent=permanent)
         if status is OutboxStatus.FAILED:
