@@ -381,8 +381,9 @@ class Processor:
                 if outcome in (Outcome.RETRY, Outcome.UNREACHABLE):
                     back.append(image_id)
             duplicates = queue.record_scores(session, scored)  # later copies of a scored SOP instance
-            counts[Outcome.SCORED] -= len(duplicates)
-            counts[Outcome.REJECTED] += len(duplicates)
+            if duplicates:
+                counts[Outcome.SCORED] -= len(duplicates)
+                counts[Outcome.REJECTED] += len(duplicates)
             for image_id, _, attributes in scored:  # after the scores: a key object needs its score
                 if image_id not in duplicates:  # (the outbox's SOP instance key would refuse them too)
                     outbox.enqueue_results(
