@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.lungs import LungFields, ModelInput
+from pipeline.lungs import InputPlan, LungFields, ModelInput
 from pipeline.model_folder import (  # noqa: F401 - the folder's layout, re-exported for its callers
     DEFAULT_MODEL_FILE,
     LITE_MODEL_FILE,
@@ -163,7 +163,6 @@ class Scorer:
     engine: Engine = Engine.TENSORFLOW
     #: The model folder (its lung model, when the classifier reads the lung crop).
     model_dir: Path | None = None
-    _input: ModelInput | None = field(repr=False, default=None)
 
     @classmethod
     def load(
@@ -279,11 +278,14 @@ class Scorer:
         ]
 
     @property
+    def input_plan(self) -> InputPlan:
+        """How this model's input is made (:class:`pipeline.lungs.InputPlan`)."""
+        return InputPlan.from_metadata(self.model_dir or ".", self.metadata)
+
+    @property
     def model_input(self) -> ModelInput:
         """What turns decoded grey levels into this model's input (:class:`pipeline.lungs.ModelInput`)."""
-        if self._input is None:
-            self._input = ModelInput.for_model(self.model_dir, self.metadata)
-        return self._input
+        return self.input_plan.maker()
 
     def input_check(self, score: ModelScore, fields: LungFields | None) -> str | None:
         """Why the input checks turn a scored film away (not a chest film, turned, no lung fields),

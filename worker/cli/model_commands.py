@@ -308,7 +308,6 @@ def explain_command(
     from pipeline.decode import decode_file
     from pipeline.errors import ImageProblem
     from pipeline.inference import Scorer
-    from pipeline.normalise import to_model_input
 
     try:
         grey = decode_file(file).pixels
@@ -317,7 +316,7 @@ def explain_command(
         raise typer.Exit(2) from exc
     directory = model_dir or default_model_dir()
     scorer = Scorer.load(directory)
-    score = scorer.score_batch(to_model_input(grey, scorer.input_size)[None])[0]
+    score = scorer.score_batch(scorer.model_input(grey)[0][None])[0]
     write_overlay(grey, gradcam(directory, grey), output)
     viral = "" if score.viral_probability is None else f", P(viral | pneumonia) {score.viral_probability:.3f}"
     typer.echo(
