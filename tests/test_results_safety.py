@@ -446,3 +446,51 @@ def test_a_reason_quoting_a_path_is_scrubbed_in_the_row_and_the_log(tmp_path, ca
     ((status, error),) = rows(url)
     assert status == OutboxStatus.FAILED and "Input/output error" in error
     assert "DOE_JOHN" not in error and "DOE_JOHN" not in caplog.text and "/srv/drop" not in caplog.text
+
+
+def test_the_sr_reports_the_calibration_in_force_as_the_worklist_does(tmp_path, pacs):
+    """A site calibration (thresholds and temperature) is active: the SR's probability, thresholds and
+    category are the worklist's, and it names the calibration."""
+    import math
+
+    from db.schema import Calibration, Score
+    from tests.conftest import CLI
+    from tests.test_dicomnet import numeric_values
+
+    url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
+    upgrade(url)
+    (tmp_path / "drop").mkdir()
+    path = film(tmp_path / "drop" / "a.dcm", "Apatient^Anna", "PID-A")
+    image_id = scored(url, path, 0.5, pacs.destination)
+    logit = 2.0
+    with session_scope(url) as session:  # the stored score gets a logit; a site calibration is activated
+        score = session.scalars(select(Score).where(Score.image_id == image_id)).one()
+        score.pneumonia_logit, score.pneumonia_probability = logit, 1 / (1 + math.exp(-logit))
+        session.add(
+            Calibration(
+                name="site-2026",
+                model_version="model-v1",
+                screening_threshold=0.2,
+                high_confidence_threshold=0.7,
+                temperature=2.0,
+                active=True,
+                source="labels",
+            )
+        )
+    assert sender(url).send_due()
+    (sr,) = reports(pacs.received)
+    calibrated = 1 / (1 + math.exp(-logit / 2.0))
+    values = numeric_values(sr)
+    assert values["PNEUMONIA-P"] == pytest.approx(calibrated)
+    assert (values["SCREEN-T"], values["HIGH-T"]) == (0.2, 0.7)
+    found = texts(sr)
+    assert found["TRIAGE"] == ["High confidence pneumonia"]  # 0.731 >= 0.7 (uncalibrated 0.88 too)
+    assert "site-2026" in found["CALIBRATION"][0]
+    url_rows = subprocess.run(
+        [CLI, "worklist", "--format", "json", "--database-url", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    (row,) = json.loads(url_rows.stdout)
+    assert row["calibration"] == "site-2026" and row["score"] == pytest.approx(calibrated, abs=1e-4)
