@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.extras import require_tensorflow
 from pipeline.lungs import InputPlan, LungFields, ModelInput
 from pipeline.model_folder import (  # noqa: F401 - the folder's layout, re-exported for its callers
     DEFAULT_MODEL_FILE,
@@ -133,6 +134,7 @@ def load_keras_model(model_dir: str | Path, custom_objects: dict | None = None) 
     ``custom_objects`` and gets the inference stand-ins of the training-only layers; training
     tools pass ``{}`` after importing ``models.architectures``, whose registered layers then apply.
     """
+    require_tensorflow()
     import keras
 
     model_dir = Path(model_dir)
@@ -187,6 +189,7 @@ class Scorer:
                 size = int(metadata["input_size"])
                 runner(np.zeros((1, size, size, 1), dtype=np.float32))  # warm-up: the banner comes here
             return cls._from_metadata(metadata, runner, guard, Engine.LITERT, model_dir)
+        require_tensorflow()  # no current LiteRT export, or TensorFlow asked for: say which extra
         with _native_stderr_silenced(quiet):
             import tensorflow as tf
 

@@ -98,15 +98,13 @@ def heatmap_png(sha256: str, stored_paths: list[str], model_dir: Path, size: int
     key = ("cam", sha256, str(model_dir), size)
     cached = _cache.get(key)
     if cached is None:
-        from matplotlib import colormaps
-
         from models.explain import gradcam
+        from pipeline.colours import jet
 
         grey = resize_square(open_film(sha256, stored_paths), size)
         with _cam_lock:
             heat = np.clip(gradcam(model_dir, grey), 0.0, 1.0)
-        rgba = colormaps["jet"](heat)
-        rgba[..., 3] = 0.6 * heat
+        rgba = np.concatenate([jet(heat), (0.6 * heat)[..., None]], axis=-1)
         cached = _png((rgba * 255).astype(np.uint8), "RGBA")
         _cache.put(key, cached)
     return cached
