@@ -244,7 +244,9 @@ class AuditEvent(Base):
 
 
 class OutboxItem(Base):
-    """A DICOM object to send to a destination; sent once per (image, model, destination, kind)."""
+    """A DICOM object to send to a destination; sent once per (image, model, destination, kind), and
+    once per (film's SOP Instance UID, model, destination, kind): one instance received twice, in two
+    transfer syntaxes, is one film (``uq_outbox_instance``, migration 0006)."""
 
     __tablename__ = "outbox"
     __table_args__ = (
@@ -261,11 +263,21 @@ class OutboxItem(Base):
     next_attempt_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    #: The SOP Instance UID of the film this object is about (None for a film without one).
+    source_sop_uid: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None]
 
 
 Index("ix_images_status_lease", Image.status, Image.lease_expires_at)
+Index(
+    "uq_outbox_instance",
+    OutboxItem.source_sop_uid,
+    OutboxItem.model_version,
+    OutboxItem.destination,
+    OutboxItem.kind,
+    unique=True,
+)
 
 
 class AppSecret(Base):

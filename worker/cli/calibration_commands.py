@@ -33,11 +33,12 @@ LABELS = {"pneumonia": 1, "1": 1, "positive": 1, "normal": 0, "0": 0, "negative"
 FILE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", "")
 
 
-def _database(database_url: str | None) -> str:
-    """Settings' database URL, migrated to the newest schema (clear message, no traceback)."""
+def _database(database_url: str | None, *, read_only: bool = False) -> str:
+    """Settings' database URL, migrated to the newest schema (clear message, no traceback); a
+    ``read_only`` command refuses a database that does not exist."""
     from worker.cli.startup import database_settings
 
-    return database_settings(quiet=True, database_url=database_url).database_url
+    return database_settings(quiet=True, read_only=read_only, database_url=database_url).database_url
 
 
 def _model_dir(model_dir: Path | None) -> Path:
@@ -333,7 +334,7 @@ def calibrations_command(
     from db.calibration import CalibrationError, activate_calibration, ensure_shipped, list_calibrations
     from db.engine import session_scope
 
-    url = _database(database_url)
+    url = _database(database_url, read_only=True)
     shipped = shipped_thresholds(model_dir)
     try:
         with session_scope(url) as session:

@@ -165,6 +165,8 @@ class Processor:
         (:meth:`DecodePool.predecode`); used where the path and content hash still match."""
         self.owner = owner or self.default_owner
         counts: Counter = Counter()
+        #: The outcomes of this call's finished batches, while it runs (an interrupted scan reports them).
+        self.in_flight = counts
         retry: list[int] = []
         # Overlap: later batches decode in the pool while batch k is claimed, scored and stored. A
         # batch is claimed only once its decodes are done and the model is loaded, so decoding ahead
@@ -187,6 +189,7 @@ class Processor:
             for started in unfinished:  # an error or interrupt: their decodes are not needed
                 if started.pending is not None:
                     started.pending.cancel()
+        self.in_flight = Counter()
         return BatchOutcome(counts, retry)
 
     def _release(self, claimed: list[int]) -> None:
@@ -381,9 +384,15 @@ class Processor:
                     counts[outcome] += 1
                 if outcome in (Outcome.RETRY, Outcome.UNREACHABLE):
                     back.append(image_id)
-            queue.record_scores(session, scored)
+            duplicates = queue.record_scores(session, scored)  # later copies of a scored SOP instance
+            if duplicates:
+                counts[Outcome.SCORED] -= len(duplicates)
+                counts[Outcome.REJECTED] += len(duplicates)
             for image_id, _, attributes in scored:  # after the scores: a key object needs its score
-                outbox.enqueue_results(session, image_id, self.scorer.version, self.outbox_plan, attributes)
+                if image_id not in duplicates:  # (the outbox's SOP instance key would refuse them too)
+                    outbox.enqueue_results(
+                        session, image_id, self.scorer.version, self.outbox_plan, attributes
+                    )
             queue.release(session, back)
         return BatchOutcome(counts, retry)
 
