@@ -12,8 +12,8 @@ signs in once more). The downgrade recreates an empty ``app_secrets``; a new key
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_web_sessions"
-down_revision = "0005"
+revision = "0008_web_sessions"
+down_revision = "0007_outbox_by_sop_instance"
 
 
 def upgrade() -> None:
