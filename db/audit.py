@@ -22,8 +22,11 @@ class AuditAction(enum.StrEnum):
     SIGN_IN_FAILED = "sign_in_failed"
     SIGN_OUT = "sign_out"
     EXPORT = "export"
+    #: Rows read through the JSON API (a script's bulk read of patient data).
+    LIST = "list"
     USER_ADD = "user_add"
     USER_REMOVE = "user_remove"
+    PASSWORD_CHANGE = "password_change"
 
 
 def record(

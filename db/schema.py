@@ -280,14 +280,18 @@ Index(
 )
 
 
-class AppSecret(Base):
-    """Keys a service generates once and shares between its processes (the web session key)."""
+class WebSession(Base):
+    """A signed-in browser: the cookie holds a random token, this table only its SHA-256, so that
+    reading the database gives nobody a session. Signing out, removing the user or changing the
+    password deletes the row; a re-added user (a new ``users.id``) never inherits an old one."""
 
-    __tablename__ = "app_secrets"
+    __tablename__ = "web_sessions"
 
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
 class WorklistOrder(Base):

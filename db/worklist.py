@@ -34,6 +34,7 @@ path the content was most recently seen at; ties in rank are broken by ``sha256`
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, fields
 from datetime import date, datetime, time, timedelta
 
@@ -145,6 +146,12 @@ class WorklistEntry:
 assert tuple(f.name for f in fields(WorklistEntry)) == COLUMNS
 
 
+#: Filter days outside this range are refused (a day after the last would overflow the date type).
+FIRST_DAY, LAST_DAY = date(1800, 1, 1), date(9998, 12, 31)
+MAX_FILTER_TEXT = 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 @dataclass(frozen=True)
 class WorklistFilter:
     """What a reader narrowed the list to; every field is applied in SQL, and None (the default) does
@@ -170,6 +177,15 @@ class WorklistFilter:
             raise ValueError(f"unknown status {self.status!r}")
         if self.tier is not None and self.tier not in TIERS:
             raise ValueError(f"unknown tier {self.tier!r}")
+        for name in ("arrived_from", "arrived_to", "study_date_from", "study_date_to"):
+            day = getattr(self, name)
+            if day is not None and not FIRST_DAY <= day <= LAST_DAY:
+                raise ValueError(f"{name} must be between {FIRST_DAY} and {LAST_DAY}")
+        for name in ("folder", "search"):
+            text = getattr(self, name)
+            # The value is never quoted back: a search is a patient ID or an accession number.
+            if text is not None and (len(text) > MAX_FILTER_TEXT or _CONTROL.search(text)):
+                raise ValueError(f"{name}: at most {MAX_FILTER_TEXT} characters, no control characters")
 
 
 def _escape_like(text: str) -> str:

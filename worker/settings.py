@@ -108,13 +108,22 @@ class Settings(BaseSettings):
     )
     web_host: str = Field("127.0.0.1", description="Address the web worklist binds to")
     web_port: int = Field(8080, ge=0, le=65535, description="Port of the web worklist")
-    web_secret_key: str | None = Field(
-        None, description="Key signing web session cookies; default: a random key kept in the database"
-    )
     dicom_port: int = Field(11112, ge=0, le=65535, description="Port of the DICOM Storage SCP (dicom-listen)")
     dicom_ae_title: str = Field("CXR_TRIAGE", max_length=16, description="AE title of the DICOM listener")
     dicom_bind_address: str = Field(
         "0.0.0.0", description="Address dicom-listen binds to (0.0.0.0: every interface)"
+    )
+    dicom_max_associations: int = Field(
+        32, ge=1, le=1000, description="Associations dicom-listen serves at once (more are rejected)"
+    )
+    dicom_acse_timeout: float = Field(
+        10.0, gt=0, description="Seconds a new DICOM connection may stay silent before it is closed"
+    )
+    dicom_network_timeout: float = Field(
+        60.0, gt=0, description="Seconds of silence after which dicom-listen drops an association"
+    )
+    dicom_max_instance_mb: float = Field(
+        512.0, gt=0, description="Largest instance dicom-listen keeps (MB); larger ones are answered 0xA700"
     )
     allowed_callers: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

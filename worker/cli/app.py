@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import signal
@@ -388,10 +387,9 @@ def worklist(
     if format is OutputFormat.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     elif format is OutputFormat.csv:
-        columns = [c for c in rows[0] if c != "paths"] if rows else []
-        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+        from db.worklist_csv import write_csv
+
+        write_csv(rows, sys.stdout)  # formulas escaped for spreadsheets
     else:
         _print_table(rows)
         console.print(f"[dim]{INTENDED_USE}[/dim]")

@@ -57,6 +57,10 @@ def dicom_listen_command(
     ae_title: Annotated[str | None, setting("dicom_ae_title", "--ae-title")] = None,
     allowed_callers: Annotated[str | None, setting("allowed_callers")] = None,
     bind: Annotated[str | None, setting("dicom_bind_address", "--bind")] = None,
+    max_associations: Annotated[int | None, setting("dicom_max_associations", min=1)] = None,
+    acse_timeout: Annotated[float | None, setting("dicom_acse_timeout")] = None,
+    network_timeout: Annotated[float | None, setting("dicom_network_timeout")] = None,
+    max_instance_mb: Annotated[float | None, setting("dicom_max_instance_mb")] = None,
     metrics_port: Annotated[int | None, setting("metrics_port", min=0, max=65535)] = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -67,17 +71,23 @@ def dicom_listen_command(
     (even in another transfer syntax) is a duplicate: the first copy is kept. Compressed syntaxes (JPEG,
     JPEG-LS, JPEG 2000, RLE, deflate) are accepted. A full disk or an unwritable folder answers the
     sender with a failure status (0xA700 / 0x0110), so the sender keeps the film and retries.
+    Limits (settings CXR_TRIAGE_DICOM_*): associations at once, idle timeouts, the largest instance
+    (a larger one is answered 0xA700). Received files are readable by their owner only (0600).
 
     Example: cxr-triage dicom-listen /srv/cxr/drop --port 11112 --ae-title CXR_TRIAGE
     --allowed-callers PACS,CR_ROOM1   (then: cxr-triage watch /srv/cxr/drop --send-results PACS@pacs:104)
     """
-    from worker.dicomnet.listener import StorageListener
+    from worker.dicomnet.listener import ListenerLimits, StorageListener
 
     settings = command_settings(
         dicom_port=port,
         dicom_ae_title=ae_title,
         allowed_callers=allowed_callers,
         dicom_bind_address=bind,
+        dicom_max_associations=max_associations,
+        dicom_acse_timeout=acse_timeout,
+        dicom_network_timeout=network_timeout,
+        dicom_max_instance_mb=max_instance_mb,
         metrics_port=metrics_port,
         log_level=log_level,
     )
@@ -88,6 +98,7 @@ def dicom_listen_command(
         ae_title=settings.dicom_ae_title,
         allowed_callers=settings.allowed_callers,
         host=settings.dicom_bind_address,
+        limits=ListenerLimits.from_settings(settings),
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

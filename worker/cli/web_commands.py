@@ -1,4 +1,4 @@
-"""``cxr-triage web``, ``users add|list|remove`` and ``audit``: the web worklist's command line."""
+"""``cxr-triage web``, ``users add|list|remove|passwd`` and ``audit``: the web worklist's command line."""
 
 from __future__ import annotations
 
@@ -177,6 +177,36 @@ def users_remove(
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
     console.print(f"user {name} removed")
+
+
+@users_app.command("passwd")
+def users_passwd(
+    name: Annotated[str, typer.Argument(help="User name.")],
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin",
+            help="Read the password from standard input (also done whenever stdin is not a terminal).",
+        ),
+    ] = False,
+    database_url: DatabaseUrl = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Give a user a new password; every web session of theirs ends at once."""
+    from db import audit
+    from db.engine import session_scope
+    from db.users import UserError, set_password
+
+    settings = _settings(database_url, log_level)
+    password = _read_password(password_stdin)
+    try:
+        with session_scope(settings.database_url) as session:
+            set_password(session, name, password)
+            audit.record(session, audit.AuditAction.PASSWORD_CHANGE, operator_account(), detail=name)
+    except UserError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    console.print(f"password of {name} changed; their sessions ended")
 
 
 _RELATIVE = re.compile(r"^(\d+)\s*([mhd])$")

@@ -12,6 +12,17 @@ Success (0x0000) is answered only once the file is on disk. A full disk answers 
 Out of Resources" and any other write error 0x0110 "Processing failure" (PS3.4 B.2.3, PS3.7 C.4.2):
 the sender keeps the instance and may retry; nothing is lost silently.
 
+Limits (:class:`ListenerLimits`, from the settings), so that no peer can block or exhaust it:
+
+* at most ``max_associations`` at once; a connection that sends no A-ASSOCIATE-RQ within
+  ``acse_timeout_s`` and an association silent for ``network_timeout_s`` are dropped, so idle TCP
+  connections free their slot;
+* instances are received in chunks straight to a temporary file (pynetdicom's
+  ``STORE_RECV_CHUNKED_DATASET``), never whole in memory, in PDUs of at most ``MAX_PDU_BYTES``;
+* an instance larger than ``max_instance_bytes`` is answered 0xA700 (out of resources) and not
+  kept; a transfer that goes on past twice that is aborted (A-ABORT) so it cannot fill the disk;
+* received files are written with mode 0600 (patient data, like the database).
+
 pynetdicom's default storage contexts accept only uncompressed transfer syntaxes; here every storage
 SOP class accepts every syntax the pipeline decodes (JPEG baseline/extended/lossless, JPEG-LS,
 JPEG 2000, HTJ2K, RLE, deflate, big endian). Objects that are not chest films are accepted too and
@@ -25,12 +36,13 @@ import errno
 import hashlib
 import logging
 import os
+import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import uid
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
 
 from db.sites import received_file_name
@@ -66,12 +78,37 @@ CHEST_CLASSES = [
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 PROCESSING_FAILURE = 0x0110
+#: The largest PDU this SCP asks peers to send: received data is buffered one PDU at a time.
+MAX_PDU_BYTES = 1024 * 1024
+_COPY_CHUNK = 1024 * 1024
+_P_DATA_TF = 0x04
+
+
+@dataclass(frozen=True)
+class ListenerLimits:
+    """What one listener allows (defaults: :class:`worker.settings.Settings`)."""
+
+    max_associations: int = 32
+    acse_timeout_s: float = 10.0
+    network_timeout_s: float = 60.0
+    dimse_timeout_s: float = 120.0
+    max_instance_bytes: int = 512 * 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, settings) -> ListenerLimits:
+        return cls(
+            max_associations=settings.dicom_max_associations,
+            acse_timeout_s=settings.dicom_acse_timeout,
+            network_timeout_s=settings.dicom_network_timeout,
+            max_instance_bytes=int(settings.dicom_max_instance_mb * 1024 * 1024),
+        )
 
 
 @dataclass
 class ListenerStats:
     received: int = 0
     failed: int = 0
+    too_large: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count(self, ok: bool) -> None:
@@ -81,9 +118,17 @@ class ListenerStats:
             else:
                 self.failed += 1
 
+    def count_too_large(self) -> None:
+        with self.lock:
+            self.too_large += 1
+            self.failed += 1
 
-def storage_ae(ae_title: str, allowed_callers: list[str] | None = None) -> AE:
+
+def storage_ae(
+    ae_title: str, allowed_callers: list[str] | None = None, limits: ListenerLimits | None = None
+) -> AE:
     """An AE answering C-ECHO and C-STORE for every storage class in every decodable syntax."""
+    limits = limits or ListenerLimits()
     ae = AE(ae_title=ae_title)
     ae.add_supported_context(Verification)
     classes = CHEST_CLASSES + [c for c in _STORAGE_CLASSES.values() if c not in CHEST_CLASSES]
@@ -92,10 +137,17 @@ def storage_ae(ae_title: str, allowed_callers: list[str] | None = None) -> AE:
     if allowed_callers:
         # Association rejected (PS3.8 9.3.4: "calling AE title not recognized") for anyone else.
         ae.require_calling_aet = list(allowed_callers)
-    ae.maximum_pdu_size = 0  # no limit: large films go in big PDVs
-    ae.network_timeout = 60
-    ae.dimse_timeout = 120
+    ae.maximum_pdu_size = MAX_PDU_BYTES  # peers send at most this much per PDU (memory per read)
+    ae.maximum_associations = limits.max_associations
+    ae.acse_timeout = limits.acse_timeout_s  # also the ARTIM timer: a silent new connection is closed
+    ae.network_timeout = limits.network_timeout_s
+    ae.dimse_timeout = limits.dimse_timeout_s
     return ae
+
+
+def _open_private(path: Path):
+    """A new file only its owner can read (received films are patient data, like the database)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
 
 
 def instance_name(data: bytes, sop_instance_uid: str | None, calling_ae: str | None = None) -> str:
@@ -106,20 +158,17 @@ def instance_name(data: bytes, sop_instance_uid: str | None, calling_ae: str | N
     return received_file_name(hashlib.sha256(key).hexdigest()[:32], calling_ae)
 
 
-def write_instance(
-    drop_dir: Path, data: bytes, sop_instance_uid: str | None = None, calling_ae: str | None = None
-) -> str:
-    """Write ``data`` (a DICOM file's bytes) into ``drop_dir`` atomically; returns the file name.
+def _place(drop_dir: Path, write, name: str) -> str:
+    """Write through ``write(handle)`` into a hidden 0600 .part file, fsync, and link it to ``name``.
 
     A file already there under the instance's name (the same instance received before) is kept: the
     new copy is not written (``os.link`` refuses an existing name, so two associations storing the
     same instance at once keep one copy too).
     """
-    name = instance_name(data, sop_instance_uid, calling_ae)
     partial = drop_dir / f".{name}.{threading.get_ident()}.part"
     try:
-        with open(partial, "wb") as handle:
-            handle.write(data)
+        with _open_private(partial) as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         try:
@@ -137,21 +186,65 @@ def write_instance(
     return name
 
 
+def write_instance(
+    drop_dir: Path, data: bytes, sop_instance_uid: str | None = None, calling_ae: str | None = None
+) -> str:
+    """Write ``data`` (a DICOM file's bytes) into ``drop_dir`` atomically; returns the file name."""
+    name = instance_name(data, sop_instance_uid, calling_ae)
+    return _place(drop_dir, lambda handle: handle.write(data), name)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        for chunk in iter(lambda: source.read(_COPY_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_received_file(
+    drop_dir: Path, received: Path, sop_instance_uid: str | None = None, calling_ae: str | None = None
+) -> str:
+    """Copy a received file (pynetdicom's temporary file) into ``drop_dir`` atomically, in chunks;
+    named as :func:`instance_name` names it (the bytes' digest computed in chunks when there is no UID)."""
+    if sop_instance_uid:
+        name = instance_name(b"", sop_instance_uid, calling_ae)
+    else:
+        name = received_file_name(_file_digest(received)[:32], calling_ae)
+
+    def copy(handle) -> None:
+        with open(received, "rb") as source:
+            for chunk in iter(lambda: source.read(_COPY_CHUNK), b""):
+                handle.write(chunk)
+
+    return _place(drop_dir, copy, name)
+
+
 def store_status(error: OSError) -> int:
     """A full disk or quota is "out of resources"; anything else a processing failure."""
     return OUT_OF_RESOURCES if error.errno in (errno.ENOSPC, errno.EDQUOT) else PROCESSING_FAILURE
 
 
-def make_store_handler(drop_dir: Path, stats: ListenerStats):
+def make_store_handler(drop_dir: Path, stats: ListenerStats, max_instance_bytes: int | None = None):
     def handle_store(event) -> int:
         try:
-            data = event.encoded_dataset(include_meta=True)
+            received = Path(event.dataset_path)
+            size = received.stat().st_size
         except Exception as exc:  # noqa: BLE001 - a malformed request is answered, not raised
-            log.warning("could not encode a received instance (%s)", type(exc).__name__)
+            log.warning("could not read a received instance (%s)", type(exc).__name__)
             stats.count(False)
             return PROCESSING_FAILURE
+        if max_instance_bytes is not None and size > max_instance_bytes:
+            log.warning(
+                "refused an instance of %d MB (limit %d MB); answered 0x%04X",
+                size // 2**20,
+                max_instance_bytes // 2**20,
+                OUT_OF_RESOURCES,
+            )
+            stats.count_too_large()
+            return OUT_OF_RESOURCES
         try:
-            name = write_instance(drop_dir, data, _sop_instance_uid(event), _calling_ae(event))
+            name = write_received_file(drop_dir, received, _sop_instance_uid(event), _calling_ae(event))
         except OSError as exc:
             status = store_status(exc)
             log.error(
@@ -162,10 +255,53 @@ def make_store_handler(drop_dir: Path, stats: ListenerStats):
             stats.count(False)
             return status
         stats.count(True)
-        log.debug("received %s (%d bytes)", name[:12], len(data))
+        log.debug("received %s (%d bytes)", name[:12], size)
         return SUCCESS
 
     return handle_store
+
+
+class TransferGuard:
+    """Counts the data bytes of the C-STORE being received on each association; one that goes on
+    past ``abort_after_bytes`` is aborted (its status would be 0xA700 anyway, and its temporary file
+    must not fill the disk)."""
+
+    def __init__(self, abort_after_bytes: int) -> None:
+        self.abort_after_bytes = abort_after_bytes
+        self._received: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def on_data(self, event) -> None:
+        data = event.data
+        if len(data) < 12 or data[0] != _P_DATA_TF:
+            return
+        # First PDV of the PDU: 4-byte length, context id, message control header (PS3.8 E.2).
+        command = data[11] & 0x01
+        key = id(event.assoc)
+        with self._lock:
+            total = 0 if command else self._received.get(key, 0) + struct.unpack(">L", data[2:6])[0]
+            self._received[key] = total
+        if total > self.abort_after_bytes:
+            limit_mb = self.abort_after_bytes // 2**20
+            log.warning("aborted an association sending an instance over %d MB", limit_mb)
+            with self._lock:
+                self._received.pop(key, None)
+            event.assoc.abort(block=False)
+
+    def on_close(self, event) -> None:
+        with self._lock:
+            self._received.pop(id(event.assoc), None)
+        _remove_partial_receive(event.assoc)
+
+
+def _remove_partial_receive(assoc) -> None:
+    """pynetdicom keeps the temporary file of a C-STORE cut off by an abort: remove it (best effort,
+    through a private attribute; without it the file stays in the temporary folder)."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    path = getattr(message, "_data_set_path", None)
+    if path is not None:
+        with contextlib.suppress(OSError, TypeError):
+            os.unlink(path)
 
 
 def _calling_ae(event) -> str | None:
@@ -198,24 +334,32 @@ class StorageListener:
         ae_title: str,
         allowed_callers: list[str] | None = None,
         host: str = "0.0.0.0",
+        limits: ListenerLimits | None = None,
     ) -> None:
         self.drop_dir = Path(drop_dir)
         self.port = port
         self.host = host
         self.allowed_callers = allowed_callers or []
+        self.limits = limits or ListenerLimits()
         self.stats = ListenerStats()
-        self.ae = storage_ae(ae_title, self.allowed_callers)
+        self.ae = storage_ae(ae_title, self.allowed_callers, self.limits)
+        self.guard = TransferGuard(2 * self.limits.max_instance_bytes)
         self.server = None
 
     def _handlers(self) -> list:
         return [
-            (evt.EVT_C_STORE, make_store_handler(self.drop_dir, self.stats)),
+            (evt.EVT_C_STORE, make_store_handler(self.drop_dir, self.stats, self.limits.max_instance_bytes)),
             (evt.EVT_REJECTED, _log_rejection),
+            (evt.EVT_DATA_RECV, self.guard.on_data),
+            (evt.EVT_CONN_CLOSE, self.guard.on_close),
         ]
 
     def start(self) -> int:
         """Listen in a background thread; returns the bound port."""
         self.drop_dir.mkdir(parents=True, exist_ok=True)
+        # Write each received data set to a temporary file as it arrives (process-wide in pynetdicom;
+        # this process only receives C-STOREs here).
+        _config.STORE_RECV_CHUNKED_DATASET = True
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it quotes headers at DEBUG
         self.server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=self._handlers())
         self.port = self.server.server_address[1]

@@ -8,7 +8,6 @@ No patient data goes into a URL (filters and searches are posted) or into the ac
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import re
@@ -25,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 from sqlalchemy import text
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from db import audit
@@ -33,19 +33,24 @@ from db.engine import session_scope
 from db.reviews import ReviewError, record_review, reviews_of
 from db.schema import Image, ReviewDecision, UserRole
 from db.sites import site_names
-from db.users import UserError, add_user, authenticate, list_users, remove_user, session_key
+from db.users import UserError, add_user, authenticate, list_users, remove_user
+from db.web_sessions import SESSION_MAX_AGE_S, end_session, open_session, prune_expired
 from db.worklist import INTENDED_USE, TIERS, WorklistFilter, count_rows, film, query_rows
+from db.worklist_csv import write_csv
 from worker.logs import short
 from worker.settings import Settings
 from worker.web import auth
 from worker.web.auth import COOKIE, Forbidden, NotSignedIn, Principal, TooManyAttempts, require
-from worker.web.images import DISPLAY_SIZE, THUMB_SIZE, FilmUnavailable, film_png, heatmap_png
+from worker.web.bulk import BulkReadAudit
+from worker.web.images import DISPLAY_SIZE, THUMB_SIZE, DecoderBusy, FilmUnavailable, film_png, heatmap_png
 
 log = logging.getLogger("cxr_triage.web")
 HERE = Path(__file__).resolve().parent
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 PAGE_SIZE = 50
 MAX_API_LIMIT = 1000
+#: Beyond any worklist's length, and small enough for every database's integer type.
+MAX_OFFSET = 1_000_000_000
 #: How long a film of each tier should wait at most (the waited column turns red after it).
 WAIT_TARGET_S = {"HIGH": 3600, "screen+": 4 * 3600, "below": 24 * 3600}
 CONTENT_SECURITY_POLICY = (
@@ -62,9 +67,9 @@ Admin = Annotated[Principal, Depends(require(UserRole.ADMIN))]
 class WebState:
     settings: Settings
     database_url: str
-    sessions: auth.Sessions
     limiter: auth.SignInLimiter
     templates: Jinja2Templates
+    bulk_audit: BulkReadAudit
 
 
 def _state(request: Request) -> WebState:
@@ -136,8 +141,8 @@ def filters_from(form) -> tuple[WorklistFilter, int]:
         site=_optional(form, "site"),
     )
     offset = int(_optional(form, "offset") or 0)
-    if offset < 0:
-        raise ValueError("negative offset")
+    if not 0 <= offset <= MAX_OFFSET:
+        raise ValueError("offset out of range")
     return wanted, offset
 
 
@@ -177,29 +182,45 @@ def login_form(request: Request) -> Response:
     return _page(request, "login.html", {"error": None})
 
 
+async def _posted_form(request: Request) -> FormData:
+    """The posted form, read on the event loop so that the endpoint itself can run in the thread pool."""
+    return await request.form()
+
+
+PostedForm = Annotated[FormData, Depends(_posted_form)]
+
+
+def _sign_in(state: WebState, username: str, password: str) -> str | None:
+    """A new session's token for the right password, else None (argon2: in the thread pool)."""
+    user = authenticate(state.database_url, username, password)  # holds no connection while hashing
+    with session_scope(state.database_url) as session:
+        audit.record(session, AuditAction.SIGN_IN if user else AuditAction.SIGN_IN_FAILED, username)
+        if user is None:
+            return None
+        prune_expired(session)
+        token, _ = open_session(session, user.id)
+    return token
+
+
 @pages.post("/login")
-async def login(request: Request) -> Response:
+def login(request: Request, form: PostedForm) -> Response:
     if not auth.same_origin(request):
         raise Forbidden("cross-site request refused")
-    form = await request.form()
     username = str(form.get("username") or "")[:64]
     password = str(form.get("password") or "")[:1024]
     state = _state(request)
     address = auth.client_address(request)
     state.limiter.check(address, username)
-    with session_scope(state.database_url) as session:
-        user = authenticate(session, username, password)
-        audit.record(session, AuditAction.SIGN_IN if user else AuditAction.SIGN_IN_FAILED, username)
-    if user is None:
+    token = _sign_in(state, username, password)
+    if token is None:
         state.limiter.failed(address, username)
         return _page(request, "login.html", {"error": "Wrong user name or password."}, status_code=401)
-    state.limiter.succeeded(username)
-    cookie, _ = state.sessions.issue(user.username)
+    state.limiter.succeeded(address, username)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(
         COOKIE,
-        cookie,
-        max_age=auth.SESSION_MAX_AGE_S,
+        token,
+        max_age=SESSION_MAX_AGE_S,
         httponly=True,
         samesite="strict",
         secure=auth.cookie_secure(request),
@@ -211,6 +232,8 @@ async def login(request: Request) -> Response:
 @pages.post("/logout")
 def logout(request: Request, who: Viewer) -> Response:
     with session_scope(_state(request).database_url) as session:
+        if who.via_session:
+            end_session(session, request.cookies.get(COOKIE, ""))
         audit.record(session, AuditAction.SIGN_OUT, who.username)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE, path="/")
@@ -235,7 +258,7 @@ async def _form_filters(request: Request) -> tuple[WorklistFilter, int]:
     """The worklist filter and page offset posted by the page's form (400 when one is invalid)."""
     try:
         return filters_from(await request.form())
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         raise StarletteHTTPException(400, "invalid filter") from exc
 
 
@@ -243,23 +266,20 @@ FormFilters = Annotated[tuple[WorklistFilter, int], Depends(_form_filters)]
 
 
 @pages.post("/rows")
-async def worklist_rows(request: Request, who: Viewer, posted: FormFilters) -> Response:
+def worklist_rows(request: Request, who: Viewer, posted: FormFilters) -> Response:
     wanted, offset = posted
     return _page(request, "_rows.html", {"who": who, **_rows_context(request, wanted, offset)})
 
 
 @pages.post("/export.csv")
-async def export_csv(request: Request, who: Viewer, posted: FormFilters) -> Response:
+def export_csv(request: Request, who: Viewer, posted: FormFilters) -> Response:
     wanted, _ = posted
     state = _state(request)
     with session_scope(state.database_url) as session:
         rows = query_rows(session, wanted)
-        audit.record(session, AuditAction.EXPORT, who.username, detail=f"{len(rows)} rows")
+        audit.record(session, AuditAction.EXPORT, who.username, detail=f"{len(rows)} rows (csv)")
     buffer = io.StringIO()
-    columns = [c for c in (rows[0] if rows else {}) if c != "paths"]
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+    write_csv(rows, buffer)
     return Response(
         buffer.getvalue(),
         media_type="text/csv",
@@ -297,8 +317,7 @@ def film_page(request: Request, sha256: str, who: Viewer) -> Response:
 
 
 @pages.post("/films/{sha256}/review")
-async def review_form(request: Request, sha256: str, who: Reviewer) -> Response:
-    form = await request.form()
+def review_form(request: Request, sha256: str, who: Reviewer, form: PostedForm) -> Response:
     try:
         decision = ReviewDecision(str(form.get("decision")))
     except ValueError:
@@ -382,8 +401,7 @@ def _users_page(request: Request, who: Principal, message: str | None, status_co
 
 
 @pages.post("/admin/users")
-async def users_add(request: Request, who: Admin) -> Response:
-    form = await request.form()
+def users_add(request: Request, who: Admin, form: PostedForm) -> Response:
     name, role = str(form.get("username") or ""), str(form.get("role") or "")
     try:
         with session_scope(_state(request).database_url) as session:
@@ -426,16 +444,20 @@ def api_worklist(
     study_date_to: Annotated[date | None, Query(description="Only studies up to this day, inclusive")] = None,
     site: Annotated[str | None, Query(description="Only films of this site")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_API_LIMIT)] = PAGE_SIZE,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[dict]:
     try:
         wanted = WorklistFilter(
             status=status, study_date_from=study_date_from, study_date_to=study_date_to, site=site
         )
     except ValueError as exc:
-        raise StarletteHTTPException(400, "unknown status") from exc
+        raise StarletteHTTPException(400, f"invalid filter: {exc}") from exc
     with session_scope(_state(request).database_url) as session:
-        return query_rows(session, wanted, limit=limit, offset=offset)
+        rows = query_rows(session, wanted, limit=limit, offset=offset)
+        # Every API read of rows is a read of patient data by a script: one audit row per call.
+        detail = f"api worklist: {len(rows)} rows (limit {limit}, offset {offset})"
+        audit.record(session, AuditAction.LIST, who.username, detail=detail)
+    return rows
 
 
 @api.get("/films/{sha256}", summary="One film's worklist row and its reviews")
@@ -461,12 +483,18 @@ def _png_response(render) -> Response:
         body = render()
     except FilmUnavailable as exc:
         raise StarletteHTTPException(404, "the film is no longer at any known path") from exc
+    except DecoderBusy as exc:
+        raise StarletteHTTPException(503, "busy decoding other films: try again") from exc
     return Response(body, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
 
-def _stored_paths(request: Request, sha256: str) -> list[str]:
-    with session_scope(_state(request).database_url) as session:
+def _stored_paths(request: Request, sha256: str, who: Principal, picture: str) -> list[str]:
+    """The film's paths, newest first; the read is audited (once per user, film and picture a while)."""
+    state = _state(request)
+    with session_scope(state.database_url) as session:
         row = _film_or_404(session, sha256)
+        if state.bulk_audit.due(who.username, sha256, picture):
+            audit.record(session, AuditAction.VIEW, who.username, _image_id(session, sha256), picture)
     ordered = [row["path"]] if row["path"] else []
     return ordered + [p for p in row["paths"] if p != row["path"]]
 
@@ -478,13 +506,13 @@ def api_image(
     who: Viewer,
     size: Annotated[int, Query(ge=THUMB_SIZE, le=1024)] = DISPLAY_SIZE,
 ) -> Response:
-    paths = _stored_paths(request, sha256)
+    paths = _stored_paths(request, sha256, who, "thumbnail" if size <= THUMB_SIZE else "image")
     return _png_response(lambda: film_png(sha256, paths, size))
 
 
 @api.get("/films/{sha256}/heatmap.png", summary="Grad-CAM overlay (research visualisation, not a diagnosis)")
 def api_heatmap(request: Request, sha256: str, who: Viewer) -> Response:
-    paths = _stored_paths(request, sha256)
+    paths = _stored_paths(request, sha256, who, "heatmap")
     model_dir = _state(request).settings.resolved_model_dir()
     return _png_response(lambda: heatmap_png(sha256, paths, model_dir))
 
@@ -532,16 +560,21 @@ def _install_handlers(app: FastAPI) -> None:
         return PlainTextResponse(exc.message, status_code=403)
 
     @app.exception_handler(TooManyAttempts)
-    async def _too_many(request: Request, _exc: TooManyAttempts) -> Response:
-        message = "too many failed sign-ins: wait a few minutes"
+    async def _too_many(request: Request, exc: TooManyAttempts) -> Response:
+        wait = max(int(exc.retry_after_s + 0.999), 1)
+        message = f"too many failed sign-ins: wait {wait} s"
+        headers = {"Retry-After": str(wait)}
         if _wants_json(request):
-            return JSONResponse({"detail": message}, status_code=429, headers={"Retry-After": "300"})
-        return _page(request, "login.html", {"error": message.capitalize() + "."}, status_code=429)
+            return JSONResponse({"detail": message}, status_code=429, headers=headers)
+        response = _page(request, "login.html", {"error": message.capitalize() + "."}, status_code=429)
+        response.headers.update(headers)
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         messages = {404: "not found", 405: "method not allowed"}
-        detail = exc.detail if exc.status_code in (400, 404, 409) and isinstance(exc.detail, str) else None
+        shown = (400, 404, 409, 503)
+        detail = exc.detail if exc.status_code in shown and isinstance(exc.detail, str) else None
         message = (
             detail if detail and detail != "Not Found" else messages.get(exc.status_code, "request refused")
         )
@@ -556,8 +589,9 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:
+        # Outside the middleware (Starlette answers unhandled errors last): the headers are set here.
         log.error("internal error on %s: %s", _loggable_path(request), type(exc).__name__)
-        return PlainTextResponse("internal error", status_code=500)
+        return _secured(request, PlainTextResponse("internal error", status_code=500))
 
 
 def _loggable_path(request: Request) -> str:
@@ -565,17 +599,22 @@ def _loggable_path(request: Request) -> str:
     return re.sub(r"[0-9a-f]{64}", lambda m: short(m.group(0)), request.url.path)
 
 
+def _secured(request: Request, response: Response) -> Response:
+    """The security headers every answer carries (errors too)."""
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "same-origin"
+    if "cache-control" not in response.headers and not request.url.path.startswith("/static/"):
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 def _install_middleware(app: FastAPI) -> None:
     @app.middleware("http")
     async def _headers_and_access_log(request: Request, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
-        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Referrer-Policy"] = "same-origin"
-        if "cache-control" not in response.headers and not request.url.path.startswith("/static/"):
-            response.headers["Cache-Control"] = "no-store"
+        response = _secured(request, await call_next(request))
         log.info(
             "%s %s %d %.0f ms",
             request.method,
@@ -596,10 +635,6 @@ def _add_metrics_routes(app: FastAPI, settings: Settings) -> None:
 
 def create_app(settings: Settings) -> FastAPI:
     """The web application for ``settings.database_url`` (the schema must be current)."""
-    key = settings.web_secret_key
-    if not key:
-        with session_scope(settings.database_url) as session:
-            key = session_key(session)
     app = FastAPI(
         title="cxr-triage worklist API",
         description=INTENDED_USE,
@@ -610,9 +645,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.web = WebState(
         settings=settings,
         database_url=settings.database_url,
-        sessions=auth.Sessions(key),
         limiter=auth.SignInLimiter(),
         templates=_templates(),
+        bulk_audit=BulkReadAudit(),
     )
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(pages)
