@@ -124,7 +124,7 @@ def test_film_page_true_aspect_heatmap_and_keys(browser, reading_site):  # noqa:
     expected = _film_ratio(Path(odd["path"]))
     assert abs(box[0] / box[1] / expected - 1) <= 0.02, (box, expected)
     assert abs(box[0] / box[1] - 1) > 0.1, "this film is not square, and is not shown square"
-    _screenshot(page, "film.png")
+    _screenshot(page, "film-page.png")
 
     assert not page.is_visible("#heatmap")
     assert "research visualisation, not a diagnosis" in page.inner_text("label.heat")
@@ -133,7 +133,7 @@ def test_film_page_true_aspect_heatmap_and_keys(browser, reading_site):  # noqa:
     page.wait_for_selector("#heatmap[data-loaded='1']", state="visible", timeout=10_000)
     took = time.monotonic() - started
     assert took <= 1.0, f"the heat map took {took:.2f} s"
-    _screenshot(page, "film-heatmap.png")
+    _screenshot(page, "film-page-heatmap.png")
     page.keyboard.press("h")
     assert not page.is_visible("#heatmap")
 
