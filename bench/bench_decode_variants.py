@@ -1,6 +1,6 @@
 """Per-format decode cost on one core: the product's reduced-resolution decoders vs full resolution.
 
-The model reads a 128 px (or ``input_size``) square. ``worker.prepare.prepare`` decodes JPEG 2000 with
+The model reads a 128 px (or ``input_size``) square. ``worker.scoring.prepare.prepare`` decodes JPEG 2000 with
 OpenJPEG ``reduce`` and JPEG with Pillow ``draft`` (issue 13), and bins grey PNG and DICOM with linear
 LUTs (uncompressed 12-bit in the corpus) to >= 4x the input with integer block means before the float
 grey-level chain; ``full_resolution_decode=True`` is the path every film took before. This script times both, per format, in one process (one core), as CPU
@@ -30,7 +30,7 @@ from bench.results import log  # noqa: E402
 
 
 def _timed(files: list[str], size: int, full: bool) -> tuple[list, float, float]:
-    from worker.prepare import prepare
+    from worker.scoring.prepare import prepare
 
     cpu, wall = time.process_time(), time.perf_counter()
     tensors = [prepare(f, size, full_resolution_decode=full).tensor for f in files]
@@ -46,11 +46,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipeline.dicom import configure_pydicom
     from pipeline.inference import Scorer
-    from worker.allocator import retain_freed_memory
-    from worker.prepare import prepare
+    from worker.scoring.allocator import retain_freed_memory
+    from worker.scoring.prepare import prepare
 
     configure_pydicom()
-    retain_freed_memory()  # as in every decode process of the product (worker.decode_pool)
+    retain_freed_memory()  # as in every decode process of the product (worker.scoring.decode_pool)
     model_dir, model = common.model_under_test(args)
     corpus, manifest = corpora.build_corpus("mixed", args.files)
     scorer = Scorer.load(model_dir)

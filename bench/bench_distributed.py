@@ -31,7 +31,7 @@ PG_NAME = "cxr_bench_distributed"
 
 
 def ping_workers(expected: int, timeout: float = 180.0) -> int:
-    from worker.celery_app import app
+    from worker.queue.celery_app import app
 
     app.conf.broker_url = databases.REDIS_URL
     deadline = time.monotonic() + timeout

@@ -1,6 +1,6 @@
 """Cost of metrics: scan throughput with metrics off, on (one process) and on (multiprocess mode).
 
-The embedded scan path (register, decode, score, store; ``worker.embedded``'s loop) runs in a
+The embedded scan path (register, decode, score, store; ``worker.queue.embedded``'s loop) runs in a
 child process per mode with the model loaded and one untimed warm-up scan, on the small 224 px Kermany
 JPEGs (decode is cheap there, so the per-image cost of the metric hooks weighs the most: a worst
 case). "on" also serves /metrics and scrapes it every 5 s (3x Prometheus' usual 15 s) during the run.
@@ -37,9 +37,9 @@ from worker import metrics
 if mode == "multiprocess":
     metrics.prepare_multiprocess()
 from db.migrate import upgrade
-from worker.decode_pool import DecodePool
+from worker.scoring.decode_pool import DecodePool
 from worker.settings import Settings
-from worker.submit import InProcess, scan
+from worker.queue.submit import InProcess, scan
 work = Path(tempfile.mkdtemp(prefix="cxr-bench-metrics-"))
 settings = Settings.build(database_url=f"sqlite:///{work}/warm.sqlite3", model_dir=model_dir,
                           metrics_port=None if mode == "off" else 0, min_free_disk_mb=1)
@@ -58,7 +58,7 @@ with DecodePool(settings.decode_processes) as pool:
         url = f"sqlite:///{work}/rep{rep}.sqlite3"
         upgrade(url)
         rep_settings = settings.with_changes(database_url=url)
-        submitter = InProcess(rep_settings, pool)  # the embedded scan's own seam (worker.submit)
+        submitter = InProcess(rep_settings, pool)  # the embedded scan's own seam (worker.queue.submit)
         submitter.processor._scorer = warm._scorer
         started = time.perf_counter()
         summary = scan(rep_settings, [str(corpus)], submitter, pool)
@@ -66,9 +66,9 @@ with DecodePool(settings.decode_processes) as pool:
         if rep:
             rates.append(summary.processed / elapsed)
 stop.set()
-# The hooks alone, as processing.py calls them for a batch of 32 scored JPEGs (CPU time, this process).
+# The hooks alone, as worker/scoring/processing.py calls them for a batch of 32 scored JPEGs (CPU time, this process).
 import datetime, numpy as np
-from worker.prepare import Prepared
+from worker.scoring.prepare import Prepared
 batch = [Prepared(tensor=None, attributes={"source_format": "jpeg"}, decode_seconds=0.004) for _ in range(32)]
 seen = [datetime.datetime.now(datetime.UTC)] * 32
 tensors = np.zeros((32, 1))

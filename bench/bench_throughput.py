@@ -5,7 +5,7 @@
 2. The naive way (as public notebooks do): for each file decode_file + to_model_input at full resolution,
    keras ``model.predict`` on one image, one sqlite3 INSERT + COMMIT per row; on a fixed, seeded,
    format-stratified subset when ``--naive-files`` is below the corpus size.
-3. The limit: decode-and-normalise alone (worker.prepare.prepare, reduced-resolution decoders, in a spawn
+3. The limit: decode-and-normalise alone (worker.scoring.prepare.prepare, reduced-resolution decoders, in a spawn
    process pool, one process per core) and inference alone on the ready tensors at the best batch size;
    ideal pipeline rate = 1 / (1/decode_rate + 1/inference_rate), because both stages need the same cores.
    The decode pass runs before the scans and after them (decode_rate = the mean), because a VM's speed
@@ -104,8 +104,8 @@ def run_naive(files: list[str], model_dir: Path, db_path: Path) -> dict:
 
     from models.architectures import load_trained
     from pipeline.decode import decode_file
-    from pipeline.inference import logit_to_probability
     from pipeline.normalise import to_model_input
+    from pipeline.probability import logit_to_probability
 
     model, meta = load_trained(model_dir)  # same file and metadata the product reads
     size = int(meta["input_size"])
@@ -149,14 +149,14 @@ def _warm(_: int) -> int:
     import pipeline.decode  # noqa: F401
     import pipeline.dicom  # noqa: F401
     import pipeline.raster  # noqa: F401
-    import worker.prepare  # noqa: F401
+    import worker.scoring.prepare  # noqa: F401
 
     return os.getpid()
 
 
 def timed_prepare(path: str, size: int, full_resolution: bool = False):
-    """worker.prepare.prepare plus its own duration (seconds), measured in the pool process."""
-    from worker.prepare import prepare
+    """worker.scoring.prepare.prepare plus its own duration (seconds), measured in the pool process."""
+    from worker.scoring.prepare import prepare
 
     started = time.perf_counter()
     result = prepare(path, size, full_resolution_decode=full_resolution)
@@ -165,7 +165,7 @@ def timed_prepare(path: str, size: int, full_resolution: bool = False):
 
 def run_decode_limit(files: list[str], size: int, workers: int, full_resolution: bool = False):
     """Decode-and-normalise alone across all cores; returns (rate, seconds, tensors, durations)."""
-    from worker.decode_pool import init_decode_process
+    from worker.scoring.decode_pool import init_decode_process
 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=init_decode_process) as pool:
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
                 "decode + normalise alone (reduced resolution)",
                 f"{decode_rate:.1f}",
                 f"mean of a pass before the scans ({decode_before:.1f}) and one after them ({decode_after:.1f}): "
-                f"worker.prepare.prepare over all {n} files, spawn pool of {workers} processes, reading each "
+                f"worker.scoring.prepare.prepare over all {n} files, spawn pool of {workers} processes, reading each "
                 "file once and hashing the bytes it decodes (as the product does); mean per file in a pool "
                 "process: " + ", ".join(f"{k} {v:.0f} ms" for k, v in per_format_ms.items()),
             ],

@@ -18,7 +18,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.queue import _insert, as_utc
+from db.engine import dialect_insert
+from db.queue import as_utc
 from db.schema import Image, OutboxItem, OutboxKind, OutboxStatus, Score, SourceFile, utcnow
 
 
@@ -76,7 +77,7 @@ def enqueue_results(
     kinds = list(plan.kinds)
     if OutboxKind.KEY_OBJECT in kinds and not _is_high(session, image_id, model_version):
         kinds.remove(OutboxKind.KEY_OBJECT)  # the key object flags HIGH films only
-    insert = _insert(session)
+    insert = dialect_insert(session)
     now = utcnow()
     created = 0
     for destination in plan.destinations:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import and_, bindparam, delete, func, literal, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.attributes import clean_text, to_columns
+from db.engine import dialect_insert
 from db.paths import from_db, from_db_one, to_db
 from db.schema import FINAL_STATUSES, Image, ImageStatus, Score, SourceFile, utcnow
 
@@ -80,10 +80,6 @@ def find_unchanged(session: Session, files: Sequence[FileSeen]) -> dict[str, int
     return unchanged
 
 
-def _insert(session: Session):
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-
-
 #: Why an image is superseded when its last path shows other content (or none).
 REPLACED_REASON = (
     "the file was replaced or was still being written: this content is no longer at any known path"
@@ -109,7 +105,7 @@ def register_many(session: Session, found: Sequence[tuple[FileSeen, str]]) -> li
     """
     if not found:
         return []
-    insert, now = _insert(session), utcnow()
+    insert, now = dialect_insert(session), utcnow()
     stored = [to_db(seen.path) for seen, _ in found]
     previous = dict(
         session.execute(select(_sources.c.path, _sources.c.image_id).where(_sources.c.path.in_(stored))).all()
@@ -373,7 +369,7 @@ def _score_row(image_id: int, score: ScoreRecord, now: datetime) -> dict:
 
 def _insert_scores(session: Session, rows: list[dict]) -> None:
     """Scores once per (image, model version), whatever the images' states: a row already there stays."""
-    insert = _insert(session)
+    insert = dialect_insert(session)
     statement = insert(_scores).on_conflict_do_nothing(index_elements=["image_id", "model_version"])
     session.execute(statement, rows)
 

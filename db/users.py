@@ -14,7 +14,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from db.queue import _insert
+from db.engine import dialect_insert
 from db.schema import AppSecret, User, UserRole, utcnow
 
 USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -85,7 +85,7 @@ def session_key(session: Session) -> str:
     key = session.scalar(select(AppSecret.value).where(AppSecret.name == SESSION_KEY_NAME))
     if key is None:
         session.execute(
-            _insert(session)(AppSecret)
+            dialect_insert(session)(AppSecret)
             .values(name=SESSION_KEY_NAME, value=secrets.token_urlsafe(48), created_at=utcnow())
             .on_conflict_do_nothing(index_elements=["name"])
         )

@@ -127,3 +127,68 @@ def validation_shares(
     majority = (normal.central_majority * normal.films + pneumonia.central_majority * pneumonia.films) / films
     summaries["all"] = AttentionSummary(films, mean, {}, normal.area, majority)
     return summaries
+
+
+#: The lung mask is dilated by this share of the film's side before the share is taken: the
+#: evidence of pneumonia lies in the lung fields and at their edges (pleura, hila, costophrenic angles).
+LUNG_DILATION = 0.04
+
+
+def _dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """Binary dilation by a square of side 2 * pixels + 1 (separable maximum filter)."""
+    out = mask.copy()
+    for _ in range(2):  # rows, then columns (via the transpose)
+        grown = out.copy()
+        for step in range(1, pixels + 1):
+            grown[step:] |= out[:-step]
+            grown[:-step] |= out[step:]
+        out = grown.T
+    return out
+
+
+def on_film_grid(cam: np.ndarray, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """A map of the model's input placed where that input came from on the film (a ``size`` square
+    grid of the whole film; zero outside the crop)."""
+    from PIL import Image
+
+    top, left, bottom, right = box
+    y0, x0 = int(round(top * size)), int(round(left * size))
+    y1, x1 = max(y0 + 1, int(round(bottom * size))), max(x0 + 1, int(round(right * size)))
+    grid = np.zeros((size, size), np.float32)
+    placed = Image.fromarray(np.asarray(cam, np.float32), mode="F").resize((x1 - x0, y1 - y0))
+    grid[y0:y1, x0:x1] = np.asarray(placed, dtype=np.float32)
+    return grid
+
+
+def lung_share(cam_on_film: np.ndarray, lung_probability: np.ndarray) -> float:
+    """Share of a heat map's mass inside the dilated lung mask (both on the same square grid)."""
+    from pipeline.lungs import LUNG_PROBABILITY
+
+    reach = int(round(LUNG_DILATION * lung_probability.shape[0]))
+    lung = _dilate(lung_probability >= LUNG_PROBABILITY, reach)
+    heat = np.clip(cam_on_film, 0.0, None)
+    total = float(heat.sum())
+    return float(heat[lung].sum()) / total if total > 0 else float("nan")
+
+
+def lung_attention(scorer, greys: list[np.ndarray], lungs) -> dict:
+    """Mean share of the Grad-CAM mass inside the (dilated) lung fields over ``greys``.
+
+    ``lungs`` (:class:`pipeline.lungs.LungModel`) draws the lung mask on the whole film for every
+    model alike; the model's own input (whole film or lung crop) is explained and placed on the film.
+    """
+    from models.explain import input_gradcam
+    from pipeline.lungs import LUNG_INPUT_SIZE, crop_box
+
+    shares = []
+    for grey in greys:
+        x, fields = scorer.model_input(grey)
+        box = crop_box(fields) if fields is not None else (0.0, 0.0, 1.0, 1.0)
+        cam = on_film_grid(input_gradcam(scorer.model_dir, x), box, LUNG_INPUT_SIZE)
+        shares.append(lung_share(cam, lungs.fields(grey)[1]))
+    values = np.array([v for v in shares if not np.isnan(v)])
+    return {
+        "films": int(values.size),
+        "mean_lung_share": round(float(values.mean()), 4) if values.size else None,
+        "median_lung_share": round(float(np.median(values)), 4) if values.size else None,
+    }

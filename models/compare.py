@@ -19,7 +19,7 @@ import numpy as np
 
 from models.metrics import operating_point, roc_auc
 from models.train import calibration
-from pipeline.inference import sigmoid
+from pipeline.probability import sigmoid
 
 
 def _figures(y: np.ndarray, v: np.ndarray, p: np.ndarray, vl: np.ndarray) -> dict:

@@ -85,6 +85,18 @@ def gradcam(model_dir: str | Path | None, grey: np.ndarray) -> np.ndarray:
     return np.clip(cam, 0.0, 1.0).astype(np.float32)
 
 
+def input_gradcam(model_dir: str | Path | None, x: np.ndarray) -> np.ndarray:
+    """Grad-CAM over one model input (``(size, size, 1)``, as the model saw it), averaged over an
+    ensemble's members, scaled to [0, 1]: for a model that reads a crop, the map of the crop."""
+    import tensorflow as tf
+
+    cam_models, size = _cam_models(str(Path(model_dir or default_model_dir()).resolve()))
+    tensor = tf.constant(np.asarray(x, dtype=np.float32)[np.newaxis])
+    cam = np.mean([_one_cam(m, tensor, (size, size)) for m in cam_models], axis=0)
+    peak = float(cam.max())
+    return np.clip(cam / peak if peak > 0 else cam, 0.0, 1.0).astype(np.float32)
+
+
 def member_gradcam(model_dir: str | Path | None, grey: np.ndarray, member: int) -> np.ndarray:
     """Grad-CAM heat map of one member of an ensemble (index ``member``), scaled like :func:`gradcam`."""
     import tensorflow as tf

@@ -43,13 +43,13 @@ def forced_dicom_grey(path: Path) -> np.ndarray | None:
 
     import pydicom
 
-    from pipeline.dicom import _ensure_transfer_syntax, to_display_grey
+    from pipeline.dicom import ensure_transfer_syntax, to_display_grey
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True)
-            _ensure_transfer_syntax(ds)
+            ensure_transfer_syntax(ds)
             pixels = np.asarray(ds.pixel_array)
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             if frames > 1:
@@ -232,15 +232,12 @@ def run_battery(scorer, items: Iterator[Item], batch: int = 64) -> BatteryResult
 
 
 def serving_features(scorer, paths: list[Path], batch: int = 64) -> np.ndarray:
-    """Penultimate features of files through the serving path (decode -> to_model_input)."""
+    """Penultimate features of files through the serving path (decode -> the model's input)."""
     from pipeline.decode import decode_file
-    from pipeline.normalise import to_model_input
 
     chunks = []
     for start in range(0, len(paths), batch):
-        x = np.stack(
-            [to_model_input(decode_file(p).pixels, scorer.input_size) for p in paths[start : start + batch]]
-        )
+        x = np.stack([scorer.model_input(decode_file(p).pixels)[0] for p in paths[start : start + batch]])
         chunks.append(scorer.features(x))
     return np.concatenate(chunks)
 
@@ -248,14 +245,12 @@ def serving_features(scorer, paths: list[Path], batch: int = 64) -> np.ndarray:
 def turned_features(scorer, paths: list[Path], batch: int = 64) -> np.ndarray:
     """Features of every film under every :data:`CHEST_TRANSFORMS` entry (rows: film-major)."""
     from pipeline.decode import decode_file
-    from pipeline.normalise import to_model_input
 
     chunks, pending = [], []
     for path in paths:
         grey = decode_file(path).pixels
         pending.extend(
-            to_model_input(np.ascontiguousarray(turn(grey)), scorer.input_size)
-            for turn in CHEST_TRANSFORMS.values()
+            scorer.model_input(np.ascontiguousarray(turn(grey)))[0] for turn in CHEST_TRANSFORMS.values()
         )
         if len(pending) >= batch:
             chunks.append(scorer.features(np.stack(pending)))

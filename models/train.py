@@ -29,7 +29,7 @@ from models import data
 from models.augment import AugmentConfig, augment_tf, draw_params, standardise_tf
 from models.metrics import fit_temperature, operating_thresholds, roc_auc
 from pipeline.hashing import sha256_file
-from pipeline.inference import sigmoid
+from pipeline.probability import sigmoid
 
 MODEL_FILE = "model.keras"
 

@@ -1,6 +1,6 @@
 """Entry point of the pipeline: a file (or its bytes) in, grey pixels and attributes out.
 
-The file is read once: callers that also need its content hash (``worker.prepare``) read the
+The file is read once: callers that also need its content hash (``worker.scoring.prepare``) read the
 bytes with :func:`read_file`, hash them, and decode those same bytes with :func:`decode_bytes`,
 so the hash always names what was decoded.
 

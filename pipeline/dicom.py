@@ -159,11 +159,11 @@ def _read_dataset(source: Path | bytes) -> Dataset:
         raise FailedImage(f"corrupt DICOM header: {type(exc).__name__}: {exc}") from exc
     if len(ds) == 0:
         raise FailedImage("no DICOM data elements could be read")
-    _ensure_transfer_syntax(ds)
+    ensure_transfer_syntax(ds)
     return ds
 
 
-def _ensure_transfer_syntax(ds: Dataset) -> None:
+def ensure_transfer_syntax(ds: Dataset) -> None:
     """Files without file meta (PS3.10 7.1 violated) get the encoding they were read with."""
     meta = getattr(ds, "file_meta", None)
     if meta is not None and "TransferSyntaxUID" in meta:

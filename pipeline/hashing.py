@@ -17,7 +17,7 @@ def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
 def sha256_descriptor(descriptor: int) -> str:
     """Hex SHA-256 of what remains to be read from an open file descriptor; ``OSError`` propagates.
 
-    For callers that decide on the open descriptor what they are reading (``worker.hashing``).
+    For callers that decide on the open descriptor what they are reading (``worker.ingest.hashing``).
     """
     digest = hashlib.sha256()
     while chunk := os.read(descriptor, HASH_CHUNK_BYTES):

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.lungs import ModelInput
+from pipeline.lungs import LungFields, ModelInput
 from pipeline.model_folder import (  # noqa: F401 - the folder's layout, re-exported for its callers
     DEFAULT_MODEL_FILE,
     LITE_MODEL_FILE,
@@ -33,6 +33,7 @@ from pipeline.model_folder import (  # noqa: F401 - the folder's layout, re-expo
     lite_sources_digest,
     resolve_engine,
 )
+from pipeline.probability import sigmoid
 
 
 class _LiteRunner:
@@ -74,15 +75,6 @@ class ModelScore:
     out_of_distribution: bool = False  # beyond the guard's cut-off, or turned: reject, do not rank
     orientation_logit: float | None = None  # the guard's "film looks turned or inverted" logit
     ood_reason: str | None = None  # why it is rejected (pipeline.ood.REASON / ORIENTATION_REASON)
-
-
-def sigmoid(logits: Any, temperature: float = 1.0) -> np.ndarray:
-    """Calibrated probability ``sigmoid(logit / temperature)`` (numerically stable, any shape).
-
-    The one place this formula lives: serving, training calibration, comparison and benchmarks
-    all call it, so a stored score and an evaluated score cannot drift apart.
-    """
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits, dtype=np.float64) / temperature))
 
 
 @contextlib.contextmanager
@@ -304,6 +296,13 @@ class Scorer:
             self._input = ModelInput.for_model(self.model_dir, self.metadata)
         return self._input
 
+    def input_check(self, score: ModelScore, fields: LungFields | None) -> str | None:
+        """Why the input checks turn a scored film away (not a chest film, turned, no lung fields),
+        or None when it is read. The lung fields come first: they say most plainly what is wrong."""
+        if fields is not None and fields.problem():
+            return fields.problem()
+        return score.ood_reason if score.out_of_distribution else None
+
     def score_files(self, paths: Iterable[str | Path], batch_size: int = 32) -> list[ModelScore]:
         """Decode, preprocess and score files through the serving path (errors propagate)."""
         from pipeline.decode import decode_file
@@ -336,8 +335,3 @@ def _serve(model: Any, guard: Any, x: Any) -> Any:
         if guard.orientation is not None:
             out["orientation_logit"] = guard.orientation.graph_logits(out["features"])
     return out
-
-
-def logit_to_probability(logit: float, temperature: float) -> float:
-    """Calibrated probability from one raw logit (see :func:`sigmoid`)."""
-    return float(sigmoid(logit, temperature))

@@ -53,6 +53,16 @@ class LungFields:
         """One lung field either side of the midline, as on any frontal chest film."""
         return min(self.sides) >= MIN_FIELD_SHARE
 
+    def problem(self) -> str | None:
+        """Why this film cannot be read as a frontal chest radiograph, or None when it can."""
+        if not self.two_fields:
+            return NO_LUNG_FIELDS
+        return None
+
+
+#: The input check's reason for a film without two lung fields.
+NO_LUNG_FIELDS = "no lung fields found: not a frontal chest radiograph"
+
 
 def lung_fields(probability: np.ndarray) -> LungFields:
     """Geometry of the lungs from a (H, W) probability map."""

@@ -31,6 +31,27 @@ class Engine(StrEnum):
     TENSORFLOW = "tensorflow"
 
 
+def check_model_dir(model_dir: Path) -> str | None:
+    """Why ``model_dir`` cannot be a model (without loading TensorFlow), or None. The workers still
+    load it for real before taking any message."""
+    try:
+        metadata = json.loads((model_dir / METADATA_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{model_dir} has no readable {METADATA_FILE} ({type(exc).__name__})"
+    model_file = model_dir / metadata.get("model_file", DEFAULT_MODEL_FILE)
+    if not model_file.is_file():
+        return f"{model_dir} has no model file {model_file.name}"
+    return None
+
+
+def model_version(model_dir: Path) -> str | None:
+    """The ``version`` in ``model_dir``'s metadata (None when unreadable), without loading the model."""
+    try:
+        return str(json.loads((model_dir / METADATA_FILE).read_text())["version"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def lite_sources_digest(model_dir: str | Path) -> str:
     """SHA-256 over the files the LiteRT export is made from (the Keras model file and the guard)."""
     from pipeline.hashing import sha256_file

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.inference import sigmoid
+from pipeline.probability import sigmoid
 
 OOD_FILE = "ood.npz"
 REASON = "does not look like a frontal chest radiograph (out of distribution)"

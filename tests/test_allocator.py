@@ -1,4 +1,4 @@
-"""worker.allocator: freed film-sized buffers stay mapped in every decoding process (issue 13)."""
+"""worker.scoring.allocator: freed film-sized buffers stay mapped in every decoding process (issue 13)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from worker.decode_pool import DecodePool
+from worker.scoring.decode_pool import DecodePool
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 
@@ -40,7 +40,7 @@ def _in_fresh_python(code: str, **env: str) -> str:
 
 PROBE = """
     from tests.test_allocator import freed_buffer_stays_mapped
-    from worker.allocator import retain_freed_memory
+    from worker.scoring.allocator import retain_freed_memory
     before = freed_buffer_stays_mapped()
     applied = retain_freed_memory()
     print(before, applied, freed_buffer_stays_mapped())

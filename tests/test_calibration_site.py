@@ -207,7 +207,7 @@ def test_too_small_a_sample_is_refused_without_force(kermany, model_dir, tmp_pat
 def test_targets_on_the_remaining_held_out_films(site, kermany, scorer, tmp_path):
     """Issue targets: sensitivity >= 0.95 with specificity >= 0.75 at screening, >= 0.95 spec at high."""
     from models.calibration import calibrate, estimate_at
-    from worker.calibration_commands import score_labelled
+    from worker.cli.calibration_commands import score_labelled
 
     sample, rest = held_out_films(kermany)
     if site == "cropped-80":

@@ -285,8 +285,8 @@ def test_the_entry_sets_pydicoms_process_settings_before_any_thread_starts():
     pydicom in two threads at once (the outbox sender and the watcher) failed on the partly
     initialised ``pydicom.dataset`` in CI. (``scan`` is the one exception: see the next test.)"""
     probe = (
-        "import sys; sys.argv = ['cxr-triage', '--help']; import worker.cli\n"
-        "try:\n    worker.cli.main()\nexcept SystemExit:\n    pass\n"
+        "import sys; sys.argv = ['cxr-triage', '--help']; import worker.cli.app\n"
+        "try:\n    worker.cli.app.main()\nexcept SystemExit:\n    pass\n"
         "from pydicom import config; assert config.settings.reading_validation_mode == config.IGNORE; "
         "assert config.convert_wrong_length_to_UN"
     )
@@ -303,8 +303,8 @@ def test_a_scan_loads_pydicom_only_where_it_reads_dicom(tmp_path, dicom_samples,
     probe = (
         "import json, sys; folder, summary = sys.argv[1:]\n"
         "sys.argv = ['cxr-triage', 'scan', folder, '--no-progress', '--summary-json', summary]\n"
-        "import worker.cli\n"
-        "try:\n    worker.cli.main()\nexcept SystemExit:\n    pass\n"
+        "import worker.cli.app\n"
+        "try:\n    worker.cli.app.main()\nexcept SystemExit:\n    pass\n"
         "loaded = 'pydicom' in sys.modules\n"
         "from pydicom import config\n"
         "configured = config.settings.reading_validation_mode == config.IGNORE\n"
@@ -331,7 +331,7 @@ def test_a_plain_command_loads_no_dicom_celery_or_web_stack():
     and a command's settings load none of the heavy stacks that only some commands use (pydicom, and
     the numpy and Pillow it imports, are loaded by the entry on purpose: see the test above)."""
     probe = (
-        "import sys, worker.cli; from pipeline.dicom import configure_pydicom; configure_pydicom(); "
+        "import sys, worker.cli.app; from pipeline.dicom import configure_pydicom; configure_pydicom(); "
         "heavy = {'highdicom', 'pynetdicom', 'celery', 'kombu', 'redis', 'fastapi', 'starlette', "
         "'jinja2', 'matplotlib', 'tensorflow', 'keras', 'ai_edge_litert', 'prometheus_client'}; "
         "loaded = sorted(heavy & {name.split('.')[0] for name in sys.modules}); assert not loaded, loaded"

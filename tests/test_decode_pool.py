@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.decode_pool import DecodePool
+from worker.scoring.decode_pool import DecodePool
 
 
 def test_a_killed_child_is_noticed_at_once_not_after_the_decode_timeout():
@@ -73,7 +73,7 @@ def test_decode_processes_of_the_console_script_do_not_load_the_cli(tmp_path):
     script.write_text(
         f"import sys\nfrom {module} import {function}\n"
         "if __name__ == '__main__':\n"
-        "    from worker.decode_pool import DecodePool\n"
+        "    from worker.scoring.decode_pool import DecodePool\n"
         "    from tests.test_decode_pool import _child_modules\n"
         "    with DecodePool(1) as pool:\n"
         "        print('\\n'.join(pool._pool().submit(_child_modules).result()))\n"
@@ -88,9 +88,9 @@ def test_decode_processes_of_the_console_script_do_not_load_the_cli(tmp_path):
         check=True,
         timeout=120,
     ).stdout.split()
-    assert "worker.prepare" in shown  # the probe ran in a decode process
+    assert "worker.scoring.prepare" in shown  # the probe ran in a decode process
     loaded = set(shown) | {name.split(".")[0] for name in shown}
-    heavy = {"worker.cli", "typer", "rich", "sqlalchemy", "pydantic", "pydantic_settings", "db"}
+    heavy = {"worker.cli.app", "typer", "rich", "sqlalchemy", "pydantic", "pydantic_settings", "db"}
     assert not heavy & loaded, sorted(heavy & loaded)
 
 

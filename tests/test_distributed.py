@@ -141,7 +141,9 @@ def _celery_pids(supervisor: subprocess.Popen) -> list[int]:
 
     children = psutil.Process(supervisor.pid).children(recursive=True)
     return [
-        c.pid for c in children if "worker.celery_app" in c.cmdline() and "celery" in " ".join(c.cmdline())
+        c.pid
+        for c in children
+        if "worker.queue.celery_app" in c.cmdline() and "celery" in " ".join(c.cmdline())
     ]
 
 
@@ -252,9 +254,9 @@ def test_only_known_lost_work_is_resent_by_one_resender(pg_url, redis_url):
     from db import queue
     from db.migrate import upgrade
     from db.queue import FileSeen
-    from worker.celery_app import SCORE_QUEUE
+    from worker.queue.celery_app import SCORE_QUEUE
+    from worker.queue.submit import RESEND_LOCK, ViaCelery
     from worker.settings import Settings
-    from worker.submit import RESEND_LOCK, ViaCelery
 
     upgrade(pg_url)
     with session_scope(pg_url) as session:

@@ -436,7 +436,7 @@ def test_good_file_after_hostile_ones_is_scored_and_next_scan_too(hostile_scan, 
 # file in full before decode_file refused it for size (a sparse 1 TiB file: ~an hour of reading zeros).
 def test_oversized_file_is_not_hashed(tmp_path):
     from pipeline.limits import MAX_FILE_BYTES
-    from worker.scanner import ScanSummary, iter_files, register_chunk
+    from worker.ingest.scanner import ScanSummary, iter_files, register_chunk
 
     big = tmp_path / "drop" / "sparse.dcm"
     big.parent.mkdir()
@@ -620,7 +620,7 @@ def test_decode_processes_have_a_capped_address_space():
     """RLIMIT_AS in every decode child: an allocation above the cap is a MemoryError there."""
     import resource
 
-    from worker.decode_pool import DecodePool
+    from worker.scoring.decode_pool import DecodePool
 
     cap = 1 << 30
     with DecodePool(1, memory_limit_bytes=cap) as pool:
@@ -665,7 +665,7 @@ def test_overlapped_batches_survive_a_decoder_death(films, tmp_path):
     """Batch k+1 is already in the pool when batch k's decoder dies: both still end with a result."""
     import signal
 
-    from worker.decode_pool import DecodePool
+    from worker.scoring.decode_pool import DecodePool
 
     paths = []
     for index in range(6):
@@ -693,7 +693,7 @@ def test_a_decoder_killed_mid_result_blocks_neither_the_pool_nor_exit(films, tmp
     import struct
     import time
 
-    from worker.decode_pool import DecodePool
+    from worker.scoring.decode_pool import DecodePool
 
     path = tmp_path / "film.png"
     Image.fromarray(films[0]).save(path)
@@ -723,7 +723,7 @@ def test_a_hanging_file_costs_one_decode_timeout_not_two(films, tmp_path):
     a hanging file cost 240 s, not the documented 120 s). A short timeout keeps the test to seconds."""
     import time
 
-    from worker.decode_pool import DecodePool
+    from worker.scoring.decode_pool import DecodePool
 
     timeout_s = 4.0
     paths = []
@@ -757,8 +757,8 @@ def db_url(request):
 
 
 def _register_folder(url: str, root: Path, follow_symlinks: bool = False):
-    from worker.decode_pool import DecodePool
-    from worker.scanner import ScanSummary, iter_files, register_chunk
+    from worker.ingest.scanner import ScanSummary, iter_files, register_chunk
+    from worker.scoring.decode_pool import DecodePool
 
     summary = ScanSummary()
     with DecodePool(1) as pool:
@@ -802,8 +802,8 @@ def _sha(data: bytes) -> str:
 _UNPRIVILEGED_REGISTER = textwrap.dedent(
     """
     import json, sys
-    from worker.decode_pool import DecodePool
-    from worker.scanner import ScanSummary, iter_files, register_chunk
+    from worker.scoring.decode_pool import DecodePool
+    from worker.ingest.scanner import ScanSummary, iter_files, register_chunk
     summary = ScanSummary()
     with DecodePool(0) as pool:
         register_chunk(sys.argv[1], list(iter_files([sys.argv[2]])), pool.hash_many, summary)
@@ -857,7 +857,7 @@ def test_an_old_unreadable_failure_is_looked_at_again(db_url, tmp_path):
     from db.engine import session_scope
     from db.queue import FileSeen
     from db.schema import ImageStatus
-    from worker.scanner import unreadable_key
+    from worker.ingest.scanner import unreadable_key
 
     root = tmp_path / "drop"
     root.mkdir()
@@ -878,7 +878,7 @@ def test_follow_symlinks_ends_on_a_symlink_loop(tmp_path):
     """Item 8: two links to the enclosing folder made ``--follow-symlinks`` walk 2^40 paths."""
     import itertools
 
-    from worker.scanner import iter_files
+    from worker.ingest.scanner import iter_files
 
     root = tmp_path / "drop"
     (root / "sub").mkdir(parents=True)
@@ -938,8 +938,8 @@ def test_a_renamed_file_loses_its_old_path(db_url, tmp_path):
 
 
 def _watcher(url: str, root: Path, follow_symlinks: bool = False):
+    from worker.ingest.watcher import Watcher, WatchOptions
     from worker.settings import Settings
-    from worker.watcher import Watcher, WatchOptions
 
     settings = Settings.build(database_url=url, broker_url="redis://127.0.0.1:1/0")
     return Watcher(settings, [str(root)], WatchOptions(stable_seconds=0.0, follow_symlinks=follow_symlinks))
@@ -968,7 +968,7 @@ def test_watcher_checks_the_file_type_at_every_step(sqlite_url, tmp_path):
         # ... or after promotion, before the hand-off
         assert watcher._still_regular([str(path)]) == []
     # and the hasher itself refuses them on the open descriptor, without blocking on the FIFO
-    from worker.decode_pool import DecodePool
+    from worker.scoring.decode_pool import DecodePool
 
     with DecodePool(1) as pool:
         assert pool.hash_many([str(root / "link.jpeg"), str(root / "fifo.jpeg")]) == [None, None]
@@ -997,7 +997,7 @@ def test_watcher_rescans_at_once_when_its_folder_is_back_and_soon_after_unreadab
     (the chaos suite's watcher scenario, run with defaults, lost them for that long)."""
     import time
 
-    from worker.watcher import UNREADABLE_RETRY_S
+    from worker.ingest.watcher import UNREADABLE_RETRY_S
 
     root = tmp_path / "drop"
     root.mkdir()

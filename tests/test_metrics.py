@@ -98,7 +98,8 @@ def test_cli_and_supervisor_leave_prometheus_client_unimported_and_hooks_off_by_
     """Multiprocess mode must be set before prometheus_client is imported; with metrics off the hooks
     record nothing (no import, no files)."""
     result = _python(
-        "import sys, worker.cli, worker.supervisor, worker.processing, worker.tasks, worker.watcher\n"
+        "import sys, worker.cli.app, worker.queue.supervisor, worker.scoring.processing, worker.queue.tasks\n"
+        "import worker.ingest.watcher\n"
         "from worker import metrics\n"
         "metrics.files_seen(3); metrics.outcome('scored'); metrics.retried('incomplete_file')\n"
         "print('prometheus_client' in sys.modules)"

@@ -1,6 +1,6 @@
 """Flower (the ``[ops]`` extra) against real workers: task events are on, so it lists them.
 
-Documented in README (Operations): ``celery -A worker.celery_app flower``.
+Documented in README (Operations): ``celery -A worker.queue.celery_app flower``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def test_flower_starts_and_lists_a_worker(pg_url, redis_url, tmp_path):
     worker = start_cli(["worker", "--processes", "1"], env, tmp_path / "worker.log")
     port = free_port()
     flower = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower", f"--port={port}",
+        [sys.executable, "-m", "celery", "-A", "worker.queue.celery_app", "flower", f"--port={port}",
          "--address=127.0.0.1"],
         env={**env, "FLOWER_UNAUTHENTICATED_API": "true"},  # loopback only, for this test
         stdout=open(tmp_path / "flower.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115

@@ -195,7 +195,7 @@ def test_unpacked_members_rebuild_the_shipped_ensemble(tmp_path: Path) -> None:
     """``model unpack`` gives run folders from which ``model ensemble`` rebuilds the shipped model: same
     validation logits, same calibration (so one member can be swapped without retraining the others)."""
     from models.ensemble import build_and_export, unpack
-    from worker.model_commands import _cache_dir
+    from worker.cli.model_commands import _cache_dir
 
     cache = _cache_dir(None)  # the CLI's training cache: the films are not decoded again
     shipped = default_model_dir()

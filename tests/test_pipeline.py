@@ -394,7 +394,7 @@ def test_plain_jpeg2000_files_are_recognised(big_films):
 
 def test_prepare_full_resolution_switch_and_hash_of_decoded_bytes(big_films):
     from pipeline.hashing import sha256_file
-    from worker.prepare import prepare
+    from worker.scoring.prepare import prepare
 
     path = str(big_films["dicom-j2k-0"])
     reduced = prepare(path, 128)
@@ -408,7 +408,7 @@ def test_prepare_full_resolution_switch_and_hash_of_decoded_bytes(big_films):
 
 
 def test_prefetched_starts_the_next_batch_before_the_current_one_is_used():
-    from worker.overlap import prefetched
+    from worker.scoring.overlap import prefetched
 
     started: list[int] = []
 

@@ -13,8 +13,8 @@ import pytest
 
 from pipeline.hashing import sha256_file
 from tests.conftest import copy_into, kermany_files
-from worker.decode_pool import DecodePool
-from worker.prepare import prepare
+from worker.scoring.decode_pool import DecodePool
+from worker.scoring.prepare import prepare
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_a_decoder_death_while_reading_falls_back_to_hashing(drop):
 
 def test_an_embedded_scan_reads_each_new_file_once(drop, model_dir, tmp_path, monkeypatch):
     from db.migrate import upgrade
-    from worker.embedded import scan_embedded
+    from worker.queue.embedded import scan_embedded
     from worker.settings import Settings
 
     reads: Counter = Counter()

@@ -131,8 +131,8 @@ def test_sent_bookkeeping(url):
 
 
 def test_films_scored_by_an_older_model_are_rescored_in_place(url, kermany, model_dir, tmp_path):
-    from worker.decode_pool import DecodePool
-    from worker.processing import Processor
+    from worker.scoring.decode_pool import DecodePool
+    from worker.scoring.processing import Processor
     from worker.settings import Settings
 
     files = [Path(shutil.copy(p, tmp_path)) for p in kermany_files(kermany, "PNEUMONIA", 2)]
@@ -162,8 +162,8 @@ def test_films_scored_by_an_older_model_are_rescored_in_place(url, kermany, mode
 
 
 def test_file_gone_from_every_path_is_superseded_not_failed(sqlite_url, kermany, model_dir, tmp_path):
-    from worker.decode_pool import DecodePool
-    from worker.processing import Processor
+    from worker.scoring.decode_pool import DecodePool
+    from worker.scoring.processing import Processor
     from worker.settings import Settings
 
     upgrade(sqlite_url)
@@ -303,8 +303,8 @@ def test_watch_on_a_folder_it_cannot_create_is_a_clear_error(tmp_path):
 
 
 def test_a_crashing_worker_is_restarted_with_backoff(tmp_path):
+    from worker.queue.supervisor import MAX_RESTART_DELAY_S, Supervisor, WorkerSpec, _Child
     from worker.settings import Settings
-    from worker.supervisor import MAX_RESTART_DELAY_S, Supervisor, WorkerSpec, _Child
 
     url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
     upgrade(url)
@@ -347,22 +347,22 @@ def test_in_process_decoding_happens_under_a_claim(sqlite_url, kermany, model_di
     """Issue 13: with decode processes, a batch is claimed after decoding (a child cannot kill the
     worker); decoding in this process must stay claimed first, so a file that kills the worker is
     counted as an interrupted attempt (and failed after MAX_ATTEMPTS) instead of retried forever."""
-    import worker.decode_pool
-    from worker.decode_pool import DecodePool
-    from worker.processing import Processor
+    import worker.scoring.decode_pool
+    from worker.scoring.decode_pool import DecodePool
+    from worker.scoring.processing import Processor
     from worker.settings import Settings
 
     upgrade(sqlite_url)
     path = Path(shutil.copy(kermany_files(kermany, "NORMAL", 1)[0], tmp_path / "film.jpeg"))
     image_id = _register_file(sqlite_url, path)
     seen: list[ImageStatus] = []
-    real_prepare = worker.decode_pool.prepare
+    real_prepare = worker.scoring.decode_pool.prepare
 
     def watching_prepare(*args, **kwargs):
         seen.append(_image(sqlite_url, image_id).status)
         return real_prepare(*args, **kwargs)
 
-    monkeypatch.setattr(worker.decode_pool, "prepare", watching_prepare)
+    monkeypatch.setattr(worker.scoring.decode_pool, "prepare", watching_prepare)
     settings = Settings(database_url=sqlite_url, model_dir=model_dir, decode_workers=0)
     outcome = Processor.from_settings(settings, DecodePool(0)).process([image_id])
     assert dict(outcome.counts) == {"scored": 1}
@@ -373,8 +373,8 @@ def test_a_worker_killed_with_films_in_hand_is_restarted_at_once(tmp_path, redis
     """Chaos suite (default settings): every kill of a busy worker counted as a start-up crash, so
     the restarts backed off to 60 s and a killed worker's batch took 69 s to be final. A worker that
     dies holding claimed films died at work: its films go back and it is restarted at once."""
+    from worker.queue.supervisor import Supervisor, WorkerSpec, _Child
     from worker.settings import Settings, celery_owner_prefix
-    from worker.supervisor import Supervisor, WorkerSpec, _Child
 
     url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
     upgrade(url)
@@ -402,8 +402,8 @@ def test_a_celery_worker_claims_before_its_decodes_finish(
 ):
     """A Celery worker (claim_before_decode) holds the lease while its pool decodes, so a kill hands
     the batch back at once; the embedded scan decodes first (no lease held while decoding)."""
-    from worker.decode_pool import DecodePool, PendingBatch
-    from worker.processing import Processor
+    from worker.scoring.decode_pool import DecodePool, PendingBatch
+    from worker.scoring.processing import Processor
     from worker.settings import Settings
 
     upgrade(sqlite_url)

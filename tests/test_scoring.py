@@ -9,7 +9,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from tests.conftest import kermany_files
 from tests.dicom_factory import radiograph
-from worker.prepare import prepare
+from worker.scoring.prepare import prepare
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_scan_scores_equal_evaluate_scores(kermany, scorer, model_dir, tmp_path)
     from db.engine import session_scope
     from db.migrate import upgrade
     from db.schema import Image, Score, SourceFile
-    from worker.embedded import scan_embedded
+    from worker.queue.embedded import scan_embedded
     from worker.settings import Settings
 
     files = kermany_files(kermany, "NORMAL", 3) + kermany_files(kermany, "PNEUMONIA", 5)

@@ -43,7 +43,7 @@ def test_flags_win_over_environment_over_env_file(clean_env, tmp_path):
 
 
 def test_a_child_rebuilds_the_same_settings_from_its_environment(clean_env, tmp_path):
-    from worker.supervisor import WorkerSpec, worker_env
+    from worker.queue.supervisor import WorkerSpec, worker_env
 
     settings = Settings.build(
         database_url=f"sqlite:///{tmp_path / 'x.sqlite3'}",
@@ -66,7 +66,7 @@ def test_a_child_rebuilds_the_same_settings_from_its_environment(clean_env, tmp_
 def test_celery_reads_nothing_at_import_and_has_no_default_broker(tmp_path):
     """The app is configured from Settings when first used, in the process that uses it."""
     code = (
-        "import os, worker.celery_app as c, worker.tasks;"
+        "import os, worker.queue.celery_app as c, worker.queue.tasks;"
         "os.environ['CXR_TRIAGE_BROKER_URL'] = 'redis://127.0.0.1:1/5';"
         "print(c.app.conf.broker_url)"
     )
@@ -75,7 +75,7 @@ def test_celery_reads_nothing_at_import_and_has_no_default_broker(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "redis://127.0.0.1:1/5"
     unset = subprocess.run(
-        [sys.executable, "-c", "import worker.celery_app as c; print(c.app.conf.broker_url)"],
+        [sys.executable, "-c", "import worker.queue.celery_app as c; print(c.app.conf.broker_url)"],
         env=environ,
         capture_output=True,
         text=True,

@@ -26,6 +26,9 @@ from pipeline.model_folder import Engine
 
 ENV_PREFIX = "CXR_TRIAGE_"
 ENV_FILE_VARIABLE = ENV_PREFIX + "ENV_FILE"
+#: The broker queue the scoring tasks go to (:mod:`worker.queue.celery_app`; its length is a readiness
+#: gauge of :mod:`worker.metrics.server`, which does not import Celery for it).
+SCORE_QUEUE = "cxr-score"
 
 
 def _cores() -> int:

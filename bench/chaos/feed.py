@@ -62,7 +62,7 @@ class Feeder(threading.Thread):
 
 
 def files_on_disk(drop: Path) -> dict[str, str]:
-    from worker.scanner import is_temporary
+    from worker.ingest.scanner import is_temporary
 
     found = {}
     for path in drop.rglob("*"):

@@ -203,7 +203,7 @@ def wait_all_final(url: str, drop: Path, feeder: Feeder, deadline: float, monito
     """Until every file on disk has a final row with its current content, or the deadline."""
     while time.monotonic() < deadline:
         if feeder.done.is_set():
-            from worker.scanner import is_temporary
+            from worker.ingest.scanner import is_temporary
 
             disk_paths = {str(p) for p in drop.rglob("*") if p.is_file() and not is_temporary(p.name)}
             # confirm with content hashes (a replaced file must be final with its new content)

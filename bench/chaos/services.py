@@ -239,7 +239,7 @@ def celery_worker_pid(supervisor: Service) -> int | None:
         return None
     for child in children(pid):
         line = cmdline(child)
-        if "celery" in line and "worker.celery_app" in line:
+        if "celery" in line and "worker.queue.celery_app" in line:
             return child
     return None
 

@@ -21,38 +21,26 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from worker.metrics.state import MULTIPROC_VARIABLE, enable, enabled, multiprocess_dir
+from worker.metrics.state import definitions as _d
+from worker.metrics.state import state as _state
 from worker.outcomes import ReasonClass, classify
 
 if TYPE_CHECKING:
     from worker.metrics.server import MetricsServer
 
-__all__ = ["ReasonClass", "classify", "enabled", "start", "prepare_multiprocess"]
+__all__ = [
+    "MULTIPROC_VARIABLE",
+    "ReasonClass",
+    "classify",
+    "enable",
+    "enabled",
+    "multiprocess_dir",
+    "prepare_multiprocess",
+    "start",
+]
 
-MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
-_state: dict[str, Any] = {"on": bool(os.environ.get(MULTIPROC_VARIABLE)), "d": None}
 T = TypeVar("T")
-
-
-def enabled() -> bool:
-    return _state["on"]
-
-
-def enable() -> None:
-    """Record metrics in this process (the process that serves them, or a web app mounting them)."""
-    _state["on"] = True
-
-
-def multiprocess_dir() -> str | None:
-    return os.environ.get(MULTIPROC_VARIABLE) or None
-
-
-def _d():
-    definitions = _state["d"]
-    if definitions is None:
-        from worker.metrics import definitions
-
-        _state["d"] = definitions
-    return definitions
 
 
 def prepare_multiprocess() -> str:

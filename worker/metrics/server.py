@@ -24,7 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from worker import metrics
+from worker.metrics.state import definitions, enable, multiprocess_dir
+from worker.settings import SCORE_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,6 @@ class Probe:
                 self._redis = redis.Redis.from_url(
                     url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=CONNECT_TIMEOUT_S
                 )
-            from worker.celery_app import SCORE_QUEUE
-
             return int(self._redis.llen(SCORE_QUEUE))
         from kombu import Connection
 
@@ -135,7 +134,7 @@ class Probe:
         return passed
 
     def _set_gauges(self, results: dict[str, Any], passed: dict[str, bool], took: float) -> None:
-        d = metrics._d()
+        d = definitions()
         for name in d.DEPENDENCIES:
             if name in passed:
                 d.DEPENDENCY_UP.labels(name).set(1 if passed[name] else 0)
@@ -161,7 +160,7 @@ class Probe:
         from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
         self.refresh()
-        if metrics.multiprocess_dir():
+        if multiprocess_dir():
             from prometheus_client.multiprocess import MultiProcessCollector
 
             registry = CollectorRegistry()
@@ -176,7 +175,7 @@ class Probe:
         self._model_version()
         labels = {**(self._build_labels or {}), **self._calibration}
         family = GaugeMetricFamily(
-            metrics._d().BUILD_INFO,
+            definitions().BUILD_INFO,
             "Versions in use (value 1): package, model, active calibration and its thresholds",
             labels=list(labels),
         )
@@ -218,7 +217,7 @@ def probe_engine(url: str):
 def default_disk_paths(settings) -> dict[str, list[str]]:
     from sqlalchemy.engine import make_url
 
-    paths: dict[str, list[str]] = {"work": [metrics.multiprocess_dir() or tempfile.gettempdir()]}
+    paths: dict[str, list[str]] = {"work": [multiprocess_dir() or tempfile.gettempdir()]}
     url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         paths["database"] = [str(Path(url.database).parent)]
@@ -320,7 +319,7 @@ def starlette_routes(settings, **probe_kwargs: Any) -> list:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    metrics.enable()
+    enable()
     probe = Probe(settings, **probe_kwargs)
 
     async def scrape(_request):

@@ -32,11 +32,11 @@ from watchdog.observers.polling import PollingObserver
 from db import queue
 from db.engine import session_scope
 from db.queue import FileSeen
-from worker.decode_pool import DecodePool
+from worker.ingest.scanner import ScanSummary, is_temporary, iter_files
 from worker.logs import describe_error
-from worker.scanner import ScanSummary, is_temporary, iter_files
+from worker.queue.submit import InProcess, Submitter, broker_errors, hand_on, make_submitter
+from worker.scoring.decode_pool import DecodePool
 from worker.settings import Settings
-from worker.submit import InProcess, Submitter, broker_errors, hand_on, make_submitter
 
 #: First wait before a rescan for files that could not be read now (doubles up to rescan_interval).
 UNREADABLE_RETRY_S = 10.0

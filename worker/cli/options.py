@@ -35,6 +35,17 @@ def setting(name: str, *aliases: str, **extra: Any) -> Any:
 ModelDir = Annotated[Path | None, setting("model_dir")]
 
 
+def data_dir_of(given: Path | None) -> Path:
+    """The data folder from the argument, else from the settings; a clear error when neither (the
+    ``model`` commands and ``model fit-ood`` resolve it alike)."""
+    found = given or Settings().data_dir
+    if found is None:
+        raise typer.BadParameter("give the data folder or set CXR_TRIAGE_DATA_DIR", param_hint="DATA_DIR")
+    if not (found / "NORMAL").is_dir() and not (found / "PNEUMONIA").is_dir():
+        raise typer.BadParameter(f"{found} has no NORMAL/ or PNEUMONIA/ folder", param_hint="DATA_DIR")
+    return found
+
+
 def with_options(options: dict[str, Any]) -> Callable[[Callable[..., R]], Callable[..., R]]:
     """Give a command the shared ``options`` (parameter name -> annotated option type, each None by
     default) after its own parameters, so several commands declare them once; the command takes them in

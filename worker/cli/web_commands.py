@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from db.schema import UserRole
-from worker.options import setting
+from worker.cli.options import setting
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=False)
@@ -30,7 +30,7 @@ LogLevel = Annotated[str | None, setting("log_level")]
 
 
 def _settings(database_url: str | None, log_level: str, **flags):
-    from worker.startup import database_settings
+    from worker.cli.startup import database_settings
 
     return database_settings(database_url=database_url, log_level=log_level, **flags)
 

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from worker.options import ModelDir, setting
+from worker.cli.options import ModelDir, data_dir_of, setting
 
 if TYPE_CHECKING:  # numpy is imported by the commands that compute: every CLI start loads this module
     import numpy as np
@@ -35,7 +35,7 @@ FILE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", "")
 
 def _database(database_url: str | None) -> str:
     """Settings' database URL, migrated to the newest schema (clear message, no traceback)."""
-    from worker.startup import database_settings
+    from worker.cli.startup import database_settings
 
     return database_settings(quiet=True, database_url=database_url).database_url
 
@@ -123,7 +123,7 @@ def score_labelled(scorer, films: list[tuple[Path, int]], batch_size: int = 32) 
     """
     import numpy as np
 
-    from worker.prepare import prepare
+    from worker.scoring.prepare import prepare
 
     labels, probs, logits = [], [], []
     unreadable = ood = 0
@@ -395,10 +395,9 @@ def fit_ood_command(
     from models import data
     from models.ood_fit import battery, fit_and_write, run_battery
     from pipeline.inference import LITE_MODEL_FILE, Scorer
-    from worker.model_commands import _data_dir  # resolves the folder like `model train` (no cycle: lazy)
 
     directory = _model_dir(model_dir)
-    root = _data_dir(data_dir)
+    root = data_dir_of(data_dir)
     guard = fit_and_write(root, directory)
     console.print(f"wrote {directory / 'ood.npz'}: {json.dumps(guard.info)}")
     if (directory / LITE_MODEL_FILE).is_file():  # the export holds the guard: make it anew

@@ -15,10 +15,10 @@ import sys
 from celery.signals import worker_init, worker_process_shutdown
 
 from worker import metrics
-from worker.celery_app import EXIT_MODEL_UNUSABLE, app
-from worker.decode_pool import DecodePool
 from worker.logs import describe_error
-from worker.processing import Processor
+from worker.queue.celery_app import EXIT_MODEL_UNUSABLE, app
+from worker.scoring.decode_pool import DecodePool
+from worker.scoring.processing import Processor
 from worker.settings import Settings, celery_owner
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def score_images(self, image_ids: list[int]) -> dict:
         raise self.retry(countdown=delay, exc=exc) from exc
     if outcome.retry_later:
         # Files still being written or briefly unreadable: try again shortly, as a new message.
-        from worker.submit import send_batches
+        from worker.queue.submit import send_batches
 
         send_batches(processor().settings, outcome.retry_later, countdown=5)
     return {str(k): v for k, v in outcome.counts.items()}

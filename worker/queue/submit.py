@@ -27,11 +27,12 @@ from typing import Protocol
 from db import queue
 from db.engine import session_scope
 from db.queue import FileSeen
+from pipeline.model_folder import model_version
 from worker import metrics
-from worker.decode_pool import DecodePool, Predecoded
+from worker.ingest.scanner import CHUNK_FILES, ScanSummary, chunked, files_to_read, iter_files, register_chunk
 from worker.logs import describe_error
-from worker.overlap import prefetched
-from worker.scanner import CHUNK_FILES, ScanSummary, chunked, files_to_read, iter_files, register_chunk
+from worker.scoring.decode_pool import DecodePool, Predecoded
+from worker.scoring.overlap import prefetched
 from worker.settings import Settings, local_owner, local_owner_is_dead, local_owner_prefix
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class InProcess:
     a process that died."""
 
     def __init__(self, settings: Settings, pool: DecodePool, *, resume_all: bool = False) -> None:
-        from worker.processing import Processor
+        from worker.scoring.processing import Processor
 
         self.settings = settings
         self.owner = local_owner()
@@ -128,8 +129,6 @@ class InProcess:
         """Films among ``files`` scored by an older model get the current model's score (a new model
         version re-scores known films as their folders are scanned; resumable: the database knows
         which lack one)."""
-        from worker.supervisor import model_version
-
         version = model_version(self.settings.resolved_model_dir())  # without loading the model
         if version is None:
             return 0
@@ -162,7 +161,7 @@ def send_batches(settings: Settings, image_ids: Sequence[int], countdown: float 
     A batch is marked sent only after the broker took it: if the broker fails half-way, the rest
     stays unsent and a later run (or the re-sender) sends it.
     """
-    from worker.celery_app import SCORE_QUEUE, configure
+    from worker.queue.celery_app import SCORE_QUEUE, configure
 
     app = configure(settings)
     ids = list(image_ids)
@@ -181,7 +180,7 @@ RESCORE_TASK_NAME = "cxr_triage.rescore_images"
 
 def send_rescore(settings: Settings, image_ids: Sequence[int]) -> int:
     """Ask the workers to add the current model's score to already scored films."""
-    from worker.celery_app import SCORE_QUEUE, configure
+    from worker.queue.celery_app import SCORE_QUEUE, configure
 
     app = configure(settings)
     ids = list(image_ids)
@@ -198,7 +197,7 @@ def _redis(settings: Settings):
 
 def broker_backlog(settings: Settings) -> int:
     """Messages waiting in the broker's score queue (each Kombu priority level is its own list)."""
-    from worker.celery_app import SCORE_QUEUE
+    from worker.queue.celery_app import SCORE_QUEUE
 
     client = _redis(settings)
     keys = [SCORE_QUEUE, *client.scan_iter(match=SCORE_QUEUE + "\x06\x16*")]

@@ -2,17 +2,17 @@
 
 Decode processes are started with ``spawn``, and a spawned child first re-imports the parent's main
 module: for a console script, the script file, which imports the module named as its entry. With
-:mod:`worker.cli` as the entry, every decode child loaded the whole CLI (Typer, Rich, SQLAlchemy,
+:mod:`worker.cli.app` as the entry, every decode child loaded the whole CLI (Typer, Rich, SQLAlchemy,
 pydantic, the schema: ~880 modules) before its first film, once per child and again after every
 crash-restart. Through this module a child loads only what unpickling its work needs
-(:mod:`worker.prepare` and the pipeline).
+(:mod:`worker.scoring.prepare` and the pipeline).
 """
 
 from __future__ import annotations
 
 
 def main() -> None:
-    """Run the CLI (:func:`worker.cli.main`)."""
-    from worker.cli import main as run_cli
+    """Run the CLI (:func:`worker.cli.app.main`)."""
+    from worker.cli.app import main as run_cli
 
     run_cli()

@@ -1,6 +1,6 @@
 """CLI: ``cxr-triage dicom-listen`` and ``cxr-triage outbox list|retry``.
 
-Registered in :mod:`worker.cli`; the ``--send-results`` option of watch/scan/worker is
+Registered in :mod:`worker.cli.app`; the ``--send-results`` option of watch/scan/worker is
 :data:`SendResults` and starts the sender with :func:`worker.dicomnet.sender.start_results_sender`.
 """
 
@@ -20,9 +20,9 @@ from rich.table import Table
 
 from db.schema import OutboxStatus
 from worker import metrics
-from worker.options import setting
+from worker.cli.options import setting
+from worker.cli.startup import command_settings, database_settings
 from worker.settings import Settings
-from worker.startup import command_settings, database_settings
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=False)

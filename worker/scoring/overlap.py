@@ -3,7 +3,7 @@
 The model and the decode pool need different resources at different times; with a strict
 decode-then-score loop the pool idles while the model scores and the model waits for the
 slowest film of each batch. :func:`prefetched` turns a lazy sequence of *started* batches
-(claimed and handed to :meth:`worker.decode_pool.DecodePool.submit`, which returns at once)
+(claimed and handed to :meth:`worker.scoring.decode_pool.DecodePool.submit`, which returns at once)
 into one whose next element is always already started when the current one is consumed, so
 the pool decodes batch k+1 while the caller scores and stores batch k.
 """

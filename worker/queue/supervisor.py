@@ -17,7 +17,6 @@ expired (a machine that vanished) or whose message was lost.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -26,8 +25,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+from pipeline.model_folder import model_version
 from worker import metrics
 from worker.logs import describe_error
 from worker.settings import ENV_FILE_VARIABLE, Settings, celery_owner_prefix, env_name
@@ -59,14 +58,14 @@ class WorkerSpec:
 
 def worker_command(spec: WorkerSpec, log_level: str) -> list[str]:
     # Celery is imported where a worker is started: scan and watch use this module without a broker.
-    from worker.celery_app import SCORE_QUEUE
+    from worker.queue.celery_app import SCORE_QUEUE
 
     return [
         sys.executable,
         "-m",
         "celery",
         "-A",
-        "worker.celery_app",
+        "worker.queue.celery_app",
         "worker",
         "--pool",
         "solo",
@@ -92,30 +91,6 @@ def worker_env(settings: Settings, spec: WorkerSpec) -> dict[str, str]:
     environ["CUDA_VISIBLE_DEVICES"] = spec.gpu if spec.gpu is not None else ""
     environ["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
     return environ
-
-
-def check_model_dir(model_dir: Path) -> str | None:
-    """Why ``model_dir`` cannot be a model (without loading TensorFlow), or None. The workers still
-    load it for real before taking any message."""
-    from pipeline.inference import DEFAULT_MODEL_FILE, METADATA_FILE
-
-    try:
-        metadata = json.loads((model_dir / METADATA_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        return f"{model_dir} has no readable {METADATA_FILE} ({type(exc).__name__})"
-    model_file = model_dir / metadata.get("model_file", DEFAULT_MODEL_FILE)
-    if not model_file.is_file():
-        return f"{model_dir} has no model file {model_file.name}"
-    return None
-
-
-def model_version(model_dir: Path) -> str | None:
-    from pipeline.inference import METADATA_FILE
-
-    try:
-        return str(json.loads((model_dir / METADATA_FILE).read_text())["version"])
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 #: A worker that dies sooner than this after its start counts as crashing: its restarts back off.
@@ -177,7 +152,9 @@ class Supervisor:
         assert process is not None
         _kill_group(process.pid)
         child.process = None
-        from worker.celery_app import EXIT_MODEL_UNUSABLE  # loaded already: worker_command started the child
+        from worker.queue.celery_app import (
+            EXIT_MODEL_UNUSABLE,  # loaded already: worker_command started the child
+        )
 
         if process.returncode == EXIT_MODEL_UNUSABLE:
             log.error("worker %s cannot load its model; stopping (see its message above)", spec.name)
@@ -200,7 +177,7 @@ class Supervisor:
         returns how many it held."""
         from db import queue
         from db.engine import session_scope
-        from worker.submit import send_batches
+        from worker.queue.submit import send_batches
 
         ids: list[int] = []
         try:
@@ -225,7 +202,7 @@ class Supervisor:
                 self._start(spec)
 
     def _recover(self) -> None:
-        from worker.submit import ViaCelery
+        from worker.queue.submit import ViaCelery
 
         try:
             ViaCelery(self.settings).recover()
@@ -237,7 +214,7 @@ class Supervisor:
         only while the queue is empty (new films first); resumable, the database says what is left."""
         from db import queue
         from db.engine import session_scope
-        from worker.submit import broker_backlog, send_rescore
+        from worker.queue.submit import broker_backlog, send_rescore
 
         version = model_version(self.settings.resolved_model_dir())
         if version is None:

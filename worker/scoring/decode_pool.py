@@ -9,7 +9,7 @@ by one so that only the culprit is failed. Each child's address space is capped
 its own file with "out of memory" instead of exhausting the machine.
 
 :meth:`DecodePool.submit` returns at once, so a caller can decode batch k+1 while it
-scores batch k (see :mod:`worker.overlap`).
+scores batch k (see :mod:`worker.scoring.overlap`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from pipeline.scope import ScopePolicy
-from worker.hashing import sha256_following_links, sha256_regular_file
-from worker.prepare import Prepared, limit_threads, prepare, prepare_found
+from worker.ingest.hashing import sha256_following_links, sha256_regular_file
+from worker.scoring.prepare import Prepared, limit_threads, prepare, prepare_found
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ def cap_memory(limit_bytes: int | None) -> None:
 
 def init_decode_process(memory_limit_bytes: int | None = DECODE_MEMORY_LIMIT_BYTES) -> None:
     """Initialiser of every decode child: one thread, pydicom's process settings, freed memory kept
-    (:mod:`worker.allocator`), a memory cap, and an exit without interpreter teardown."""
+    (:mod:`worker.scoring.allocator`), a memory cap, and an exit without interpreter teardown."""
     from pipeline.dicom import configure_pydicom
-    from worker.allocator import retain_freed_memory
+    from worker.scoring.allocator import retain_freed_memory
 
     limit_threads()
     configure_pydicom()
@@ -296,7 +296,7 @@ class DecodePool:
         A hash that makes no progress for ``timeout_s`` (a stalled share) is given up:
         that file and those not yet hashed get None (looked at again on a later scan).
         Without decode processes, hashing runs in-process without a time limit (FIFOs
-        are still refused: see :mod:`worker.hashing`).
+        are still refused: see :mod:`worker.ingest.hashing`).
         """
         function = sha256_following_links if follow_symlinks else sha256_regular_file
         if self.workers <= 0 or not paths:

@@ -16,8 +16,8 @@ import typer
 from rich.console import Console
 
 from models import default_model_dir
-from worker.options import ModelDir
-from worker.settings import Settings, default_of
+from worker.cli.options import ModelDir, data_dir_of
+from worker.settings import default_of
 
 console = Console(stderr=True)
 
@@ -52,16 +52,6 @@ CacheDirOption = Annotated[
 ]
 
 
-def _data_dir(given: Path | None) -> Path:
-    """The data folder from the argument, else from the settings; a clear error when neither."""
-    found = given or Settings().data_dir
-    if found is None:
-        raise typer.BadParameter("give the data folder or set CXR_TRIAGE_DATA_DIR", param_hint="DATA_DIR")
-    if not (found / "NORMAL").is_dir() and not (found / "PNEUMONIA").is_dir():
-        raise typer.BadParameter(f"{found} has no NORMAL/ or PNEUMONIA/ folder", param_hint="DATA_DIR")
-    return found
-
-
 def _cache_dir(given: Path | None) -> Path:
     """Where training arrays are cached: outside the package, in the user's cache folder."""
     return given or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cxr-triage"
@@ -94,6 +84,15 @@ def train_command(
         Path, typer.Option(help="Output folder for model.keras, metadata.json and history.json.")
     ] = Path("models/shipped"),
     cache_dir: CacheDirOption = None,
+    lung_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="A lung model (lungs.tflite from `python -m models.lung_seg`): the classifier then reads"
+            " each film cut to its lung box, and OUT ships that lung model beside it.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Train on the patient-wise split (models/splits/val_patients.txt), calibrate, write OUT.
 
@@ -105,9 +104,10 @@ def train_command(
 
     if augment not in PRESETS:
         raise typer.BadParameter(f"choose one of {', '.join(sorted(PRESETS))}", param_hint="--augment")
-    folders = {"data_dir": str(_data_dir(data_dir)), "cache_dir": str(_cache_dir(cache_dir))}
+    folders = {"data_dir": str(data_dir_of(data_dir)), "cache_dir": str(_cache_dir(cache_dir))}
     recipe = {"arch": arch, "epochs": epochs, "seed": seed, "size": size, "lr": lr}
-    cfg = TrainConfig(**recipe, **folders, augment=PRESETS[augment])
+    lungs = str(lung_model) if lung_model else None
+    cfg = TrainConfig(**recipe, **folders, augment=PRESETS[augment], lung_model=lungs)
     metadata = train(cfg, out, log=_log)
     typer.echo(json.dumps(metadata, indent=2))
 
@@ -128,7 +128,7 @@ def ensemble_command(
     """Average the logits of MODEL_DIRS into one model; refit temperature and thresholds on validation."""
     from models.ensemble import build_and_export
 
-    metadata = build_and_export(model_dirs, out, _data_dir(data_dir), _cache_dir(cache_dir))
+    metadata = build_and_export(model_dirs, out, data_dir_of(data_dir), _cache_dir(cache_dir))
     typer.echo(json.dumps(metadata, indent=2))
 
 
@@ -147,7 +147,7 @@ def unpack_command(
     from models.ensemble import unpack
 
     folder = model_dir or default_model_dir()
-    for member in unpack(Path(folder), out, _data_dir(data_dir), _cache_dir(cache_dir)):
+    for member in unpack(Path(folder), out, data_dir_of(data_dir), _cache_dir(cache_dir)):
         typer.echo(str(member))
 
 
@@ -168,7 +168,12 @@ def compare_command(
         if not (folder / "val_logits.npz").is_file():
             raise typer.BadParameter(f"{folder} is not a training run folder (no val_logits.npz)")
     rows = compare(
-        model_dirs, _data_dir(data_dir), tta=tta, stress=stress, bench=bench, cache_dir=_cache_dir(cache_dir)
+        model_dirs,
+        data_dir_of(data_dir),
+        tta=tta,
+        stress=stress,
+        bench=bench,
+        cache_dir=_cache_dir(cache_dir),
     )
     typer.echo(markdown(rows))
     if json_out:
@@ -180,7 +185,7 @@ def stress_test_command(data_dir: DataDirArgument = None, model_dir: ModelDir = 
     """Validation AUC and operating points under gamma, blur, JPEG, equalisation, crop and pad."""
     from models.robustness import stress_test
 
-    typer.echo(json.dumps(stress_test(_data_dir(data_dir), model_dir), indent=2))
+    typer.echo(json.dumps(stress_test(data_dir_of(data_dir), model_dir), indent=2))
 
 
 @model_app.command("evaluate")
@@ -201,8 +206,9 @@ def evaluate_command(
         str | None,
         typer.Option(
             "--database-url",
-            envvar="CXR_TRIAGE_DATABASE_URL",
-            help="Worklist database whose active calibration is evaluated too. Default: the local one.",
+            help="Worklist database whose active calibration is evaluated too. Default: the database_url"
+            " setting (CXR_TRIAGE_DATABASE_URL or the environment file, through Settings), else the local"
+            " one.",
         ),
     ] = None,
 ) -> None:
@@ -211,7 +217,7 @@ def evaluate_command(
     With bootstrap 95 % confidence intervals, at the model's own thresholds and at the active
     site calibration's (`cxr-triage model calibrations`).
     """
-    folder = _data_dir(data_dir)
+    folder = data_dir_of(data_dir)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from models.evaluate import evaluate
@@ -227,7 +233,7 @@ def evaluate_command(
         report = evaluate(
             folder, model_dir, roc_png, batch_size=batch_size, split=split.value, progress=progress
         )
-    from worker.calibration_commands import add_active_calibration  # issue 12: site calibration
+    from worker.cli.calibration_commands import add_active_calibration  # issue 12: site calibration
 
     add_active_calibration(report, database_url, model_dir)
     typer.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.text())
@@ -276,7 +282,7 @@ def attention_command(
     )
     typer.echo("|---" * (len(regions) + 3) + "|")
     for folder in model_dirs:
-        shares = validation_shares(_data_dir(data_dir), folder, member)
+        shares = validation_shares(data_dir_of(data_dir), folder, member)
         normal, pneumonia, both = shares["normal"], shares["pneumonia"], shares["all"]
         if folder is model_dirs[0]:
             typer.echo(
@@ -320,8 +326,8 @@ def explain_command(
     )
 
 
-# -- site calibration and the out-of-distribution guard (issue 12; worker/calibration_commands.py) --
-from worker.calibration_commands import (  # noqa: E402 - registered after the core model commands
+# -- site calibration and the out-of-distribution guard (issue 12; worker/cli/calibration_commands.py) --
+from worker.cli.calibration_commands import (  # noqa: E402 - registered after the core model commands
     calibrate_command,
     calibrations_command,
     fit_ood_command,

@@ -1,16 +1,16 @@
 """The embedded path as one call: register and score in this process, no broker needed.
 
-A thin wrapper over :mod:`worker.submit` (``scan`` without a broker takes the same path).
+A thin wrapper over :mod:`worker.queue.submit` (``scan`` without a broker takes the same path).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from worker.decode_pool import DecodePool
-from worker.scanner import ScanSummary
+from worker.ingest.scanner import ScanSummary
+from worker.queue.submit import InProcess, scan
+from worker.scoring.decode_pool import DecodePool
 from worker.settings import Settings
-from worker.submit import InProcess, scan
 
 
 def scan_embedded(

@@ -5,7 +5,7 @@ return only picklable values. Each file is read once: the bytes that are hashed
 (to check them against the registration) are the bytes that are decoded.
 
 :func:`prepare` decodes a registered file (checking its hash); :func:`prepare_found` reads a
-file the scanner has just found, under the scanner's rules (:mod:`worker.hashing`), and gives
+file the scanner has just found, under the scanner's rules (:mod:`worker.ingest.hashing`), and gives
 both the hash that registers it and the decode that scores it, from that one read.
 """
 
@@ -23,7 +23,7 @@ from pipeline.hashing import sha256_bytes
 from pipeline.normalise import to_model_input
 from pipeline.scope import ScopePolicy
 from pipeline.types import DecodedImage
-from worker.hashing import read_regular_file
+from worker.ingest.hashing import read_regular_file
 
 __all__ = ["Prepared", "limit_threads", "prepare", "prepare_found"]
 

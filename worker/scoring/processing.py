@@ -26,12 +26,12 @@ from db.schema import Image, ImageStatus, utcnow
 from pipeline.model_folder import Engine
 from pipeline.scope import ScopePolicy
 from worker import metrics
-from worker.decode_pool import DecodePool, PendingBatch
 from worker.dicomnet.plan import results_plan
 from worker.logs import short
 from worker.outcomes import TRANSIENT_ERRNOS, Outcome, is_transient
-from worker.overlap import prefetched
-from worker.prepare import Prepared
+from worker.scoring.decode_pool import DecodePool, PendingBatch
+from worker.scoring.overlap import prefetched
+from worker.scoring.prepare import Prepared
 from worker.settings import Settings, default_of
 
 log = logging.getLogger(__name__)

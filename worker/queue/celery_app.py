@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from celery import Celery
 
-from worker.settings import Settings
+from worker.settings import SCORE_QUEUE, Settings
 
-SCORE_QUEUE = "cxr-score"
+__all__ = ["SCORE_QUEUE", "EXIT_MODEL_UNUSABLE", "NoBrokerError", "app", "celery_config", "configure"]
 #: Exit status of a worker process whose model cannot be loaded (EX_CONFIG): its supervisor stops.
 EXIT_MODEL_UNUSABLE = 78
 
@@ -41,7 +41,8 @@ def celery_config(settings: Settings) -> dict:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "worker_hijack_root_logger": False,
-        # Task events on, so Flower (`celery -A worker.celery_app flower`) and exporters can follow work.
+        # Task events on, so Flower (`celery -A worker.queue.celery_app flower`) and exporters can follow
+        # work.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "enable_utc": True,
@@ -51,7 +52,7 @@ def celery_config(settings: Settings) -> dict:
     return config
 
 
-app = Celery("cxr_triage", include=["worker.tasks"])
+app = Celery("cxr_triage", include=["worker.queue.tasks"])
 # Lazy: evaluated on first access to app.conf, in the process that uses it, never at import.
 app.add_defaults(lambda: celery_config(Settings.build()))
 

@@ -22,16 +22,16 @@ from db.engine import masked
 from db.schema import ImageStatus
 from pipeline.model_folder import Engine
 from worker import logs, metrics
-from worker.dicomnet.commands import SendHeatmap, SendKeyObject, SendResults, check_results  # issue 11
-from worker.options import ModelDir, setting, with_options
-from worker.progress import progress_bar
+from worker.cli.dicom_commands import SendHeatmap, SendKeyObject, SendResults, check_results  # issue 11
+from worker.cli.options import ModelDir, setting, with_options
+from worker.cli.progress import progress_bar
+from worker.cli.startup import command_settings as _settings
+from worker.cli.startup import flags_of as _flags
+from worker.cli.startup import prepare_database as _prepare_database
 from worker.settings import Settings
-from worker.startup import command_settings as _settings
-from worker.startup import flags_of as _flags
-from worker.startup import prepare_database as _prepare_database
 
 if TYPE_CHECKING:
-    from worker.decode_pool import DecodePool
+    from worker.scoring.decode_pool import DecodePool
 
 log = logging.getLogger("cxr_triage")
 console = Console(stderr=True, soft_wrap=True)
@@ -91,7 +91,7 @@ def db_upgrade(database_url: DatabaseUrl = None, log_level: LogLevel = None) -> 
 def _check_model_or_exit(settings: Settings) -> None:
     """A model folder without metadata or weights stops here, before anything is registered; the
     model itself is loaded (and a corrupt one refused) before the first file is claimed."""
-    from worker.supervisor import check_model_dir
+    from pipeline.model_folder import check_model_dir
 
     problem = check_model_dir(settings.resolved_model_dir())
     if problem:
@@ -128,7 +128,7 @@ def scan(
     Files already known with the same path, size and modification time are skipped without being read;
     the same content under two paths is scored once. With a broker, files are queued for the workers.
     """
-    from worker.decode_pool import DecodePool
+    from worker.scoring.decode_pool import DecodePool
 
     settings = _settings(**_flags(locals()), **options)
     # The decode processes start first, so that their own start-up overlaps this one's.
@@ -147,9 +147,9 @@ def _scan_with(
     summary_json: Path | None,
 ) -> None:
     """The body of :func:`scan`, with its decode pool."""
-    from worker.scanner import count_files
-    from worker.submit import InProcess, ViaCelery, broker_errors, wait_until_final
-    from worker.submit import scan as scan_roots
+    from worker.ingest.scanner import count_files
+    from worker.queue.submit import InProcess, ViaCelery, broker_errors, wait_until_final
+    from worker.queue.submit import scan as scan_roots
 
     _prepare_database(settings)
     check_results(settings)
@@ -333,7 +333,7 @@ def review(
     from db import audit
     from db.engine import session_scope
     from db.queue import find_by_sha256, mark_reviewed
-    from worker.web_commands import operator_account
+    from worker.cli.web_commands import operator_account
 
     settings = _settings(quiet=True, database_url=database_url, log_level=log_level)
     _prepare_database(settings)
@@ -380,7 +380,7 @@ def requeue(
         ids = queue.requeue_by_status(session, status, reason)
     console.print(f"{len(ids)} image(s) put back in the queue")
     if ids and settings.broker_url:
-        from worker.submit import broker_errors, send_batches
+        from worker.queue.submit import broker_errors, send_batches
 
         try:
             send_batches(settings, ids)
@@ -402,7 +402,7 @@ def watch(
     **options: Any,
 ) -> None:
     """Watch drop folders; score new files in this process, or queue them when a broker is set."""
-    from worker.watcher import Watcher
+    from worker.ingest.watcher import Watcher
 
     settings = _settings(**_flags(locals()), **options)
     _prepare_database(settings)
@@ -442,7 +442,7 @@ def worker_command(
     **options: Any,
 ) -> None:
     """Run Celery workers that score queued files (needs --broker-url / CXR_TRIAGE_BROKER_URL)."""
-    from worker.supervisor import Supervisor, WorkerSpec, visible_gpus
+    from worker.queue.supervisor import Supervisor, WorkerSpec, visible_gpus
 
     settings = _settings(**_flags(locals()), **options)
     if not settings.broker_url:
@@ -474,20 +474,20 @@ def worker_command(
 
 def _register_optional_commands() -> None:
     try:
-        from worker.model_commands import explain_command, model_app
+        from worker.cli.model_commands import explain_command, model_app
     except ImportError:  # model tooling not present in this build
         return
     app.add_typer(model_app, name="model")
     app.command("explain")(explain_command)
 
 
-from worker.dicomnet.commands import register as _register_dicom_commands  # noqa: E402
+from worker.cli.dicom_commands import register as _register_dicom_commands  # noqa: E402
 
 _register_dicom_commands(app)  # dicom-listen, outbox list|retry (issue 11)
 
 
 _register_optional_commands()
-from worker.web_commands import register as _register_web_commands  # noqa: E402 - web, users, audit
+from worker.cli.web_commands import register as _register_web_commands  # noqa: E402 - web, users, audit
 
 _register_web_commands(app)
 
@@ -501,7 +501,7 @@ def main() -> None:
     # Not for a scan: its films are read by its decode processes (each sets the same settings) or, with
     # no decode processes, by its DecodePool, and its only thread (the results sender) loads the DICOM
     # stack before it starts. That keeps ~0.3 s of imports off every scan (#13).
-    from worker.allocator import retain_freed_memory
+    from worker.scoring.allocator import retain_freed_memory
 
     if sys.argv[1:2] != ["scan"]:
         from pipeline.dicom import configure_pydicom

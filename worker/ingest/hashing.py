@@ -8,7 +8,7 @@ file is opened with ``O_NONBLOCK`` so that opening a FIFO never blocks, and with
 
 Two ways to read it, with the same rules: :func:`sha256_regular_file` hashes it (the
 registration key, when the file is decoded elsewhere), :func:`read_regular_file` keeps its
-bytes too, so that the embedded path hashes and decodes one read (``worker.prepare``).
+bytes too, so that the embedded path hashes and decodes one read (``worker.scoring.prepare``).
 
 Kept free of heavy imports: it runs in the decode pool's spawned children.
 """
