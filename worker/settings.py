@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     web_secret_key: str | None = Field(
         None, description="Key signing web session cookies; default: a random key kept in the database"
     )
+    viewer_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s]*\{study_uid\}[^\s]*$",
+        description="The hospital's image viewer, {study_uid} standing for the StudyInstanceUID "
+        "(https://pacs.example/ohif/viewer?StudyInstanceUIDs={study_uid}): DICOM films link to their study",
+    )
     dicom_port: int = Field(11112, ge=0, le=65535, description="Port of the DICOM Storage SCP (dicom-listen)")
     dicom_ae_title: str = Field("CXR_TRIAGE", max_length=16, description="AE title of the DICOM listener")
     dicom_bind_address: str = Field(

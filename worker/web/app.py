@@ -234,7 +234,7 @@ def _rows_context(request: Request, wanted: WorklistFilter, offset: int) -> dict
 
 
 def _viewer_template(request: Request) -> str | None:
-    return getattr(_state(request).settings, "viewer_url", None)
+    return _state(request).settings.viewer_url
 
 
 def _model_has_lungs(request: Request) -> bool:
