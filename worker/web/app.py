@@ -34,7 +34,16 @@ from db.engine import session_scope
 from db.reviews import ReviewError, dismiss, record_review, reviews_of
 from db.schema import Image, ReviewDecision, UserRole
 from db.users import UserError, add_user, authenticate, list_users, remove_user, session_key
-from db.worklist import INTENDED_USE, TIERS, WorklistFilter, count_rows, film, query_rows
+from db.worklist import (
+    INTENDED_USE,
+    TIERS,
+    WAIT_TARGET_S,
+    WorklistFilter,
+    count_rows,
+    film,
+    query_rows,
+    waited,
+)
 from worker.logs import short
 from worker.settings import Settings
 from worker.web import auth
@@ -56,8 +65,6 @@ HERE = Path(__file__).resolve().parent
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 PAGE_SIZE = 50
 MAX_API_LIMIT = 1000
-#: How long a film of each tier should wait at most (the waited column turns red after it).
-WAIT_TARGET_S = {"HIGH": 3600, "screen+": 4 * 3600, "below": 24 * 3600}
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -85,18 +92,11 @@ def _state(request: Request) -> WebState:
 
 
 def _waited(row: dict, now: datetime) -> tuple[str, str]:
-    """How long the film has waited and whether that is within its tier's target."""
-    arrived = datetime.fromisoformat(row["first_seen_at"])
-    seconds = max((now - arrived).total_seconds(), 0.0)
-    if seconds < 3600:
-        label = f"{int(seconds // 60)} min"
-    elif seconds < 48 * 3600:
-        label = f"{seconds / 3600:.1f} h"
-    else:
-        label = f"{seconds / 86400:.0f} d"
+    """How long the film has waited and its style: within its tier's target, past it, or neither."""
+    label, late = waited(row, now)
     if row["reviewed_at"] or row["tier"] is None:
         return label, "wait-none"
-    return label, "wait-late" if seconds > WAIT_TARGET_S[row["tier"]] else "wait-ok"
+    return label, "wait-late" if late else "wait-ok"
 
 
 def _folder(path: str | None) -> str:
