@@ -176,7 +176,7 @@ def test_pacs_link_carries_the_study_uid(browser, reading_site, dicom_samples): 
 
 def test_rejected_film_says_why_and_can_be_dismissed(browser, reading_site):  # noqa: F811
     url, base, _ = reading_site
-    rejected = next(r for r in _rows_json(url) if r["status"] == "rejected")
+    rejected = next(r for r in _rows_json(url) if r["status"] == "rejected" and "modality CT" in r["reason"])
     context = browser.new_context(viewport={"width": 1024, "height": 768})
     page = context.new_page()
     _sign_in(page, base, "dr-reader")
@@ -193,3 +193,15 @@ def test_rejected_film_says_why_and_can_be_dismissed(browser, reading_site):  # 
     after = {r["sha256"]: r for r in _rows_json(url)}[rejected["sha256"]]
     assert after["reviewed_by"] == "dr-reader"
     context.close()
+
+
+def test_next_steps_and_viewer_links_without_a_browser():
+    from worker.web.app import DEFAULT_NEXT_STEP, next_step, viewer_link
+
+    assert "nothing to read" in next_step("modality CT is not a projection radiograph (CR or DX)")
+    assert "resend" in next_step("corrupt DICOM header: InvalidDicomError: truncated")
+    assert next_step(None) == DEFAULT_NEXT_STEP
+    dicom = {"study_uid": "1.2.840.1", "source_format": "dicom"}
+    assert viewer_link(VIEWER_URL, dicom) == "https://pacs.example/ohif/viewer?StudyInstanceUIDs=1.2.840.1"
+    assert viewer_link(VIEWER_URL, {"study_uid": None, "source_format": "png"}) is None
+    assert viewer_link(None, dicom) is None

@@ -136,7 +136,9 @@ NEXT_STEPS = (
     ("not a DICOM", "Not an image file: nothing to read here."),
     ("colour image", "A colour image, not a radiograph: check what was sent."),
     ("image too small", "Too small to read: ask for the original film."),
-    ("out of distribution", "The model does not know films like this one: read it without the model."),
+    ("out of distribution", "Not like the films the model knows: read it without the model."),
+    ("rotated, upside down", "The film looks turned or inverted: ask for it to be re-sent upright."),
+    ("no lung fields", "No lung fields found: not a frontal chest radiograph, nothing for the model here."),
     ("file disappeared", "The file was moved or deleted before it was read: send it again if needed."),
     ("no permission", "The worker may not read the file: ask the administrator to fix its permissions."),
 )
