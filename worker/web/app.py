@@ -55,6 +55,7 @@ from worker.web.images import (
     film_png,
     heatmap_png,
     lungs_png,
+    make_thumbnails,
     model_input_png,
     thumbnail_png,
     view_png,
@@ -222,6 +223,7 @@ def _rows_context(request: Request, wanted: WorklistFilter, offset: int) -> dict
         row["waited"], row["wait_class"] = _waited(row, now)
         row["file_name"] = _file_name(row)
         row["viewer_link"] = viewer_link(template, row)
+    make_thumbnails([(r["sha256"], _ordered_paths(r)) for r in rows if r["status"] == "scored"])
     shown = {name: any(has(r) for r in rows) for name, has in OPTIONAL_COLUMNS.items()}
     models = sorted({(r["model_version"], r["calibration"] or "") for r in rows if r["model_version"]})
     return {
@@ -540,6 +542,11 @@ def _png_response(render) -> Response:
 def _stored_paths(request: Request, sha256: str) -> list[str]:
     with session_scope(_state(request).database_url) as session:
         row = _film_or_404(session, sha256)
+    return _ordered_paths(row)
+
+
+def _ordered_paths(row: dict) -> list[str]:
+    """Where a film was seen, the most recent path first."""
     ordered = [row["path"]] if row["path"] else []
     return ordered + [p for p in row["paths"] if p != row["path"]]
 
@@ -704,16 +711,22 @@ def _add_metrics_routes(app: FastAPI, settings: Settings) -> None:
 
 
 def _warm_explainer(settings: Settings) -> None:
-    """Load the serving model in the background, so that the first heat map toggle does not wait for it."""
+    """Make the first page's thumbnails and load the serving model in the background, so that the
+    first page and the first heat map toggle do not wait for them."""
     import threading
 
     from worker.web.images import explainer
 
     def load() -> None:
         try:
+            with session_scope(settings.database_url) as session:
+                rows = query_rows(session, WorklistFilter(), limit=PAGE_SIZE)
+            make_thumbnails([(r["sha256"], _ordered_paths(r)) for r in rows if r["status"] == "scored"])
             _ = explainer(settings.resolved_model_dir()).scorer
         except Exception as exc:  # noqa: BLE001 - the heat map says it is unavailable when asked
-            log.warning("the heat map model could not be loaded: %s", type(exc).__name__)
+            log.warning(
+                "the heat map model or the first thumbnails could not be made: %s", type(exc).__name__
+            )
 
     threading.Thread(target=load, name="explainer-warm-up", daemon=True).start()
 

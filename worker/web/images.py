@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,12 @@ class _ByteCache:
 
 
 _cache = _ByteCache(48 * 1024 * 1024)
+#: Thumbnails apart, so that large film pictures never push them out (a few kB each: thousands fit).
+_thumbs = _ByteCache(16 * 1024 * 1024)
+#: Thumbnails are made ahead of the browser's requests, one at a time, beside the requests.
+_maker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thumbnails")
+_pending: set[str] = set()
+_pending_lock = threading.Lock()
 
 
 def open_film(sha256: str, stored_paths: list[str], min_side: int | None = None) -> np.ndarray:
@@ -136,12 +143,33 @@ def film_png(sha256: str, stored_paths: list[str], size: int = DISPLAY_SIZE) -> 
 def thumbnail_png(sha256: str, stored_paths: list[str], size: int = THUMB_SIZE) -> bytes:
     """A small picture of the whole film, aspect ratio kept (longest side ``size``), made once per film."""
     key = ("thumb", sha256, size)
-    cached = _cache.get(key)
+    cached = _thumbs.get(key)
     if cached is None:
         grey = fit_within(open_film(sha256, stored_paths, min_side=4 * size), size)
         cached = _png(_bytes(grey), "L")
-        _cache.put(key, cached)
+        _thumbs.put(key, cached)
     return cached
+
+
+def make_thumbnails(films: list[tuple[str, list[str]]]) -> None:
+    """Make the thumbnails of ``films`` (sha256, stored paths) not made yet, in the background: the
+    worklist calls this for the films it lists, so that a page's thumbnails are ready when asked for."""
+    for sha256, stored_paths in films:
+        with _pending_lock:
+            if sha256 in _pending or _thumbs.get(("thumb", sha256, THUMB_SIZE)) is not None:
+                continue
+            _pending.add(sha256)
+        _maker.submit(_make_thumbnail, sha256, stored_paths)
+
+
+def _make_thumbnail(sha256: str, stored_paths: list[str]) -> None:
+    try:
+        thumbnail_png(sha256, stored_paths)
+    except Exception:  # noqa: BLE001 - the request for it then answers 404 (or tries again)
+        pass
+    finally:
+        with _pending_lock:
+            _pending.discard(sha256)
 
 
 def view_png(sha256: str, stored_paths: list[str]) -> bytes:
