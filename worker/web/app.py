@@ -52,6 +52,7 @@ from worker.web.images import (
     DISPLAY_SIZE,
     THUMB_SIZE,
     FilmUnavailable,
+    cached_thumbnail,
     film_png,
     heatmap_png,
     lungs_png,
@@ -570,6 +571,9 @@ def api_view(request: Request, sha256: str, who: Viewer) -> Response:
 
 @api.get("/films/{sha256}/thumb.png", summary="A thumbnail of the film (aspect ratio kept), as PNG")
 def api_thumb(request: Request, sha256: str, who: Viewer) -> Response:
+    made = cached_thumbnail(sha256) if SHA256.match(sha256) else None
+    if made is not None:  # made earlier from this very content (the hash was checked then)
+        return Response(made, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
     paths = _stored_paths(request, sha256)
     return _png_response(lambda: thumbnail_png(sha256, paths))
 

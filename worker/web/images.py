@@ -151,6 +151,11 @@ def thumbnail_png(sha256: str, stored_paths: list[str], size: int = THUMB_SIZE) 
     return cached
 
 
+def cached_thumbnail(sha256: str, size: int = THUMB_SIZE) -> bytes | None:
+    """The thumbnail already made for this content, or None."""
+    return _thumbs.get(("thumb", sha256, size))
+
+
 def make_thumbnails(films: list[tuple[str, list[str]]]) -> None:
     """Make the thumbnails of ``films`` (sha256, stored paths) not made yet, in the background: the
     worklist calls this for the films it lists, so that a page's thumbnails are ready when asked for."""
