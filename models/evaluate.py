@@ -127,28 +127,43 @@ def select_samples(
 
 
 def write_roc_png(y: np.ndarray, prob: np.ndarray, report: EvaluationReport, out_png: str | Path) -> None:
-    """Write the ROC curve with both operating points marked."""
-    import matplotlib
+    """Write the ROC curve with both operating points marked (drawn with Pillow: no plotting library)."""
+    from PIL import Image, ImageDraw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    size, left, bottom, top, right = 500, 60, 50, 30, 20
+    width, height = size - left - right, size - top - bottom
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
 
+    def at(fpr: float, tpr: float) -> tuple[float, float]:
+        return left + fpr * width, top + (1.0 - tpr) * height
+
+    draw.rectangle([at(0, 1), at(1, 0)], outline="black")
+    for tick in np.linspace(0.0, 1.0, 6):
+        x, y_ = at(tick, tick)
+        draw.line([(x, top + height), (x, top + height + 4)], fill="black")
+        draw.line([(left - 4, y_), (left, y_)], fill="black")
+        draw.text((x - 8, top + height + 6), f"{tick:.1f}", fill="black")
+        draw.text((left - 28, y_ - 6), f"{tick:.1f}", fill="black")
+    draw.line([at(0, 0), at(1, 1)], fill="grey")  # chance
     fpr, tpr, _ = roc_curve(y, prob)
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    ax.plot(fpr, tpr, label=f"ROC (AUC {report.roc_auc:.4f})")
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    for name, point, marker in (
-        ("screening", report.screening, "o"),
-        ("high confidence", report.high_confidence, "s"),
+    draw.line([at(f, t) for f, t in zip(fpr, tpr, strict=True)], fill=(31, 119, 180), width=2)
+    legend = [(f"ROC (AUC {report.roc_auc:.4f})", (31, 119, 180))]
+    for name, point, colour in (
+        ("screening", report.screening, (255, 127, 14)),
+        ("high confidence", report.high_confidence, (44, 160, 44)),
     ):
-        ax.plot(1 - point.specificity, point.sensitivity, marker, label=f"{name} (t={point.threshold:.3f})")
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
-    ax.set_title(report.model_version, fontsize=8)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
+        x, y_ = at(1 - point.specificity, point.sensitivity)
+        draw.ellipse([x - 5, y_ - 5, x + 5, y_ + 5], fill=colour)
+        legend.append((f"{name} (t={point.threshold:.3f})", colour))
+    for row, (label, colour) in enumerate(legend):
+        y_ = top + height - 20 - 16 * (len(legend) - 1 - row)
+        draw.rectangle([left + width - 190, y_ + 3, left + width - 180, y_ + 11], fill=colour)
+        draw.text((left + width - 175, y_), label, fill="black")
+    draw.text((left, 8), report.model_version, fill="black")
+    draw.text((left + width / 2 - 40, size - 20), "1 - specificity", fill="black")
+    draw.text((4, top + height / 2), "sensitivity", fill="black")
+    image.save(out_png)
 
 
 def evaluate(

@@ -107,16 +107,20 @@ def member_gradcam(model_dir: str | Path | None, grey: np.ndarray, member: int) 
 
 
 def overlay_rgb(grey: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """The grey film (0..1) with the heat map blended on top (:data:`pipeline.cam.COLOURS`), as uint8 RGB."""
+    """The grey film (0..1) with the heat map blended on top (jet colour map), as uint8 RGB."""
     from PIL import Image
 
-    from pipeline.cam import blend_rgb
+    from pipeline.colours import jet
 
+    grey = np.clip(np.asarray(grey, dtype=np.float32), 0.0, 1.0)
     if heatmap.shape != grey.shape:
         heatmap = np.asarray(
             Image.fromarray(heatmap.astype(np.float32), mode="F").resize(grey.shape[::-1]), dtype=np.float32
         )
-    return blend_rgb(grey, heatmap, alpha)
+    colour = jet(heatmap)
+    weight = alpha * np.clip(heatmap, 0.0, 1.0)[..., None]
+    blended = (1 - weight) * grey[..., None] + weight * colour
+    return (np.clip(blended, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def write_overlay(grey: np.ndarray, heatmap: np.ndarray, out_png: str | Path, alpha: float = 0.4) -> None:

@@ -178,7 +178,7 @@ def external_check(scorer, folder: str | Path, progress: Callable[[str], None] |
         "operating_points": _operating_points(scorer, y[kept], prob[kept]),
         "border_probes": border_probes(scorer, [g for g in greys if g is not None], y[decoded]),
     }
-    views = np.array([f.view for f in films])
+    views = np.array([f.view or "unrecorded" for f in films])
     for view in sorted(set(views[decoded])):
         pick = decoded & (views == view)
         if y[pick].min() != y[pick].max():
@@ -243,6 +243,47 @@ def validation_probes(scorer, data_dir: str | Path) -> dict:
     validation = data.partition(data.list_samples(data_dir), data.read_split())[1]
     y, _ = data.labels(validation)
     return border_probes(scorer, [decode_file(s.path).pixels for s in validation], y)
+
+
+def _ci(values: list[float]) -> str:
+    return f"[{values[0]:.3f}-{values[1]:.3f}]"
+
+
+def _probe_line(where: str, probes: dict) -> str:
+    drops = ", ".join(f"{name} {probes[name]:.3f} ({-probes[f'{name}_drop']:+.3f})" for name, *_ in PROBES)
+    return f"border probes ({where}, {probes['films']} films): AUC {probes['none']:.3f}; {drops}"
+
+
+def shift_text(shift: dict) -> list[str]:
+    """Human-readable lines of the shift check and border probes (see :func:`external_check`)."""
+    lines = []
+    if "border_probes" in shift:
+        lines.append(_probe_line("these films", shift["border_probes"]))
+    ext = shift.get("external")
+    if ext:
+        scored, every = ext["scored"], ext["all_decoded"]
+        reasons = "; ".join(f"{n} {reason}" for reason, n in ext["turned_away_by_reason"].items()) or "none"
+        lines += [
+            f"external films: {ext['films']} ({ext['pneumonia']} pneumonia, {ext['normal']} normal); "
+            f"turned away by the input checks: {ext['turned_away']} ({ext['turned_away_share']:.1%}): "
+            + reasons,
+            f"external ROC AUC on the {scored['films']} scored: {scored['roc_auc']:.3f} "
+            f"{_ci(scored['roc_auc_ci95_by_patient'])} (95 % CI, bootstrap by patient); on all "
+            f"{every['films']} decoded: {every['roc_auc']:.3f} {_ci(every['roc_auc_ci95_by_patient'])}",
+            "by view: "
+            + ", ".join(
+                f"{v} {d['roc_auc']:.3f} ({d['films']} films, {d['normal']} normal)"
+                for v, d in ext["by_view"].items()
+            ),
+        ]
+        for name, point in ext["operating_points"].items():
+            lines.append(
+                f"external, {name.replace('_', '-')} {point['threshold']:.4f}: sensitivity "
+                f"{point['sensitivity']:.3f} {_ci(point['sensitivity_ci95'])}, specificity "
+                f"{point['specificity']:.3f} {_ci(point['specificity_ci95'])} (Wilson 95 %)"
+            )
+        lines.append(_probe_line("external", ext["border_probes"]))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -268,6 +268,59 @@ def save(model, out_dir: str | Path, report: dict) -> None:
     (out / LUNG_METADATA_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 
+def geometry(lung_model: str | Path, films: list[Path]) -> dict:
+    """The lung model's geometry over films without masks (e.g. the paediatric training films):
+    the share with two lung fields, and the spread of lung area and centroid."""
+    from pipeline.decode import decode_file
+    from pipeline.lungs import LungModel
+
+    lungs = LungModel(lung_model)
+    found = [lungs.fields(decode_file(path).pixels)[0] for path in films]
+    area = np.array([f.area for f in found])
+    rows = np.array([f.centroid[0] for f in found if f.centroid])
+    cols = np.array([f.centroid[1] for f in found if f.centroid])
+
+    def spread(values: np.ndarray) -> list[float]:
+        return [round(float(v), 3) for v in np.percentile(values, [5, 50, 95])] if values.size else []
+
+    return {
+        "films": len(found),
+        "two_lung_fields": round(float(np.mean([f.two_fields for f in found])), 4),
+        "lung_area_share_p5_p50_p95": spread(area),
+        "centroid_row_p5_p50_p95": spread(rows),
+        "centroid_col_p5_p50_p95": spread(cols),
+    }
+
+
+def contact_sheet(lung_model: str | Path, films: list[Path], out_png: str | Path, columns: int = 8) -> None:
+    """A sheet of films (160 px tiles) with the lung outline in red and the crop box in yellow."""
+    from PIL import Image, ImageDraw
+
+    from pipeline.decode import decode_file
+    from pipeline.lungs import LUNG_PROBABILITY, LungModel, crop_box
+
+    tile = 160
+    lungs = LungModel(lung_model)
+    rows = math.ceil(len(films) / columns)
+    sheet = Image.new("RGB", (columns * tile, rows * tile), "black")
+    for i, path in enumerate(films):
+        grey = decode_file(path).pixels
+        fields, prob = lungs.fields(grey)
+        film = Image.fromarray((resize_square(grey, tile) * 255).astype(np.uint8)).convert("RGB")
+        mask = resize_square(prob, tile) >= LUNG_PROBABILITY
+        inner = np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1)
+        edge = mask & ~inner
+        pixels = np.asarray(film).copy()
+        pixels[edge] = (255, 40, 40)
+        film = Image.fromarray(pixels)
+        top, left, bottom, right = crop_box(fields)
+        ImageDraw.Draw(film).rectangle(
+            (left * tile, top * tile, right * tile - 1, bottom * tile - 1), outline=(255, 220, 0)
+        )
+        sheet.paste(film, ((i % columns) * tile, (i // columns) * tile))
+    sheet.save(out_png)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: train the lung-field model on a lung-mask folder."""
     parser = argparse.ArgumentParser(prog="python -m models.lung_seg", description=__doc__.split("\n")[0])

@@ -10,7 +10,7 @@ averaged and scaled to [0, 1] again, so that the serving engine (LiteRT or Tenso
 
 The map covers the model's input: the whole film for a model that reads the whole film, the lung
 crop for one that reads the crop (:func:`place_on_film` puts it back on the film with the crop box).
-Colours come from :data:`COLOURS`, a 256 x 3 table (no matplotlib). A research visualisation of where
+Colours come from :data:`COLOURS`, a 256 x 3 table (jet, from :mod:`pipeline.colours`; no matplotlib). A research visualisation of where
 the score came from, not a lesion segmentation and not a diagnosis.
 """
 
@@ -61,26 +61,15 @@ def ensemble_cam(maps: list[Any]) -> Any:
     return layers.Lambda(lambda ts: combine(*ts), name=CAM_OUTPUT)(maps)
 
 
-def _turbo() -> np.ndarray:
-    """Google's Turbo colour map (polynomial fit by A. Mikhailov, Apache-2.0) as a 256 x 3 uint8 table:
-    perceptually smoother than jet, dark blue (cold) to dark red (hot)."""
-    x = np.linspace(0.0, 1.0, 256)
-    powers = np.stack([x**i for i in range(6)], axis=1)
-    coefficients = np.array(
-        [
-            [0.13572138, 0.09140261, 0.10667330],
-            [4.61539260, 2.19418839, 12.64194608],
-            [-42.66032258, 4.84296658, -60.58204836],
-            [132.13108234, -14.18503333, 110.36276771],
-            [-152.94239396, 4.27729857, -89.90310912],
-            [59.28637943, 2.82956604, 27.34824973],
-        ]
-    )
-    return (np.clip(powers @ coefficients, 0.0, 1.0) * 255).round().astype(np.uint8)
+def _colours() -> np.ndarray:
+    """:func:`pipeline.colours.jet_table` (matplotlib's jet, without matplotlib) as 256 x 3 uint8."""
+    from pipeline.colours import jet_table
+
+    return (jet_table() * 255).round().astype(np.uint8)
 
 
-#: The heat map's colours: row ``i`` is the colour of heat ``i / 255``.
-COLOURS = _turbo()
+#: The heat map's colours: row ``i`` is the colour of heat ``i / 255`` (dark blue to dark red).
+COLOURS = _colours()
 
 
 def place_on_film(

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.lungs import LungFields, ModelInput
+from pipeline.extras import require_tensorflow
+from pipeline.lungs import InputPlan, LungFields, ModelInput
 from pipeline.model_folder import (  # noqa: F401 - the folder's layout, re-exported for its callers
     DEFAULT_MODEL_FILE,
     LITE_MODEL_FILE,
@@ -133,6 +134,7 @@ def load_keras_model(model_dir: str | Path, custom_objects: dict | None = None) 
     ``custom_objects`` and gets the inference stand-ins of the training-only layers; training
     tools pass ``{}`` after importing ``models.architectures``, whose registered layers then apply.
     """
+    require_tensorflow()
     import keras
 
     model_dir = Path(model_dir)
@@ -163,7 +165,6 @@ class Scorer:
     engine: Engine = Engine.TENSORFLOW
     #: The model folder (its lung model, when the classifier reads the lung crop).
     model_dir: Path | None = None
-    _input: ModelInput | None = field(repr=False, default=None)
 
     @classmethod
     def load(
@@ -188,6 +189,7 @@ class Scorer:
                 size = int(metadata["input_size"])
                 runner(np.zeros((1, size, size, 1), dtype=np.float32))  # warm-up: the banner comes here
             return cls._from_metadata(metadata, runner, guard, Engine.LITERT, model_dir)
+        require_tensorflow()  # no current LiteRT export, or TensorFlow asked for: say which extra
         with _native_stderr_silenced(quiet):
             import tensorflow as tf
 
@@ -290,11 +292,14 @@ class Scorer:
         ]
 
     @property
+    def input_plan(self) -> InputPlan:
+        """How this model's input is made (:class:`pipeline.lungs.InputPlan`)."""
+        return InputPlan.from_metadata(self.model_dir or ".", self.metadata)
+
+    @property
     def model_input(self) -> ModelInput:
         """What turns decoded grey levels into this model's input (:class:`pipeline.lungs.ModelInput`)."""
-        if self._input is None:
-            self._input = ModelInput.for_model(self.model_dir, self.metadata)
-        return self._input
+        return self.input_plan.maker()
 
     def input_check(self, score: ModelScore, fields: LungFields | None) -> str | None:
         """Why the input checks turn a scored film away (not a chest film, turned, no lung fields),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -154,16 +155,46 @@ class ModelInput:
         self.size = size
         self.lungs = lungs
 
-    @classmethod
-    def for_model(cls, model_dir: str | Path, metadata: dict, threads: int | None = None) -> ModelInput:
-        """The input maker of a model folder (its ``metadata.json`` already read)."""
-        crop = metadata.get("crop") or {}
-        lungs = None
-        if crop.get("kind") == "lungs":
-            lungs = LungModel(Path(model_dir) / crop.get("lung_model", LUNG_LITE_FILE), threads=threads)
-        return cls(int(metadata["input_size"]), lungs)
-
     def __call__(self, grey: np.ndarray) -> tuple[np.ndarray, LungFields | None]:
         if self.lungs is None:
             return to_model_input(grey, self.size), None
         return lung_model_input(grey, self.size, self.lungs)
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """How a decode process makes a model's input (picklable, comparable): the input size, and the
+    lung model (``lungs.tflite``) that cuts the film to its lung box, or None for the whole film."""
+
+    size: int
+    lung_model: str | None = None
+
+    @classmethod
+    def of(cls, plan: InputPlan | int) -> InputPlan:
+        """A plan from a plan, or from a bare input size (the whole film at that size)."""
+        return plan if isinstance(plan, InputPlan) else cls(int(plan))
+
+    @classmethod
+    def from_metadata(cls, model_dir: str | Path, metadata: dict) -> InputPlan:
+        """The plan of a model folder (its ``metadata.json`` already read)."""
+        crop = metadata.get("crop") or {}
+        lungs = None
+        if crop.get("kind") == "lungs":
+            lungs = str(Path(model_dir) / crop.get("lung_model", LUNG_LITE_FILE))
+        return cls(int(metadata["input_size"]), lungs)
+
+    @property
+    def decode_side(self) -> int:
+        """Smallest side a reduced decode may give: a lung crop keeps about half of each side of the
+        film, so the film is decoded at twice the input size to keep the crop sharp."""
+        return self.size if self.lung_model is None else 2 * self.size
+
+    def maker(self) -> ModelInput:
+        """This process's :class:`ModelInput` for the plan (made once, then reused)."""
+        return _maker(self)
+
+
+@lru_cache(maxsize=4)
+def _maker(plan: InputPlan) -> ModelInput:
+    # one LiteRT thread: the decode processes themselves are the parallelism
+    return ModelInput(plan.size, LungModel(plan.lung_model, threads=1) if plan.lung_model else None)

@@ -11,6 +11,8 @@ import logging
 from enum import StrEnum
 from pathlib import Path
 
+from pipeline.extras import tensorflow_installed
+
 METADATA_FILE = "metadata.json"
 DEFAULT_MODEL_FILE = "model.keras"
 #: The serving graph exported for LiteRT, and what it was exported from (``models.lite``).
@@ -84,7 +86,8 @@ def _gpu_present() -> bool:
 
 def lite_serving(model_dir: str | Path, engine: Engine | str = Engine.AUTO) -> dict | None:
     """The sidecar of the LiteRT export that serves ``model_dir`` under ``engine``, or None when
-    TensorFlow serves it; ``litert`` asked for and impossible is an error."""
+    TensorFlow serves it; ``litert`` asked for and impossible is an error. ``auto`` picks TensorFlow
+    on a machine with an NVIDIA GPU and TensorFlow installed, LiteRT otherwise (when exported)."""
     engine = Engine(engine)
     if engine is Engine.TENSORFLOW:
         return None
@@ -94,7 +97,10 @@ def lite_serving(model_dir: str | Path, engine: Engine | str = Engine.AUTO) -> d
             "LiteRT cannot serve this model folder: export it with `cxr-triage model export-lite` "
             "(and install ai-edge-litert)"
         )
-    return sidecar if sidecar is not None and (engine is Engine.LITERT or not _gpu_present()) else None
+    if sidecar is None or engine is Engine.LITERT:
+        return sidecar
+    # auto: TensorFlow takes an NVIDIA GPU, where it is installed (the gpu extra); else LiteRT serves.
+    return None if _gpu_present() and tensorflow_installed() else sidecar
 
 
 def resolve_engine(model_dir: str | Path, engine: Engine | str = Engine.AUTO) -> Engine:

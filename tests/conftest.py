@@ -13,6 +13,7 @@ Two sets of tests:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -79,6 +80,11 @@ def pytest_report_header(config) -> str:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
+    if importlib.util.find_spec("tensorflow") is None:  # the serving install: no `train` extra
+        skip = pytest.mark.skip(reason="needs TensorFlow: pip install '.[train]'")
+        for item in items:
+            if item.get_closest_marker("train"):
+                item.add_marker(skip)
     if SHARED_PRESENT:
         return
     extended = [item for item in items if item.get_closest_marker("extended")]

@@ -12,6 +12,8 @@ from models.augment import PRESETS, SHIFT, STRONG, AugmentConfig, augment_tf, dr
 from pipeline.decode import decode_file
 from pipeline.normalise import resize_square
 
+pytestmark = pytest.mark.train  # augment_tf runs on TensorFlow
+
 SIZE = 128
 #: Everything off: geometry, windowing, gamma and noise are the identity for every image.
 OFF = AugmentConfig(probability=0.0, noise_std=0.0)

@@ -36,6 +36,7 @@ def test_the_shipped_model_is_served_by_litert_without_tensorflow(model_dir):
     assert done.stdout.split() == ["litert", "False", "False"], done.stderr[-2000:]
 
 
+@pytest.mark.train
 def test_litert_and_tensorflow_give_the_same_scores_and_decisions(model_dir, films):
     lite = Scorer.load(model_dir)
     keras = Scorer.load(model_dir, engine=Engine.TENSORFLOW)
@@ -62,6 +63,7 @@ def test_an_export_that_does_not_match_its_model_folder_is_not_used(model_dir, t
         resolve_engine(copy, Engine.LITERT)
 
 
+@pytest.mark.train
 def test_export_lite_writes_an_export_that_serves_like_the_shipped_one(model_dir, films, tmp_path):
     copy = tmp_path / "model"
     shutil.copytree(model_dir, copy)

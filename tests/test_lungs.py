@@ -109,3 +109,44 @@ def test_lung_share_counts_heat_inside_the_dilated_lungs_only():
     placed = on_film_grid(np.ones((16, 16), np.float32), (0.25, 0.5, 0.75, 1.0), 128)
     assert placed[32:96, 64:].min() == pytest.approx(1.0)
     assert placed[:32].max() == 0 and placed[:, :64].max() == 0
+
+
+def test_model_evaluate_reports_the_shift_check_and_the_border_probes(kermany, model_dir, tmp_path):
+    """`cxr-triage model evaluate --external DIR --border-probes` through the real CLI: a small
+    external folder (real films, a manifest with two films per patient) gives every figure."""
+    import csv
+    import json
+    import shutil
+    import subprocess
+
+    from tests.conftest import CLI, kermany_files
+
+    films = kermany_files(kermany, "NORMAL", 4) + kermany_files(kermany, "PNEUMONIA", 4)
+    (tmp_path / "images").mkdir()
+    labelled = tmp_path / "labelled"  # the same films as a NORMAL/ + PNEUMONIA/ folder
+    for film in films:
+        (labelled / film.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(film, labelled / film.parent.name / film.name)
+    with (tmp_path / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "label", "view", "patient"])
+        for i, film in enumerate(films):
+            shutil.copy(film, tmp_path / "images" / film.name)
+            label = "pneumonia" if film.parent.name == "PNEUMONIA" else "normal"
+            writer.writerow([f"images/{film.name}", label, "PA" if i % 2 else "AP", f"patient{i // 2}"])
+    args = [str(labelled), "--model-dir", str(model_dir), "--external", str(tmp_path), "--border-probes"]
+    result = subprocess.run(
+        [CLI, "model", "evaluate", *args, "--json", "--roc-png", str(tmp_path / "roc.png")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    external = report["external"]
+    assert external["films"] == 8 and external["pneumonia"] == 4
+    assert external["scored"]["films"] + external["turned_away"] == 8
+    assert 0.0 <= external["all_decoded"]["roc_auc"] <= 1.0
+    assert external["all_decoded"]["patients"] == 4
+    assert set(external["border_probes"]) >= {"none", "black_12%", "mean_grey_8%_drop"}
+    assert report["border_probes"]["films"] == report["images"]

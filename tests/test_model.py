@@ -40,6 +40,7 @@ def test_metadata_is_consistent(metadata: dict) -> None:
     assert (default_model_dir() / "MODEL_CARD.md").is_file()
 
 
+@pytest.mark.train
 def test_scorer_loads_with_metadata(scorer, metadata: dict) -> None:
     assert scorer.version == metadata["version"]
     assert scorer.input_size == metadata["input_size"]
@@ -62,6 +63,7 @@ def test_importing_inference_does_not_import_tensorflow() -> None:
     assert result.stdout.strip() == "False"
 
 
+@pytest.mark.train
 def test_training_preprocessing_equals_serving(metadata: dict) -> None:
     from models.augment import standardise_tf
 
@@ -75,6 +77,7 @@ def test_training_preprocessing_equals_serving(metadata: dict) -> None:
         np.testing.assert_allclose(training, to_model_input(grey, size), atol=1e-4)
 
 
+@pytest.mark.train
 def test_augmentation_is_seeded_and_in_range() -> None:
     from models.augment import AugmentConfig, augment_tf, draw_params
 
@@ -125,6 +128,7 @@ def _pick(root: Path, folder: str, count: int) -> list[Path]:
     return files[:: max(1, len(files) // count)][:count]
 
 
+@pytest.mark.train
 def test_real_images_score_in_range_and_rank(scorer, kermany) -> None:
     normal = scorer.score_files(_pick(kermany, "NORMAL", 10))
     pneumonia = scorer.score_files(_pick(kermany, "PNEUMONIA", 10))
@@ -135,6 +139,7 @@ def test_real_images_score_in_range_and_rank(scorer, kermany) -> None:
     assert mean_p > mean_n
 
 
+@pytest.mark.train
 def test_batch_size_does_not_change_scores(scorer) -> None:
     rng = np.random.default_rng(3)
     x = rng.standard_normal((9, scorer.input_size, scorer.input_size, 1)).astype(np.float32)
@@ -143,6 +148,7 @@ def test_batch_size_does_not_change_scores(scorer) -> None:
     np.testing.assert_allclose(together, alone, atol=1e-3)
 
 
+@pytest.mark.train
 def test_gradcam_heatmap_shape(tmp_path: Path) -> None:
     from models.explain import gradcam, write_overlay
 
@@ -156,6 +162,7 @@ def test_gradcam_heatmap_shape(tmp_path: Path) -> None:
     assert out.stat().st_size > 0
 
 
+@pytest.mark.train
 def test_member_gradcam_maps_average_to_the_ensemble_map(kermany) -> None:
     """The per-member maps (used to compare a member with a separately trained variant) are the
     parts of the ensemble's map."""
@@ -181,6 +188,7 @@ def test_metrics_helpers() -> None:
     assert operating_point(labels, prob, high).specificity >= 0.95
 
 
+@pytest.mark.train
 def test_ensemble_members_match_metadata(scorer, metadata: dict) -> None:
     import keras
 
@@ -190,6 +198,7 @@ def test_ensemble_members_match_metadata(scorer, metadata: dict) -> None:
         assert member["architecture"] in layer.name
 
 
+@pytest.mark.train
 @pytest.mark.extended  # the full training set
 def test_unpacked_members_rebuild_the_shipped_ensemble(tmp_path: Path) -> None:
     """``model unpack`` gives run folders from which ``model ensemble`` rebuilds the shipped model: same
@@ -212,6 +221,7 @@ def test_unpacked_members_rebuild_the_shipped_ensemble(tmp_path: Path) -> None:
     assert rebuilt["high_confidence_threshold"] == meta["high_confidence_threshold"]
 
 
+@pytest.mark.train
 def test_attention_command_measures_the_validation_films_by_class() -> None:
     """``model attention`` (the model card's Grad-CAM table) on the bundled sample's validation films."""
     import re

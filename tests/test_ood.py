@@ -96,6 +96,7 @@ def test_logistic_fit_separates_and_reasons_have_a_precedence():
 
 
 # -- the shipped guard ----------------------------------------------------------------------------
+@pytest.mark.train  # features=False: the Keras model without the guard
 def test_shipped_guard_is_loaded_and_leaves_the_scores_unchanged(scorer, model_dir, kermany):
     from pipeline.decode import decode_file
     from pipeline.inference import Scorer
@@ -134,6 +135,7 @@ def test_upright_films_pass_and_turned_films_are_flagged(scorer, kermany):
         assert sum(s.ood_reason == ORIENTATION_REASON for s in turned) >= 10, [s.ood_reason for s in turned]
 
 
+@pytest.mark.train
 @pytest.mark.extended  # real files of ../shared/data/dicom with no stand-in in a bare clone
 def test_battery_rejection_rates(scorer, kermany, dicom_dir):
     """Non-chest DICOMs (forced past the header checks), natural and synthetic images, inverted and
@@ -199,6 +201,7 @@ def test_scan_rejects_what_is_not_a_chest_film(kermany, dicom_dir, tmp_path):
         assert by_name[path.name]["status"] == "scored"
 
 
+@pytest.mark.train
 def test_fit_ood_command_writes_a_guard_with_an_orientation_check(model_dir, tmp_path):
     """The documented refit command runs end to end (it failed on an import before) on the small sample."""
     from tests.conftest import REPO

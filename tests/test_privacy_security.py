@@ -71,8 +71,11 @@ def test_deployment_passes_credentials_in_an_environment_file():
                 assert "://" not in line, line
     env_example = (REPO / "deploy" / "cxr-triage.env.example").read_text()
     assert "CXR_TRIAGE_DATABASE_URL=" in env_example and "0600" in env_example
-    crontab = (REPO / "deploy" / "crontab.example").read_text()
-    assert "://" not in crontab and "--database-url" not in crontab
+    for unit in sorted((REPO / "deploy" / "systemd").glob("cxr-triage-*")):
+        text = unit.read_text()  # the nightly scan included: URLs come from the environment file
+        assert "://" not in text and "--database-url" not in text, unit.name
+    compose = (REPO / "compose.yaml").read_text()  # the password comes from .env, never written here
+    assert not re.search(r"://[^/\s:@]+:[^@\s$]+@", compose)
     dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
     assert not re.search(r"ENV\s+CXR_TRIAGE_(DATABASE|BROKER)_URL\s*=?\s*\S+:[^@\s]+@", dockerfile)
 

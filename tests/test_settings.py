@@ -25,11 +25,29 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
-def test_readme_configuration_table_is_the_settings_class():
-    readme = (REPO / "README.md").read_text()
-    found = re.search(r"<!-- settings-table[^>]*-->\n(.*?)\n<!-- /settings-table -->", readme, re.S)
-    assert found, "README has no generated settings table"
-    assert found.group(1) == configuration_table(), "regenerate it: python -m worker.settings"
+def test_the_configuration_reference_is_generated_from_the_settings_class():
+    """The docs site's configuration page (tools/docs_reference.py) lists every setting as it is."""
+    from tools.docs_reference import configuration_markdown
+
+    page = configuration_markdown()
+    for name, field in Settings.model_fields.items():
+        row = next(line for line in page.splitlines() if line.startswith(f"| `{name}` |"))
+        assert f"`CXR_TRIAGE_{name.upper()}`" in row and f"`--{name.replace('_', '-')}`" in row, row
+        assert (field.description or "").replace("|", "\\|") in row, row
+
+
+def test_the_cli_reference_is_generated_from_the_app():
+    import typer
+
+    from tools.docs_reference import cli_markdown
+    from worker.cli.app import app
+
+    page = cli_markdown()
+    for name, command in typer.main.get_command(app).commands.items():
+        assert f"## `cxr-triage {name}`" in page, name
+        for sub in getattr(command, "commands", {}):
+            assert f"### `cxr-triage {name} {sub}`" in page, (name, sub)
+    assert "| `--summary-json` |" in page  # options with their help
 
 
 def test_flags_win_over_environment_over_env_file(clean_env, tmp_path):

@@ -260,6 +260,7 @@ def test_a_later_table_rebuild_keeps_the_worklist_current(url):
     assert (rows[1]["score"], rows[1]["tier"]) == (0.1, "below"), "the rebuild kept the older film's score"
 
 
+@pytest.mark.train
 def test_sqlite_worklist_survives_tensorflow_loaded_first(tmp_path):
     """TensorFlow bundles a SQLite without math functions; a process that loads the model before it
     opens the database (a Celery worker) must still keep the view's exp() working."""

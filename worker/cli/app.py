@@ -19,6 +19,7 @@ from rich.console import Console
 
 from db.engine import masked
 from db.schema import ImageStatus
+from pipeline.extras import ExtraMissing, missing_extra_message
 from pipeline.model_folder import Engine
 from worker import logs, metrics
 from worker.cli.dicom_commands import SendHeatmap, SendKeyObject, SendResults, check_results  # issue 11
@@ -547,7 +548,9 @@ def main() -> None:
     try:
         app()
     except Exception as exc:  # noqa: BLE001 - the CLI boundary
-        console.print(f"cxr-triage: error: {logs.describe_error(exc)}", markup=False, highlight=False)
+        # A command that needs an extra the serving install lacks (TensorFlow): the one line to install it.
+        hint = str(exc) if isinstance(exc, ExtraMissing) else missing_extra_message(exc)
+        console.print(f"cxr-triage: error: {hint or logs.describe_error(exc)}", markup=False, highlight=False)
         sys.exit(1)
 
 

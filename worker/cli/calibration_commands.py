@@ -116,7 +116,7 @@ class ScoredSample:
 
 
 def score_labelled(scorer, films: list[tuple[Path, int]], batch_size: int = 32) -> ScoredSample:
-    """Score films through the same path as ``scan`` (decode -> to_model_input -> Scorer).
+    """Score films through the same path as ``scan`` (decode -> the model's input -> Scorer).
 
     Films that cannot be decoded, or that the OOD guard rejects, would never reach the
     worklist, so they are left out of the fit and counted.
@@ -129,7 +129,7 @@ def score_labelled(scorer, films: list[tuple[Path, int]], batch_size: int = 32) 
     unreadable = ood = 0
     for start in range(0, len(films), batch_size):
         chunk = [
-            (label, prepare(str(path), scorer.input_size))
+            (label, prepare(str(path), scorer.input_plan))
             for path, label in films[start : start + batch_size]
         ]
         ready = [(label, p.tensor) for label, p in chunk if p.tensor is not None]

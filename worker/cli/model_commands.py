@@ -212,11 +212,31 @@ def evaluate_command(
             " one.",
         ),
     ] = None,
+    external: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also run the shift check on this folder of other hospitals' films (laid out like"
+            " external-cxr: manifest.csv with file, label, view, patient): AUC with a by-patient bootstrap"
+            " CI, by view, films the input checks turn away, and the border probes. Never fit thresholds"
+            " on it.",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
+    border_probes: Annotated[
+        bool,
+        typer.Option(
+            "--border-probes",
+            help="Also score the selected films of DATA_DIR with the outer 8 % / 12 % of each side replaced"
+            " by mean grey or by black: a model that reads the lungs loses almost nothing.",
+        ),
+    ] = False,
 ) -> None:
     """Score DATA_DIR through the serving path; print ROC AUC and both operating points.
 
     With bootstrap 95 % confidence intervals, at the model's own thresholds and at the active
-    site calibration's (`cxr-triage model calibrations`).
+    site calibration's (`cxr-triage model calibrations`); `--external` adds the shift check and
+    `--border-probes` the border probes.
     """
     folder = data_dir_of(data_dir)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -237,7 +257,41 @@ def evaluate_command(
     from worker.cli.calibration_commands import add_active_calibration  # issue 12: site calibration
 
     add_active_calibration(report, database_url, model_dir)
-    typer.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.text())
+    shift = _shift_checks(folder, model_dir, split, external, border_probes)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict() | shift, indent=2))
+        return
+    from models.external import shift_text
+
+    typer.echo("\n".join([report.text(), *shift_text(shift)]))
+
+
+def _shift_checks(
+    folder: Path, model_dir: Path | None, split: Split, external: Path | None, border_probes: bool
+) -> dict:
+    """The shift check and the border probes that were asked for (an empty dict when none was)."""
+    if external is None and not border_probes:
+        return {}
+    import numpy as np
+
+    from models import default_model_dir
+    from models.evaluate import select_samples
+    from models.external import border_probes as probes
+    from models.external import external_check
+    from pipeline.decode import decode_file
+    from pipeline.inference import Scorer
+
+    scorer = Scorer.load(model_dir or default_model_dir())
+    out: dict = {}
+    if border_probes:
+        samples = select_samples(folder, split.value)
+        labels = np.array([s.pneumonia for s in samples])
+        with console.status(f"border probes on {len(samples)} films"):
+            out["border_probes"] = probes(scorer, [decode_file(s.path).pixels for s in samples], labels)
+    if external is not None:
+        with console.status("shift check on the external films"):
+            out["external"] = external_check(scorer, external)
+    return out
 
 
 @model_app.command("export-lite")

@@ -112,10 +112,10 @@ class InProcess:
             paths = files_to_read(session, files)
         if not paths:
             return None
-        input_size, scope = self.processor.decode_plan()  # from the metadata: no model load
+        plan, scope = self.processor.decode_plan()  # from the metadata: no model load
         return pool.predecode(
             paths,
-            input_size,
+            plan,
             scope,
             self.settings.full_resolution_decode,
             follow_symlinks=self.settings.follow_symlinks,

@@ -33,6 +33,7 @@ from concurrent.futures import (
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
+from pipeline.lungs import InputPlan
 from pipeline.scope import ScopePolicy
 from worker.ingest.hashing import sha256_following_links, sha256_regular_file
 from worker.scoring.prepare import Prepared, limit_threads, prepare, prepare_found
@@ -247,7 +248,10 @@ class DecodePool:
         return self._pool().submit(prepare, job[0], expected_sha256=job[1], **options)
 
     def decode_options(
-        self, input_size: int, scope: ScopePolicy | None = None, full_resolution_decode: bool | None = None
+        self,
+        input_size: InputPlan | int,
+        scope: ScopePolicy | None = None,
+        full_resolution_decode: bool | None = None,
     ) -> dict:
         """Keyword arguments of one decode: ``full_resolution_decode`` overrides the pool's own
         setting when given."""

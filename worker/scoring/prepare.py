@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.decode import decode_bytes, read_file
 from pipeline.errors import ImageProblem, IncompleteFile
 from pipeline.hashing import sha256_bytes
-from pipeline.normalise import to_model_input
+from pipeline.lungs import InputPlan
 from pipeline.scope import ScopePolicy
 from pipeline.types import DecodedImage
 from worker.ingest.hashing import read_regular_file
@@ -67,7 +67,7 @@ def _attributes(decoded: DecodedImage, scope: ScopePolicy) -> dict:
 
 def prepare(
     path: str,
-    input_size: int,
+    input_size: InputPlan | int,
     expected_sha256: str | None = None,
     *,
     scope: ScopePolicy | None = None,
@@ -88,7 +88,7 @@ def prepare(
 
 def prepare_found(
     path: str,
-    input_size: int,
+    input_size: InputPlan | int,
     *,
     scope: ScopePolicy | None = None,
     full_resolution_decode: bool = False,
@@ -114,7 +114,11 @@ def prepare_found(
 
 
 def _decode(
-    path: str, input_size: int, expected_sha256: str | None, scope: ScopePolicy, full_resolution_decode: bool
+    path: str,
+    input_size: InputPlan | int,
+    expected_sha256: str | None,
+    scope: ScopePolicy,
+    full_resolution_decode: bool,
 ) -> Prepared:
     try:
         data = read_file(path)
@@ -134,17 +138,22 @@ def _decode(
 
 
 def _decode_data(
-    data: bytes, sha256: str, input_size: int, scope: ScopePolicy, full_resolution_decode: bool
+    data: bytes, sha256: str, input_size: InputPlan | int, scope: ScopePolicy, full_resolution_decode: bool
 ) -> Prepared:
-    """Decode bytes already read and hashed; problems become a status and a reason (never raises)."""
+    """Decode bytes already read and hashed; problems become a status and a reason (never raises).
+
+    ``input_size`` is the model's :class:`~pipeline.lungs.InputPlan` (a bare size: the whole film);
+    a film in which the lung model finds no two lung fields is rejected here, with that reason."""
+    plan = InputPlan.of(input_size)
     try:
-        decoded = decode_bytes(data, min_side=None if full_resolution_decode else input_size)
+        decoded = decode_bytes(data, min_side=None if full_resolution_decode else plan.decode_side)
         del data
-        return Prepared(
-            tensor=to_model_input(decoded.pixels, input_size),
-            attributes=_attributes(decoded, scope),
-            sha256=sha256,
-        )
+        tensor, fields = plan.maker()(decoded.pixels)
+        attributes = _attributes(decoded, scope)
+        problem = fields.problem() if fields is not None else None
+        if problem:
+            return Prepared(status="rejected", reason=problem, attributes=attributes, sha256=sha256)
+        return Prepared(tensor=tensor, attributes=attributes, sha256=sha256)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - see _problem

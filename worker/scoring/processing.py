@@ -23,6 +23,7 @@ from db.engine import session_scope
 from db.paths import from_db
 from db.queue import as_utc
 from db.schema import Image, ImageStatus, utcnow
+from pipeline.lungs import InputPlan
 from pipeline.model_folder import Engine
 from pipeline.scope import ScopePolicy
 from worker import metrics
@@ -57,7 +58,7 @@ class _Started:
     known: dict
     todo: list[int]
     pending: PendingBatch | None
-    input_size: int
+    plan: InputPlan
     #: Decodes made when the files were registered (``DecodePool.predecode``), by image id.
     cached: dict[int, Prepared] = field(default_factory=dict)
     counts: Counter = field(default_factory=Counter)
@@ -209,7 +210,7 @@ class Processor:
         prepared = dict(
             zip(
                 todo,
-                self.pool.prepare_many(jobs, scorer.input_size, scope, self.full_resolution_decode),
+                self.pool.prepare_many(jobs, scorer.input_plan, scope, self.full_resolution_decode),
                 strict=True,
             )
         )
@@ -252,20 +253,20 @@ class Processor:
     def _process_batch(self, image_ids: list[int]) -> BatchOutcome:
         return self._finish_batch(self._start_batch(image_ids))
 
-    def decode_plan(self) -> tuple[int, ScopePolicy]:
-        """Input size and scope for decoding: the loaded model's, or its metadata file's while the
-        model is not loaded yet (so that decoding can start first). A folder whose metadata cannot be
-        read loads the model here, which fails with the model's own reason."""
+    def decode_plan(self) -> tuple[InputPlan, ScopePolicy]:
+        """Input plan (size, lung crop) and scope for decoding: the loaded model's, or its metadata
+        file's while the model is not loaded yet (so that decoding can start first). A folder whose
+        metadata cannot be read loads the model here, which fails with the model's own reason."""
         if self._scorer is None:
             from pipeline.inference import METADATA_FILE
 
             try:
                 metadata = json.loads((Path(self.model_dir) / METADATA_FILE).read_text())
-                return int(metadata["input_size"]), ScopePolicy.from_metadata(metadata)
+                return InputPlan.from_metadata(self.model_dir, metadata), ScopePolicy.from_metadata(metadata)
             except (OSError, ValueError, KeyError, TypeError):
                 pass
         scorer = self.scorer
-        return scorer.input_size, ScopePolicy.from_metadata(scorer.metadata)
+        return scorer.input_plan, ScopePolicy.from_metadata(scorer.metadata)
 
     def _start_batch(
         self, image_ids: list[int], predecoded: Mapping[str, Prepared] | None = None
@@ -275,17 +276,17 @@ class Processor:
         Files decoded when they were registered (``predecoded``, by path) are not decoded again when
         the path and the content hash still match. Without decode processes nothing is decoded
         here: see :meth:`_finish_batch`."""
-        input_size, scope = self.decode_plan()
+        plan, scope = self.decode_plan()
         with session_scope(self.database_url) as session:
             paths = queue.source_paths(session, image_ids)
             known = {row.id: row for row in session.execute(_identity_query(image_ids))} if image_ids else {}
         located = {image_id: _locate(paths.get(image_id, [])) for image_id in known}
         todo = [image_id for image_id in image_ids if image_id in known and located[image_id][0]]
         cached = _matching(predecoded or {}, todo, located, known)
-        started = _Started(image_ids, located, known, todo, None, input_size, cached=cached)
+        started = _Started(image_ids, located, known, todo, None, plan, cached=cached)
         jobs = [(located[i][0], known[i].sha256) for i in started.to_decode]
         if jobs and self.pool.workers > 0:
-            started.pending = self.pool.submit(jobs, input_size, scope, self.full_resolution_decode)
+            started.pending = self.pool.submit(jobs, plan, scope, self.full_resolution_decode)
         return started
 
     def _finish_batch(self, started: _Started) -> BatchOutcome:
@@ -318,7 +319,7 @@ class Processor:
         """Decodes of ``image_ids`` (among the batch's): made at registration, the pool's, or made
         now at the model's size."""
         decoded: dict[int, Prepared] = {}
-        if started.input_size == scorer.input_size:
+        if started.plan == scorer.input_plan:
             decoded.update(started.cached)
             if started.pending is not None:
                 decoded.update(zip(started.to_decode, started.pending.results(), strict=True))
@@ -327,7 +328,7 @@ class Processor:
         if rest:
             jobs = [(started.located[i][0], started.known[i].sha256) for i in rest]
             scope = ScopePolicy.from_metadata(scorer.metadata)
-            redone = self.pool.prepare_many(jobs, scorer.input_size, scope, self.full_resolution_decode)
+            redone = self.pool.prepare_many(jobs, scorer.input_plan, scope, self.full_resolution_decode)
             decoded.update(zip(rest, redone, strict=True))
         return decoded
 
