@@ -10,8 +10,9 @@ averaged and scaled to [0, 1] again, so that the serving engine (LiteRT or Tenso
 
 The map covers the model's input: the whole film for a model that reads the whole film, the lung
 crop for one that reads the crop (:func:`place_on_film` puts it back on the film with the crop box).
-Colours come from :data:`COLOURS`, a 256 x 3 table (jet, from :mod:`pipeline.colours`; no matplotlib). A research visualisation of where
-the score came from, not a lesion segmentation and not a diagnosis.
+Colours come from :data:`COLOURS`, a 256 x 3 table (jet, from :mod:`pipeline.colours`; no
+matplotlib). A research visualisation of where the score came from, not a lesion segmentation and
+not a diagnosis.
 """
 
 from __future__ import annotations
