@@ -5,6 +5,12 @@ Every reader of thresholds (the worklist view, the commands, the workers) asks
 effect without a restart. The thresholds that ship with the model are kept as a calibration
 named :data:`SHIPPED` (``source='shipped'``), created on demand, so a site can always go back.
 Only the ``db`` layer is imported here: callers pass the shipped thresholds in.
+
+Sites (db/sites.py): a calibration with a ``site`` applies to that site's films only; one with
+none (``site IS NULL``: the shipped one and every calibration stored without ``--site``) applies to
+every site that has no active calibration of its own. One calibration is active per (model
+version, site); calibration names stay unique per model version. The worklist view makes the same
+choice in SQL (``db.worklist_sql.CALIBRATION_JOIN_SITES``).
 """
 
 from __future__ import annotations
@@ -13,10 +19,10 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
-from db.schema import Calibration, Review, Score
+from db.schema import Calibration, Image, Review, Score
 
 SHIPPED = "shipped"
 SOURCES = ("shipped", "labels", "reviews")
@@ -57,14 +63,19 @@ def details_of(row: Calibration) -> dict:
 
 
 def ensure_shipped(session: Session, shipped: ShippedThresholds) -> Calibration:
-    """The shipped calibration row of ``shipped.model_version``; created (active if none is) when missing."""
+    """The shipped calibration row of ``shipped.model_version``; created (active if no calibration
+    for every site is) when missing."""
     row = _named(session, shipped.model_version, SHIPPED)
     if row is not None:
         return row
     has_active = session.scalar(
         select(func.count())
         .select_from(Calibration)
-        .where(Calibration.model_version == shipped.model_version, Calibration.active.is_(True))
+        .where(
+            Calibration.model_version == shipped.model_version,
+            Calibration.active.is_(True),
+            Calibration.site.is_(None),
+        )
     )
     row = Calibration(
         name=SHIPPED,
@@ -97,8 +108,10 @@ def store(
     details: dict | None = None,
     activate: bool = True,
     replace: bool = False,
+    site: str | None = None,
 ) -> Calibration:
-    """Store a calibration (and make it the active one unless ``activate`` is false)."""
+    """Store a calibration (and make it the active one unless ``activate`` is false): for ``site``'s
+    films, or for every site without its own where ``site`` is None."""
     if source not in SOURCES:
         raise CalibrationError(f"source must be one of {', '.join(SOURCES)}")
     if name == SHIPPED:
@@ -124,6 +137,7 @@ def store(
         target_sensitivity=target_sensitivity,
         target_specificity=target_specificity,
         details=json.dumps(details or {}),
+        site=site,
     )
     session.add(row)
     session.flush()
@@ -132,45 +146,80 @@ def store(
     return row
 
 
-def activate_calibration(session: Session, model_version: str, name: str) -> Calibration:
-    """Make ``name`` the one active calibration of ``model_version``."""
+def activate_calibration(
+    session: Session, model_version: str, name: str, site: str | None = None
+) -> Calibration | None:
+    """Make ``name`` the one active calibration of ``model_version`` for the sites it applies to.
+
+    With ``site``: ``name`` must be that site's (or ``shipped``: the site then has no active
+    calibration of its own and follows the one for every site; None is returned).
+    """
+    if site is not None and name == SHIPPED:
+        _deactivate(session, model_version, site)
+        session.flush()
+        return None
     row = _named(session, model_version, name)
     if row is None:
-        known = ", ".join(r.name for r in list_calibrations(session, model_version)) or "none"
+        known = ", ".join(r.name for r in list_calibrations(session, model_version, site=site)) or "none"
         raise CalibrationError(f"no calibration named {name!r} for this model (known: {known})")
-    session.execute(
-        update(Calibration)
-        .where(Calibration.model_version == model_version, Calibration.id != row.id)
-        .values(active=False)
-    )
+    if site is not None and row.site != site:
+        raise CalibrationError(f"calibration {name!r} is not one of site {site!r}")
+    _deactivate(session, model_version, row.site, but=row.id)
     row.active = True
     session.flush()
     return row
 
 
-def active_calibration(session: Session, model_version: str) -> Calibration | None:
-    """The active calibration of ``model_version``, or None (then the shipped thresholds apply)."""
-    return session.scalars(
-        select(Calibration)
-        .where(Calibration.model_version == model_version, Calibration.active.is_(True))
-        .order_by(Calibration.id.desc())
-        .limit(1)
-    ).first()
+def _deactivate(session: Session, model_version: str, site: str | None, but: int | None = None) -> None:
+    same_site = Calibration.site.is_(None) if site is None else Calibration.site == site
+    query = update(Calibration).where(Calibration.model_version == model_version, same_site)
+    if but is not None:
+        query = query.where(Calibration.id != but)
+    session.execute(query.values(active=False))
 
 
-def thresholds_in_force(session: Session, shipped: ShippedThresholds) -> tuple[str, float, float]:
-    """(name, screening, high-confidence) thresholds in force for the shipped model's version."""
-    row = active_calibration(session, shipped.model_version)
+def active_calibration(session: Session, model_version: str, site: str | None = None) -> Calibration | None:
+    """The calibration in force for ``site``'s films (its own active one, else the active one for
+    every site), or for every site where ``site`` is None; None: the shipped thresholds apply."""
+    query = select(Calibration).where(
+        Calibration.model_version == model_version, Calibration.active.is_(True)
+    )
+    if site is None:
+        query = query.where(Calibration.site.is_(None))
+    else:
+        query = query.where((Calibration.site == site) | Calibration.site.is_(None))
+    # the site's own first (NULLs sort last in both dialects with this CASE), newest first
+    own_first = case((Calibration.site.is_(None), 1), else_=0)
+    return session.scalars(query.order_by(own_first, Calibration.id.desc()).limit(1)).first()
+
+
+def thresholds_in_force(
+    session: Session, shipped: ShippedThresholds, site: str | None = None
+) -> tuple[str, float, float]:
+    """(name, screening, high-confidence) in force for the shipped model's version (at ``site``)."""
+    row = active_calibration(session, shipped.model_version, site)
     if row is None:
         return SHIPPED, shipped.screening_threshold, shipped.high_confidence_threshold
     return row.name, row.screening_threshold, row.high_confidence_threshold
 
 
-def list_calibrations(session: Session, model_version: str | None = None) -> list[Calibration]:
-    """Calibrations, oldest first (of one model version when given)."""
+def thresholds_by_site(
+    session: Session, shipped: ShippedThresholds, sites: set[str]
+) -> dict[str, tuple[float, float]]:
+    """{site: (screening, high-confidence)} in force for each of ``sites`` (a worker's batch)."""
+    return {site: thresholds_in_force(session, shipped, site)[1:] for site in sites}
+
+
+def list_calibrations(
+    session: Session, model_version: str | None = None, site: str | None = None
+) -> list[Calibration]:
+    """Calibrations, oldest first (of one model version when given; with ``site``: those in force
+    there, its own and those for every site)."""
     query = select(Calibration).order_by(Calibration.model_version, Calibration.created_at, Calibration.id)
     if model_version is not None:
         query = query.where(Calibration.model_version == model_version)
+    if site is not None:
+        query = query.where((Calibration.site == site) | Calibration.site.is_(None))
     return list(session.scalars(query))
 
 
@@ -193,8 +242,9 @@ class ReviewLabel:
     logit: float
 
 
-def review_labels(session: Session, model_version: str) -> list[ReviewLabel]:
-    """One label per reviewed film scored by ``model_version`` (the latest review of each film wins).
+def review_labels(session: Session, model_version: str, site: str | None = None) -> list[ReviewLabel]:
+    """One label per reviewed film scored by ``model_version`` (the latest review of each film wins;
+    with ``site``: films of that site only).
 
     The label is the reader's: ``reader_label`` as recorded by the web worklist, where an Agree
     keeps the model's call and a Disagree flips it. The film's stored score under this model
@@ -205,12 +255,10 @@ def review_labels(session: Session, model_version: str) -> list[ReviewLabel]:
         latest[review.image_id] = review
     if not latest:
         return []
-    scores = {
-        s.image_id: s
-        for s in session.scalars(
-            select(Score).where(Score.model_version == model_version, Score.image_id.in_(list(latest)))
-        )
-    }
+    query = select(Score).where(Score.model_version == model_version, Score.image_id.in_(list(latest)))
+    if site is not None:
+        query = query.join(Image, Image.id == Score.image_id).where(Image.site == site)
+    scores = {s.image_id: s for s in session.scalars(query)}
     out = []
     for image_id, review in sorted(latest.items()):
         score = scores.get(image_id)

@@ -2,7 +2,9 @@
 
 An outbox row is one DICOM object (SR, SC or KOS) for one (film, model version,
 destination): the unique key makes :func:`enqueue_results` idempotent, so a
-score written twice, a task delivered twice or a rescan never sends twice.
+score written twice, a task delivered twice or a rescan never sends twice. A DICOM
+film is also keyed by its SOP Instance UID: the same instance received twice (in
+two transfer syntaxes: two contents, two images) gets one object, not two.
 Like :mod:`db.queue`, every transition is one conditional UPDATE, so two senders
 (a ``watch`` and a ``worker`` on the same database) cannot both take a row:
 a claim moves ``next_attempt_at`` past a lease, and only the claimer's later
@@ -11,6 +13,7 @@ update (matched on ``attempts``) counts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,8 +22,8 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.engine import dialect_insert
-from db.queue import as_utc
-from db.schema import Image, OutboxItem, OutboxKind, OutboxStatus, Score, SourceFile, utcnow
+from db.queue import as_utc, scrub_reason
+from db.schema import Image, ImageStatus, OutboxItem, OutboxKind, OutboxStatus, Score, SourceFile, utcnow
 
 
 @dataclass(frozen=True)
@@ -77,11 +80,13 @@ def enqueue_results(
     kinds = list(plan.kinds)
     if OutboxKind.KEY_OBJECT in kinds and not _is_high(session, image_id, model_version):
         kinds.remove(OutboxKind.KEY_OBJECT)  # the key object flags HIGH films only
+    sop_uid = session.scalar(select(Image.sop_uid).where(Image.id == image_id))  # as stored (whole or none)
     insert = dialect_insert(session)
     now = utcnow()
     created = 0
     for destination in plan.destinations:
         for kind in kinds:
+            # No conflict target: either key (this image, or this SOP instance) already there is enough.
             result = session.execute(
                 insert(OutboxItem)
                 .values(
@@ -93,11 +98,43 @@ def enqueue_results(
                     attempts=0,
                     next_attempt_at=now,
                     created_at=now,
+                    source_sop_uid=sop_uid or None,
                 )
-                .on_conflict_do_nothing(index_elements=["image_id", "model_version", "destination", "kind"])
+                .on_conflict_do_nothing()
             )
-            created += max(result.rowcount or 0, 0)
+            made = max(result.rowcount or 0, 0)
+            if not made and sop_uid:
+                made = _take_over(session, image_id, model_version, destination, kind, sop_uid, now)
+            created += made
     return created
+
+
+def _take_over(
+    session: Session, image_id: int, model_version: str, destination: str, kind: OutboxKind, sop_uid: str, now
+) -> int:
+    """The same SOP instance seen again after its first copy's content was gone (superseded) before
+    its result could be sent: the failed row is sent for this copy instead (same instance, one result)."""
+    first_gone = (
+        select(Image.id)
+        .where(Image.id == OutboxItem.image_id, Image.status == ImageStatus.SUPERSEDED)
+        .exists()
+    )
+    result = session.execute(
+        update(OutboxItem)
+        .where(
+            OutboxItem.source_sop_uid == sop_uid,
+            OutboxItem.model_version == model_version,
+            OutboxItem.destination == destination,
+            OutboxItem.kind == str(kind),
+            OutboxItem.status == OutboxStatus.FAILED,
+            OutboxItem.image_id != image_id,
+            first_gone,
+        )
+        .values(
+            image_id=image_id, status=OutboxStatus.PENDING, attempts=0, next_attempt_at=now, last_error=None
+        )
+    )
+    return result.rowcount or 0
 
 
 def _is_high(session: Session, image_id: int, model_version: str) -> bool:
@@ -185,7 +222,8 @@ def mark_retry(
     """Record a failed attempt: try again after a growing delay, or fail it for good.
 
     ``permanent`` (the destination refused the object itself, or the source film is gone) fails the
-    row at once: resending the same object would be refused the same way.
+    row at once: resending the same object would be refused the same way. File paths are taken out of
+    ``error`` before it is stored (they identify patients).
     """
     final = permanent or item.attempts >= policy.max_attempts
     status = OutboxStatus.FAILED if final else OutboxStatus.PENDING
@@ -194,7 +232,7 @@ def mark_retry(
         .where(*_still_claimed(item))
         .values(
             status=status,
-            last_error=error[:2000],
+            last_error=scrub_reason(error),
             next_attempt_at=None if final else utcnow() + timedelta(seconds=policy.delay(item.attempts)),
         )
     )
@@ -220,24 +258,49 @@ def release(session: Session, items: Iterable[Claimed]) -> None:
         )
 
 
+@dataclass(frozen=True)
+class RetryOutcome:
+    """What ``outbox retry`` did: rows queued again, and the ids it was given but left alone."""
+
+    queued: int
+    #: Already sent, given by id without ``include_sent``: sending again is asked for explicitly.
+    already_sent: tuple[int, ...] = ()
+    #: Still pending (perhaps claimed by a running sender, whose claim must stand).
+    pending: tuple[int, ...] = ()
+    missing: tuple[int, ...] = ()
+
+
 def retry(
     session: Session,
     *,
     ids: Sequence[int] = (),
-    status: OutboxStatus | None = None,
+    include_sent: bool = False,
     destination: str | None = None,
     new_instance: bool = False,
-) -> int:
-    """Operator asks again: matching rows go back to pending, due now, attempts reset.
+) -> RetryOutcome:
+    """Operator asks again: failed rows (and, with ``include_sent``, sent ones) go back to pending,
+    due now, attempts reset; ``ids`` narrows that to those rows.
 
-    ``new_instance`` forgets the SOP Instance UID so that a fresh object (new UID) is sent, for a PACS
-    that lost or deleted the first one; otherwise the same instance is sent again.
+    Pending rows are never touched: a running sender may hold one (its claim is matched on
+    ``attempts``, which a reset would give to a second sender). A sent row given by id without
+    ``include_sent`` is left as it is and reported. ``new_instance`` forgets the SOP Instance UID so
+    that a fresh object (new UID) is sent, for a PACS that lost or deleted the first one; otherwise
+    the same instance is sent again.
     """
-    query = update(OutboxItem)
+    wanted = [OutboxStatus.FAILED, *([OutboxStatus.SENT] if include_sent else [])]
+    query = update(OutboxItem).where(OutboxItem.status.in_(wanted))
+    already_sent: tuple[int, ...] = ()
+    pending: tuple[int, ...] = ()
+    missing: tuple[int, ...] = ()
     if ids:
+        found = dict(
+            session.execute(select(OutboxItem.id, OutboxItem.status).where(OutboxItem.id.in_(ids))).all()
+        )
+        missing = tuple(sorted(set(ids) - set(found)))
+        pending = tuple(sorted(i for i, s in found.items() if s == OutboxStatus.PENDING))
+        if not include_sent:
+            already_sent = tuple(sorted(i for i, s in found.items() if s == OutboxStatus.SENT))
         query = query.where(OutboxItem.id.in_(list(ids)))
-    if status is not None:
-        query = query.where(OutboxItem.status == status)
     if destination is not None:
         query = query.where(OutboxItem.destination == destination)
     values: dict = {
@@ -248,7 +311,8 @@ def retry(
     }
     if new_instance:
         values["sop_instance_uid"] = None
-    return session.execute(query.values(**values)).rowcount
+    queued = session.execute(query.values(**values)).rowcount
+    return RetryOutcome(queued, already_sent, pending, missing)
 
 
 @dataclass(frozen=True)
@@ -299,13 +363,59 @@ def counts(session: Session) -> dict[str, int]:
     return {status: count for status, count in session.execute(query)}
 
 
+def pending_untried(session: Session, attempts: int) -> int:
+    """Pending rows not yet tried ``attempts`` times without success: worth waiting for."""
+    return session.scalar(
+        select(func.count())
+        .select_from(OutboxItem)
+        .where(
+            OutboxItem.status == OutboxStatus.PENDING,
+            or_(OutboxItem.attempts < attempts, OutboxItem.last_error.is_(None)),
+        )
+    )
+
+
+@dataclass(frozen=True)
+class CalibrationInForce:
+    """What the worklist shows for a score now: the active calibration of its model version (its
+    thresholds, and its temperature applied to the logit), or the thresholds stored with the score."""
+
+    name: str
+    probability: float
+    screening_threshold: float
+    high_confidence_threshold: float
+    temperature: float | None = None
+
+    @classmethod
+    def of(cls, session: Session, score: Score) -> CalibrationInForce:
+        from db.calibration import SHIPPED, active_calibration
+
+        row = active_calibration(session, score.model_version)
+        if row is None:
+            return cls(
+                SHIPPED,
+                score.pneumonia_probability,
+                score.screening_threshold,
+                score.high_confidence_threshold,
+            )
+        p = score.pneumonia_probability
+        if row.temperature is not None:  # as the worklist view computes it (db.worklist_sql)
+            p = 1.0 / (1.0 + math.exp(min(max(-score.pneumonia_logit / row.temperature, -700.0), 700.0)))
+        return cls(row.name, p, row.screening_threshold, row.high_confidence_threshold, row.temperature)
+
+
 @dataclass(frozen=True)
 class SendContext:
-    """The stored score and the film's paths: everything an object is built from."""
+    """Everything an object is built from: the stored score, the calibration in force, the film's
+    content hash and paths (its bytes must still hash to ``sha256``), and its scope flag."""
 
     score: Score
     paths: list[str]
     sha256: str
+    image_status: str
+    out_of_scope: bool
+    scope_note: str | None
+    calibration: CalibrationInForce
 
 
 def send_context(session: Session, item: Claimed) -> SendContext | None:
@@ -314,11 +424,16 @@ def send_context(session: Session, item: Claimed) -> SendContext | None:
     ).one_or_none()
     if score is None:
         return None
+    calibration = CalibrationInForce.of(session, score)
     session.expunge(score)
     paths = list(
         session.scalars(
             select(SourceFile.path).where(SourceFile.image_id == item.image_id).order_by(SourceFile.id)
         )
     )
-    sha256 = session.scalars(select(Image.sha256).where(Image.id == item.image_id)).one()
-    return SendContext(score, paths, sha256)
+    image = session.execute(
+        select(Image.sha256, Image.status, Image.out_of_scope, Image.scope_note).where(
+            Image.id == item.image_id
+        )
+    ).one()
+    return SendContext(score, paths, image[0], image[1], bool(image[2]), image[3], calibration)

@@ -21,6 +21,7 @@ from db.attributes import clean_text, to_columns
 from db.engine import dialect_insert
 from db.paths import from_db, from_db_one, to_db
 from db.schema import FINAL_STATUSES, Image, ImageStatus, Score, SourceFile, utcnow
+from db.sites import SiteRules, load_rules
 
 #: A file whose processing killed its worker this many times is failed, not retried.
 MAX_ATTEMPTS = 3
@@ -113,7 +114,8 @@ def register_many(session: Session, found: Sequence[tuple[FileSeen, str]]) -> li
     first_of: dict[str, int] = {}
     for index, (_, sha256) in enumerate(found):
         first_of.setdefault(sha256, index)
-    created = _insert_new_content(session, insert, found, first_of, now)
+    rules = load_rules(session)  # read per batch: a site added while a worker runs applies at once
+    created = _insert_new_content(session, insert, found, first_of, now, rules)
     ids = created | _ids_of(session, [sha256 for sha256 in first_of if sha256 not in created])
     _upsert_paths(session, insert, found, stored, ids, now)
     for old in {previous[p] for p in stored if p in previous} - set(ids.values()):
@@ -125,8 +127,11 @@ def register_many(session: Session, found: Sequence[tuple[FileSeen, str]]) -> li
     ]
 
 
-def _insert_new_content(session: Session, insert, found, first_of: dict[str, int], now) -> dict[str, int]:
-    """Image rows for content not seen before, queued; returns {sha256: id} of those created."""
+def _insert_new_content(
+    session: Session, insert, found, first_of: dict[str, int], now, rules: SiteRules
+) -> dict[str, int]:
+    """Image rows for content not seen before, queued, each with the site of the path it came
+    under; returns {sha256: id} of those created."""
     rows = [
         {
             "sha256": sha256,
@@ -136,6 +141,7 @@ def _insert_new_content(session: Session, insert, found, first_of: dict[str, int
             "out_of_scope": False,
             "first_seen_at": now,
             "updated_at": now,
+            "site": rules.site_of(found[index][0].path),
         }
         for sha256, index in first_of.items()
     ]
@@ -385,16 +391,34 @@ def record_score(session: Session, image_id: int, score: ScoreRecord, attributes
     return _finish(session, image_id, ImageStatus.SCORED, reason=None, **to_columns(attributes))
 
 
-def record_scores(session: Session, scored: Sequence[tuple[int, ScoreRecord, dict | None]]) -> None:
+#: Why a film is not ranked: the same SOP instance was scored before (PS3.3 C.12.1.1.1: the SOP Instance
+#: UID identifies the instance; a PACS keeps the first copy and treats the later one as a duplicate).
+DUPLICATE_REASON = (
+    "duplicate of film {first}: the same DICOM instance (SOP Instance UID) received again, perhaps in "
+    "another transfer syntax; the first copy is the one ranked and reported"
+)
+
+
+def record_scores(session: Session, scored: Sequence[tuple[int, ScoreRecord, dict | None]]) -> list[int]:
     """:func:`record_score` for a batch of (image id, score, attributes): one multi-row insert of the
     scores and one executemany update per set of attribute columns, instead of two statements per
-    film (a batch of 32 films: 2-3 round trips to the database instead of 64)."""
+    film (a batch of 32 films: 2-3 round trips to the database instead of 64).
+
+    A film whose SOP Instance UID is already that of a scored film (or of an earlier film of the
+    batch) is a later copy of the same instance: it is rejected as a duplicate, not ranked twice.
+    Returns the ids of those duplicates.
+    """
     if not scored:
-        return
+        return []
     now = utcnow()
     _insert_scores(session, [_score_row(image_id, score, now) for image_id, score, _ in scored])
+    duplicates = _duplicates(session, scored)
     by_columns: dict[tuple[str, ...], list[dict]] = {}
     for image_id, _, attributes in scored:
+        if image_id in duplicates:
+            reason = DUPLICATE_REASON.format(first=duplicates[image_id][:12])
+            _finish(session, image_id, ImageStatus.REJECTED, reason=reason, **to_columns(attributes))
+            continue
         values = _finished(ImageStatus.SCORED, now, reason=None, **to_columns(attributes))
         by_columns.setdefault(tuple(sorted(values)), []).append(
             {"_id": image_id, **{f"_{k}": v for k, v in values.items()}}
@@ -402,6 +426,38 @@ def record_scores(session: Session, scored: Sequence[tuple[int, ScoreRecord, dic
     for columns, rows in by_columns.items():
         statement = update(_images).where(_unfinished(bindparam("_id")))
         session.execute(statement.values({name: bindparam(f"_{name}") for name in columns}), rows)
+    return sorted(duplicates)
+
+
+def _duplicates(session: Session, scored: Sequence[tuple[int, ScoreRecord, dict | None]]) -> dict[int, str]:
+    """{image id: SHA-256 of the first copy} for the films of ``scored`` that repeat a SOP instance."""
+    batch: dict[str, list[int]] = {}
+    for image_id, _, attributes in scored:
+        uid = to_columns({"sop_uid": (attributes or {}).get("sop_uid")}).get("sop_uid")
+        if uid:
+            batch.setdefault(uid, []).append(image_id)
+    if not batch:
+        return {}
+    ids = [i for group in batch.values() for i in group]
+    earlier = session.execute(
+        select(_images.c.sop_uid, _images.c.id, _images.c.sha256)
+        .where(
+            _images.c.sop_uid.in_(list(batch)),
+            _images.c.status == ImageStatus.SCORED,
+            _images.c.id.not_in(ids),
+        )
+        .order_by(_images.c.id)
+    ).all()
+    first: dict[str, int] = {}
+    sha_of = dict(session.execute(select(_images.c.id, _images.c.sha256).where(_images.c.id.in_(ids))).all())
+    for uid, image_id, sha256 in earlier:
+        first.setdefault(uid, image_id)
+        sha_of[image_id] = sha256
+    found = {}
+    for uid, group in batch.items():
+        keep = first.get(uid, min(group))
+        found.update({image_id: sha_of[keep] for image_id in group if image_id != keep})
+    return found
 
 
 def record_problem(

@@ -102,6 +102,9 @@ class Image(Base):
     finished_at: Mapped[datetime | None]
     reviewed_at: Mapped[datetime | None]
     reviewed_by: Mapped[str | None] = mapped_column(String(128))
+    #: The site the film came from, resolved from its path when it was registered (db/sites.py);
+    #: ``default`` for a film from no configured source.
+    site: Mapped[str] = mapped_column(String(64), default="default", server_default="default")
 
     sources: Mapped[list[SourceFile]] = relationship(back_populates="image", order_by="SourceFile.id")
     scores: Mapped[list[Score]] = relationship(back_populates="image", order_by="Score.id")
@@ -140,7 +143,9 @@ class Score(Base):
 
 
 class Calibration(Base):
-    """A site's operating points for one model version; one row per model version is active."""
+    """Operating points for one model version: for one site (``site``) or, where ``site`` is NULL,
+    for every site without its own. One row per (model version, site) is active; names are unique
+    per model version across sites."""
 
     __tablename__ = "calibrations"
     __table_args__ = (UniqueConstraint("model_version", "name", name="uq_calibrations_model_name"),)
@@ -161,6 +166,42 @@ class Calibration(Base):
     #: JSON: bootstrap confidence intervals and anything else worth showing.
     details: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The site whose films follow this calibration; NULL: every site without an active one of its own.
+    site: Mapped[str | None] = mapped_column(String(64))
+
+
+class Site(Base):
+    """A site of a hospital group: a name with its sources (:class:`SiteSource`)."""
+
+    __tablename__ = "sites"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    sources: Mapped[list[SiteSource]] = relationship(
+        back_populates="site_row", order_by="SiteSource.id", cascade="all, delete-orphan"
+    )
+
+
+class SourceKind(enum.StrEnum):
+    #: A drop-folder path prefix: every film under it.
+    FOLDER = "folder"
+    #: A DICOM calling AE title: every film the DICOM listener received from it.
+    CALLING_AE = "calling_ae"
+
+
+class SiteSource(Base):
+    """One source of a site; a source belongs to one site."""
+
+    __tablename__ = "site_sources"
+    __table_args__ = (UniqueConstraint("kind", "value", name="uq_site_sources_kind_value"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site: Mapped[str] = mapped_column(ForeignKey("sites.name", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    value: Mapped[str] = mapped_column(Text)
+
+    site_row: Mapped[Site] = relationship(back_populates="sources")
 
 
 class User(Base):
@@ -203,7 +244,9 @@ class AuditEvent(Base):
 
 
 class OutboxItem(Base):
-    """A DICOM object to send to a destination; sent once per (image, model, destination, kind)."""
+    """A DICOM object to send to a destination; sent once per (image, model, destination, kind), and
+    once per (film's SOP Instance UID, model, destination, kind): one instance received twice, in two
+    transfer syntaxes, is one film (``uq_outbox_instance``, migration 0006)."""
 
     __tablename__ = "outbox"
     __table_args__ = (
@@ -220,11 +263,21 @@ class OutboxItem(Base):
     next_attempt_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    #: The SOP Instance UID of the film this object is about (None for a film without one).
+    source_sop_uid: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None]
 
 
 Index("ix_images_status_lease", Image.status, Image.lease_expires_at)
+Index(
+    "uq_outbox_instance",
+    OutboxItem.source_sop_uid,
+    OutboxItem.model_version,
+    OutboxItem.destination,
+    OutboxItem.kind,
+    unique=True,
+)
 
 
 class AppSecret(Base):
@@ -264,3 +317,6 @@ Index("ix_images_patient_id", Image.patient_id)
 Index("ix_calibrations_model_active", Calibration.model_version, Calibration.active)
 # Migration 0005: the worklist's study-date range filter.
 Index("ix_images_study_date", Image.study_date)
+# Migration 0006: the site filter of the worklist and the quality report; each site's calibrations.
+Index("ix_images_site", Image.site)
+Index("ix_calibrations_model_site", Calibration.model_version, Calibration.site)

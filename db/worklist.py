@@ -107,6 +107,7 @@ _COLUMNS = (
     ("modality", String),
     ("view_position", String),
     ("reviewed_by", String),
+    ("site", String),
     ("worklist_rank", Float),
 )
 COLUMNS = tuple(name for name, _ in _COLUMNS)
@@ -151,6 +152,8 @@ class WorklistEntry:
     modality: str | None
     view_position: str | None
     reviewed_by: str | None
+    #: The site the film came from (db/sites.py); its thresholds are that site's calibration.
+    site: str
     worklist_rank: float
 
     def as_dict(self) -> dict:
@@ -165,7 +168,7 @@ class WorklistFilter:
     """What a reader narrowed the list to; every field is applied in SQL, and None (the default) does
     not narrow. ``folder``: films seen under that folder at any of their paths; the two day ranges
     (``arrived_*`` on the first sighting, ``study_date_*`` on DICOM Study Date) include both ends;
-    ``search``: an exact patient ID or accession number.
+    ``search``: an exact patient ID or accession number; ``site``: films of that site.
     """
 
     status: str | None = None
@@ -178,6 +181,7 @@ class WorklistFilter:
     study_date_from: date | None = None
     study_date_to: date | None = None
     search: str | None = None
+    site: str | None = None
 
     def __post_init__(self) -> None:
         if self.status is not None and self.status not in {s.value for s in ImageStatus}:
@@ -196,6 +200,8 @@ def _filtered(query, view, wanted: WorklistFilter):
         query = query.where(c.status == wanted.status)
     if wanted.tier:
         query = query.where(c.tier == wanted.tier)
+    if wanted.site:
+        query = query.where(c.site == wanted.site)
     if wanted.reviewed is not None:
         query = query.where(_reviewed(view, wanted.reviewed, _include_superseded(wanted)))
     if wanted.out_of_scope is not None:

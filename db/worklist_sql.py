@@ -1,8 +1,9 @@
 """The worklist's SQL objects (views, triggers, indexes) for SQLite and PostgreSQL.
 
-Created by migration 0004; migration 0005 adds ``study_date`` to the views. Each migration asks for
-the definition of its own revision (``study_date=False`` is 0004's), so replaying the history creates
-no view over a column that does not exist yet.
+Created by migration 0004; migration 0005 adds ``study_date`` to the views, migration 0006 the film's
+``site`` (and each film follows its own site's active calibration). Each migration asks for the
+definition of its own revision (``study_date=False, site=False`` is 0004's, ``site=False`` 0005's), so
+replaying the history creates no view over a column that does not exist yet.
 
 A later migration that makes SQLite rebuild ``images``, ``scores``,
 ``calibrations`` or ``source_files`` (Alembic ``batch_alter_table`` with a recreate: changing or
@@ -58,10 +59,20 @@ SELECT
 FROM images i
 LEFT JOIN scores s ON s.image_id = i.id
     AND NOT EXISTS (SELECT 1 FROM scores newer WHERE newer.image_id = s.image_id AND newer.id > s.id)
-LEFT JOIN calibrations c ON c.model_version = s.model_version AND c.active
-    AND NOT EXISTS (SELECT 1 FROM calibrations later WHERE later.model_version = c.model_version
-                    AND later.active AND later.id > c.id)
+{calibration_join}
 """
+
+# Before 0006: the active calibration of the score's model version (the newest if several).
+CALIBRATION_JOIN_0004 = """LEFT JOIN calibrations c ON c.model_version = s.model_version AND c.active
+    AND NOT EXISTS (SELECT 1 FROM calibrations later WHERE later.model_version = c.model_version
+                    AND later.active AND later.id > c.id)"""
+
+# From 0006: the active calibration of the film's own site if it has one, else the active
+# calibration that applies to every site (``site IS NULL``: the shipped one unless changed).
+CALIBRATION_JOIN_SITES = """LEFT JOIN calibrations c ON c.id = (
+    SELECT c2.id FROM calibrations c2
+    WHERE c2.model_version = s.model_version AND c2.active AND (c2.site = i.site OR c2.site IS NULL)
+    ORDER BY CASE WHEN c2.site IS NULL THEN 1 ELSE 0 END, c2.id DESC LIMIT 1)"""
 
 # What ``worklist_order`` stores for each film: the order does not depend on the clock (every film
 # ages at the same rate), so it is kept up to date by triggers and read through an index.
@@ -104,7 +115,7 @@ SELECT
     b.first_seen_at, b.reviewed_at,
     CASE WHEN b.scored THEN b.calibration END AS calibration,
     b.tier, b.patient_id, b.patient_name, b.patient_age_years, b.modality, b.view_position, b.reviewed_by,
-    b.worklist_rank
+    {site}b.worklist_rank
 FROM (
     SELECT
         o.image_id, o.status, o.tier, o.worklist_rank,
@@ -112,7 +123,7 @@ FROM (
         i.sha256, i.reason, i.out_of_scope, i.scope_note, i.study_uid, i.sop_uid, i.accession_number,
         {i_study_date}i.patient_id, i.patient_name, i.patient_age_years, i.modality, i.view_position,
         i.source_format,
-        i.first_seen_at, i.reviewed_at, i.reviewed_by,
+        i.first_seen_at, i.reviewed_at, i.reviewed_by, {i_site}
         s.model_version, s.viral_probability,
         CASE WHEN c.id IS NULL OR c.temperature IS NULL THEN s.pneumonia_probability
              ELSE 1.0 / (1.0 + {sigmoid_exp}) END AS p,
@@ -151,7 +162,7 @@ INDEXES = (
 # Triggers keep worklist_order in step with every write, whoever makes it (scan, workers, calibration).
 TRIGGERS_SQLITE = (
     "CREATE TRIGGER worklist_order_image_insert AFTER INSERT ON images BEGIN {refresh_new_id}; END",
-    "CREATE TRIGGER worklist_order_image_update AFTER UPDATE OF status, reviewed_at, first_seen_at ON images "
+    "CREATE TRIGGER worklist_order_image_update AFTER UPDATE OF {image_columns} ON images "
     "BEGIN {refresh_new_id}; END",
     "CREATE TRIGGER worklist_order_score_insert AFTER INSERT ON scores BEGIN {refresh_new_image}; END",
     "CREATE TRIGGER worklist_order_score_update AFTER UPDATE ON scores BEGIN {refresh_new_image}; "
@@ -193,7 +204,7 @@ TRIGGERS_POSTGRESQL = (
                 IS DISTINCT FROM (EXCLUDED.calibration_id, EXCLUDED.tier, EXCLUDED.worklist_rank);
             RETURN NULL;
         END $$""",
-    "CREATE TRIGGER worklist_order_image AFTER INSERT OR UPDATE OF status, reviewed_at, first_seen_at "
+    "CREATE TRIGGER worklist_order_image AFTER INSERT OR UPDATE OF {image_columns} "
     "ON images FOR EACH ROW EXECUTE FUNCTION worklist_order_on_image()",
     "CREATE TRIGGER worklist_order_score AFTER INSERT OR UPDATE OR DELETE ON scores "
     "FOR EACH ROW EXECUTE FUNCTION worklist_order_on_score()",
@@ -219,11 +230,24 @@ APPEND_ONLY_POSTGRESQL = (
 STUDY_DATE_INDEX = ("ix_images_study_date", "images", ["study_date"])
 
 
-def view_sql(dialect: str, *, study_date: bool = True) -> list[str]:
-    """The CREATE VIEW statements for ``dialect`` (sqlite or postgresql); ``study_date=False``: 0004's."""
+#: Migration 0006's index: the worklist's and the quality report's site filter.
+SITE_INDEX = ("ix_images_site", "images", ["site"])
+
+#: The columns of ``images`` whose change moves a film in the worklist (0006 adds ``site``: a film
+#: assigned to another site follows that site's calibration).
+IMAGE_COLUMNS = "status, reviewed_at, first_seen_at"
+
+
+def view_sql(dialect: str, *, study_date: bool = True, site: bool = True) -> list[str]:
+    """The CREATE VIEW statements for ``dialect`` (sqlite or postgresql); ``study_date=False,
+    site=False``: 0004's; ``site=False``: 0005's."""
     d = DIALECT[dialect]
     sigmoid = d["clamp_exp"].format(x="-s.pneumonia_logit / c.temperature")
-    base = BASE.format(sigmoid_exp=sigmoid, first_days=d["days"].format(x="i.first_seen_at"))
+    base = BASE.format(
+        sigmoid_exp=sigmoid,
+        first_days=d["days"].format(x="i.first_seen_at"),
+        calibration_join=CALIBRATION_JOIN_SITES if site else CALIBRATION_JOIN_0004,
+    )
     source = SOURCE.format(
         base=base, reviewed_days=d["days"].format(x="b.reviewed_at"), static_priority=STATIC_PRIORITY
     )
@@ -237,15 +261,19 @@ def view_sql(dialect: str, *, study_date: bool = True) -> list[str]:
         first_days=d["days"].format(x="i.first_seen_at"),
         study_date="b.study_date, " if study_date else "",
         i_study_date="i.study_date, " if study_date else "",
+        site="b.site, " if site else "",
+        i_site="i.site," if site else "",
     )
     visible = "CREATE VIEW triage_worklist AS SELECT * FROM triage_worklist_all WHERE status <> 'superseded'"
     return [source, full, visible]
 
 
-def trigger_sql(dialect: str) -> list[str]:
+def trigger_sql(dialect: str, *, site: bool = True) -> list[str]:
+    image_columns = IMAGE_COLUMNS + (", site" if site else "")
     if dialect == "postgresql":
-        return list(TRIGGERS_POSTGRESQL)
+        return [statement.replace("{image_columns}", image_columns) for statement in TRIGGERS_POSTGRESQL]
     pieces = {
+        "image_columns": image_columns,
         "refresh_new_id": f"{SQLITE_REFRESH} WHERE image_id = NEW.id",
         "refresh_new_image": f"{SQLITE_REFRESH} WHERE image_id = NEW.image_id",
         "refresh_old_image": f"{SQLITE_REFRESH} WHERE image_id = OLD.image_id",
@@ -292,9 +320,13 @@ def drop_sql(dialect: str) -> list[str]:
     return statements
 
 
-def create_sql(dialect: str, *, study_date: bool = True) -> list[str]:
+def create_sql(dialect: str, *, study_date: bool = True, site: bool = True) -> list[str]:
     """Statements creating the views and triggers, then bringing worklist_order up to date."""
-    return view_sql(dialect, study_date=study_date) + trigger_sql(dialect) + [refresh_sql()]
+    return (
+        view_sql(dialect, study_date=study_date, site=site)
+        + trigger_sql(dialect, site=site)
+        + [refresh_sql()]
+    )
 
 
 def execute(op, statements: Iterable[str]) -> None:
@@ -304,9 +336,9 @@ def execute(op, statements: Iterable[str]) -> None:
 
 
 @contextmanager
-def lifted(op, *, study_date: bool = True) -> Iterator[None]:
+def lifted(op, *, study_date: bool = True, site: bool = True) -> Iterator[None]:
     """Drop the worklist views and triggers for the duration of a table rebuild, then restore them
-    (as of the revision that ``study_date`` names: True from 0005 on).
+    (as of the revision that ``study_date`` and ``site`` name: True from 0005 and 0006 on).
 
     On SQLite the rebuild drops the old table, which with foreign keys on deletes every row that
     references it (``ON DELETE CASCADE``: all scores and reviews for ``images``). Migrations run with
@@ -318,4 +350,4 @@ def lifted(op, *, study_date: bool = True) -> Iterator[None]:
         raise RuntimeError("SQLite foreign keys are on: a table rebuild would delete the rows referencing it")
     execute(op, drop_sql(dialect))
     yield
-    execute(op, create_sql(dialect, study_date=study_date))
+    execute(op, create_sql(dialect, study_date=study_date, site=site))

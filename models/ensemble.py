@@ -43,12 +43,15 @@ def build_ensemble(model_dirs: list[Path]):
 
 
 def validation_set(
-    size: int, data_dir: str | Path, cache_dir: str | Path | None = None
+    size: int,
+    data_dir: str | Path,
+    cache_dir: str | Path | None = None,
+    lung_model: str | Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(y, viral labels, resized grey images) of the validation split of ``data_dir``, read once for
-    any number of models (:func:`logits_on`)."""
+    any number of models (:func:`logits_on`); cut to the lung box with ``lung_model``."""
     samples = data.list_samples(data_dir)
-    x_all = data.cached_arrays(samples, size, cache_dir)
+    x_all = data.cached_arrays(samples, size, cache_dir, lung_model=lung_model)
     val = data.read_split()
     keep = [i for i, s in enumerate(samples) if s.patient in val]
     y, v = data.labels([samples[i] for i in keep])
@@ -68,10 +71,14 @@ def logits_on(model, grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def validation_logits(
-    model, size: int, data_dir: str | Path, cache_dir: str | Path | None = None
+    model,
+    size: int,
+    data_dir: str | Path,
+    cache_dir: str | Path | None = None,
+    lung_model: str | Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(y, viral labels, pneumonia logits, viral logits) on the validation split of ``data_dir``."""
-    y, v, grey = validation_set(size, data_dir, cache_dir)
+    y, v, grey = validation_set(size, data_dir, cache_dir, lung_model)
     return y, v, *logits_on(model, grey)
 
 
@@ -82,9 +89,11 @@ def build_and_export(
     started = time.time()
     model, metas = build_ensemble(model_dirs)
     size = metas[0]["input_size"]
-    y, v, p, vl = validation_logits(model, size, data_dir, cache_dir)
+    lung_model = _shared_lung_model(model_dirs, metas)
+    y, v, p, vl = validation_logits(model, size, data_dir, cache_dir, lung_model)
     arch = f"ens{len(metas)}-" + "-".join(m["architecture"] for m in metas)
-    cfg = TrainConfig(arch=arch, size=size, epochs=max(m["epochs"] for m in metas), seed=metas[0]["seed"])
+    epochs = max(m["epochs"] for m in metas)
+    cfg = TrainConfig(arch=arch, size=size, epochs=epochs, seed=metas[0]["seed"], lung_model=lung_model)
     history = [{"member": m["version"], "training_wall_seconds": m["training_wall_seconds"]} for m in metas]
     wall = sum(m["training_wall_seconds"] for m in metas) + (time.time() - started)
     metadata = export(model, cfg, out, y, v, p, vl, history, wall)
@@ -93,6 +102,16 @@ def build_and_export(
     ]
     (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
+
+
+def _shared_lung_model(model_dirs: list[Path], metas: list[dict]) -> str | None:
+    """The lung model all members read their crop with (None: they read the whole film); members
+    that read different inputs cannot be averaged."""
+    crops = {json.dumps(m.get("crop"), sort_keys=True) for m in metas}
+    if len(crops) > 1:
+        raise ValueError("members read different inputs (whole film vs lung crop, or other lung models)")
+    crop = metas[0].get("crop")
+    return str(Path(model_dirs[0]) / crop["lung_model"]) if crop else None
 
 
 def unpack(

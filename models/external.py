@@ -286,6 +286,28 @@ def shift_text(shift: dict) -> list[str]:
     return lines
 
 
+def attention_report(scorer, args, count: int) -> dict:
+    """:func:`models.attention.lung_attention` on ``count`` seeded validation and external films."""
+    from models import data
+    from models.attention import lung_attention
+    from pipeline.decode import decode_file
+    from pipeline.lungs import LungModel
+
+    lungs = LungModel(args.lung_model)
+    rng = np.random.default_rng(5)
+    out = {}
+    if args.data_dir:
+        validation = data.partition(data.list_samples(args.data_dir), data.read_split())[1]
+        pick = rng.choice(len(validation), min(count, len(validation)), replace=False)
+        greys = [decode_file(validation[i].path).pixels for i in pick]
+        out["validation"] = lung_attention(scorer, greys, lungs)
+    films = read_external(args.external)
+    pick = rng.choice(len(films), min(count, len(films)), replace=False)
+    greys, _ = _decode_all([films[i].path for i in pick])
+    out["external"] = lung_attention(scorer, [g for g in greys if g is not None], lungs)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m models.external MODEL_DIR --external DIR [--data-dir DIR] [--out FILE]``."""
     import argparse
@@ -298,11 +320,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--external", type=Path, required=True, help="folder laid out like external-cxr")
     parser.add_argument("--data-dir", type=Path, help="Kermany-style folder: border probes on validation")
     parser.add_argument("--out", type=Path, help="also write the report here (JSON)")
+    parser.add_argument(
+        "--attention",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure the Grad-CAM share inside the lung fields on N validation and N external films"
+        " (needs TensorFlow and --lung-model)",
+    )
+    parser.add_argument("--lung-model", type=Path, help="lungs.tflite that draws the lung masks")
     args = parser.parse_args(argv)
     scorer = Scorer.load(args.model_dir)
     report = {"model_version": scorer.version, "external": external_check(scorer, args.external)}
     if args.data_dir:
         report["validation_border_probes"] = validation_probes(scorer, args.data_dir)
+    if args.attention:
+        report["lung_attention"] = attention_report(scorer, args, args.attention)
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

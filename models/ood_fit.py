@@ -209,18 +209,19 @@ class BatteryResult:
 
 
 def run_battery(scorer, items: Iterator[Item], batch: int = 64) -> BatteryResult:
-    """Distance and verdict of the scorer's guard for every item (the serving preprocessing)."""
-    from pipeline.normalise import to_model_input
-
+    """Distance and verdict of the scorer's input checks for every item (the serving preprocessing:
+    the density guard, the orientation check and, for a lung-crop model, the lung fields)."""
     rows: list[tuple[str, str, float, bool]] = []
     pending: list[Item] = []
 
     def flush() -> None:
         if not pending:
             return
-        x = np.stack([to_model_input(grey, scorer.input_size) for _, _, grey in pending])
-        for (category, name, _), score in zip(pending, scorer.score_batch(x), strict=True):
-            rows.append((category, name, float(score.ood_distance), bool(score.out_of_distribution)))
+        made = [scorer.model_input(grey) for _, _, grey in pending]
+        scores = scorer.score_batch(np.stack([x for x, _ in made]))
+        for (category, name, _), (_, fields), score in zip(pending, made, scores, strict=True):
+            rejected = scorer.input_check(score, fields) is not None
+            rows.append((category, name, float(score.ood_distance), rejected))
         pending.clear()
 
     for item in items:

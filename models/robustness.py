@@ -3,7 +3,7 @@
 The patient-wise validation split comes from the same hospital and period as the training
 data, so its AUC saturates near 1.0 and cannot tell designs apart. As a rough proxy for
 acquisition shift, every validation film is perturbed *before* the serving preprocessing
-(:func:`pipeline.normalise.to_model_input`): gamma, blur, JPEG re-compression, histogram
+(:attr:`pipeline.inference.Scorer.model_input`): gamma, blur, JPEG re-compression, histogram
 equalisation, tighter and wider field of view. Some of these overlap with the training
 augmentation, so this is a sanity check of robustness, not an estimate of external performance.
 
@@ -22,7 +22,6 @@ from PIL import Image
 from models import data, default_model_dir
 from models.metrics import operating_point, roc_auc
 from pipeline.decode import decode_file
-from pipeline.normalise import to_model_input
 
 
 def _gamma(g: float) -> Callable[[np.ndarray], np.ndarray]:
@@ -89,7 +88,7 @@ def stress_test(data_dir: str | Path, model_dir: str | Path | None = None) -> di
     y, _ = data.labels(samples)
     results = {}
     for name, perturb in PERTURBATIONS.items():
-        x = np.stack([to_model_input(perturb(g).astype(np.float32), scorer.input_size) for g in greys])
+        x = np.stack([scorer.model_input(perturb(g).astype(np.float32))[0] for g in greys])
         prob = np.array(
             [s.pneumonia_probability for i in range(0, len(x), 64) for s in scorer.score_batch(x[i : i + 64])]
         )

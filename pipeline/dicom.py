@@ -88,14 +88,41 @@ def configure_pydicom() -> None:
     dicom_config.convert_wrong_length_to_UN = True
 
 
-_AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$")
-_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+#: Age String (PS3.5 6.2, VR AS): ``nnnD|W|M|Y``. Leniently, a bare number (no unit letter, as converted
+#: data sets write it: "81", "62") is read as years, and the unit may be lower case or spaced.
+_AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY]?)\s*$", re.IGNORECASE)
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0, "": 1.0}
 
 
 def parse_age_years(value: object) -> float | None:
-    """Age String (PS3.5 6.2, VR AS: ``nnnD|W|M|Y``) in years, or None."""
+    """Age String (PS3.5 6.2, VR AS: ``nnnD|W|M|Y``, or a bare number of years) in years, or None."""
+    if isinstance(value, bytes):  # an element read as UN (its length contradicted its VR)
+        value = value.decode("ascii", "replace")
     match = _AGE.match(str(value or ""))
-    return int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2)] if match else None
+    return int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2).upper()] if match else None
+
+
+def age_between(birth: date | None, on: date | None) -> float | None:
+    """Age in years on the day ``on`` of someone born on ``birth`` (whole calendar years, then the
+    days since the last birthday as a fraction), or None when a date is missing or ``on`` is earlier."""
+    if birth is None or on is None or on < birth:
+        return None
+    years = on.year - birth.year - ((on.month, on.day) < (birth.month, birth.day))
+    try:
+        last = birth.replace(year=birth.year + years)
+    except ValueError:  # born on 29 February: the birthday is 1 March in other years
+        last = date(birth.year + years, 3, 1)
+    return years + (on - last).days / 365.25
+
+
+def patient_age_years(ds: Dataset) -> float | None:
+    """PatientAge (0010,1010); when it is absent or unreadable, the age derived from PatientBirthDate
+    and the day the film was taken (StudyDate, else AcquisitionDate)."""
+    age = parse_age_years(ds.get("PatientAge"))
+    if age is not None:
+        return age
+    taken = parse_date(ds.get("StudyDate")) or parse_date(ds.get("AcquisitionDate"))
+    return age_between(parse_date(ds.get("PatientBirthDate")), taken)
 
 
 #: Date (PS3.5 6.2, VR DA): ``YYYYMMDD``; also the ACR-NEMA 2.0 form ``YYYY.MM.DD`` that old files carry.
@@ -134,7 +161,7 @@ def read_attributes(ds: Dataset) -> DicomAttributes:
         accession_number=_text(ds, "AccessionNumber"),
         patient_id=_text(ds, "PatientID"),
         patient_name=_text(ds, "PatientName"),
-        patient_age_years=parse_age_years(ds.get("PatientAge")),
+        patient_age_years=patient_age_years(ds),
         modality=(_text(ds, "Modality") or "").upper() or None,
         view_position=(_text(ds, "ViewPosition") or "").upper() or None,
         study_date=parse_date(ds.get("StudyDate")),

@@ -5,7 +5,7 @@ LiteRT (``model.tflite``, exported from the Keras model by :mod:`models.lite`) o
 machines, which never imports TensorFlow, and TensorFlow (the Keras model) on GPU machines, for
 model folders without a current export, and wherever the Keras model itself is needed.
 TensorFlow is imported only inside :meth:`Scorer.load`, so importing this module is cheap.
-Inputs are the output of :func:`pipeline.normalise.to_model_input` stacked into
+Inputs are the model's input (:attr:`Scorer.model_input`: the whole film or its lung crop) stacked into
 ``(N, size, size, 1)`` float32 arrays.
 """
 
@@ -262,7 +262,7 @@ class Scorer:
         return np.asarray(out["cam"], dtype=np.float32)
 
     def score_batch(self, tensors: np.ndarray) -> list[ModelScore]:
-        """Scores for a ``(N, size, size, 1)`` float32 batch from ``to_model_input``."""
+        """Scores for a ``(N, size, size, 1)`` float32 batch of :attr:`model_input` tensors."""
         if len(tensors) == 0:
             return []
         out = self._outputs(tensors)

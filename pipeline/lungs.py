@@ -34,6 +34,11 @@ MIN_FIELD_SHARE = 0.015
 MIN_LINE_PIXELS = 2
 #: Margin added to each side of the lung box, as a share of the box's side.
 CROP_MARGIN = 0.08
+#: Plausible lung share of a frontal chest film (children's films: 0.25-0.45, adults': 0.19-0.56 for
+#: 1-99 % of the films; far outside it, whatever the model found is not a pair of lungs).
+LUNG_AREA_RANGE = (0.08, 0.75)
+#: Where the centre of the lungs may lie (row, column ranges, normalised to the film).
+CENTROID_RANGE = ((0.25, 0.75), (0.3, 0.7))
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,14 @@ class LungFields:
         return min(self.sides) >= MIN_FIELD_SHARE
 
     def problem(self) -> str | None:
-        """Why this film cannot be read as a frontal chest radiograph, or None when it can."""
-        if not self.two_fields:
+        """Why this film cannot be read as a frontal chest radiograph, or None when it can: no lung
+        field either side of the midline, or "lungs" of an implausible size or place."""
+        if not self.two_fields or self.centroid is None:
+            return NO_LUNG_FIELDS
+        low, high = LUNG_AREA_RANGE
+        (top, bottom), (left, right) = CENTROID_RANGE
+        row, col = self.centroid
+        if not (low <= self.area <= high and top <= row <= bottom and left <= col <= right):
             return NO_LUNG_FIELDS
         return None
 

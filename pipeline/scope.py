@@ -41,6 +41,14 @@ class ScopePolicy:
             view_position_required=bool(spec.get("view_position_required", cls.view_position_required)),
         )
 
+    def describe(self) -> str:
+        """The validated population in words, for the intended-use statement sent with results."""
+        parts = ["frontal chest radiographs"]
+        if self.age_years is not None:
+            low, high = self.age_years
+            parts.append(f"of patients aged {low:.0f} to {high:.0f} years")
+        return " ".join(parts)
+
     def out_of_scope_reasons(self, attrs: DicomAttributes) -> list[str]:
         """Why a score for this film falls outside the model's validated population."""
         reasons = []

@@ -124,9 +124,11 @@ def test_table_and_csv_formats(scanned):
 
 def test_env_var_configures_database(mixed_folder, tmp_path):
     url = f"sqlite:///{tmp_path / 'env.sqlite3'}"
+    assert run("db", "upgrade", env={"CXR_TRIAGE_DATABASE_URL": url}).returncode == 0
+    assert Path(tmp_path / "env.sqlite3").exists()
     result = run("worklist", "--format", "json", env={"CXR_TRIAGE_DATABASE_URL": url})
     assert result.returncode == 0 and json.loads(result.stdout) == []
-    assert Path(tmp_path / "env.sqlite3").exists()
+    assert f"database: {url}" in result.stderr
 
 
 def _identifying_values(dicom_dir: Path) -> set[str]:

@@ -8,6 +8,7 @@ The scoring part is kept to a few films (the CI machine is small and shared).
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -415,4 +416,64 @@ def test_distributed_workers_create_rows_and_the_supervisor_sends(pg_url, redis_
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
                 worker.wait()
+        orthanc.stop()
+
+
+def _as_patient(path: Path, name: str, patient_id: str, **values: str) -> pydicom.Dataset:
+    ds = pydicom.dcmread(path)
+    ds.PatientName, ds.PatientID, ds.AccessionNumber = name, patient_id, f"ACC-{patient_id}"
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def test_a_film_replaced_while_the_pacs_was_down_never_reaches_the_pacs_as_the_other_patient(
+    tmp_path, film_factory
+):
+    """Issue 25 item 1, the reproduction: A is scored while the PACS is down, B (an adult: out of
+    scope, item 2) is copied over A's file name, the PACS comes back and the folder is scanned again.
+    Only B's own SR arrives, with B's score and B's scope flag; A's result fails with a reason."""
+    from tests.test_results_safety import texts
+
+    orthanc = Orthanc(tmp_path / "orthanc")  # its ports are chosen; it is not started yet
+    drop, url = tmp_path / "drop", f"sqlite:///{tmp_path / 'worklist.sqlite3'}"
+    drop.mkdir()
+    a = _as_patient(film_factory("A.dcm"), "Apatient^Anna", "PID-A")
+    b = _as_patient(film_factory("B.dcm"), "Bpatient^Bert", "PID-B", PatientAge="81")
+    shutil.copy(tmp_path / "made" / "A.dcm", drop / "IMG0001.dcm")
+    command = [CLI, "scan", str(drop), "--database-url", url, "--no-progress"]
+    command += ["--send-results", orthanc.destination]
+    env = dict(os.environ, CXR_TRIAGE_DECODE_WORKERS="0")
+    try:
+        first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert first.returncode == 3, first.stderr[-3000:]  # scored, result not delivered
+        assert "results: 0 sent, 0 failed, 1 pending" in first.stderr
+        shutil.copy(tmp_path / "made" / "B.dcm", drop / "IMG0001.dcm")  # the file name is reused
+        orthanc.start()
+        summary = tmp_path / "summary.json"
+        again = subprocess.run(
+            [*command, "--summary-json", str(summary)], capture_output=True, text=True, timeout=600, env=env
+        )
+        assert again.returncode == 3, again.stderr[-3000:]  # A's result failed: said, not hidden
+        assert "results: 1 sent, 1 failed, 0 pending" in again.stderr
+        record = json.loads(summary.read_text())
+        assert (record["results_sent"], record["results_failed"], record["results_pending"]) == (1, 1, 0)
+        with session_scope(url) as session:
+            errors = dict(session.execute(select(Image.sop_uid, OutboxItem.last_error).join(Image)).all())
+        assert "replaced" in errors[a.SOPInstanceUID] and "IMG0001" not in errors[a.SOPInstanceUID]
+        assert srs_in_study(orthanc, a.StudyInstanceUID) == []
+        (_, study_uid, b_score) = final_images(url)[b.SOPInstanceUID]
+        sr = assert_sr_matches(orthanc, b.SOPInstanceUID, study_uid, b_score)  # B's own, exactly one
+        assert (str(sr.PatientName), sr.PatientID, sr.AccessionNumber) == (
+            "Bpatient^Bert",
+            "PID-B",
+            "ACC-PID-B",
+        )
+        assert sr_count(orthanc) == 1  # nothing else reached the PACS
+        found = texts(sr)
+        assert found["SCOPE"] == ["OUT OF SCOPE: outside the validated population"]
+        assert any("81.0 years" in reason for reason in found["SCOPE-REASON"])
+        assert "not a diagnosis" in found["INTENDED-USE"][0]
+    finally:
         orthanc.stop()

@@ -41,6 +41,17 @@ def test_one_lung_field_or_none_is_not_a_frontal_chest_film():
     assert crop_box(empty) == (0.0, 0.0, 1.0, 1.0)
 
 
+def test_lungs_of_an_implausible_size_or_place_are_not_lungs():
+    small = np.zeros((128, 128), np.float32)
+    small[60:70, 50:60] = small[60:70, 68:78] = 0.9  # two specks: 1 % of the film
+    assert lung_fields(small).problem() == NO_LUNG_FIELDS
+    low = np.zeros((128, 128), np.float32)
+    low[100:128, 20:55] = low[100:128, 73:108] = 0.9  # both "fields" at the bottom edge
+    assert lung_fields(low).two_fields and lung_fields(low).problem() == NO_LUNG_FIELDS
+    everything = np.full((128, 128), 0.9, np.float32)  # the whole picture "is lung"
+    assert lung_fields(everything).problem() == NO_LUNG_FIELDS
+
+
 def test_specks_do_not_stretch_the_box():
     prob = _two_lungs()
     prob[2, 2] = prob[125, 126] = 1.0  # single stray pixels

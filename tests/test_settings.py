@@ -142,6 +142,7 @@ def test_logs_go_to_stderr_so_json_output_parses(tmp_path):
         "CXR_TRIAGE_DATABASE_URL": f"sqlite:///{tmp_path / 'w.sqlite3'}",
     }
     result = subprocess.run(
+        f"{CLI} db upgrade && "  # worklist reads an existing database only (issue 25 item 17)
         f"{CLI} worklist --format json | {sys.executable} -c 'import json, sys; print(json.load(sys.stdin))'",
         shell=True,
         env=environ,

@@ -224,6 +224,26 @@ def _film(url: str, n: int, p: float) -> None:
         queue.record_score(session, image_id, ScoreRecord("m1", p, 0.0, None, 0.2, 0.8))
 
 
+def _old_film(url: str, n: int, p: float, at) -> None:
+    """A scored film written by plain SQL, as the schema of 0004 takes it."""
+    with get_engine(url).begin() as connection:
+        image_id = connection.execute(
+            text(
+                "INSERT INTO images (sha256, status, attempts, size_bytes, out_of_scope, first_seen_at, "
+                "updated_at) VALUES (:sha, 'scored', 1, 10, false, :at, :at) RETURNING id"
+            ),
+            {"sha": f"{n:064x}", "at": at},
+        ).scalar_one()
+        connection.execute(
+            text(
+                "INSERT INTO scores (image_id, model_version, pneumonia_probability, pneumonia_logit, "
+                "screening_threshold, high_confidence_threshold, screening_positive, "
+                "high_confidence_positive, created_at) VALUES (:id, 'm1', :p, 0, 0.2, 0.8, :s, :h, :at)"
+            ),
+            {"id": image_id, "p": p, "s": p >= 0.2, "h": p >= 0.8, "at": utcnow()},
+        )
+
+
 def _view_columns(url: str) -> list[str]:
     with get_engine(url).connect() as connection:
         return list(connection.execute(text("SELECT * FROM triage_worklist")).keys())
@@ -241,23 +261,8 @@ def test_migration_0005_up_and_down_over_existing_rows(url):
     command.downgrade(config, "0004")
     assert "study_date" not in _view_columns(url)
     assert "study_date" not in {c["name"] for c in inspect(get_engine(url)).get_columns("images")}
-    with get_engine(url).begin() as connection:  # films stored by the old schema
-        for n, p in enumerate((0.1, 0.9, 0.5)):
-            image_id = connection.execute(
-                text(
-                    "INSERT INTO images (sha256, status, attempts, size_bytes, out_of_scope, first_seen_at, "
-                    "updated_at) VALUES (:sha, 'scored', 1, 10, false, :at, :at) RETURNING id"
-                ),
-                {"sha": f"{n:064x}", "at": utcnow() - timedelta(minutes=n)},
-            ).scalar_one()
-            connection.execute(
-                text(
-                    "INSERT INTO scores (image_id, model_version, pneumonia_probability, pneumonia_logit, "
-                    "screening_threshold, high_confidence_threshold, screening_positive, "
-                    "high_confidence_positive, created_at) VALUES (:id, 'm1', :p, 0, 0.2, 0.8, :s, :h, :at)"
-                ),
-                {"id": image_id, "p": p, "s": p >= 0.2, "h": p >= 0.8, "at": utcnow()},
-            )
+    for n, p in enumerate((0.1, 0.9, 0.5)):  # films stored by the old schema
+        _old_film(url, n, p, utcnow() - timedelta(minutes=n))
 
     upgrade(url)
     assert "study_date" in _view_columns(url)
@@ -275,7 +280,7 @@ def test_migration_0005_up_and_down_over_existing_rows(url):
     assert "study_date" not in _view_columns(url)
     assert "study_date" not in {c["name"] for c in inspect(get_engine(url)).get_columns("images")}
     assert _order(url) == [f"{n:064x}" for n in (3, 1, 2, 0)]
-    _film(url, 4, 0.99)  # 0004's triggers work again
+    _old_film(url, 4, 0.99, utcnow())  # 0004's triggers work again
     assert _order(url)[0] == f"{4:064x}"
     upgrade(url)
     assert _order(url)[0] == f"{4:064x}" and "study_date" in _view_columns(url)

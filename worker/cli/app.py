@@ -28,6 +28,7 @@ from worker.cli.progress import progress_bar
 from worker.cli.startup import command_settings as _settings
 from worker.cli.startup import flags_of as _flags
 from worker.cli.startup import prepare_database as _prepare_database
+from worker.cli.startup import require_existing_database
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -50,6 +51,47 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 db_app = typer.Typer(help="Database schema management (Alembic).", no_args_is_help=True)
+
+
+def package_version() -> str:
+    """The installed package's version (importlib.metadata), as ``pip`` shows it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cxr-triage")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _model_line() -> str:
+    """The model a command would load (``--model-dir`` / ``CXR_TRIAGE_MODEL_DIR``, else the shipped one)."""
+    try:
+        settings = Settings.build()
+        folder = settings.resolved_model_dir()
+        metadata = json.loads((folder / "metadata.json").read_text())
+        return f"model {metadata.get('version', '?')} ({folder})"
+    except Exception as exc:  # noqa: BLE001 - --version must answer whatever the model folder holds
+        return f"model: unknown ({logs.describe_error(exc)})"
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="With --version: also the version of the model in use.")
+    ] = False,
+) -> None:
+    if version:
+        sys.stdout.write(f"cxr-triage {package_version()}\n")
+        if verbose:
+            sys.stdout.write(_model_line() + "\n")
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        out.print(ctx.get_help(), markup=False, highlight=False)
+        raise typer.Exit(0)
+
+
 app.add_typer(db_app, name="db")
 
 
@@ -147,7 +189,7 @@ def _scan_with(
     summary_json: Path | None,
 ) -> None:
     """The body of :func:`scan`, with its decode pool."""
-    from worker.ingest.scanner import count_files
+    from worker.ingest.scanner import ScanSummary, count_files
     from worker.queue.submit import InProcess, ViaCelery, broker_errors, wait_until_final
     from worker.queue.submit import scan as scan_roots
 
@@ -170,37 +212,89 @@ def _scan_with(
             console.print(f"nothing to score under {path}: no regular files found", markup=False)
     started = time.perf_counter()
     handed_on: list[int] = []
-    with progress_bar(console, progress) as bar:
-        if settings.broker_url:
-            submitter = ViaCelery(settings)
-        else:
-            _check_model_or_exit(settings)
-            submitter = InProcess(settings, pool)
-        task = bar.add_task("scanning", total=counted if counted <= PROGRESS_COUNT_LIMIT else None)
-        try:
-            advance = lambda n: bar.advance(task, n)  # noqa: E731
-            summary = scan_roots(settings, roots, submitter, pool, on_progress=advance, handed_on=handed_on)
-            bar.update(task, total=summary.files)  # exact now (the count may have stopped early)
-        except broker_errors() as exc:
-            _broker_down(settings, exc)
-        if settings.broker_url:
-            console.print(f"enqueued {summary.outcomes.get('queued', 0)} image(s) for the workers")
-            if wait and handed_on:
-                wait_task = bar.add_task("waiting for workers", total=len(handed_on))
-                counts = wait_until_final(
-                    settings, handed_on, on_progress=lambda d: bar.update(wait_task, completed=d)
-                )
-                summary.outcomes.clear()
-                summary.outcomes.update(counts)
+    summary = ScanSummary()
+    submitter = None
+    try:
+        with progress_bar(console, progress) as bar:
+            if settings.broker_url:
+                submitter = ViaCelery(settings)
             else:
-                summary.outcomes["queued"] = len(handed_on)
+                _check_model_or_exit(settings)
+                submitter = InProcess(settings, pool)
+            task = bar.add_task("scanning", total=counted if counted <= PROGRESS_COUNT_LIMIT else None)
+            try:
+                advance = lambda n: bar.advance(task, n)  # noqa: E731
+                scan_roots(
+                    settings,
+                    roots,
+                    submitter,
+                    pool,
+                    on_progress=advance,
+                    handed_on=handed_on,
+                    summary=summary,
+                )
+                bar.update(task, total=summary.files)  # exact now (the count may have stopped early)
+            except broker_errors() as exc:
+                _broker_down(settings, exc)
+            if settings.broker_url:
+                console.print(f"enqueued {summary.outcomes.get('queued', 0)} image(s) for the workers")
+                if wait and handed_on:
+                    wait_task = bar.add_task("waiting for workers", total=len(handed_on))
+                    counts = wait_until_final(
+                        settings, handed_on, on_progress=lambda d: bar.update(wait_task, completed=d)
+                    )
+                    summary.outcomes.clear()
+                    summary.outcomes.update(counts)
+                else:
+                    summary.outcomes["queued"] = len(handed_on)
+    except KeyboardInterrupt:
+        if isinstance(submitter, InProcess):  # the chunk being scored: its finished batches count
+            summary.outcomes.update(submitter.unreported())
+        _interrupted(summary, time.perf_counter() - started, results, summary_json)
     elapsed = time.perf_counter() - started
     _print_summary(summary, elapsed)
-    results.close(drain_s=120.0)  # send the results of this scan before exiting (bounded wait)
+    report = results.close(drain_s=120.0)  # send the results of this scan before exiting (bounded wait)
+    _print_results(report)
     if summary_json is not None:
-        summary_json.write_text(json.dumps(summary_record(summary, elapsed), indent=2) + "\n")
+        record = summary_record(summary, elapsed) | (report.as_dict() if report else {})
+        summary_json.write_text(json.dumps(record, indent=2) + "\n")
     if counted == 0:
         raise typer.Exit(1)
+    if report is not None and not report.delivered:
+        raise typer.Exit(RESULTS_NOT_DELIVERED)
+
+
+#: ``scan``'s exit status when films were scored but some results did not reach the destination.
+RESULTS_NOT_DELIVERED = 3
+#: Exit status after Ctrl-C (128 + SIGINT), as a shell reports it.
+INTERRUPTED = 130
+
+
+def _interrupted(summary, elapsed: float, results, summary_json: Path | None) -> None:
+    """Ctrl-C: say so, print the summary so far, stop the results sender, exit 130 (no traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+    console.print("interrupted", markup=False)
+    _print_summary(summary, elapsed)
+    report = results.close()
+    _print_results(report)
+    if summary_json is not None:
+        record = (
+            summary_record(summary, elapsed) | (report.as_dict() if report else {}) | {"interrupted": True}
+        )
+        summary_json.write_text(json.dumps(record, indent=2) + "\n")
+    raise typer.Exit(INTERRUPTED)
+
+
+def _print_results(report) -> None:
+    """The outbox's part of the summary: what this run delivered, failed for good, left pending."""
+    if report is None:
+        return
+    line = f"results: {report.sent} sent, {report.failed} failed, {report.pending} pending"
+    if report.failed:
+        line += " (see: cxr-triage outbox list --status failed)"
+    if report.pending:
+        line += " (the next watch, scan or worker sends them)"
+    console.print(line if report.delivered else f"[yellow]{line}[/yellow]", markup=not report.delivered)
 
 
 def _broker_down(settings: Settings, exc: BaseException) -> None:
@@ -271,6 +365,9 @@ def worklist(
     study_date_to: Annotated[
         datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Only studies up to this day, inclusive.")
     ] = None,
+    site: Annotated[
+        str | None, typer.Option(help="Only films of this site (`cxr-triage sites list`).")
+    ] = None,
     database_url: DatabaseUrl = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -283,11 +380,14 @@ def worklist(
     from db.worklist import INTENDED_USE, WorklistFilter, count_rows, query_rows
 
     settings = _settings(quiet=True, database_url=database_url, log_level=log_level)
+    require_existing_database(settings)
     _prepare_database(settings)
+    console.print(f"database: {masked(settings.database_url)}", markup=False, highlight=False)  # stderr
     wanted = WorklistFilter(
         status=None if status is None else status.value,
         study_date_from=study_date_from.date() if study_date_from else None,
         study_date_to=study_date_to.date() if study_date_to else None,
+        site=site,
     )
     if limit is None and format is OutputFormat.table:
         limit = TABLE_LIMIT  # a terminal shows a screenful; JSON and CSV stay complete
@@ -376,16 +476,21 @@ def review(
     _prepare_database(settings)
     try:
         with session_scope(settings.database_url) as session:
-            changed = mark_reviewed(session, sha256, reviewer)
+            image_id = find_by_sha256(session, sha256)
+            changed = mark_reviewed(session, sha256, reviewer) if image_id is not None else 0
             if changed:  # the audit log names who reviewed what, whichever way it was done
                 who = reviewer or operator_account()
-                audit.record(session, audit.AuditAction.REVIEW, who, find_by_sha256(session, sha256), "cli")
+                audit.record(session, audit.AuditAction.REVIEW, who, image_id, "cli")
     except ValueError as exc:
         console.print(str(exc), markup=False)
         raise typer.Exit(2) from None
-    console.print(f"{changed} film(s) marked reviewed")
-    if changed == 0:
+    if image_id is None:
+        console.print(f"no film matches {sha256.strip().lower()}: nothing marked reviewed", markup=False)
         raise typer.Exit(1)
+    if changed == 0:
+        console.print("that film was already marked reviewed", markup=False)
+        raise typer.Exit(1)
+    console.print(f"{changed} film(s) marked reviewed")
 
 
 @app.command()
@@ -527,6 +632,9 @@ _register_optional_commands()
 from worker.cli.web_commands import register as _register_web_commands  # noqa: E402 - web, users, audit
 
 _register_web_commands(app)
+from worker.cli.site_commands import register as _register_site_commands  # noqa: E402 - sites, quality
+
+_register_site_commands(app)
 
 
 def main() -> None:

@@ -33,11 +33,12 @@ LABELS = {"pneumonia": 1, "1": 1, "positive": 1, "normal": 0, "0": 0, "negative"
 FILE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", "")
 
 
-def _database(database_url: str | None) -> str:
-    """Settings' database URL, migrated to the newest schema (clear message, no traceback)."""
+def _database(database_url: str | None, *, read_only: bool = False) -> str:
+    """Settings' database URL, migrated to the newest schema (clear message, no traceback); a
+    ``read_only`` command refuses a database that does not exist."""
     from worker.cli.startup import database_settings
 
-    return database_settings(quiet=True, database_url=database_url).database_url
+    return database_settings(quiet=True, read_only=read_only, database_url=database_url).database_url
 
 
 def _model_dir(model_dir: Path | None) -> Path:
@@ -174,6 +175,12 @@ def calibrate_command(
         bool, typer.Option(help="Store it even when the sample is too small (< 50 pneumonia or < 30 normal).")
     ] = False,
     activate: Annotated[bool, typer.Option(help="Make it the active calibration at once.")] = True,
+    site: Annotated[
+        str | None,
+        typer.Option(
+            help="Calibrate for this site's films only (`cxr-triage sites list`); default: every site."
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Fit and report; store nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the fit as JSON.")] = False,
     database_url: DatabaseUrlOption = None,
@@ -186,7 +193,9 @@ def calibrate_command(
     "Site calibration"); both come with bootstrap 95 % confidence intervals. The calibration is
     stored and becomes the active one for this model version: the worklist, its tiers and its
     priorities follow it without a restart. `cxr-triage model calibrations --activate shipped`
-    goes back.
+    goes back. With --site it applies to that site's films only (with --from-reviews: fitted on
+    that site's reviewed films); the other sites keep theirs. The sample's scores are stored with
+    it: `cxr-triage quality` compares each site's recent scores with them.
     """
     import numpy as np
 
@@ -199,9 +208,11 @@ def calibrate_command(
     url = _database(database_url)
     directory = _model_dir(model_dir)
     shipped = shipped_thresholds(directory)
+    if site is not None:
+        _check_site(url, site)
     if from_reviews:
         with session_scope(url) as session:
-            found = review_labels(session, shipped.model_version)
+            found = review_labels(session, shipped.model_version, site)
         y = np.array([r.label for r in found])
         prob = np.array([r.probability for r in found])
         logit = np.array([r.logit for r in found])
@@ -228,7 +239,7 @@ def calibrate_command(
     except ValueError as exc:
         console.print(f"[red]cannot calibrate: {exc}[/red]")
         raise typer.Exit(2) from exc
-    name = name or "site-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    name = name or f"{site or 'site'}-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     _print_fit(fit, as_json, name)
     if fit.too_small and not force:
         console.print(
@@ -239,7 +250,9 @@ def calibrate_command(
     if dry_run:
         console.print("dry run: nothing stored")
         return
-    details = fit.details() | {"forced": bool(fit.too_small and force)}
+    # the fitting sample's logits: the reference the quality report compares recent scores with
+    sample_logits = [round(float(x), 4) for x in np.asarray(logit, dtype=float)]
+    details = fit.details() | {"forced": bool(fit.too_small and force), "sample_logits": sample_logits}
     try:
         with session_scope(url) as session:
             from db.calibration import ensure_shipped
@@ -259,12 +272,27 @@ def calibrate_command(
                 target_specificity=target_specificity,
                 details=details,
                 activate=activate,
+                site=site,
             )
     except CalibrationError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
     state = "stored and active" if activate else "stored (not active)"
-    console.print(f"calibration {name!r} {state} for model {shipped.model_version}")
+    where = f"site {site!r}" if site else "every site without its own"
+    console.print(f"calibration {name!r} {state} for model {shipped.model_version} ({where})")
+
+
+def _check_site(url: str, site: str) -> None:
+    from db.engine import session_scope
+    from db.sites import site_names
+
+    with session_scope(url) as session:
+        known = site_names(session)
+    if site not in known:
+        console.print(
+            f"[red]no site named {site!r} (known: {', '.join(known)}); see `cxr-triage sites add`[/red]"
+        )
+        raise typer.Exit(2)
 
 
 def _print_fit(fit, as_json: bool, name: str) -> None:
@@ -291,23 +319,33 @@ def calibrations_command(
     activate: Annotated[
         str | None, typer.Option("--activate", help="Make this calibration (or 'shipped') the active one.")
     ] = None,
+    site: Annotated[
+        str | None,
+        typer.Option(
+            help="Those in force at this site (its own and those for every site); --activate then "
+            "applies to this site ('shipped': the site follows the calibration for every site)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     database_url: DatabaseUrlOption = None,
     model_dir: ModelDirOption = None,
 ) -> None:
-    """List the stored calibrations of the current model (sample size, targets, CIs, date, active)."""
+    """List the stored calibrations of the current model (site, sample size, targets, CIs, date, active)."""
     from db.calibration import CalibrationError, activate_calibration, ensure_shipped, list_calibrations
     from db.engine import session_scope
 
-    url = _database(database_url)
+    url = _database(database_url, read_only=True)
     shipped = shipped_thresholds(model_dir)
     try:
         with session_scope(url) as session:
             ensure_shipped(session, shipped)
             if activate:
-                activate_calibration(session, shipped.model_version, activate)
-                console.print(f"calibration {activate!r} is now active for model {shipped.model_version}")
-            rows = [_row_dict(r) for r in list_calibrations(session, shipped.model_version)]
+                activate_calibration(session, shipped.model_version, activate, site)
+                where = f" at site {site!r}" if site else ""
+                console.print(
+                    f"calibration {activate!r} is now active for model {shipped.model_version}{where}"
+                )
+            rows = [_row_dict(r) for r in list_calibrations(session, shipped.model_version, site)]
     except CalibrationError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
@@ -317,6 +355,7 @@ def calibrations_command(
     table = Table(title=f"calibrations of {shipped.model_version}")
     for column in (
         "active",
+        "site",
         "name",
         "source",
         "films (pneumonia)",
@@ -329,6 +368,7 @@ def calibrations_command(
     for row in rows:
         table.add_row(
             "*" if row["active"] else "",
+            row["site"] or "(all)",
             row["name"],
             row["source"],
             f"{row['sample_size']} ({row['positives']})" if row["sample_size"] else "-",
@@ -355,8 +395,11 @@ def _threshold_cell(threshold: float, estimate: dict | None) -> str:
 def _row_dict(row) -> dict:
     from db.calibration import details_of
 
+    details = details_of(row)
+    sample = details.pop("sample_logits", None)  # long: the count is enough here
     return {
         "name": row.name,
+        "site": row.site,
         "model_version": row.model_version,
         "active": bool(row.active),
         "source": row.source,
@@ -368,7 +411,8 @@ def _row_dict(row) -> dict:
         "target_sensitivity": row.target_sensitivity,
         "target_specificity": row.target_specificity,
         "created_at": row.created_at.isoformat() if row.created_at else "",
-        "details": details_of(row),
+        "details": details,
+        "sample_scores_stored": len(sample or []),
     }
 
 

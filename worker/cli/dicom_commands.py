@@ -63,7 +63,8 @@ def dicom_listen_command(
     """Receive films over DICOM (C-STORE, C-ECHO) and drop them into DROP_DIR for `watch`.
 
     Each instance is written to a hidden .part file, flushed, and renamed into DROP_DIR under a name
-    made from a hash of its bytes (no patient identifiers). Compressed transfer syntaxes (JPEG,
+    made from a hash of its SOP Instance UID (no patient identifiers); the same instance sent again
+    (even in another transfer syntax) is a duplicate: the first copy is kept. Compressed syntaxes (JPEG,
     JPEG-LS, JPEG 2000, RLE, deflate) are accepted. A full disk or an unwritable folder answers the
     sender with a failure status (0xA700 / 0x0110), so the sender keeps the film and retries.
 
@@ -128,7 +129,7 @@ def outbox_list(
     from db import outbox
     from db.engine import session_scope
 
-    settings = _prepared(database_url, log_level)
+    settings = _prepared(database_url, log_level, read_only=True)
     with session_scope(settings.database_url) as session:
         rows = [row.as_dict() for row in outbox.list_items(session, status, limit)]
         counts = outbox.counts(session)
@@ -159,7 +160,8 @@ def outbox_list(
 @outbox_app.command("retry")
 def outbox_retry(
     ids: Annotated[
-        list[int] | None, typer.Argument(help="Outbox row ids (default: every failed row).")
+        list[int] | None,
+        typer.Argument(help="Outbox row ids (default: every failed row; with --sent, sent ones too)."),
     ] = None,
     all_sent: Annotated[
         bool, typer.Option("--sent", help="Also resend rows already sent (e.g. the PACS lost them).")
@@ -171,23 +173,32 @@ def outbox_retry(
     database_url: DatabaseUrl = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
-    """Ask again: the rows go back to pending, sent by the next running watch, scan or worker."""
+    """Ask again: failed rows go back to pending, sent by the next running watch, scan or worker.
+
+    A row already sent is sent again only with --sent; a pending row is left alone (it is on its way,
+    and a running sender may be sending it right now).
+    """
     from db import outbox
     from db.engine import session_scope
 
     settings = _prepared(database_url, log_level)
-    status = None if ids or all_sent else OutboxStatus.FAILED
     with session_scope(settings.database_url) as session:
-        changed = outbox.retry(
-            session, ids=ids or (), status=status, destination=destination, new_instance=new_instance
+        done = outbox.retry(
+            session, ids=ids or (), include_sent=all_sent, destination=destination, new_instance=new_instance
         )
-    console.print(f"{changed} row(s) queued again")
-    if changed == 0:
+    for row_id in done.already_sent:
+        console.print(f"row {row_id} was already sent; add --sent to send it again")
+    for row_id in done.pending:
+        console.print(f"row {row_id} is still pending (it will be sent); left as it is")
+    for row_id in done.missing:
+        console.print(f"no outbox row {row_id}")
+    console.print(f"{done.queued} row(s) queued again")
+    if done.queued == 0 or done.already_sent or done.missing:
         raise typer.Exit(1)
 
 
-def _prepared(database_url: str | None, log_level: str | None) -> Settings:
-    return database_settings(database_url=database_url, log_level=log_level)
+def _prepared(database_url: str | None, log_level: str | None, *, read_only: bool = False) -> Settings:
+    return database_settings(database_url=database_url, log_level=log_level, read_only=read_only)
 
 
 def register(app: typer.Typer) -> None:

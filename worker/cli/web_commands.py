@@ -29,10 +29,10 @@ DatabaseUrl = Annotated[str | None, setting("database_url")]
 LogLevel = Annotated[str | None, setting("log_level")]
 
 
-def _settings(database_url: str | None, log_level: str, **flags):
+def _settings(database_url: str | None, log_level: str, *, read_only: bool = False, **flags):
     from worker.cli.startup import database_settings
 
-    return database_settings(database_url=database_url, log_level=log_level, **flags)
+    return database_settings(database_url=database_url, log_level=log_level, read_only=read_only, **flags)
 
 
 def web_command(
@@ -54,11 +54,14 @@ def web_command(
 
     settings = _settings(database_url, log_level, web_host=host, web_port=port, viewer_url=viewer_url)
     app = create_app(settings)
-    console.print(
-        f"web worklist on http://{settings.web_host}:{settings.web_port}/ ; "
-        f"database {masked(settings.database_url)}"
-    )
-    uvicorn.run(
+    where = f"{settings.web_host}:{settings.web_port}"
+    try:  # bound here, before anything is announced: a busy port is one clear line and exit 2
+        sock = _listening_socket(settings.web_host, settings.web_port)
+    except OSError as exc:
+        console.print(f"cannot listen on {where}: {exc.strerror or exc}", markup=False)
+        raise typer.Exit(2) from None
+    console.print(f"web worklist on http://{where}/ ; database {masked(settings.database_url)}", markup=False)
+    config = uvicorn.Config(
         app,
         host=settings.web_host,
         port=settings.web_port,
@@ -67,6 +70,24 @@ def web_command(
         proxy_headers=True,
         server_header=False,
     )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _listening_socket(host: str, port: int):
+    """A TCP socket bound to ``host:port`` (as uvicorn binds it: SO_REUSEADDR, IPv6 for a ':' host)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def _read_password(password_stdin: bool) -> str:
@@ -192,7 +213,7 @@ def audit_command(
         start = parse_since(since)
     except ValueError as exc:
         raise typer.BadParameter("use 24h, 7d, 30m or an ISO date / date-time", param_hint="--since") from exc
-    settings = _settings(database_url, log_level)
+    settings = _settings(database_url, log_level, read_only=True)
     with session_scope(settings.database_url) as session:
         rows = events(session, since=start.astimezone(UTC), limit=limit)
     if as_json:

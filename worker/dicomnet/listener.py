@@ -3,8 +3,10 @@
 Modalities and PACS push films with C-STORE (PS3.4 Annex B, Storage Service Class). Each instance
 is written, with its File Meta Information (PS3.10 7.1), to a hidden ``.part`` file in the drop
 folder, flushed to disk, then renamed into place: ``watch`` ignores hidden and ``.part`` names and
-sees the rename as a complete file. The file is named by a hash of its bytes (no patient
-identifiers; the same instance sent twice lands on the same name).
+sees the rename as a complete file. The file is named by a hash of its SOP Instance UID (no patient
+identifiers): the SOP Instance UID identifies the instance (PS3.3 C.12.1.1.1), so the same instance
+sent again, even in another transfer syntax (other bytes), is a duplicate of the first copy, which is
+kept, as a PACS keeps it; the sender is answered success.
 
 Success (0x0000) is answered only once the file is on disk. A full disk answers 0xA700 "Refused:
 Out of Resources" and any other write error 0x0110 "Processing failure" (PS3.4 B.2.3, PS3.7 C.4.2):
@@ -30,6 +32,8 @@ from pathlib import Path
 from pydicom import uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
+
+from db.sites import received_file_name
 
 log = logging.getLogger(__name__)
 
@@ -94,20 +98,42 @@ def storage_ae(ae_title: str, allowed_callers: list[str] | None = None) -> AE:
     return ae
 
 
-def write_instance(drop_dir: Path, data: bytes) -> str:
-    """Write ``data`` (a DICOM file's bytes) into ``drop_dir`` atomically; returns the file name."""
-    name = hashlib.sha256(data).hexdigest()[:32] + ".dcm"
+def instance_name(data: bytes, sop_instance_uid: str | None, calling_ae: str | None = None) -> str:
+    """The drop-folder name of an instance: a digest of its SOP Instance UID (of its bytes when it has
+    none), with the calling AE title kept in the name (:func:`db.sites.received_file_name`), from which
+    the film's site is resolved when the file is registered (``cxr-triage sites add --calling-ae``)."""
+    key = f"sop:{sop_instance_uid}".encode() if sop_instance_uid else data
+    return received_file_name(hashlib.sha256(key).hexdigest()[:32], calling_ae)
+
+
+def write_instance(
+    drop_dir: Path, data: bytes, sop_instance_uid: str | None = None, calling_ae: str | None = None
+) -> str:
+    """Write ``data`` (a DICOM file's bytes) into ``drop_dir`` atomically; returns the file name.
+
+    A file already there under the instance's name (the same instance received before) is kept: the
+    new copy is not written (``os.link`` refuses an existing name, so two associations storing the
+    same instance at once keep one copy too).
+    """
+    name = instance_name(data, sop_instance_uid, calling_ae)
     partial = drop_dir / f".{name}.{threading.get_ident()}.part"
     try:
         with open(partial, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(partial, drop_dir / name)
-    except BaseException:
+        try:
+            os.link(partial, drop_dir / name)
+        except FileExistsError:
+            log.info(
+                "received an instance already in the drop folder (%s); the first copy is kept", name[:12]
+            )
+        except OSError:  # a file system without hard links: replace (the older behaviour)
+            if not (drop_dir / name).exists():
+                os.replace(partial, drop_dir / name)
+    finally:
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
-        raise
     return name
 
 
@@ -125,7 +151,7 @@ def make_store_handler(drop_dir: Path, stats: ListenerStats):
             stats.count(False)
             return PROCESSING_FAILURE
         try:
-            name = write_instance(drop_dir, data)
+            name = write_instance(drop_dir, data, _sop_instance_uid(event), _calling_ae(event))
         except OSError as exc:
             status = store_status(exc)
             log.error(
@@ -140,6 +166,21 @@ def make_store_handler(drop_dir: Path, stats: ListenerStats):
         return SUCCESS
 
     return handle_store
+
+
+def _calling_ae(event) -> str | None:
+    """The AE title the sender called from (pynetdicom keeps it on the association's requestor)."""
+    try:
+        title = event.assoc.requestor.ae_title
+    except AttributeError:
+        return None
+    return title.decode("ascii", "replace") if isinstance(title, bytes) else title
+
+
+def _sop_instance_uid(event) -> str | None:
+    """The Affected SOP Instance UID of the C-STORE request (PS3.7 9.1.1.1), if it looks like a UID."""
+    value = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "").strip()
+    return value if value and len(value) <= 64 else None
 
 
 def _log_rejection(event) -> None:

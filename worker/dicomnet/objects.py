@@ -46,6 +46,20 @@ VIRAL_PROBABILITY = hd.sr.CodedConcept("VIRAL-P", SCHEME, "Viral probability giv
 SCREENING_THRESHOLD = hd.sr.CodedConcept("SCREEN-T", SCHEME, "Screening threshold")
 HIGH_THRESHOLD = hd.sr.CodedConcept("HIGH-T", SCHEME, "High-confidence threshold")
 TRIAGE_CATEGORY = hd.sr.CodedConcept("TRIAGE", SCHEME, "Triage category")
+#: The scope state (is the film inside the population the model was validated on?) and its reasons.
+SCOPE = hd.sr.CodedConcept("SCOPE", SCHEME, "Validated population")
+SCOPE_STATES = {
+    False: hd.sr.CodedConcept("IN-SCOPE", SCHEME, "Within the validated population"),
+    True: hd.sr.CodedConcept("OUT-OF-SCOPE", SCHEME, "OUT OF SCOPE: outside the validated population"),
+}
+SCOPE_REASON = hd.sr.CodedConcept("SCOPE-REASON", SCHEME, "Out-of-scope reason")
+CALIBRATION = hd.sr.CodedConcept("CALIBRATION", SCHEME, "Calibration in force")
+MODEL_VERSION = hd.sr.CodedConcept("MODEL-VERSION", SCHEME, "Model version")
+INTENDED_USE = hd.sr.CodedConcept("INTENDED-USE", SCHEME, "Intended use")
+INTENDED_USE_TEXT = (
+    "Triage aid that orders the reading worklist; not a diagnosis. A radiologist reads every film. "
+    "Research software. Validated on {population}."
+)
 TIERS = {
     "HIGH": hd.sr.CodedConcept("HIGH", SCHEME, "High confidence pneumonia"),
     "SCREEN": hd.sr.CodedConcept("SCREEN", SCHEME, "Screening positive"),
@@ -88,6 +102,16 @@ class Result:
     high_confidence_threshold: float
     model_name: str
     model_version: str
+    #: Name of the calibration whose thresholds (and temperature) gave this result ("shipped": the model's).
+    calibration: str = "shipped"
+    out_of_scope: bool = False
+    scope_reasons: tuple[str, ...] = ()
+    #: The population the model was validated on, in words (``ScopePolicy.describe``).
+    validated_population: str = "frontal chest radiographs of patients aged 1 to 5 years"
+
+    @property
+    def intended_use(self) -> str:
+        return INTENDED_USE_TEXT.format(population=self.validated_population)
 
     @property
     def tier(self) -> str:
@@ -175,6 +199,41 @@ def _measurement(name: hd.sr.CodedConcept, value: float, algorithm) -> hd.sr.Mea
     return hd.sr.Measurement(name=name, value=float(value), unit=codes.UCUM.NoUnits, algorithm_id=algorithm)
 
 
+class TextEvaluation(hd.sr.QualitativeEvaluation):
+    """A qualitative evaluation whose value is text (PS3.16 TID 1501 allows TEXT as well as CODE
+    evaluations): the scope reasons, the calibration and the intended use, as a viewer shows them."""
+
+    def __init__(self, name: hd.sr.CodedConcept, text: str) -> None:  # noqa: D107
+        from highdicom.sr.templates import Template
+
+        item = hd.sr.TextContentItem(
+            name=name, value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        Template.__init__(self, [item])  # skips QualitativeEvaluation's CODE item on purpose
+
+
+def _qualifiers(result: Result) -> list[hd.sr.QualitativeEvaluation]:
+    """Tier, scope state and reasons, model version, calibration and intended use, in that order."""
+    thresholds = (
+        f"{result.calibration} (screening threshold {result.screening_threshold:.4f}, "
+        f"high-confidence threshold {result.high_confidence_threshold:.4f})"
+    )
+    return [
+        hd.sr.QualitativeEvaluation(TRIAGE_CATEGORY, TIERS[result.tier]),
+        hd.sr.QualitativeEvaluation(SCOPE, SCOPE_STATES[result.out_of_scope]),
+        *(TextEvaluation(SCOPE_REASON, reason) for reason in result.scope_reasons if result.out_of_scope),
+        TextEvaluation(MODEL_VERSION, f"{result.model_name} {result.model_version}"),
+        TextEvaluation(CALIBRATION, thresholds),
+        TextEvaluation(INTENDED_USE, result.intended_use),
+    ]
+
+
+def series_description(base: str, result: Result | None) -> str:
+    """What a PACS lists for the series (LO, 64 characters): an out-of-scope result says so first."""
+    text = f"OUT OF SCOPE - {base}" if result is not None and result.out_of_scope else base
+    return text[:64]
+
+
 def structured_report(header: Dataset, result: Result, sop_instance_uid: str) -> hd.sr.ComprehensiveSR:
     """The TID 1500 report for one film; ``sop_instance_uid`` is kept in the outbox for resends."""
     source = usable_source(header)
@@ -194,7 +253,7 @@ def structured_report(header: Dataset, result: Result, sop_instance_uid: str) ->
         algorithm_id=algorithm,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
         measurements=measurements,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(TRIAGE_CATEGORY, TIERS[result.tier])],
+        qualitative_evaluations=_qualifiers(result),
     )
     report = hd.sr.MeasurementReport(
         observation_context=_observer(),
@@ -209,7 +268,7 @@ def structured_report(header: Dataset, result: Result, sop_instance_uid: str) ->
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description="cxr-triage pneumonia triage (research)",
+        series_description=series_description("cxr-triage pneumonia triage (research)", result),
     )
     sr.SoftwareVersions = software_version()
     return sr
@@ -222,7 +281,11 @@ def key_object(header: Dataset, result: Result, sop_instance_uid: str) -> hd.ko.
         document_title=codes.DCM.OfInterest,
         referenced_objects=[source],
         observer_device_context=_device_context(),
-        description=f"cxr-triage: high-confidence pneumonia ({result.pneumonia_probability:.3f}); research",
+        description=(
+            f"cxr-triage: high-confidence pneumonia ({result.pneumonia_probability:.3f}); "
+            + ("OUT OF SCOPE (" + "; ".join(result.scope_reasons) + "); " if result.out_of_scope else "")
+            + "triage aid, not a diagnosis; research"
+        )[:1024],
     )
     return hd.ko.KeyObjectSelectionDocument(
         evidence=[source],
@@ -231,7 +294,9 @@ def key_object(header: Dataset, result: Result, sop_instance_uid: str) -> hd.ko.
     )
 
 
-def secondary_capture(header: Dataset, overlay_rgb: np.ndarray, sop_instance_uid: str) -> hd.sc.SCImage:
+def secondary_capture(
+    header: Dataset, overlay_rgb: np.ndarray, sop_instance_uid: str, result: Result | None = None
+) -> hd.sc.SCImage:
     """The Grad-CAM overlay (RGB, uint8) as a Secondary Capture with the research label burned in."""
     source = usable_source(header)
     pixels = burn_label(overlay_rgb, RESEARCH_LABEL)
@@ -252,7 +317,7 @@ def secondary_capture(header: Dataset, overlay_rgb: np.ndarray, sop_instance_uid
         sc.Laterality = header.get("Laterality") or None
     sc.BurnedInAnnotation = "YES"  # PS3.3 C.7.6.3: the label is in the pixels
     sc.ImageComments = RESEARCH_LABEL
-    sc.SeriesDescription = "cxr-triage Grad-CAM, research only, not diagnostic"
+    sc.SeriesDescription = series_description("cxr-triage Grad-CAM, research only, not diagnostic", result)
     return sc
 
 

@@ -5,8 +5,12 @@ Runs as a background thread in ``watch``, ``scan`` and the ``worker`` supervisor
 restart resumes where the last run stopped, and a destination that is down is
 retried with a growing delay (2 s doubling to 60 s) until it is back.
 
-Objects are built at send time from the stored score and the source film's
-header, re-read with pydicom (``stop_before_pixels``). The SOP Instance UID is
+Objects are built at send time from the stored score and the source film's header. The film's
+bytes are read once and must hash to the film's stored SHA-256: a file replaced since it was scored
+(a modality reusing a file name while the PACS was down) holds another patient's header, and an SR
+built from it would carry that patient's identity with this film's score. Such a row, and one whose
+film is gone, is failed with a reason and nothing is sent; a film that cannot be read just now
+(permission, a share not mounted) is retried with backoff. The SOP Instance UID is
 kept in the outbox before the first C-STORE: a resend after a crash between the
 PACS's success and our bookkeeping stores the same instance again, which a PACS
 treats as the same object (PS3.4 B.4.1.3), not as a second report.
@@ -15,12 +19,14 @@ treats as the same object (PS3.4 B.4.1.3), not as a second report.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import os
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +34,8 @@ from db import outbox
 from db.engine import session_scope
 from db.outbox import Claimed
 from db.paths import from_db
-from db.schema import OutboxKind, OutboxStatus, Score
+from db.queue import scrub_reason
+from db.schema import OutboxKind, OutboxStatus
 from worker.dicomnet.plan import Destination, DestinationError
 from worker.logs import describe_error, short
 from worker.settings import Settings
@@ -41,6 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: A scan waits for its results until each pending one has failed this many times (2 s + 4 s of backoff).
+DRAIN_ATTEMPTS = 3
 #: Statuses that mean the object itself is refused: resending it unchanged cannot help (PS3.4 B.2.3).
 PERMANENT_FAILURES = (0xA900, 0xC000)
 
@@ -61,17 +70,64 @@ def sop_classes() -> dict:
     }
 
 
-def thresholds_for(score: Score) -> tuple[float, float]:
-    """(screening, high-confidence) thresholds reported in the SR.
-
-    The one place to switch to the site's active calibration: today the thresholds stored with the
-    score, i.e. those the film was triaged with.
-    """
-    return score.screening_threshold, score.high_confidence_threshold
-
-
 class SourceGone(Exception):
-    pass
+    """The film this result is about is at no known path any more (replaced or deleted): no object."""
+
+
+class SourceUnreadable(Exception):
+    """The film's file cannot be read just now (permission, a share not mounted): try again later."""
+
+
+def read_film(paths: list[str], sha256: str) -> bytes:
+    """The bytes of the first stored path whose content still hashes to ``sha256``.
+
+    Each candidate is read once and hashed; the bytes returned are the bytes checked. Raises
+    :class:`SourceGone` when every path is missing (in a folder that is still there) or shows other
+    content, :class:`SourceUnreadable` when some path could not be read now. Messages hold no path.
+    """
+    from pipeline.hashing import sha256_bytes
+    from pipeline.limits import MAX_FILE_BYTES
+
+    replaced = unreadable = 0
+    why = ""
+    for candidate in (c for stored in paths for c in from_db(stored)):
+        try:
+            with open(candidate, "rb") as handle:
+                data = handle.read(MAX_FILE_BYTES + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            if os.path.isdir(os.path.dirname(candidate) or "."):
+                continue  # deleted from a folder that is still there: gone
+            unreadable += 1  # the folder itself is missing: a share not mounted, perhaps
+            why = "its folder is not there"
+            continue
+        except IsADirectoryError:
+            replaced += 1
+            continue
+        except OSError as exc:  # EACCES, EIO, ESTALE, ENOTCONN: a permission or a share problem
+            unreadable += 1
+            why = _os_reason(exc)
+            continue
+        if sha256_bytes(data) == sha256:
+            return data
+        replaced += 1
+    if unreadable:
+        raise SourceUnreadable(f"the film cannot be read now ({why}); will retry")
+    if replaced:
+        raise SourceGone(
+            "the film's file now holds other content (replaced since it was scored): no result sent, "
+            "so that it cannot reach another patient's record"
+        )
+    if not paths:  # a rescan moved its paths to the content they show now, or forgot them
+        raise SourceGone(
+            "the film's content is no longer at any known path (its file was replaced or deleted since "
+            "it was scored): no result sent, so that it cannot reach another patient's record"
+        )
+    raise SourceGone("the film is no longer at any known path (deleted): no result sent")
+
+
+def _os_reason(exc: OSError) -> str:
+    """An OSError without its file name (a path identifies a patient)."""
+    return os.strerror(exc.errno) if exc.errno else type(exc).__name__
 
 
 class OutboxSender:
@@ -98,6 +154,8 @@ class OutboxSender:
         self._thread: threading.Thread | None = None
         self._model_name: str | None = None
         self.backoff_s = 0.0
+        #: Objects this sender delivered and failed for good (a scan reports them).
+        self.sent_count = self.failed_count = 0
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it quotes headers at DEBUG
 
     # -- thread ---------------------------------------------------------------------------------
@@ -124,13 +182,18 @@ class OutboxSender:
                 self.idle.set()
                 self.stop_event.wait(self.poll_seconds)
 
-    def drain(self, timeout: float) -> dict[str, int]:
-        """Wait (at most ``timeout`` s) until nothing is pending; returns the outbox counts."""
+    def drain(self, timeout: float, give_up_after: int = DRAIN_ATTEMPTS) -> dict[str, int]:
+        """Wait (at most ``timeout`` s) until nothing is pending, or every pending row has failed
+        ``give_up_after`` times (the destination is away: the next run sends them); returns the
+        outbox counts."""
         deadline = time.monotonic() + timeout
         while True:
             with session_scope(self.database_url) as session:
                 counts = outbox.counts(session)
-            if not counts.get(OutboxStatus.PENDING) or time.monotonic() >= deadline:
+                hopeless = counts.get(OutboxStatus.PENDING) and not outbox.pending_untried(
+                    session, give_up_after
+                )
+            if not counts.get(OutboxStatus.PENDING) or hopeless or time.monotonic() >= deadline:
                 return counts
             time.sleep(min(self.poll_seconds, max(deadline - time.monotonic(), 0.01)))
 
@@ -204,7 +267,8 @@ class OutboxSender:
             self._finish(item, "no answer to C-STORE (timeout or connection lost)")
         elif code == 0x0000 or (code & 0xF000) == 0xB000:  # success, or warning (PS3.4 B.2.3)
             with session_scope(self.database_url) as session:
-                outbox.mark_sent(session, item)
+                if outbox.mark_sent(session, item):
+                    self.sent_count += 1
             log.info(
                 "outbox: sent %s for image %d to %s",
                 item.kind.name.lower(),
@@ -216,9 +280,11 @@ class OutboxSender:
             self._finish(item, f"destination answered status 0x{code:04X}", permanent=permanent)
 
     def _finish(self, item: Claimed, error: str, *, permanent: bool = False) -> None:
+        error = scrub_reason(error)  # a library's message may quote a path: not in the log either
         with session_scope(self.database_url) as session:
             status = outbox.mark_retry(session, item, error, self.retry, permanent=permanent)
         if status is OutboxStatus.FAILED:
+            self.failed_count += 1
             log.error(
                 "outbox: %s for image %d failed for good: %s", item.kind.name.lower(), item.image_id, error
             )
@@ -235,6 +301,8 @@ class OutboxSender:
             return self.build(item)
         except SourceGone as exc:
             self._finish(item, str(exc), permanent=True)
+        except SourceUnreadable as exc:
+            self._finish(item, str(exc))
         except objects.SourceProblem as exc:
             self._finish(item, str(exc), permanent=True)
         except Exception as exc:  # noqa: BLE001 - one bad header must not stop the others
@@ -255,30 +323,42 @@ class OutboxSender:
             sop_instance_uid = item.sop_instance_uid or generate_uid()
             if item.sop_instance_uid is None:
                 outbox.remember_uid(session, item, sop_instance_uid)
-        path = _first_readable(context.paths)
-        if path is None:
-            raise SourceGone("the source film is no longer at any known path (its header is needed)")
-        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        result = self._result(context.score)
+        data = read_film(context.paths, context.sha256)  # the bytes checked are the bytes used
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        result = self._result(context)
         log.debug("outbox: building %s for %s", item.kind.name.lower(), short(context.sha256))
         if item.kind is OutboxKind.STRUCTURED_REPORT:
             return objects.structured_report(header, result, sop_instance_uid)
         if item.kind is OutboxKind.KEY_OBJECT:
             return objects.key_object(header, result, sop_instance_uid)
-        return objects.secondary_capture(header, self._overlay(path), sop_instance_uid)
+        return objects.secondary_capture(header, self._overlay(data), sop_instance_uid, result)
 
-    def _result(self, score: Score) -> objects.Result:
+    def _result(self, context: outbox.SendContext) -> objects.Result:
         from worker.dicomnet import objects
 
-        screening, high = thresholds_for(score)
+        score, calibration = context.score, context.calibration
         return objects.Result(
-            pneumonia_probability=score.pneumonia_probability,
+            pneumonia_probability=calibration.probability,
             viral_probability=score.viral_probability,
-            screening_threshold=screening,
-            high_confidence_threshold=high,
+            screening_threshold=calibration.screening_threshold,
+            high_confidence_threshold=calibration.high_confidence_threshold,
             model_name=self.model_name(),
             model_version=score.model_version,
+            calibration=calibration.name,
+            out_of_scope=context.out_of_scope,
+            scope_reasons=tuple(r.strip() for r in (context.scope_note or "").split(";") if r.strip()),
+            validated_population=self.validated_population(),
         )
+
+    def validated_population(self) -> str:
+        """The model's validated population in words (its metadata's ``validated_population``)."""
+        from pipeline.scope import ScopePolicy
+
+        try:
+            metadata = json.loads((self._resolved_model_dir() / "metadata.json").read_text())
+        except (OSError, ValueError):
+            metadata = {}
+        return ScopePolicy.from_metadata(metadata).describe()
 
     def model_name(self) -> str:
         if self._model_name is None:
@@ -296,18 +376,31 @@ class OutboxSender:
 
         return default_model_dir()
 
-    def _overlay(self, path: str):
-        """Grad-CAM of the film (loads the model in this process on first use)."""
+    def _overlay(self, data: bytes):
+        """Grad-CAM of the film's checked bytes (loads the model in this process on first use)."""
         from models.explain import gradcam
-        from pipeline.decode import decode_file
+        from pipeline.decode import decode_bytes
         from worker.dicomnet import objects
 
-        grey = decode_file(path).pixels
+        grey = decode_bytes(data).pixels
         return objects.overlay_rgb(grey, gradcam(self._resolved_model_dir(), grey))
 
 
-def _first_readable(paths: list[str]) -> str | None:
-    return next((c for stored in paths for c in from_db(stored) if os.path.isfile(c)), None)
+@dataclass(frozen=True)
+class ResultsReport:
+    """What a command's sender did, for its summary: delivered and failed for good in this run, and
+    what is still pending in the outbox (sent by the next watch, scan or worker)."""
+
+    sent: int
+    failed: int
+    pending: int
+
+    @property
+    def delivered(self) -> bool:
+        return not (self.failed or self.pending)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"results_sent": self.sent, "results_failed": self.failed, "results_pending": self.pending}
 
 
 class SenderHandle:
@@ -316,16 +409,25 @@ class SenderHandle:
     def __init__(self, sender: OutboxSender | None) -> None:
         self.sender = sender
 
-    def close(self, drain_s: float = 0.0) -> None:
-        """Stop the thread; with ``drain_s`` (``scan``) first wait that long for pending objects."""
+    def close(self, drain_s: float = 0.0) -> ResultsReport | None:
+        """Stop the thread; with ``drain_s`` (``scan``) first wait that long for pending objects.
+        Returns what was sent (None without a destination)."""
         if self.sender is None:
-            return
+            return None
+        sender, counts = self.sender, {}
         try:
             if drain_s:
-                _drain_and_report(self.sender, drain_s)
+                counts = _drain_and_report(sender, drain_s)
         finally:
-            self.sender.stop()
+            sender.stop()
             self.sender = None
+        if not drain_s:
+            try:
+                with session_scope(sender.database_url) as session:
+                    counts = outbox.counts(session)
+            except Exception as exc:  # noqa: BLE001 - a command on its way out must not fail here
+                log.warning("outbox: cannot count what is pending (%s)", describe_error(exc))
+        return ResultsReport(sender.sent_count, sender.failed_count, counts.get(OutboxStatus.PENDING, 0))
 
 
 def retry_policy(settings: Settings) -> outbox.RetryPolicy:
@@ -362,11 +464,11 @@ def start_results_sender(settings: Settings) -> SenderHandle:
     return SenderHandle(sender)
 
 
-def _drain_and_report(sender: OutboxSender, drain_s: float) -> None:
+def _drain_and_report(sender: OutboxSender, drain_s: float) -> dict[str, int]:
     counts = sender.drain(drain_s)
     if counts.get(OutboxStatus.PENDING):
         log.warning(
-            "outbox: %d object(s) still pending after %.0f s; the next watch, scan or worker sends them",
+            "outbox: %d object(s) still pending; the next watch, scan or worker sends them",
             counts[OutboxStatus.PENDING],
-            drain_s,
         )
+    return counts

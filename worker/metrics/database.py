@@ -46,11 +46,31 @@ def read_gauges(engine, model_version: str) -> dict:
     }
 
 
+def read_site_gauges(engine) -> list:
+    """Per-site shares and drift of the last 7 days (db/quality.py; empty on a schema without sites).
+
+    Not a readiness check: it reads a week of films, so the probe runs it beside the checks and
+    keeps its last result (worker/metrics/server.py)."""
+    from sqlalchemy.orm import Session
+
+    from db.quality import site_gauges
+
+    try:
+        with Session(bind=engine) as session:
+            return site_gauges(session)
+    except SQLAlchemyError:  # an older revision
+        return []
+
+
 def _active_calibration(connection, model_version: str) -> dict[str, str]:
     try:
         row = connection.execute(
             select(Calibration.name, Calibration.screening_threshold, Calibration.high_confidence_threshold)
-            .where(Calibration.model_version == model_version, Calibration.active.is_(True))
+            .where(
+                Calibration.model_version == model_version,
+                Calibration.active.is_(True),
+                Calibration.site.is_(None),  # the one for every site; per site: cxr_triage_site_*
+            )
             .order_by(Calibration.id.desc())
             .limit(1)
         ).first()

@@ -48,7 +48,9 @@ WORKER_RESTARTS = Counter(PREFIX + "worker_restarts", "Worker processes restarte
 _FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _SLOW = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
 DECODE_SECONDS = Histogram(
-    PREFIX + "decode_seconds", "Decoding and normalising one file, by source format", ["source_format"],
+    PREFIX + "decode_seconds",
+    "Decoding and normalising one file, by source format",
+    ["source_format"],
     buckets=_FAST,
 )
 INFERENCE_SECONDS = Histogram(PREFIX + "inference_seconds", "One model call (a batch)", buckets=_FAST)
@@ -63,9 +65,7 @@ QUEUE_WAIT_SECONDS = Histogram(
 )
 
 # -- gauges: per process, summed over live processes ------------------------------------------------
-MODEL_LOADED = Gauge(
-    PREFIX + "model_loaded", "Processes holding a loaded model", multiprocess_mode="livesum"
-)
+MODEL_LOADED = Gauge(PREFIX + "model_loaded", "Processes holding a loaded model", multiprocess_mode="livesum")
 
 # -- gauges: set by the process that serves /metrics, just before it answers ------------------------
 
@@ -95,6 +95,38 @@ DEPENDENCY_UP = _scrape_gauge(
 )
 SCRAPE_REFRESH_SECONDS = _scrape_gauge(
     "scrape_refresh_seconds", "Time spent computing the database gauges for this scrape"
+)
+
+# Per site, over the last 7 days (db/quality.py, issue 29). NaN while a value is undefined (no scored
+# film, no calibration sample): it compares false in the alert rules.
+SITE_FLAGGED = _scrape_gauge(
+    "site_flagged_ratio",
+    "Share of a site's films scored in the last 7 days at or above a threshold (screening or high)",
+    ("site", "threshold"),
+)
+SITE_REVIEWED = _scrape_gauge(
+    "site_reviewed_ratio",
+    "Share of a site's films scored in the last 7 days that a reader reviewed",
+    ("site",),
+)
+SITE_SCORE_PSI = _scrape_gauge(
+    "site_score_psi",
+    "Population stability index of a site's last 7 days of scores against its calibration sample",
+    ("site",),
+)
+SITE_SCORE_KS_P = _scrape_gauge(
+    "site_score_ks_p_value",
+    "Two-sample Kolmogorov-Smirnov p-value of a site's last 7 days of scores against its calibration sample",
+    ("site",),
+)
+SITE_SCORE_DRIFTED = _scrape_gauge(
+    "site_score_drifted",
+    "1 when a site's score distribution drifted from its calibration sample (rule: cxr-triage quality)",
+    ("site",),
+)
+SITE_FILMS_7D = _scrape_gauge("site_films_7d", "Films registered at a site in the last 7 days", ("site",))
+SITE_LAST_FILM_AGE = _scrape_gauge(
+    "site_last_film_age_seconds", "Time since a site's newest film was registered", ("site",)
 )
 
 #: Rendered per scrape from the database (labels change with the calibration), not from a Gauge.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a readiness check or the database refresh may take before it counts as failed.
 CHECK_TIMEOUT_S = 2.5
+#: How old the per-site gauges (a week of films read and compared) may be before a scrape recomputes them.
+SITE_GAUGES_MAX_AGE_S = 60.0
 CONNECT_TIMEOUT_S = 2
 
 
@@ -55,6 +58,10 @@ class Probe:
         self._redis = None
         self._build_labels: dict[str, str] | None = None
         self._calibration: dict[str, str] = {}
+        #: the per-site gauges: the last result, and the computation in flight (not a readiness check)
+        self._sites: list = []
+        self._sites_at = -math.inf
+        self._sites_job: concurrent.futures.Future | None = None
 
     # -- checks -------------------------------------------------------------------------------------
     def _database(self) -> dict:
@@ -64,6 +71,31 @@ class Probe:
         if self._engine is None:
             self._engine = probe_engine(self.settings.database_url)
         return read_gauges(self._engine, self._model_version())
+
+    def _site_gauges(self) -> list:
+        from worker.metrics.database import read_site_gauges
+
+        if self._engine is None:
+            self._engine = probe_engine(self.settings.database_url)
+        return read_site_gauges(self._engine)
+
+    def _sites_started(self) -> concurrent.futures.Future | None:
+        """The per-site computation: started when the last result is older than a minute and none
+        runs; a scrape waits for it no longer than for the checks, then uses the last result."""
+        if self._sites_job is None and time.monotonic() - self._sites_at > SITE_GAUGES_MAX_AGE_S:
+            self._sites_job = self._pool.submit(self._site_gauges)
+        return self._sites_job
+
+    def _sites_finished(self) -> None:
+        job = self._sites_job
+        if job is None or not job.done():
+            return
+        self._sites_job = None
+        self._sites_at = time.monotonic()
+        if job.exception() is None:
+            self._sites = job.result()
+        else:
+            log.debug("per-site gauges failed: %s", type(job.exception()).__name__)
 
     def _broker(self) -> int | None:
         url = self.settings.broker_url
@@ -111,7 +143,9 @@ class Probe:
             "model": self._pool.submit(self.model_check),
             "disk": self._pool.submit(self._disks),
         }
-        concurrent.futures.wait(jobs.values(), timeout=CHECK_TIMEOUT_S)
+        sites = self._sites_started()
+        concurrent.futures.wait([*jobs.values(), *([sites] if sites else [])], timeout=CHECK_TIMEOUT_S)
+        self._sites_finished()
         results: dict[str, Any] = {}
         passed: dict[str, bool] = {}
         for name, job in jobs.items():
@@ -146,6 +180,7 @@ class Probe:
                 d.OLDEST_UNREVIEWED_AGE.labels(tier).set(gauges["oldest"].get(tier, 0.0))
                 d.UNREVIEWED.labels(tier).set(gauges["unreviewed"].get(tier, 0))
             self._calibration = gauges.get("calibration") or {}
+        _set_site_gauges(d, self._sites)
         if isinstance(results.get("broker"), int):
             d.BROKER_QUEUE_LENGTH.set(results["broker"])
         for role, (free, total) in (results.get("disk") or {}).items():
@@ -189,6 +224,25 @@ class Probe:
             "checks": {name: "ok" if ok else "failing" for name, ok in passed.items()},
         }
         return (200 if all(passed.values()) else 503), body
+
+
+def _set_site_gauges(d, sites: list) -> None:
+    """Each site's gauges. A value undefined now (no scored film, no calibration sample) is NaN: a
+    removed series would linger in multiprocess mode, and NaN compares false in every alert rule."""
+    nan = float("nan")
+    for site in sites:
+        values = (
+            (d.SITE_FLAGGED, (site.site, "screening"), site.flagged_screen),
+            (d.SITE_FLAGGED, (site.site, "high"), site.flagged_high),
+            (d.SITE_REVIEWED, (site.site,), site.reviewed),
+            (d.SITE_SCORE_PSI, (site.site,), site.psi),
+            (d.SITE_SCORE_KS_P, (site.site,), site.ks_p_value),
+            (d.SITE_SCORE_DRIFTED, (site.site,), float(site.drifted)),
+            (d.SITE_FILMS_7D, (site.site,), float(site.films)),
+            (d.SITE_LAST_FILM_AGE, (site.site,), site.last_film_age_seconds),
+        )
+        for gauge, labels, value in values:
+            gauge.labels(*labels).set(nan if value is None else value)
 
 
 class _Families:
@@ -339,5 +393,3 @@ def starlette_routes(settings, **probe_kwargs: Any) -> list:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]
-
-

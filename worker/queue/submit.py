@@ -103,6 +103,10 @@ class InProcess:
         counts = Counter({str(kind): n for kind, n in outcome.counts.items()})  # plain names for logs
         return Submitted(counts, list(outcome.retry_later))
 
+    def unreported(self) -> Counter:
+        """Outcomes of the batches finished by a :meth:`submit` that was interrupted (Ctrl-C)."""
+        return Counter({str(kind): n for kind, n in getattr(self.processor, "in_flight", Counter()).items()})
+
     def predecode(self, files: Sequence[FileSeen], pool: DecodePool) -> Predecoded | None:
         """Start reading the new or changed ``files`` once each in the decode pool, for registration
         and scoring alike (None: nothing to read, or no decode processes to read them in)."""
@@ -315,10 +319,12 @@ def scan(
     *,
     on_progress: Callable[[int], None] | None = None,
     handed_on: list[int] | None = None,
+    summary: ScanSummary | None = None,
 ) -> ScanSummary:
     """Register and submit every file under ``roots``, chunk by chunk (constant memory); the ids
-    handed on are appended to ``handed_on`` when given (``scan --wait`` waits for them)."""
-    summary = ScanSummary()
+    handed on are appended to ``handed_on`` when given (``scan --wait`` waits for them). The counts
+    go into ``summary`` when given, so that a caller interrupted (Ctrl-C) still has them."""
+    summary = summary if summary is not None else ScanSummary()
     try:
         submitter.recover()
     except broker_errors() as exc:  # sending below will say so clearly if the broker is really gone

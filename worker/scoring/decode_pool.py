@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import resource
+import signal
 import sys
 import time
 from concurrent.futures import (
@@ -66,6 +67,9 @@ def init_decode_process(memory_limit_bytes: int | None = DECODE_MEMORY_LIMIT_BYT
     from pipeline.dicom import configure_pydicom
     from worker.scoring.allocator import retain_freed_memory
 
+    # Ctrl-C reaches every process of the terminal's group: the parent stops the pool and reports;
+    # a child that raised KeyboardInterrupt too only printed a traceback (issue 25 item 18).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     limit_threads()
     configure_pydicom()
     retain_freed_memory()

@@ -102,7 +102,8 @@ class Processor:
         #: How long after its arrival a file that looks incomplete is retried before it is failed.
         self.incomplete_grace_s = incomplete_grace_s
         self._scorer = None
-        self._thresholds: tuple[float, float] | None = None  # of the active calibration, per batch
+        #: {site: thresholds} of each site's calibration in force, read per batch
+        self._thresholds: dict[str, tuple[float, float]] = {}
         #: Lease owner used when a call names none (in-process work); a Celery task passes its id.
         self.default_owner = owner
         self.owner: str | None = owner
@@ -164,6 +165,8 @@ class Processor:
         (:meth:`DecodePool.predecode`); used where the path and content hash still match."""
         self.owner = owner or self.default_owner
         counts: Counter = Counter()
+        #: The outcomes of this call's finished batches, while it runs (an interrupted scan reports them).
+        self.in_flight = counts
         retry: list[int] = []
         # Overlap: later batches decode in the pool while batch k is claimed, scored and stored. A
         # batch is claimed only once its decodes are done and the model is loaded, so decoding ahead
@@ -186,6 +189,7 @@ class Processor:
             for started in unfinished:  # an error or interrupt: their decodes are not needed
                 if started.pending is not None:
                     started.pending.cancel()
+        self.in_flight = Counter()
         return BatchOutcome(counts, retry)
 
     def _release(self, claimed: list[int]) -> None:
@@ -219,15 +223,16 @@ class Processor:
             return 0
         scores = scorer.score_batch(np.stack([prepared[i].tensor for i in ready]))
         with session_scope(self.database_url) as session:
+            self._thresholds = self._thresholds_by_site(session, {known[i].site for i in ready})
             for image_id, score in zip(ready, scores, strict=True):
-                queue.add_score(session, image_id, self._score_record(score))
+                queue.add_score(session, image_id, self._score_record(score, known[image_id].site))
         log.info("re-scored %d film(s) with model %s", len(ready), scorer.version)
         return len(ready)
 
-    def _score_record(self, score) -> queue.ScoreRecord:
-        """The score with the thresholds in force: the active site calibration's, read per batch."""
+    def _score_record(self, score, site: str) -> queue.ScoreRecord:
+        """The score with the thresholds in force at the film's site (its calibration's, read per batch)."""
         scorer = self.scorer
-        screening, high_confidence = self._thresholds or (
+        screening, high_confidence = self._thresholds.get(site) or (
             scorer.screening_threshold,
             scorer.high_confidence_threshold,
         )
@@ -360,7 +365,8 @@ class Processor:
         back: list[int] = []  # not final: released to the queue
         scored: list[tuple[int, queue.ScoreRecord, dict | None]] = []  # written together below
         with session_scope(self.database_url) as session:
-            self._thresholds = self._thresholds_in_force(session) if scores else None
+            sites = {known[i].site for i in claimed}
+            self._thresholds = self._thresholds_by_site(session, sites) if scores else {}
             for image_id in claimed:
                 outcome = self._store(
                     session,
@@ -378,9 +384,15 @@ class Processor:
                     counts[outcome] += 1
                 if outcome in (Outcome.RETRY, Outcome.UNREACHABLE):
                     back.append(image_id)
-            queue.record_scores(session, scored)
+            duplicates = queue.record_scores(session, scored)  # later copies of a scored SOP instance
+            if duplicates:
+                counts[Outcome.SCORED] -= len(duplicates)
+                counts[Outcome.REJECTED] += len(duplicates)
             for image_id, _, attributes in scored:  # after the scores: a key object needs its score
-                outbox.enqueue_results(session, image_id, self.scorer.version, self.outbox_plan, attributes)
+                if image_id not in duplicates:  # (the outbox's SOP instance key would refuse them too)
+                    outbox.enqueue_results(
+                        session, image_id, self.scorer.version, self.outbox_plan, attributes
+                    )
             queue.release(session, back)
         return BatchOutcome(counts, retry)
 
@@ -414,7 +426,7 @@ class Processor:
             log.debug("%s rejected: out of distribution (distance %.1f)", tag, score.ood_distance)
             return Outcome.REJECTED
         if score is not None:
-            scored.append((image_id, self._score_record(score), prepared.attributes))
+            scored.append((image_id, self._score_record(score, known.site), prepared.attributes))
             log.debug("%s scored %.3f", tag, score.pneumonia_probability)
             return Outcome.SCORED
         if is_transient(prepared.reason):
@@ -430,15 +442,16 @@ class Processor:
         log.debug("%s %s: %s", tag, outcome, prepared.reason)
         return outcome
 
-    def _thresholds_in_force(self, session) -> tuple[float, float]:
-        """The active site calibration's thresholds (issue 12), read per batch: no restart needed."""
-        from db.calibration import ShippedThresholds, thresholds_in_force
+    def _thresholds_by_site(self, session, sites: set[str]) -> dict[str, tuple[float, float]]:
+        """Each site's calibration in force (its own, else the one for every site; issues 12 and 29),
+        read per batch: a calibration takes effect without a restart."""
+        from db.calibration import ShippedThresholds, thresholds_by_site
 
         scorer = self.scorer
         shipped = ShippedThresholds(
             scorer.version, scorer.screening_threshold, scorer.high_confidence_threshold
         )
-        return thresholds_in_force(session, shipped)[1:]
+        return thresholds_by_site(session, shipped, sites)
 
     def _within_grace(self, first_seen_at) -> bool:
         return (utcnow() - as_utc(first_seen_at)).total_seconds() < self.incomplete_grace_s
@@ -457,7 +470,7 @@ def _matching(
 
 
 def _identity_query(image_ids: list[int]):
-    return select(Image.id, Image.sha256, Image.first_seen_at).where(Image.id.in_(image_ids))
+    return select(Image.id, Image.sha256, Image.first_seen_at, Image.site).where(Image.id.in_(image_ids))
 
 
 def _locate(paths: list[str]) -> tuple[str | None, bool]:

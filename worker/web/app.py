@@ -33,6 +33,7 @@ from db.audit import AuditAction
 from db.engine import session_scope
 from db.reviews import ReviewError, dismiss, record_review, reviews_of
 from db.schema import Image, ReviewDecision, UserRole
+from db.sites import site_names
 from db.users import UserError, add_user, authenticate, list_users, remove_user, session_key
 from db.worklist import (
     INTENDED_USE,
@@ -207,6 +208,7 @@ def filters_from(form) -> tuple[WorklistFilter, int]:
         study_date_from=_date(_optional(form, "study_date_from")),
         study_date_to=_date(_optional(form, "study_date_to")),
         search=_optional(form, "search"),
+        site=_optional(form, "site"),
     )
     offset = int(_optional(form, "offset") or 0)
     if offset < 0:
@@ -226,6 +228,7 @@ def _rows_context(request: Request, wanted: WorklistFilter, offset: int) -> dict
         row["viewer_link"] = viewer_link(template, row)
     make_thumbnails([(r["sha256"], _ordered_paths(r)) for r in rows if r["status"] == "scored"])
     shown = {name: any(has(r) for r in rows) for name, has in OPTIONAL_COLUMNS.items()}
+    shown["site"] = len({r.get("site") for r in rows}) > 1  # one site (or a site filter): said once, not per row
     models = sorted({(r["model_version"], r["calibration"] or "") for r in rows if r["model_version"]})
     return {
         "rows": rows,
@@ -317,7 +320,9 @@ def logout(request: Request, who: Viewer) -> Response:
 @pages.get("/")
 def worklist_page(request: Request, who: Viewer) -> Response:
     context = _rows_context(request, WorklistFilter(), 0)
-    return _page(request, "worklist.html", {"who": who, "statuses": _statuses(), **context})
+    with session_scope(_state(request).database_url) as session:
+        sites = site_names(session)
+    return _page(request, "worklist.html", {"who": who, "statuses": _statuses(), "sites": sites, **context})
 
 
 def _statuses() -> list[str]:
@@ -441,6 +446,41 @@ def _review(request: Request, sha256: str, who: Principal, decision: ReviewDecis
         }
 
 
+@pages.get("/quality")
+def quality_page(
+    request: Request,
+    who: Reviewer,
+    site: Annotated[str | None, Query(max_length=64)] = None,
+    since: Annotated[date | None, Query()] = None,
+) -> Response:
+    """Per site: weekly counts, flagged shares, review agreement and the drift verdict (db/quality.py)."""
+    from db.quality import quality_report
+    from worker.outcomes import classify
+    from worker.web.charts import score_histogram, weekly_flagged
+
+    with session_scope(_state(request).database_url) as session:
+        sites = site_names(session)
+        report = quality_report(
+            session, site=site or None, since=since, classify=lambda reason: classify(reason).value
+        )
+    for part in report["sites"]:
+        calibration = part["calibration"]
+        thresholds = (
+            (calibration["screening_threshold"], calibration["high_confidence_threshold"])
+            if calibration
+            else None
+        )
+        part["flagged_chart"] = weekly_flagged(part["weeks"], f"Weekly share flagged at site {part['site']}")
+        part["histogram_chart"] = score_histogram(
+            part["histogram"]["recent"],
+            part["histogram"]["calibration_sample"],
+            thresholds,
+            f"Scores at site {part['site']}: last 7 days against the calibration sample",
+        )
+    context = {"who": who, "report": report, "sites": sites, "chosen": site or "", "since": report["since"]}
+    return _page(request, "quality.html", context)
+
+
 @pages.get("/model-card")
 def model_card(request: Request, who: Viewer) -> Response:
     path = _state(request).settings.resolved_model_dir() / "MODEL_CARD.md"
@@ -503,11 +543,14 @@ def api_worklist(
     status: Annotated[str | None, Query(description="Only rows in this state")] = None,
     study_date_from: Annotated[date | None, Query(description="Only studies from this day")] = None,
     study_date_to: Annotated[date | None, Query(description="Only studies up to this day, inclusive")] = None,
+    site: Annotated[str | None, Query(description="Only films of this site")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_API_LIMIT)] = PAGE_SIZE,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[dict]:
     try:
-        wanted = WorklistFilter(status=status, study_date_from=study_date_from, study_date_to=study_date_to)
+        wanted = WorklistFilter(
+            status=status, study_date_from=study_date_from, study_date_to=study_date_to, site=site
+        )
     except ValueError as exc:
         raise StarletteHTTPException(400, "unknown status") from exc
     with session_scope(_state(request).database_url) as session:

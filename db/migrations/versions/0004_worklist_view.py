@@ -49,7 +49,7 @@ def upgrade() -> None:
         op.create_index(name, table, columns)
     if dialect == "postgresql":  # folder filter: LIKE 'prefix%' as an index range whatever the collation
         op.execute("CREATE INDEX ix_source_files_path_prefix ON source_files (path text_pattern_ops)")
-    execute(op, create_sql(dialect, study_date=False))  # the views as of this revision
+    execute(op, create_sql(dialect, study_date=False, site=False))  # the views as of this revision
     op.create_table(
         "app_secrets",
         sa.Column("name", sa.String(length=64), nullable=False),

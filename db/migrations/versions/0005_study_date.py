@@ -25,12 +25,12 @@ def upgrade() -> None:
     op.add_column("images", sa.Column("study_date", sa.Date(), nullable=True))
     name, table, columns = STUDY_DATE_INDEX
     op.create_index(name, table, columns)
-    execute(op, create_sql(dialect, study_date=True))
+    execute(op, create_sql(dialect, study_date=True, site=False))
 
 
 def downgrade() -> None:
     name, table, _ = STUDY_DATE_INDEX
     op.drop_index(name, table_name=table)
-    with lifted(op, study_date=False):
+    with lifted(op, study_date=False, site=False):
         # ALTER TABLE ... DROP COLUMN in both (SQLite >= 3.35): no rebuild of ``images`` needed.
         op.execute("ALTER TABLE images DROP COLUMN study_date")
