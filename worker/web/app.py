@@ -228,7 +228,7 @@ def _rows_context(request: Request, wanted: WorklistFilter, offset: int) -> dict
         row["viewer_link"] = viewer_link(template, row)
     make_thumbnails([(r["sha256"], _ordered_paths(r)) for r in rows if r["status"] == "scored"])
     shown = {name: any(has(r) for r in rows) for name, has in OPTIONAL_COLUMNS.items()}
-    shown["site"] = len({r.get("site") for r in rows}) > 1  # one site (or a site filter): said once, not per row
+    shown["site"] = len({r.get("site") for r in rows}) > 1  # a single site is not said on every row
     models = sorted({(r["model_version"], r["calibration"] or "") for r in rows if r["model_version"]})
     return {
         "rows": rows,
