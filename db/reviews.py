@@ -60,3 +60,19 @@ def reviews_of(session: Session, sha256: str) -> list[Review]:
             .order_by(Review.id)
         )
     )
+
+
+def dismiss(session: Session, sha256: str, username: str) -> int:
+    """Mark a film with no score (rejected or failed) as dealt with by ``username``: it leaves the top
+    of the worklist like a reviewed film. Returns the image's id."""
+    row = film(session, sha256)
+    if row is None:
+        raise ReviewError("no such film")
+    if row["status"] not in (ImageStatus.REJECTED, ImageStatus.FAILED):
+        raise ReviewError("only rejected or failed films can be dismissed")
+    image_id = session.scalar(select(Image.id).where(Image.sha256 == sha256))
+    session.execute(
+        update(Image).where(Image.id == image_id).values(reviewed_at=utcnow(), reviewed_by=username)
+    )
+    session.flush()
+    return image_id

@@ -57,6 +57,24 @@ INTENDED_USE = (
 )
 
 TIERS = ("HIGH", "screen+", "below")
+#: How long a film of each tier should wait at most (its waited time shows red after it).
+WAIT_TARGET_S = {"HIGH": 3600, "screen+": 4 * 3600, "below": 24 * 3600}
+
+
+def waited(row: dict, now: datetime) -> tuple[str, bool]:
+    """How long a worklist row's film has waited (``42 min``, ``3.5 h``, ``4 d``) and whether that is
+    past its tier's target (never for reviewed films or films without a tier)."""
+    arrived = datetime.fromisoformat(row["first_seen_at"])
+    seconds = max((now - arrived).total_seconds(), 0.0)
+    if seconds < 3600:
+        label = f"{int(seconds // 60)} min"
+    elif seconds < 48 * 3600:
+        label = f"{seconds / 3600:.1f} h"
+    else:
+        label = f"{seconds / 86400:.0f} d"
+    late = not row["reviewed_at"] and row["tier"] is not None and seconds > WAIT_TARGET_S[row["tier"]]
+    return label, late
+
 
 #: The view's columns in order, with the types their values are read back as.
 _COLUMNS = (

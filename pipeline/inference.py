@@ -250,6 +250,17 @@ class Scorer:
             raise ValueError("this Scorer was loaded without features")
         return np.asarray(out["features"], dtype=np.float64)
 
+    def cam(self, tensors: np.ndarray) -> np.ndarray:
+        """Class activation maps ``(N, h, w)`` in [0, 1] of the pneumonia logit over the model's input
+        (:mod:`pipeline.cam`), from the same serving graph as the scores, under either engine."""
+        out = self._outputs(tensors)
+        if "cam" not in out:
+            raise ValueError(
+                "this model's serving graph has no class activation maps "
+                "(load it with features, or re-export it: cxr-triage model export-lite)"
+            )
+        return np.asarray(out["cam"], dtype=np.float32)
+
     def score_batch(self, tensors: np.ndarray) -> list[ModelScore]:
         """Scores for a ``(N, size, size, 1)`` float32 batch of :attr:`model_input` tensors."""
         if len(tensors) == 0:

@@ -144,7 +144,9 @@ def fit_orientation(
 
 
 def feature_model(model: Any) -> Any:
-    """The same network with a third output, ``features``: each member's penultimate vector.
+    """The same network with a third output, ``features``: each member's penultimate vector, and a
+    fourth, ``cam``: the class activation map of the pneumonia logit (:mod:`pipeline.cam`), where a
+    member pools its last feature map globally.
 
     The pneumonia and viral outputs are the members' logits averaged exactly as in
     :func:`models.ensemble.build_ensemble`; a single (non-ensemble) model is its own member.
@@ -154,9 +156,11 @@ def feature_model(model: Any) -> Any:
     import keras
     from keras import layers
 
+    from pipeline.cam import CAM_OUTPUT, ensemble_cam, member_cam
+
     members = [layer for layer in model.layers if isinstance(layer, keras.Model)] or [model]
     inputs = keras.Input(tuple(model.inputs[0].shape[1:]), name="image")
-    feats, pneumonia, viral = [], [], []
+    feats, pneumonia, viral, cams = [], [], [], []
     for member in members:
         head = member.get_layer("pneumonia")
         grid = _last_feature_map(member)
@@ -169,6 +173,7 @@ def feature_model(model: Any) -> Any:
         feats.extend([f, layers.Lambda(_asymmetry, name=f"asymmetry_{len(feats)}")(m)])
         pneumonia.append(p)
         viral.append(v)
+        cams.append(member_cam(member, m))
     if len(members) > 1:
         outputs = {
             "pneumonia": layers.Average(name="pneumonia")(pneumonia),
@@ -177,6 +182,9 @@ def feature_model(model: Any) -> Any:
         }
     else:
         outputs = {"pneumonia": pneumonia[0], "viral": viral[0], FEATURES_OUTPUT: feats[0]}
+    pooled = [cam for cam in cams if cam is not None]  # members without global pooling have no CAM
+    if pooled:
+        outputs[CAM_OUTPUT] = ensemble_cam(pooled)
     return keras.Model(inputs, outputs, name=f"{model.name}_with_features")
 
 

@@ -31,12 +31,15 @@ def add_user(url: str, name: str, role: str, password: str) -> None:
 
 
 @contextmanager
-def web_server(url: str, log_path: Path):
-    """``cxr-triage web`` on a free loopback port; yields its base URL."""
+def web_server(url: str, log_path: Path, env: dict | None = None):
+    """``cxr-triage web`` on a free loopback port (``env``: more environment); yields its base URL."""
     port = free_port()
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [CLI, "web", "--port", str(port), "--database-url", url], stdout=log, stderr=subprocess.STDOUT
+            [CLI, "web", "--port", str(port), "--database-url", url],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
     base = f"http://127.0.0.1:{port}"
     try:

@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     )
     web_host: str = Field("127.0.0.1", description="Address the web worklist binds to")
     web_port: int = Field(8080, ge=0, le=65535, description="Port of the web worklist")
+    viewer_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s]*\{study_uid\}[^\s]*$",
+        description="The hospital's image viewer, {study_uid} standing for the StudyInstanceUID "
+        "(https://pacs.example/ohif/viewer?StudyInstanceUIDs={study_uid}): DICOM films link to their study",
+    )
     dicom_port: int = Field(11112, ge=0, le=65535, description="Port of the DICOM Storage SCP (dicom-listen)")
     dicom_ae_title: str = Field("CXR_TRIAGE", max_length=16, description="AE title of the DICOM listener")
     dicom_bind_address: str = Field(

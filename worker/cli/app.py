@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from db.engine import masked
 from db.schema import ImageStatus
@@ -341,6 +340,10 @@ def _print_summary(summary, elapsed: float) -> None:
         )
 
 
+#: Rows the table shows when no --limit is given.
+TABLE_LIMIT = 50
+
+
 class OutputFormat(StrEnum):
     table = "table"
     json = "json"
@@ -350,7 +353,10 @@ class OutputFormat(StrEnum):
 @app.command()
 def worklist(
     format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.table,
-    limit: Annotated[int | None, typer.Option(help="Show at most N rows.", min=1)] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(help=f"Show at most N rows (default {TABLE_LIMIT} in the table; JSON/CSV: all).", min=1),
+    ] = None,
     status: Annotated[ImageStatus | None, typer.Option(help="Only rows in this state.")] = None,
     study_date_from: Annotated[
         datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Only studies from this day (StudyDate).")
@@ -370,7 +376,7 @@ def worklist(
     of the database view: SELECT * FROM triage_worklist ORDER BY worklist_rank.
     """
     from db.engine import session_scope
-    from db.worklist import INTENDED_USE, WorklistFilter, query_rows
+    from db.worklist import INTENDED_USE, WorklistFilter, count_rows, query_rows
 
     settings = _settings(quiet=True, database_url=database_url, log_level=log_level)
     require_existing_database(settings)
@@ -382,8 +388,11 @@ def worklist(
         study_date_to=study_date_to.date() if study_date_to else None,
         site=site,
     )
+    if limit is None and format is OutputFormat.table:
+        limit = TABLE_LIMIT  # a terminal shows a screenful; JSON and CSV stay complete
     with session_scope(settings.database_url) as session:
         rows = query_rows(session, wanted, limit=limit)
+        more = count_rows(session, wanted) - len(rows) if format is OutputFormat.table else 0
     if format is OutputFormat.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     elif format is OutputFormat.csv:
@@ -392,31 +401,58 @@ def worklist(
         write_csv(rows, sys.stdout)  # formulas escaped for spreadsheets
     else:
         _print_table(rows)
+        if more > 0:
+            console.print(f"{more} more: --limit / --format json", markup=False)
         console.print(f"[dim]{INTENDED_USE}[/dim]")
 
 
+def _film_label(row: dict) -> str:
+    """What names a film in one table line: the patient's name where known, else the file's name;
+    then why it has no score, or that it is out of scope."""
+    name = row["patient_name"] or (Path(row["path"]).name if row["path"] else "?")
+    if row["reason"]:
+        return f"{name}: {row['reason']}"
+    return f"{name} (out of scope)" if row["out_of_scope"] else name
+
+
+#: The table's line: short hash, tier, score, waited, study date (58 columns), then the name or file.
+TABLE_WIDTH = 80
+_TABLE_FIXED = "{:<8}  {:<8}  {:>5}  {:>7}  {:<10}  "
+
+
+def _cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, an ellipsis marking where it was cut."""
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "\u2026"
+
+
 def _print_table(rows: list[dict]) -> None:
-    table = Table(show_lines=False)
-    for column in ("priority", "score", "call", "viral", "study date", "status", "scope", "path / reason"):
-        table.add_column(column, overflow="fold")
+    """One line per film, at most 80 columns: short hash (for `review`), tier, score, waited (red past
+    the tier's target on a terminal), study date, and the name or file cut with an ellipsis (JSON and
+    CSV have everything)."""
+    from datetime import UTC
+
+    from rich.text import Text
+
+    from db.worklist import waited
+
+    now = datetime.now(UTC)
+    fixed = len(_TABLE_FIXED.format("", "", "", "", ""))
+    rest = TABLE_WIDTH - fixed
+    out.print(Text(_TABLE_FIXED.format("sha", "tier", "score", "waited", "study date") + "name / file"))
     for row in rows:
-        call = ""
-        if row["status"] == "scored":
-            call = "HIGH" if row["high_confidence"] else ("screen+" if row["screening_positive"] else "below")
-        detail = row["path"] or "?"
-        if row["reason"]:
-            detail += f"\n{row['reason']}"
-        table.add_row(
-            "" if row["priority"] is None else f"{row['priority']:.1f}",
+        label, late = waited(row, now)
+        line = _TABLE_FIXED.format(
+            row["sha256"][:8],
+            _cut(row["tier"] or row["status"], 8),
             "" if row["score"] is None else f"{row['score']:.3f}",
-            call,
-            "" if row["viral_probability"] is None else f"{row['viral_probability']:.2f}",
+            label,
             row["study_date"] or "",
-            row["status"],
-            ("OUT OF SCOPE: " + (row["scope_note"] or "")) if row["out_of_scope"] else "",
-            detail,
         )
-    out.print(table)
+        text = Text(line + _cut(_film_label(row), rest))
+        if late:
+            start = line.index(label, 26)
+            text.stylize("red", start, start + len(label))
+        out.print(text, no_wrap=True, crop=False)
 
 
 @app.command()

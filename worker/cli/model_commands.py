@@ -12,6 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 
@@ -354,28 +355,44 @@ def attention_command(
 
 def explain_command(
     file: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG chest radiograph.", exists=True)],
-    output: Annotated[Path, typer.Option("-o", "--output", help="PNG file for the Grad-CAM overlay.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG file for the heat map overlay.")],
     model_dir: ModelDir = None,
 ) -> None:
-    """Score FILE and write a Grad-CAM overlay of where the pneumonia score came from."""
-    from models.explain import gradcam, write_overlay
+    """Score FILE and write a heat map (class activation map) of where the pneumonia score came from.
+
+    The map comes out of the serving graph with the score (LiteRT on CPU; no TensorFlow), on the
+    film at its own size; for a model that reads the lung crop it covers the crop. A research
+    visualisation, not a diagnosis.
+    """
+    from PIL import Image
+
+    from pipeline.cam import LABEL, blend_rgb, colour_scale, place_on_film
     from pipeline.decode import decode_file
     from pipeline.errors import ImageProblem
     from pipeline.inference import Scorer
+    from pipeline.lungs import crop_box
 
     try:
         grey = decode_file(file).pixels
     except ImageProblem as exc:
         console.print(f"cannot explain {file.name}: {exc}")
         raise typer.Exit(2) from exc
-    directory = model_dir or default_model_dir()
-    scorer = Scorer.load(directory)
-    score = scorer.score_batch(scorer.model_input(grey)[0][None])[0]
-    write_overlay(grey, gradcam(directory, grey), output)
+    scorer = Scorer.load(model_dir or default_model_dir(), features=True)
+    tensor, fields = scorer.model_input(grey)
+    score = scorer.score_batch(tensor[None])[0]
+    try:
+        cam = scorer.cam(tensor[None])[0]
+    except ValueError as exc:
+        console.print(f"cannot explain {file.name}: {exc}")
+        raise typer.Exit(2) from exc
+    box = (0.0, 0.0, 1.0, 1.0) if fields is None else crop_box(fields)
+    picture = blend_rgb(grey, place_on_film(cam, box, grey.shape))
+    scale = colour_scale(picture.shape[1], max(4, picture.shape[0] // 60))  # low heat left, high right
+    Image.fromarray(np.vstack([picture, scale]), mode="RGB").save(output)
     viral = "" if score.viral_probability is None else f", P(viral | pneumonia) {score.viral_probability:.3f}"
     typer.echo(
         f"{file.name}: pneumonia probability {score.pneumonia_probability:.3f} "
-        f"({scorer.category(score.pneumonia_probability)}){viral}; overlay written to {output}"
+        f"({scorer.category(score.pneumonia_probability)}){viral}; heat map ({LABEL}) written to {output}"
     )
 
 

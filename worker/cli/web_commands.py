@@ -38,6 +38,7 @@ def _settings(database_url: str | None, log_level: str, *, read_only: bool = Fal
 def web_command(
     host: Annotated[str | None, setting("web_host", "--host")] = None,
     port: Annotated[int | None, setting("web_port", "--port", min=0, max=65535)] = None,
+    viewer_url: Annotated[str | None, setting("viewer_url")] = None,
     database_url: DatabaseUrl = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -51,7 +52,7 @@ def web_command(
     from db.engine import masked
     from worker.web.app import create_app
 
-    settings = _settings(database_url, log_level, web_host=host, web_port=port)
+    settings = _settings(database_url, log_level, web_host=host, web_port=port, viewer_url=viewer_url)
     app = create_app(settings)
     where = f"{settings.web_host}:{settings.web_port}"
     try:  # bound here, before anything is announced: a busy port is one clear line and exit 2

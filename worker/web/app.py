@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,19 +31,41 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from db import audit
 from db.audit import AuditAction
 from db.engine import session_scope
-from db.reviews import ReviewError, record_review, reviews_of
+from db.reviews import ReviewError, dismiss, record_review, reviews_of
 from db.schema import Image, ReviewDecision, UserRole
 from db.sites import site_names
 from db.users import UserError, add_user, authenticate, list_users, remove_user
 from db.web_sessions import SESSION_MAX_AGE_S, end_session, open_session, prune_expired
-from db.worklist import INTENDED_USE, TIERS, WorklistFilter, count_rows, film, query_rows
+from db.worklist import (
+    INTENDED_USE,
+    TIERS,
+    WAIT_TARGET_S,
+    WorklistFilter,
+    count_rows,
+    film,
+    query_rows,
+    waited,
+)
 from db.worklist_csv import write_csv
 from worker.logs import short
 from worker.settings import Settings
 from worker.web import auth
 from worker.web.auth import COOKIE, Forbidden, NotSignedIn, Principal, TooManyAttempts, require
 from worker.web.bulk import BulkReadAudit
-from worker.web.images import DISPLAY_SIZE, THUMB_SIZE, DecoderBusy, FilmUnavailable, film_png, heatmap_png
+from worker.web.images import (
+    DISPLAY_SIZE,
+    THUMB_SIZE,
+    DecoderBusy,
+    FilmUnavailable,
+    cached_thumbnail,
+    film_png,
+    heatmap_png,
+    lungs_png,
+    make_thumbnails,
+    model_input_png,
+    thumbnail_png,
+    view_png,
+)
 
 log = logging.getLogger("cxr_triage.web")
 HERE = Path(__file__).resolve().parent
@@ -51,8 +74,6 @@ PAGE_SIZE = 50
 MAX_API_LIMIT = 1000
 #: Beyond any worklist's length, and small enough for every database's integer type.
 MAX_OFFSET = 1_000_000_000
-#: How long a film of each tier should wait at most (the waited column turns red after it).
-WAIT_TARGET_S = {"HIGH": 3600, "screen+": 4 * 3600, "below": 24 * 3600}
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -80,22 +101,77 @@ def _state(request: Request) -> WebState:
 
 
 def _waited(row: dict, now: datetime) -> tuple[str, str]:
-    """How long the film has waited and whether that is within its tier's target."""
-    arrived = datetime.fromisoformat(row["first_seen_at"])
-    seconds = max((now - arrived).total_seconds(), 0.0)
-    if seconds < 3600:
-        label = f"{int(seconds // 60)} min"
-    elif seconds < 48 * 3600:
-        label = f"{seconds / 3600:.1f} h"
-    else:
-        label = f"{seconds / 86400:.0f} d"
+    """How long the film has waited and its style: within its tier's target, past it, or neither."""
+    label, late = waited(row, now)
     if row["reviewed_at"] or row["tier"] is None:
         return label, "wait-none"
-    return label, "wait-late" if seconds > WAIT_TARGET_S[row["tier"]] else "wait-ok"
+    return label, "wait-late" if late else "wait-ok"
 
 
 def _folder(path: str | None) -> str:
     return str(Path(path).parent) if path else ""
+
+
+def _file_name(row: dict) -> str:
+    """What names the film in a row: its file name; for DICOM content with no path left, its modality
+    and view (the object's own name for a reader)."""
+    if row.get("path"):
+        return Path(row["path"]).name
+    if row.get("source_format") == "dicom":
+        return " ".join(v for v in ("DICOM", row.get("modality"), row.get("view_position")) if v)
+    return ""
+
+
+def viewer_link(template: str | None, row: dict) -> str | None:
+    """The study in the hospital's viewer (``viewer_url`` with ``{study_uid}`` filled in), for DICOM
+    films with a StudyInstanceUID; None otherwise (PNG/JPEG films have no study to open)."""
+    if not template or not row.get("study_uid") or row.get("source_format") != "dicom":
+        return None
+    return template.replace("{study_uid}", quote(row["study_uid"], safe=""))
+
+
+#: What to do next about a film that has no score, by the start of its reason (first match wins).
+NEXT_STEPS = (
+    ("file of", "The file is larger than the limit: export a smaller (compressed) image and resend."),
+    ("truncated", "Truncated file: ask the modality or PACS to resend the study."),
+    ("corrupt", "The file is damaged: ask the modality or PACS to resend the study."),
+    ("cannot decode", "This worker cannot decode the image: open it in the PACS viewer and read it there."),
+    ("transfer syntax", "This worker cannot decode the image: open it in the PACS viewer and read it there."),
+    ("lateral view", "A lateral film: nothing for the model to score; read it with the frontal film."),
+    ("body part", "Not a chest radiograph: nothing to read here."),
+    ("modality", "Not a chest radiograph: nothing to read here."),
+    ("veterinary", "Not a human radiograph: nothing to read here."),
+    ("DICOM object has no pixel data", "Not an image (a report or other object): nothing to read here."),
+    ("not a DICOM", "Not an image file: nothing to read here."),
+    ("colour image", "A colour image, not a radiograph: check what was sent."),
+    ("image too small", "Too small to read: ask for the original film."),
+    ("out of distribution", "Not like the films the model knows: read it without the model."),
+    ("rotated, upside down", "The film looks turned or inverted: ask for it to be re-sent upright."),
+    ("no lung fields", "No lung fields found: not a frontal chest radiograph, nothing for the model here."),
+    ("file disappeared", "The file was moved or deleted before it was read: send it again if needed."),
+    ("no permission", "The worker may not read the file: ask the administrator to fix its permissions."),
+)
+DEFAULT_NEXT_STEP = "The model gave no score: read this film as you would without the model."
+
+
+def next_step(reason: str | None) -> str:
+    text_ = (reason or "").lower()
+    for start, advice in NEXT_STEPS:
+        if start.lower() in text_:
+            return advice
+    return DEFAULT_NEXT_STEP
+
+
+#: Worklist columns that collapse when no row of the page has a value in them.
+OPTIONAL_COLUMNS = {
+    "patient": lambda r: r["patient_name"] or r["patient_id"],
+    "accession": lambda r: r["accession_number"],
+    "study_date": lambda r: r["study_date"],
+    "view": lambda r: r["view_position"],
+    "scope": lambda r: r["out_of_scope"],
+    "reviewed": lambda r: r["reviewed_at"],
+    "pacs": lambda r: r.get("viewer_link"),
+}
 
 
 def _templates() -> Jinja2Templates:
@@ -151,15 +227,40 @@ def _rows_context(request: Request, wanted: WorklistFilter, offset: int) -> dict
         rows = query_rows(session, wanted, limit=PAGE_SIZE, offset=offset)
         total = count_rows(session, wanted)
     now = datetime.now(UTC)
+    template = _viewer_template(request)
     for row in rows:
         row["waited"], row["wait_class"] = _waited(row, now)
+        row["file_name"] = _file_name(row)
+        row["viewer_link"] = viewer_link(template, row)
+    make_thumbnails([(r["sha256"], _ordered_paths(r)) for r in rows if r["status"] == "scored"])
+    shown = {name: any(has(r) for r in rows) for name, has in OPTIONAL_COLUMNS.items()}
+    shown["site"] = len({r.get("site") for r in rows}) > 1  # a single site is not said on every row
+    models = sorted({(r["model_version"], r["calibration"] or "") for r in rows if r["model_version"]})
     return {
         "rows": rows,
+        "shown": shown,
+        "models": models,
         "total": total,
         "offset": offset,
         "page_size": PAGE_SIZE,
         "refreshed": now.strftime("%H:%M:%S UTC"),
     }
+
+
+def _viewer_template(request: Request) -> str | None:
+    return _state(request).settings.viewer_url
+
+
+def _model_has_lungs(request: Request) -> bool:
+    """Whether the model reads the lung crop (its folder ships a lung model): the page then offers
+    the lung outline."""
+    import json
+
+    path = _state(request).settings.resolved_model_dir() / "metadata.json"
+    try:
+        return (json.loads(path.read_text()).get("crop") or {}).get("kind") == "lungs"
+    except (OSError, ValueError):
+        return False
 
 
 # -- pages ---------------------------------------------------------------------------------------------------
@@ -309,11 +410,30 @@ def film_page(request: Request, sha256: str, who: Viewer) -> Response:
         reviews = reviews_of(session, sha256)
         audit.record(session, AuditAction.VIEW, who.username, _image_id(session, sha256), "page")
     row["waited"], row["wait_class"] = _waited(row, datetime.now(UTC))
-    return _page(
-        request,
-        "film.html",
-        {"who": who, "film": row, "reviews": reviews, "can_review": who.can(UserRole.REVIEWER)},
-    )
+    row["file_name"] = _file_name(row)
+    row["viewer_link"] = viewer_link(_viewer_template(request), row)
+    context = {
+        "who": who,
+        "film": row,
+        "reviews": reviews,
+        "can_review": who.can(UserRole.REVIEWER),
+        "next_step": None if row["status"] == "scored" else next_step(row["reason"]),
+        "lungs": _model_has_lungs(request),
+    }
+    return _page(request, "film.html", context)
+
+
+@pages.post("/films/{sha256}/dismiss")
+def dismiss_form(request: Request, sha256: str, who: Reviewer) -> Response:
+    """A reviewer has dealt with a film that has no score (rejected, failed): it leaves the top."""
+    with session_scope(_state(request).database_url) as session:
+        _film_or_404(session, sha256)
+        try:
+            image_id = dismiss(session, sha256, who.username)
+        except ReviewError as exc:
+            raise StarletteHTTPException(409, str(exc)) from exc
+        audit.record(session, AuditAction.REVIEW, who.username, image_id, "dismissed")
+    return RedirectResponse("/", status_code=303)
 
 
 @pages.post("/films/{sha256}/review")
@@ -495,6 +615,11 @@ def _stored_paths(request: Request, sha256: str, who: Principal, picture: str) -
         row = _film_or_404(session, sha256)
         if state.bulk_audit.due(who.username, sha256, picture):
             audit.record(session, AuditAction.VIEW, who.username, _image_id(session, sha256), picture)
+    return _ordered_paths(row)
+
+
+def _ordered_paths(row: dict) -> list[str]:
+    """Where a film was seen, the most recent path first."""
     ordered = [row["path"]] if row["path"] else []
     return ordered + [p for p in row["paths"] if p != row["path"]]
 
@@ -510,11 +635,50 @@ def api_image(
     return _png_response(lambda: film_png(sha256, paths, size))
 
 
-@api.get("/films/{sha256}/heatmap.png", summary="Grad-CAM overlay (research visualisation, not a diagnosis)")
+@api.get("/films/{sha256}/view.png", summary="The film for reading: true aspect ratio, up to 2048 px, as PNG")
+def api_view(request: Request, sha256: str, who: Viewer) -> Response:
+    paths = _stored_paths(request, sha256, who, "image")
+    return _png_response(lambda: view_png(sha256, paths))
+
+
+@api.get("/films/{sha256}/thumb.png", summary="A thumbnail of the film (aspect ratio kept), as PNG")
+def api_thumb(request: Request, sha256: str, who: Viewer) -> Response:
+    made = cached_thumbnail(sha256) if SHA256.match(sha256) else None
+    if made is not None:  # made earlier from this very content (the hash was checked then)
+        return Response(made, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
+    paths = _stored_paths(request, sha256, who, "thumbnail")
+    return _png_response(lambda: thumbnail_png(sha256, paths))
+
+
+@api.get("/films/{sha256}/input.png", summary="What the model saw (its square input, or lung crop), as PNG")
+def api_input(request: Request, sha256: str, who: Viewer) -> Response:
+    paths = _stored_paths(request, sha256, who, "image")
+    model_dir = _state(request).settings.resolved_model_dir()
+    return _png_response(lambda: model_input_png(sha256, paths, model_dir, 128))
+
+
+@api.get(
+    "/films/{sha256}/heatmap.png",
+    summary="Class activation overlay at the film's aspect ratio (research visualisation, not a diagnosis)",
+)
 def api_heatmap(request: Request, sha256: str, who: Viewer) -> Response:
     paths = _stored_paths(request, sha256, who, "heatmap")
     model_dir = _state(request).settings.resolved_model_dir()
     return _png_response(lambda: heatmap_png(sha256, paths, model_dir))
+
+
+@api.get("/films/{sha256}/lungs.png", summary="Outline of the lung fields (models that read the lung crop)")
+def api_lungs(request: Request, sha256: str, who: Viewer) -> Response:
+    paths = _stored_paths(request, sha256, who, "image")
+    model_dir = _state(request).settings.resolved_model_dir()
+
+    def render() -> bytes:
+        body = lungs_png(sha256, paths, model_dir)
+        if body is None:
+            raise StarletteHTTPException(404, "this model has no lung fields")
+        return body
+
+    return _png_response(render)
 
 
 @api.post("/films/{sha256}/review", status_code=201, summary="Record Agree / Disagree (reviewers)")
@@ -633,6 +797,27 @@ def _add_metrics_routes(app: FastAPI, settings: Settings) -> None:
     app.router.routes.extend(routes)
 
 
+def _warm_explainer(settings: Settings) -> None:
+    """Make the first page's thumbnails and load the serving model in the background, so that the
+    first page and the first heat map toggle do not wait for them."""
+    import threading
+
+    from worker.web.images import explainer
+
+    def load() -> None:
+        try:
+            with session_scope(settings.database_url) as session:
+                rows = query_rows(session, WorklistFilter(), limit=PAGE_SIZE)
+            make_thumbnails([(r["sha256"], _ordered_paths(r)) for r in rows if r["status"] == "scored"])
+            _ = explainer(settings.resolved_model_dir()).scorer
+        except Exception as exc:  # noqa: BLE001 - the heat map says it is unavailable when asked
+            log.warning(
+                "the heat map model or the first thumbnails could not be made: %s", type(exc).__name__
+            )
+
+    threading.Thread(target=load, name="explainer-warm-up", daemon=True).start()
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The web application for ``settings.database_url`` (the schema must be current)."""
     app = FastAPI(
@@ -653,6 +838,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(pages)
     app.include_router(api)
     _add_metrics_routes(app, settings)
+    _warm_explainer(settings)
     _install_handlers(app)
     _install_middleware(app)
     return app
