@@ -104,11 +104,12 @@ def run_naive(files: list[str], model_dir: Path, db_path: Path) -> dict:
 
     from models.architectures import load_trained
     from pipeline.decode import decode_file
-    from pipeline.normalise import to_model_input
+    from pipeline.lungs import InputPlan
     from pipeline.probability import logit_to_probability
 
     model, meta = load_trained(model_dir)  # same file and metadata the product reads
     size = int(meta["input_size"])
+    model_input = InputPlan.from_metadata(model_dir, meta).maker()  # the whole film, or its lung crop
     temperature = float(meta["temperature"])
     for suffix in ("", "-journal"):
         Path(str(db_path) + suffix).unlink(missing_ok=True)
@@ -122,7 +123,7 @@ def run_naive(files: list[str], model_dir: Path, db_path: Path) -> dict:
     started = time.perf_counter()
     for done, path in enumerate(files, 1):
         t0 = time.perf_counter()
-        x = to_model_input(decode_file(path).pixels, size)[np.newaxis]
+        x = model_input(decode_file(path).pixels)[0][np.newaxis]
         t1 = time.perf_counter()
         out = model.predict(x, verbose=0)
         logit = float(np.asarray(out["pneumonia"] if isinstance(out, dict) else out[0]).ravel()[0])

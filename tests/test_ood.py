@@ -100,7 +100,6 @@ def test_logistic_fit_separates_and_reasons_have_a_precedence():
 def test_shipped_guard_is_loaded_and_leaves_the_scores_unchanged(scorer, model_dir, kermany):
     from pipeline.decode import decode_file
     from pipeline.inference import Scorer
-    from pipeline.normalise import to_model_input
 
     assert scorer.ood is not None and scorer.ood.info["val_kept"] >= 0.995
     assert (model_dir / OOD_FILE).stat().st_size < 2_000_000
@@ -108,7 +107,7 @@ def test_shipped_guard_is_loaded_and_leaves_the_scores_unchanged(scorer, model_d
     files = (
         sorted((kermany / "NORMAL").glob("*.jpeg"))[:4] + sorted((kermany / "PNEUMONIA").glob("*.jpeg"))[:4]
     )
-    x = np.stack([to_model_input(decode_file(f).pixels, scorer.input_size) for f in files])
+    x = np.stack([scorer.model_input(decode_file(f).pixels)[0] for f in files])
     guarded, unguarded = scorer.score_batch(x), plain.score_batch(x)
     for a, b in zip(guarded, unguarded, strict=True):
         assert a.pneumonia_probability == pytest.approx(b.pneumonia_probability, abs=1e-6)
@@ -119,18 +118,17 @@ def test_shipped_guard_is_loaded_and_leaves_the_scores_unchanged(scorer, model_d
 def test_upright_films_pass_and_turned_films_are_flagged(scorer, kermany):
     """Real films: upright ones pass; turned 180 degrees or upside down they are rejected as turned."""
     from pipeline.decode import decode_file
-    from pipeline.normalise import to_model_input
 
     assert scorer.ood.orientation is not None
     files = (
         sorted((kermany / "NORMAL").glob("*.jpeg"))[:6] + sorted((kermany / "PNEUMONIA").glob("*.jpeg"))[:6]
     )
     greys = [decode_file(f).pixels for f in files]
-    upright = scorer.score_batch(np.stack([to_model_input(g, scorer.input_size) for g in greys]))
+    upright = scorer.score_batch(np.stack([scorer.model_input(g)[0] for g in greys]))
     assert not any(s.out_of_distribution for s in upright)
     for turn in (lambda g: np.rot90(g, 2), lambda g: g[::-1]):
         turned = scorer.score_batch(
-            np.stack([to_model_input(np.ascontiguousarray(turn(g)), scorer.input_size) for g in greys])
+            np.stack([scorer.model_input(np.ascontiguousarray(turn(g)))[0] for g in greys])
         )
         assert sum(s.ood_reason == ORIENTATION_REASON for s in turned) >= 10, [s.ood_reason for s in turned]
 

@@ -37,7 +37,7 @@ def containers(tmp_path_factory, kermany) -> dict:
 def test_same_pixels_same_score(containers, scorer):
     tensors = []
     for name, path in containers.items():
-        prepared = prepare(str(path), scorer.input_size)
+        prepared = prepare(str(path), scorer.input_plan)
         assert prepared.tensor is not None, f"{name}: {prepared.reason}"
         tensors.append(prepared.tensor)
     scores = [s.pneumonia_probability for s in scorer.score_batch(np.stack(tensors))]
@@ -46,7 +46,7 @@ def test_same_pixels_same_score(containers, scorer):
 
 
 def test_batch_and_single_scores_agree(containers, scorer):
-    tensors = np.stack([prepare(str(p), scorer.input_size).tensor for p in containers.values()])
+    tensors = np.stack([prepare(str(p), scorer.input_plan).tensor for p in containers.values()])
     batch = [s.pneumonia_probability for s in scorer.score_batch(tensors)]
     single = [scorer.score_batch(t[np.newaxis])[0].pneumonia_probability for t in tensors]
     np.testing.assert_allclose(batch, single, atol=1e-5)

@@ -173,12 +173,10 @@ def test_compressed_and_uncompressed_decode_alike(dicom_dir):
 @pytest.mark.extended  # real files of ../shared/data/dicom with no stand-in in a bare clone
 def test_reduced_decoding_keeps_scores(dicom_dir, scorer):
     """Issue 13: on every scored real DICOM file, reduced decoding scores within 0.01 of full decoding."""
-    from pipeline.normalise import to_model_input
-
-    size = scorer.input_size
+    side = scorer.input_plan.decode_side
     paths = [dicom_dir / relative for relative, (status, _) in sorted(EXPECTED.items()) if status == "ok"]
-    full = np.stack([to_model_input(decode_file(p).pixels, size) for p in paths])
-    reduced = np.stack([to_model_input(decode_file(p, min_side=size).pixels, size) for p in paths])
+    full = np.stack([scorer.model_input(decode_file(p).pixels)[0] for p in paths])
+    reduced = np.stack([scorer.model_input(decode_file(p, min_side=side).pixels)[0] for p in paths])
     p_full = [s.pneumonia_probability for s in scorer.score_batch(full)]
     p_reduced = [s.pneumonia_probability for s in scorer.score_batch(reduced)]
     gaps = {p.name: round(abs(a - b), 4) for p, a, b in zip(paths, p_full, p_reduced, strict=True)}
