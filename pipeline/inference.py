@@ -261,6 +261,16 @@ class Scorer:
             )
         return np.asarray(out["cam"], dtype=np.float32)
 
+    def film_heatmap(self, grey: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """The class activation map of one film on the film: its input (whole film or lung crop)
+        explained and put back where it came from, (H, W) in [0, 1] at ``shape`` (default: the film's)."""
+        from pipeline.cam import place_on_film
+        from pipeline.lungs import crop_box
+
+        tensor, fields = self.model_input(grey)
+        box = (0.0, 0.0, 1.0, 1.0) if fields is None else crop_box(fields)
+        return place_on_film(self.cam(tensor[np.newaxis])[0], box, shape or grey.shape)
+
     def score_batch(self, tensors: np.ndarray) -> list[ModelScore]:
         """Scores for a ``(N, size, size, 1)`` float32 batch of :attr:`model_input` tensors."""
         if len(tensors) == 0:

@@ -366,11 +366,10 @@ def explain_command(
     """
     from PIL import Image
 
-    from pipeline.cam import LABEL, blend_rgb, colour_scale, place_on_film
+    from pipeline.cam import LABEL, blend_rgb, colour_scale
     from pipeline.decode import decode_file
     from pipeline.errors import ImageProblem
     from pipeline.inference import Scorer
-    from pipeline.lungs import crop_box
 
     try:
         grey = decode_file(file).pixels
@@ -378,15 +377,13 @@ def explain_command(
         console.print(f"cannot explain {file.name}: {exc}")
         raise typer.Exit(2) from exc
     scorer = Scorer.load(model_dir or default_model_dir(), features=True)
-    tensor, fields = scorer.model_input(grey)
-    score = scorer.score_batch(tensor[None])[0]
+    score = scorer.score_batch(scorer.model_input(grey)[0][None])[0]
     try:
-        cam = scorer.cam(tensor[None])[0]
+        heat = scorer.film_heatmap(grey)
     except ValueError as exc:
         console.print(f"cannot explain {file.name}: {exc}")
         raise typer.Exit(2) from exc
-    box = (0.0, 0.0, 1.0, 1.0) if fields is None else crop_box(fields)
-    picture = blend_rgb(grey, place_on_film(cam, box, grey.shape))
+    picture = blend_rgb(grey, heat)
     scale = colour_scale(picture.shape[1], max(4, picture.shape[0] // 60))  # low heat left, high right
     Image.fromarray(np.vstack([picture, scale]), mode="RGB").save(output)
     viral = "" if score.viral_probability is None else f", P(viral | pneumonia) {score.viral_probability:.3f}"

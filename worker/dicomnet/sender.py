@@ -153,6 +153,7 @@ class OutboxSender:
         self.idle = threading.Event()
         self._thread: threading.Thread | None = None
         self._model_name: str | None = None
+        self._explainer = None  # the serving model, for heat maps (loaded on first use)
         self.backoff_s = 0.0
         #: Objects this sender delivered and failed for good (a scan reports them).
         self.sent_count = self.failed_count = 0
@@ -377,13 +378,16 @@ class OutboxSender:
         return default_model_dir()
 
     def _overlay(self, data: bytes):
-        """Grad-CAM of the film's checked bytes (loads the model in this process on first use)."""
-        from models.explain import gradcam
+        """The class activation map of the film's checked bytes, from the serving graph (LiteRT: no
+        TensorFlow; the model is loaded in this process on first use)."""
         from pipeline.decode import decode_bytes
+        from pipeline.inference import Scorer
         from worker.dicomnet import objects
 
+        if self._explainer is None:
+            self._explainer = Scorer.load(self._resolved_model_dir(), features=True)
         grey = decode_bytes(data).pixels
-        return objects.overlay_rgb(grey, gradcam(self._resolved_model_dir(), grey))
+        return objects.overlay_rgb(grey, self._explainer.film_heatmap(grey))
 
 
 @dataclass(frozen=True)

@@ -237,12 +237,8 @@ class Explainer:
 
     def heat(self, grey: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """The class activation map on a film of ``shape``: (H, W) in [0, 1]."""
-        from pipeline.cam import place_on_film
-
-        tensor, box, _ = self.model_view(grey)
         with self._lock:
-            cam = self.scorer.cam(tensor[np.newaxis])[0]
-        return place_on_film(cam, box, shape)
+            return self.scorer.film_heatmap(grey, shape)
 
     def lung_probability(self, grey: np.ndarray) -> np.ndarray | None:
         """The lung model's probability map over the whole film, or None for a model without one."""
