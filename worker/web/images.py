@@ -157,7 +157,7 @@ def film_png(sha256: str, stored_paths: list[str], size: int = DISPLAY_SIZE) -> 
     key = ("film", sha256, size)
     cached = _cache.get(key)
     if cached is None:
-        grey = resize_square(film_grey(sha256, stored_paths), size)
+        grey = resize_square(film_pixels(sha256, stored_paths, size), size)  # decoded only as large as shown
         cached = _png(_bytes(grey), "L")
         _cache.put(key, cached)
     return cached
