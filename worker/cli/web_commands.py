@@ -101,17 +101,20 @@ def _read_password(password_stdin: bool) -> str:
     return first
 
 
+PasswordStdin = Annotated[
+    bool,
+    typer.Option(
+        "--password-stdin",
+        help="Read the password from standard input (also done whenever stdin is not a terminal).",
+    ),
+]
+
+
 @users_app.command("add")
 def users_add(
     name: Annotated[str, typer.Argument(help="User name (letters, digits, . _ @ -).")],
     role: Annotated[UserRole, typer.Option("--role", help="viewer, reviewer or admin.")] = UserRole.VIEWER,
-    password_stdin: Annotated[
-        bool,
-        typer.Option(
-            "--password-stdin",
-            help="Read the password from standard input (also done whenever stdin is not a terminal).",
-        ),
-    ] = False,
+    password_stdin: PasswordStdin = False,
     database_url: DatabaseUrl = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -183,13 +186,7 @@ def users_remove(
 @users_app.command("passwd")
 def users_passwd(
     name: Annotated[str, typer.Argument(help="User name.")],
-    password_stdin: Annotated[
-        bool,
-        typer.Option(
-            "--password-stdin",
-            help="Read the password from standard input (also done whenever stdin is not a terminal).",
-        ),
-    ] = False,
+    password_stdin: PasswordStdin = False,
     database_url: DatabaseUrl = None,
     log_level: LogLevel = None,
 ) -> None:
