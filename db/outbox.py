@@ -363,15 +363,18 @@ def counts(session: Session) -> dict[str, int]:
     return {status: count for status, count in session.execute(query)}
 
 
-def pending_untried(session: Session, attempts: int) -> int:
-    """Pending rows not yet tried ``attempts`` times without success: worth waiting for."""
+def pending_untried(
+    session: Session, attempts: int, due_by: datetime | None = None, created_before: datetime | None = None
+) -> int:
+    """Pending rows worth waiting for: not yet tried ``attempts`` times without success, or rows made
+    before ``created_before`` (by an earlier run) whose next try comes by ``due_by`` (that try may
+    find the film gone and fail the row with that reason, instead of leaving it pending)."""
+    worth = or_(OutboxItem.attempts < attempts, OutboxItem.last_error.is_(None))
+    if due_by is not None and created_before is not None:
+        earlier = (OutboxItem.created_at < created_before) & (OutboxItem.next_attempt_at <= due_by)
+        worth = or_(worth, earlier)
     return session.scalar(
-        select(func.count())
-        .select_from(OutboxItem)
-        .where(
-            OutboxItem.status == OutboxStatus.PENDING,
-            or_(OutboxItem.attempts < attempts, OutboxItem.last_error.is_(None)),
-        )
+        select(func.count()).select_from(OutboxItem).where(OutboxItem.status == OutboxStatus.PENDING, worth)
     )
 
 

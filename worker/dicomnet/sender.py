@@ -27,6 +27,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,7 @@ from db.engine import session_scope
 from db.outbox import Claimed
 from db.paths import from_db
 from db.queue import scrub_reason
-from db.schema import OutboxKind, OutboxStatus
+from db.schema import OutboxKind, OutboxStatus, utcnow
 from worker.dicomnet.plan import Destination, DestinationError
 from worker.logs import describe_error, short
 from worker.settings import Settings
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: A scan waits for its results until each pending one has failed this many times (2 s + 4 s of backoff).
 DRAIN_ATTEMPTS = 3
+#: ... and for rows of earlier runs whose next try falls within this many seconds.
+DRAIN_DUE_S = 20.0
 #: Statuses that mean the object itself is refused: resending it unchanged cannot help (PS3.4 B.2.3).
 PERMANENT_FAILURES = (0xA900, 0xC000)
 
@@ -154,6 +157,7 @@ class OutboxSender:
         self._thread: threading.Thread | None = None
         self._model_name: str | None = None
         self._explainer = None  # the serving model, for heat maps (loaded on first use)
+        self.started_at = utcnow()  # rows made before it are an earlier run's (see drain)
         self.backoff_s = 0.0
         #: Objects this sender delivered and failed for good (a scan reports them).
         self.sent_count = self.failed_count = 0
@@ -161,6 +165,7 @@ class OutboxSender:
 
     # -- thread ---------------------------------------------------------------------------------
     def start(self) -> None:
+        self.started_at = utcnow()
         self._thread = threading.Thread(target=self.run, name="outbox-sender", daemon=True)
         self._thread.start()
 
@@ -188,11 +193,13 @@ class OutboxSender:
         ``give_up_after`` times (the destination is away: the next run sends them); returns the
         outbox counts."""
         deadline = time.monotonic() + timeout
+        # an earlier run's rows whose next try comes within DRAIN_DUE_S are waited for
+        due_by = utcnow() + timedelta(seconds=min(timeout, DRAIN_DUE_S))
         while True:
             with session_scope(self.database_url) as session:
                 counts = outbox.counts(session)
                 hopeless = counts.get(OutboxStatus.PENDING) and not outbox.pending_untried(
-                    session, give_up_after
+                    session, give_up_after, due_by, self.started_at
                 )
             if not counts.get(OutboxStatus.PENDING) or hopeless or time.monotonic() >= deadline:
                 return counts
