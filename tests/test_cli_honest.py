@@ -123,6 +123,9 @@ def test_ctrl_c_during_a_scan_prints_interrupted_and_the_summary_and_exits_130(t
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # as from a terminal: a test run started in the background (`cmd &` in a script) passes SIGINT
+        # on ignored, and Python then installs no KeyboardInterrupt handler in the scan at all
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 300
