@@ -169,9 +169,9 @@ def load_grey(path: Path, size: int) -> np.ndarray:
     return resize_square(decode_file(path).pixels, size)
 
 
-def load_lung_crop(path: Path, size: int, lungs: LungModel) -> np.ndarray:
+def load_lung_crop(path: Path, size: int, lungs: LungModel, suppress: bool = False) -> np.ndarray:
     """Serving-path decode, cut to the lung box (:func:`pipeline.lungs.lung_crop`), square resize."""
-    return resize_square(lung_crop(decode_file(path).pixels, lungs)[0], size)
+    return resize_square(lung_crop(decode_file(path).pixels, lungs, suppress)[0], size)
 
 
 def cached_arrays(
@@ -180,22 +180,27 @@ def cached_arrays(
     cache_dir: str | Path | None = None,
     progress: bool = False,
     lung_model: str | Path | None = None,
+    suppress: bool = False,
 ) -> np.ndarray:
     """(N, size, size) float32 resized grey images for ``samples``, cached in ``cache_dir`` if given.
 
-    With ``lung_model`` (a ``lungs.tflite``), each film is first cut to its lung box, as served.
+    With ``lung_model`` (a ``lungs.tflite``), each film is first cut to its lung box, as served
+    (``suppress``: and what lies outside the lung fields set to the lungs' median grey).
     """
     names = "\n".join(s.name for s in samples)
     crop = sha256_file(Path(lung_model))[:16] if lung_model else "none"
     digest = hashlib.sha256(f"{size}\n{names}".encode()).hexdigest()[:16]
-    prefix = "grey" if not lung_model else f"lungs{crop}"
+    prefix = "grey" if not lung_model else f"{'lungsup' if suppress else 'lungs'}{crop}"
     cache = Path(cache_dir) / f"{prefix}_{size}_{digest}.npy" if cache_dir else None
     if cache and cache.exists():
         return np.load(cache, mmap_mode=None)
     arrays = np.empty((len(samples), size, size), dtype=np.float32)
     lungs = LungModel(lung_model, threads=1) if lung_model else None
     for i, sample in enumerate(samples):
-        arrays[i] = load_lung_crop(sample.path, size, lungs) if lungs else load_grey(sample.path, size)
+        if lungs is None:
+            arrays[i] = load_grey(sample.path, size)
+        else:
+            arrays[i] = load_lung_crop(sample.path, size, lungs, suppress)
         if progress and i % 500 == 0:
             print(f"cached {i}/{len(samples)}", flush=True)
     if cache is None:

@@ -56,6 +56,8 @@ class TrainConfig:
     split_file: str = str(data.SPLIT_FILE)
     #: A lung model (``lungs.tflite``): the classifier then reads each film cut to its lung box.
     lung_model: str | None = None
+    #: With a lung model: also set what lies outside the lung fields to the lungs' median grey.
+    suppress_outside: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -181,7 +183,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=None) -> dict:
     samples = data.list_samples(cfg.data_dir)
     val_patients = data.read_split(Path(cfg.split_file))
     train_s, val_s = data.partition(samples, val_patients)
-    x_all = data.cached_arrays(samples, cfg.size, cfg.cache_dir, progress=True, lung_model=cfg.lung_model)
+    x_all = data.cached_arrays(samples, cfg.size, cfg.cache_dir, progress=True, lung_model=cfg.lung_model,
+                               suppress=cfg.suppress_outside)
     index = {s.name: i for i, s in enumerate(samples)}
     x_train = x_all[[index[s.name] for s in train_s]]
     x_val = _standardised(x_all[[index[s.name] for s in val_s]])
@@ -292,14 +295,14 @@ def export(model, cfg: TrainConfig, out_dir, y_val, v_val, p_logit, v_logit, his
         },
     }
     if cfg.lung_model:
-        metadata.update(_lung_crop_entries(Path(cfg.lung_model), out_dir))
+        metadata.update(_lung_crop_entries(Path(cfg.lung_model), out_dir, cfg.suppress_outside))
     (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     np.savez(out_dir / "val_logits.npz", y=y_val, v=v_val, p=p_logit, vl=v_logit)
     return metadata
 
 
-def _lung_crop_entries(lung_model: Path, out_dir: Path) -> dict:
+def _lung_crop_entries(lung_model: Path, out_dir: Path, suppress: bool) -> dict:
     """Copy the lung model (and its report) into the model folder; the metadata entries that say
     the classifier reads the lung crop."""
     import shutil
@@ -310,9 +313,10 @@ def _lung_crop_entries(lung_model: Path, out_dir: Path) -> dict:
     report = lung_model.with_name(LUNG_METADATA_FILE)
     if report.is_file():
         shutil.copyfile(report, out_dir / LUNG_METADATA_FILE)
+    what = "the film cut to its lung box" + (", outside the lungs suppressed" if suppress else "")
     return {
-        "input": "pipeline.lungs.lung_model_input(grey, input_size, lungs): the film cut to its lung box",
-        "crop": {"kind": "lungs", "lung_model": LUNG_LITE_FILE, "margin": CROP_MARGIN,
+        "input": f"pipeline.lungs.lung_model_input(grey, input_size, lungs, suppress): {what}",
+        "crop": {"kind": "lungs", "lung_model": LUNG_LITE_FILE, "margin": CROP_MARGIN, "suppress": suppress,
                  "lung_model_sha256": sha256_file(lung_model)},
     }
 

@@ -8,10 +8,12 @@ import pytest
 from models.external import patient_bootstrap_auc, wilson, with_border
 from pipeline.lungs import (
     NO_LUNG_FIELDS,
+    InputPlan,
     LungFields,
     crop_box,
     crop_to_lungs,
     lung_fields,
+    suppress_outside_lungs,
 )
 
 
@@ -56,6 +58,26 @@ def test_specks_do_not_stretch_the_box():
     prob = _two_lungs()
     prob[2, 2] = prob[125, 126] = 1.0  # single stray pixels
     assert lung_fields(prob).box == lung_fields(_two_lungs()).box
+
+
+def test_suppression_keeps_the_lungs_and_greys_out_the_rest_at_any_resolution():
+    film = np.linspace(0, 1, 512 * 384, dtype=np.float32).reshape(512, 384)
+    film[:, :40] = 1.0  # a bright arm / marker at the film's edge
+    out = suppress_outside_lungs(film, _two_lungs(), dilation=2)
+    assert out.shape == film.shape and out.dtype == film.dtype
+    inside = (slice(160, 360), slice(75, 150))  # inside the left field (map rows 30-100, cols 20-55)
+    assert np.array_equal(out[inside], film[inside])  # the lung field itself is untouched
+    edge = out[:, :40]
+    assert np.ptp(edge) == 0 and 0.2 < edge[0, 0] < 0.9  # the edge is one grey: the lungs' median
+    assert np.array_equal(suppress_outside_lungs(film, np.zeros((128, 128), np.float32)), film)
+
+
+def test_a_model_folders_plan_says_whether_it_suppresses():
+    crop = {"kind": "lungs", "lung_model": "lungs.tflite"}
+    assert InputPlan.from_metadata("m", {"input_size": 160, "crop": crop}) == InputPlan(160, "m/lungs.tflite")
+    masked = InputPlan.from_metadata("m", {"input_size": 160, "crop": {**crop, "suppress": True}})
+    assert masked.suppress and masked.decode_side == 320
+    assert InputPlan.from_metadata("m", {"input_size": 128}) == InputPlan(128)
 
 
 def test_crop_box_adds_the_margin_and_stays_on_the_film():

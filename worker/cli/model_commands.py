@@ -94,6 +94,14 @@ def train_command(
             dir_okay=False,
         ),
     ] = None,
+    suppress_outside: Annotated[
+        bool,
+        typer.Option(
+            "--suppress-outside",
+            help="With --lung-model: also set what lies outside the (slightly widened) lung fields to"
+            " the lungs' median grey, so that nothing but the lungs is left to read.",
+        ),
+    ] = False,
 ) -> None:
     """Train on the patient-wise split (models/splits/val_patients.txt), calibrate, write OUT.
 
@@ -107,8 +115,12 @@ def train_command(
         raise typer.BadParameter(f"choose one of {', '.join(sorted(PRESETS))}", param_hint="--augment")
     folders = {"data_dir": str(data_dir_of(data_dir)), "cache_dir": str(_cache_dir(cache_dir))}
     recipe = {"arch": arch, "epochs": epochs, "seed": seed, "size": size, "lr": lr}
+    if suppress_outside and lung_model is None:
+        raise typer.BadParameter("needs --lung-model (the lung fields say what is outside)",
+                                 param_hint="--suppress-outside")
     lungs = str(lung_model) if lung_model else None
-    cfg = TrainConfig(**recipe, **folders, augment=PRESETS[augment], lung_model=lungs)
+    cfg = TrainConfig(**recipe, **folders, augment=PRESETS[augment], lung_model=lungs,
+                      suppress_outside=suppress_outside)
     metadata = train(cfg, out, log=_log)
     typer.echo(json.dumps(metadata, indent=2))
 
