@@ -224,9 +224,13 @@ def _operating_points(scorer, y: np.ndarray, prob: np.ndarray) -> dict:
 def border_probes(scorer, greys: list[np.ndarray], y: np.ndarray) -> dict:
     """ROC AUC of ``scorer`` on the films as they are and under each border probe (all decoded films
     are scored: the probe measures the ranking, not the input checks)."""
+    from models.calibration import auc_interval
+
     plain, _ = score_greys(scorer, greys)
     base = roc_auc(y, plain)
+    interval = auc_interval(y, plain)  # stratified by class, not by patient: for the shipping rule
     result = {"films": len(greys), "none": round(base, 4)}
+    result["none_ci95"] = [round(interval.low, 4), round(interval.high, 4)]
     for name, share, fill in PROBES:
         prob, _ = score_greys(scorer, [with_border(g, share, fill) for g in greys])
         auc = roc_auc(y, prob)

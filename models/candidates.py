@@ -1,0 +1,179 @@
+"""The shipping rule for a new pneumonia model, applied to the shift-check reports of the models.
+
+A candidate replaces the shipped model only when all of these hold (the rule of the lung-model
+issue; the validation split alone cannot choose, it is saturated and from the training hospital):
+
+1. **No worse on validation**: its Kermany validation ROC AUC is not below the lower end of the
+   shipped model's stratified-bootstrap 95 % interval.
+2. **Better on other hospitals' films**: higher ROC AUC on all decoded ``external-cxr`` films.
+3. **Better on both border probes** (12 % of each side mean grey, and black): a smaller AUC drop
+   on the validation films, and a higher AUC on the external films under the probe.
+4. **Reads the lungs more**: a higher Grad-CAM share inside the dilated lung fields, on validation
+   and on external films.
+
+Input: the JSON reports of ``python -m models.external MODEL --external DIR --data-dir DIR
+--attention N --lung-model L --out REPORT.json`` (one per model; the first is the shipped model).
+
+Run: ``python -m models.candidates SHIPPED.json CANDIDATE.json [...] [--names ...]``: a Markdown
+table of every model's figures, then each candidate's verdict, check by check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+#: The probes of the rule (names as in :data:`models.external.PROBES`).
+RULE_PROBES = ("mean_grey_12%", "black_12%")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One clause of the rule for one candidate."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+def _validation(report: dict) -> tuple[float, list[float]]:
+    probes = report["validation_border_probes"]
+    return probes["none"], probes["none_ci95"]
+
+
+def _external_auc(report: dict) -> float:
+    return report["external"]["all_decoded"]["roc_auc"]
+
+
+def _attention(report: dict, where: str) -> float | None:
+    return ((report.get("lung_attention") or {}).get(where) or {}).get("mean_lung_share")
+
+
+def verdict(shipped: dict, candidate: dict) -> list[Check]:
+    """The rule's clauses for ``candidate`` against ``shipped`` (reports as described above)."""
+    auc, _ = _validation(candidate)
+    shipped_auc, (low, high) = _validation(shipped)
+    checks = [
+        Check(
+            "no worse on validation",
+            auc >= low,
+            f"AUC {auc:.4f} vs shipped {shipped_auc:.4f} [{low:.4f}-{high:.4f}]",
+        ),
+        Check(
+            "better on external films",
+            _external_auc(candidate) > _external_auc(shipped),
+            f"AUC {_external_auc(candidate):.3f} vs {_external_auc(shipped):.3f}",
+        ),
+    ]
+    for probe in RULE_PROBES:
+        drop = candidate["validation_border_probes"][f"{probe}_drop"]
+        shipped_drop = shipped["validation_border_probes"][f"{probe}_drop"]
+        ext = candidate["external"]["border_probes"][probe]
+        shipped_ext = shipped["external"]["border_probes"][probe]
+        checks.append(
+            Check(
+                f"better under the {probe.replace('_', ' ')} border",
+                drop < shipped_drop and ext > shipped_ext,
+                f"validation drop {drop:.3f} vs {shipped_drop:.3f}; "
+                f"external AUC {ext:.3f} vs {shipped_ext:.3f}",
+            )
+        )
+    for where in ("validation", "external"):
+        share, shipped_share = _attention(candidate, where), _attention(shipped, where)
+        known = share is not None and shipped_share is not None
+        checks.append(
+            Check(
+                f"reads the lungs more ({where})",
+                known and share > shipped_share,
+                f"lung share {share} vs {shipped_share}" if known else "not measured (--attention)",
+            )
+        )
+    return checks
+
+
+def table(names: list[str], reports: list[dict]) -> str:
+    """Markdown table: one column per model, one row per figure of the rule."""
+
+    def row(label: str, values: list[str]) -> str:
+        return f"| {label} | " + " | ".join(values) + " |"
+
+    lines = [row("figure", names), "|---" * (len(names) + 1) + "|"]
+    lines.append(
+        row(
+            "validation ROC AUC [95 % CI]",
+            [
+                f"{_validation(r)[0]:.4f} [{_validation(r)[1][0]:.4f}-{_validation(r)[1][1]:.4f}]"
+                for r in reports
+            ],
+        )
+    )
+    for probe in RULE_PROBES:
+        lines.append(
+            row(
+                f"validation AUC, 12 % {probe.split('_1')[0].replace('_', ' ')} border",
+                [f"{r['validation_border_probes'][probe]:.3f}" for r in reports],
+            )
+        )
+    lines.append(
+        row(
+            "external AUC, all decoded [95 % CI by patient]",
+            [
+                f"{_external_auc(r):.3f} [{r['external']['all_decoded']['roc_auc_ci95_by_patient'][0]:.3f}-"
+                f"{r['external']['all_decoded']['roc_auc_ci95_by_patient'][1]:.3f}]"
+                for r in reports
+            ],
+        )
+    )
+    for probe in RULE_PROBES:
+        lines.append(
+            row(
+                f"external AUC, 12 % {probe.split('_1')[0].replace('_', ' ')} border",
+                [f"{r['external']['border_probes'][probe]:.3f}" for r in reports],
+            )
+        )
+    lines.append(
+        row(
+            "lung-attention share, validation / external",
+            [
+                " / ".join(f"{_attention(r, at) or float('nan'):.2f}" for at in ("validation", "external"))
+                for r in reports
+            ],
+        )
+    )
+    lines.append(
+        row(
+            "external films turned away",
+            [f"{r['external']['turned_away']} of {r['external']['films']}" for r in reports],
+        )
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m models.candidates SHIPPED.json CANDIDATE.json [...] [--names ...]``."""
+    parser = argparse.ArgumentParser(prog="python -m models.candidates", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "reports", type=Path, nargs="+", help="shift-check reports; the first is the shipped model"
+    )
+    parser.add_argument("--names", nargs="+", help="column names (default: the model versions)")
+    args = parser.parse_args(argv)
+    if len(args.reports) < 2:
+        parser.error("give the shipped model's report and at least one candidate's")
+    reports = [json.loads(p.read_text()) for p in args.reports]
+    names = args.names or [r.get("model_version", p.stem) for r, p in zip(reports, args.reports, strict=True)]
+    if len(names) != len(reports):
+        parser.error("--names needs one name per report")
+    print(table(names, reports))
+    for name, report in zip(names[1:], reports[1:], strict=True):
+        checks = verdict(reports[0], report)
+        print(
+            f"\n**{name}**: {'meets the rule' if all(c.passed for c in checks) else 'does not meet the rule'}"
+        )
+        for check in checks:
+            print(f"- {'pass' if check.passed else 'FAIL'}: {check.name} ({check.detail})")
+
+
+if __name__ == "__main__":
+    main()
