@@ -251,16 +251,20 @@ def _viewer_template(request: Request) -> str | None:
     return _state(request).settings.viewer_url
 
 
-def _model_has_lungs(request: Request) -> bool:
-    """Whether the model reads the lung crop (its folder ships a lung model): the page then offers
-    the lung outline."""
+def _model_input_facts(request: Request) -> dict:
+    """What the film page says of the model's input: whether it reads the lung crop (its folder ships
+    a lung model, so the page offers the lung outline) and its input size in pixels."""
     import json
 
     path = _state(request).settings.resolved_model_dir() / "metadata.json"
     try:
-        return (json.loads(path.read_text()).get("crop") or {}).get("kind") == "lungs"
+        metadata = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
+        return {"lungs": False, "input_size": None}
+    return {
+        "lungs": (metadata.get("crop") or {}).get("kind") == "lungs",
+        "input_size": metadata.get("input_size"),
+    }
 
 
 # -- pages ---------------------------------------------------------------------------------------------------
@@ -418,7 +422,7 @@ def film_page(request: Request, sha256: str, who: Viewer) -> Response:
         "reviews": reviews,
         "can_review": who.can(UserRole.REVIEWER),
         "next_step": None if row["status"] == "scored" else next_step(row["reason"]),
-        "lungs": _model_has_lungs(request),
+        **_model_input_facts(request),
     }
     return _page(request, "film.html", context)
 
