@@ -265,17 +265,35 @@ def turned_features(scorer, paths: list[Path], batch: int = 64) -> np.ndarray:
 ORIENTATION_STRIDE = 2
 
 
+#: Label of the films of other chest collections in the density fit (0 normal, 1 pneumonia).
+OTHER_CHEST = 2
+#: Image files read from an ``other_chest`` folder.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files of a folder (sorted, not recursive)."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def fit_and_write(
     data_dir: Path,
     model_dir: Path,
     keep: float = DEFAULT_KEEP,
     shrinkage: float = DEFAULT_SHRINKAGE,
     out: Path | None = None,
+    other_chest: list[Path] = (),
 ) -> OodGuard:
     """Fit the guard on the training films of the shipped split, cut-off on validation; write ``ood.npz``.
 
     Density on all training films; orientation check on every other training film against
     its own rotations, flips and inversion; both cut-offs on the validation films.
+
+    ``other_chest``: upright frontal chest films of other populations (adults, other hospitals).
+    They join the density as a third cloud and the orientation check's upright films (their turned
+    copies its turned ones), so that the guard asks "is this an upright chest film" and not "is this
+    a film like the training hospital's". The cut-offs stay on the training hospital's validation
+    films; the score and its thresholds never see these films.
     """
     from pipeline.inference import Scorer
 
@@ -283,20 +301,25 @@ def fit_and_write(
     train, val = data.partition(data.list_samples(data_dir), data.read_split())
     train_features = serving_features(scorer, [s.path for s in train])
     val_features = serving_features(scorer, [s.path for s in val])
+    other = list(other_chest)
+    other_features = serving_features(scorer, other) if other else np.empty((0, train_features.shape[1]))
     guard = fit_guard(
-        train_features,
-        np.array([s.pneumonia for s in train]),
+        np.vstack([train_features, other_features]),
+        np.concatenate([[s.pneumonia for s in train], np.full(len(other), OTHER_CHEST)]),
         val_features,
         keep=keep,
         shrinkage=shrinkage,
-        info={"model_version": scorer.version, "split_file": "models/splits/val_patients.txt"},
+        info={
+            "model_version": scorer.version,
+            "split_file": "models/splits/val_patients.txt",
+            "other_chest_films": len(other),
+        },
     )
     chosen = list(range(0, len(train), ORIENTATION_STRIDE))
-    turned = turned_features(scorer, [train[i].path for i in chosen])
+    turned = turned_features(scorer, [train[i].path for i in chosen] + other)
     within = guard.distances(turned) <= guard.cutoff  # turned films the density alone lets through
-    guard.orientation, info = fit_orientation(
-        train_features[chosen], turned, val_features, keep=keep, turned_kept=within
-    )
+    upright = np.vstack([train_features[chosen], other_features])
+    guard.orientation, info = fit_orientation(upright, turned, val_features, keep=keep, turned_kept=within)
     guard.info.update(info)
     guard.save(out or Path(model_dir) / OOD_FILE)
     return guard

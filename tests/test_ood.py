@@ -208,9 +208,13 @@ def test_fit_ood_command_writes_a_guard_with_an_orientation_check(model_dir, tmp
     copy.mkdir()
     for name in ("model.keras", "metadata.json"):
         shutil.copyfile(model_dir / name, copy / name)
+    other = tmp_path / "other-chest"  # stands in for another population's upright chest films
+    other.mkdir()
+    for film in sorted((REPO / "tests" / "data" / "kermany" / "NORMAL").iterdir())[:3]:
+        shutil.copyfile(film, other / film.name)
     fit = subprocess.run(
         [CLI, "model", "fit-ood", str(REPO / "tests" / "data" / "kermany"), "--model-dir", str(copy)]
-        + ["--battery-films", "2"],
+        + ["--battery-films", "2", "--other-chest", str(other)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -219,4 +223,5 @@ def test_fit_ood_command_writes_a_guard_with_an_orientation_check(model_dir, tmp
     guard = OodGuard.for_model_dir(copy)
     assert guard is not None and guard.orientation is not None
     assert guard.info["val_kept"] >= 0.995 and guard.info["orientation_val_kept"] >= 0.995
+    assert guard.info["other_chest_films"] == 3 and len(guard.means) == 3  # normal, pneumonia, other
     assert "chest-rotated-180" in fit.stdout

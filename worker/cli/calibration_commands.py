@@ -426,6 +426,16 @@ def fit_ood_command(
     ] = None,
     model_dir: ModelDirOption = None,
     battery_films: Annotated[int, typer.Option(min=0, help="Validation films in the battery.")] = 150,
+    other_chest: Annotated[
+        Path | None,
+        typer.Option(
+            help="A folder of upright frontal chest films of other populations (e.g. the adult films of"
+            " lung-masks/images): the guard then accepts chest films unlike the training hospital's"
+            " instead of turning them away. Cut-offs stay on the validation films.",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Fit the out-of-distribution guard (ood.npz beside the model) and report the battery's rates.
 
@@ -437,12 +447,12 @@ def fit_ood_command(
     import numpy as np
 
     from models import data
-    from models.ood_fit import battery, fit_and_write, run_battery
+    from models.ood_fit import battery, fit_and_write, image_files, run_battery
     from pipeline.inference import LITE_MODEL_FILE, Scorer
 
     directory = _model_dir(model_dir)
     root = data_dir_of(data_dir)
-    guard = fit_and_write(root, directory)
+    guard = fit_and_write(root, directory, other_chest=image_files(other_chest) if other_chest else [])
     console.print(f"wrote {directory / 'ood.npz'}: {json.dumps(guard.info)}")
     if (directory / LITE_MODEL_FILE).is_file():  # the export holds the guard: make it anew
         from models.lite import export_lite
