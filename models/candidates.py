@@ -87,7 +87,7 @@ def verdict(shipped: dict, candidate: dict) -> list[Check]:
             Check(
                 f"reads the lungs more ({where})",
                 known and share > shipped_share,
-                f"lung share {share} vs {shipped_share}" if known else "not measured (--attention)",
+                f"lung share {share:.2f} vs {shipped_share:.2f}" if known else "not measured (--attention)",
             )
         )
     return checks

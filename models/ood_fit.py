@@ -272,8 +272,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image files of a folder (sorted, not recursive)."""
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files of a folder that the serving path reads (sorted, not recursive): a film it
+    would reject or fail (too small, unreadable) is left out, as it never reaches the guard."""
+    from pipeline.decode import decode_file
+    from pipeline.errors import ImageProblem
+
+    readable = []
+    for path in sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            decode_file(path)
+        except ImageProblem:
+            continue
+        readable.append(path)
+    return readable
 
 
 def fit_and_write(

@@ -182,6 +182,8 @@ class Scorer:
         metadata = json.loads((model_dir / METADATA_FILE).read_text())
         guard = OodGuard.for_model_dir(model_dir)
         sidecar = lite_serving(model_dir, engine) if features is not False else None
+        if features and sidecar is not None and "features" not in sidecar.get("outputs", {}).values():
+            sidecar = None  # an export made before the folder had a guard: TensorFlow computes the features
         quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)
         if sidecar is not None:
             with _native_stderr_silenced(quiet):  # LiteRT's "Created ... XNNPACK delegate" banner

@@ -79,3 +79,22 @@ def test_export_lite_writes_an_export_that_serves_like_the_shipped_one(model_dir
     fresh = [s.pneumonia_probability for s in Scorer.load(copy).score_batch(films)]
     shipped = [s.pneumonia_probability for s in Scorer.load(model_dir).score_batch(films)]
     np.testing.assert_allclose(fresh, shipped, atol=1e-6)
+
+
+@pytest.mark.train
+def test_an_export_made_before_the_guard_still_gives_features_for_fitting_one(model_dir, films, tmp_path):
+    """`fit-ood` on a freshly exported folder (no ood.npz yet, so an export without features) failed with
+    "loaded without features"; TensorFlow now computes them."""
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for name in ("model.keras", "metadata.json"):
+        shutil.copyfile(model_dir / name, copy / name)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run(
+        [CLI, "model", "export-lite", "--model-dir", str(copy)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "features" not in json.loads((copy / LITE_SIDECAR_FILE).read_text())["outputs"].values()
+    scorer = Scorer.load(copy, features=True)
+    assert scorer.engine is Engine.TENSORFLOW and scorer.features(films).shape[0] == len(films)
+    assert Scorer.load(copy).engine is Engine.LITERT  # scoring alone still uses the export
