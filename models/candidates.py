@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,43 @@ def verdict(shipped: dict, candidate: dict) -> list[Check]:
     return checks
 
 
+def _interval(value: float, bounds: list[float], digits: int) -> str:
+    return f"{value:.{digits}f} [{bounds[0]:.{digits}f}-{bounds[1]:.{digits}f}]"
+
+
+def _border(probe: str) -> str:
+    """``mean_grey_12%`` -> ``12 % mean grey border``."""
+    return f"12 % {probe.split('_1')[0].replace('_', ' ')} border"
+
+
+def _rows() -> list[tuple[str, Callable[[dict], str]]]:
+    """(label, how to read it from a report) for every row of :func:`table`."""
+    rows: list[tuple[str, Callable[[dict], str]]] = [
+        ("validation ROC AUC [95 % CI]", lambda r: _interval(*_validation(r), 4))
+    ]
+    rows += [
+        (f"validation AUC, {_border(p)}", lambda r, p=p: f"{r['validation_border_probes'][p]:.3f}")
+        for p in RULE_PROBES
+    ]
+    rows.append((
+        "external AUC, all decoded [95 % CI by patient]",
+        lambda r: _interval(_external_auc(r), r["external"]["all_decoded"]["roc_auc_ci95_by_patient"], 3),
+    ))
+    rows += [
+        (f"external AUC, {_border(p)}", lambda r, p=p: f"{r['external']['border_probes'][p]:.3f}")
+        for p in RULE_PROBES
+    ]
+    rows.append((
+        "lung-attention share, validation / external",
+        lambda r: " / ".join(f"{_attention(r, at) or float('nan'):.2f}" for at in ("validation", "external")),
+    ))
+    rows.append((
+        "external films turned away",
+        lambda r: f"{r['external']['turned_away']} of {r['external']['films']}",
+    ))
+    return rows
+
+
 def table(names: list[str], reports: list[dict]) -> str:
     """Markdown table: one column per model, one row per figure of the rule."""
 
@@ -100,54 +138,7 @@ def table(names: list[str], reports: list[dict]) -> str:
         return f"| {label} | " + " | ".join(values) + " |"
 
     lines = [row("figure", names), "|---" * (len(names) + 1) + "|"]
-    lines.append(
-        row(
-            "validation ROC AUC [95 % CI]",
-            [
-                f"{_validation(r)[0]:.4f} [{_validation(r)[1][0]:.4f}-{_validation(r)[1][1]:.4f}]"
-                for r in reports
-            ],
-        )
-    )
-    for probe in RULE_PROBES:
-        lines.append(
-            row(
-                f"validation AUC, 12 % {probe.split('_1')[0].replace('_', ' ')} border",
-                [f"{r['validation_border_probes'][probe]:.3f}" for r in reports],
-            )
-        )
-    lines.append(
-        row(
-            "external AUC, all decoded [95 % CI by patient]",
-            [
-                f"{_external_auc(r):.3f} [{r['external']['all_decoded']['roc_auc_ci95_by_patient'][0]:.3f}-"
-                f"{r['external']['all_decoded']['roc_auc_ci95_by_patient'][1]:.3f}]"
-                for r in reports
-            ],
-        )
-    )
-    for probe in RULE_PROBES:
-        lines.append(
-            row(
-                f"external AUC, 12 % {probe.split('_1')[0].replace('_', ' ')} border",
-                [f"{r['external']['border_probes'][probe]:.3f}" for r in reports],
-            )
-        )
-    lines.append(
-        row(
-            "lung-attention share, validation / external",
-            [
-                " / ".join(f"{_attention(r, at) or float('nan'):.2f}" for at in ("validation", "external"))
-                for r in reports
-            ],
-        )
-    )
-    lines.append(
-        row(
-            "external films turned away",
-            [f"{r['external']['turned_away']} of {r['external']['films']}" for r in reports],
-        )
-    )
+    lines += [row(label, [read(r) for r in reports]) for label, read in _rows()]
     return "\n".join(lines)
 
 
