@@ -231,7 +231,7 @@ def calibrate_command(
         console.print(
             f"{len(films)} labelled files: {len(y)} scored ({int(y.sum())} pneumonia, "
             f"{len(y) - int(y.sum())} normal), {sample.unreadable} unreadable or out of scope, "
-            f"{sample.out_of_distribution} rejected as not a chest film (left out)"
+            f"{sample.out_of_distribution} turned away by the input checks (left out)"
         )
     try:
         rule = ThresholdRule(target_sensitivity, target_specificity)
