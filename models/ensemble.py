@@ -47,11 +47,13 @@ def validation_set(
     data_dir: str | Path,
     cache_dir: str | Path | None = None,
     lung_model: str | Path | None = None,
+    suppress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(y, viral labels, resized grey images) of the validation split of ``data_dir``, read once for
-    any number of models (:func:`logits_on`); cut to the lung box with ``lung_model``."""
+    any number of models (:func:`logits_on`); cut to the lung box with ``lung_model`` (``suppress``:
+    what lies outside the lung fields greyed out too)."""
     samples = data.list_samples(data_dir)
-    x_all = data.cached_arrays(samples, size, cache_dir, lung_model=lung_model)
+    x_all = data.cached_arrays(samples, size, cache_dir, lung_model=lung_model, suppress=suppress)
     val = data.read_split()
     keep = [i for i, s in enumerate(samples) if s.patient in val]
     y, v = data.labels([samples[i] for i in keep])
@@ -76,9 +78,10 @@ def validation_logits(
     data_dir: str | Path,
     cache_dir: str | Path | None = None,
     lung_model: str | Path | None = None,
+    suppress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(y, viral labels, pneumonia logits, viral logits) on the validation split of ``data_dir``."""
-    y, v, grey = validation_set(size, data_dir, cache_dir, lung_model)
+    y, v, grey = validation_set(size, data_dir, cache_dir, lung_model, suppress)
     return y, v, *logits_on(model, grey)
 
 
@@ -89,11 +92,12 @@ def build_and_export(
     started = time.time()
     model, metas = build_ensemble(model_dirs)
     size = metas[0]["input_size"]
-    lung_model = _shared_lung_model(model_dirs, metas)
-    y, v, p, vl = validation_logits(model, size, data_dir, cache_dir, lung_model)
+    lung_model, suppress = shared_crop(model_dirs, metas)
+    y, v, p, vl = validation_logits(model, size, data_dir, cache_dir, lung_model, suppress)
     arch = f"ens{len(metas)}-" + "-".join(m["architecture"] for m in metas)
     epochs = max(m["epochs"] for m in metas)
-    cfg = TrainConfig(arch=arch, size=size, epochs=epochs, seed=metas[0]["seed"], lung_model=lung_model)
+    crop = {"lung_model": lung_model, "suppress_outside": suppress}
+    cfg = TrainConfig(arch=arch, size=size, epochs=epochs, seed=metas[0]["seed"], **crop)
     history = [{"member": m["version"], "training_wall_seconds": m["training_wall_seconds"]} for m in metas]
     wall = sum(m["training_wall_seconds"] for m in metas) + (time.time() - started)
     metadata = export(model, cfg, out, y, v, p, vl, history, wall)
@@ -104,14 +108,17 @@ def build_and_export(
     return metadata
 
 
-def _shared_lung_model(model_dirs: list[Path], metas: list[dict]) -> str | None:
-    """The lung model all members read their crop with (None: they read the whole film); members
-    that read different inputs cannot be averaged."""
+def shared_crop(model_dirs: list[Path], metas: list[dict]) -> tuple[str | None, bool]:
+    """(the lung model all members read their crop with, whether they suppress what lies outside the
+    lungs); (None, False) where they read the whole film. Members that read different inputs cannot
+    be averaged."""
     crops = {json.dumps(m.get("crop"), sort_keys=True) for m in metas}
     if len(crops) > 1:
         raise ValueError("members read different inputs (whole film vs lung crop, or other lung models)")
     crop = metas[0].get("crop")
-    return str(Path(model_dirs[0]) / crop["lung_model"]) if crop else None
+    if not crop:
+        return None, False
+    return str(Path(model_dirs[0]) / crop["lung_model"]), bool(crop.get("suppress", False))
 
 
 def unpack(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -183,3 +185,15 @@ def test_model_evaluate_reports_the_shift_check_and_the_border_probes(kermany, m
     assert external["all_decoded"]["patients"] == 4
     assert set(external["border_probes"]) >= {"none", "black_12%", "mean_grey_8%_drop"}
     assert report["border_probes"]["films"] == report["images"]
+
+
+def test_an_ensemble_reads_its_members_crop_and_refuses_members_that_read_different_inputs():
+    from models.ensemble import shared_crop
+
+    crop = {"kind": "lungs", "lung_model": "lungs.tflite", "margin": 0.08, "lung_model_sha256": "ab"}
+    suppressed = {**crop, "suppress": True}
+    assert shared_crop([Path("a"), Path("b")], [{"crop": suppressed}] * 2) == ("a/lungs.tflite", True)
+    assert shared_crop([Path("a")], [{}]) == (None, False)
+    for other in ({}, {"crop": crop}):
+        with pytest.raises(ValueError, match="different inputs"):
+            shared_crop([Path("a"), Path("b")], [{"crop": suppressed}, other])
