@@ -234,13 +234,34 @@ def run_battery(scorer, items: Iterator[Item], batch: int = 64) -> BatteryResult
 
 def serving_features(scorer, paths: list[Path], batch: int = 64) -> np.ndarray:
     """Penultimate features of files through the serving path (decode -> the model's input)."""
-    from pipeline.decode import decode_file
+    return readable_features(scorer, paths, batch, skip_unreadable=False)[0]
 
-    chunks = []
-    for start in range(0, len(paths), batch):
-        x = np.stack([scorer.model_input(decode_file(p).pixels)[0] for p in paths[start : start + batch]])
-        chunks.append(scorer.features(x))
-    return np.concatenate(chunks)
+
+def readable_features(
+    scorer, paths: list[Path], batch: int = 64, skip_unreadable: bool = True
+) -> tuple[np.ndarray, list[Path]]:
+    """(features, the files they belong to) through the serving path; with ``skip_unreadable``, a
+    file the serving path would reject or fail (too small, unreadable) is left out, as it never
+    reaches the guard, instead of stopping the fit."""
+    from pipeline.decode import decode_file
+    from pipeline.errors import ImageProblem
+
+    chunks, kept, pending = [], [], []
+    for path in paths:
+        try:
+            grey = decode_file(path).pixels
+        except ImageProblem:
+            if not skip_unreadable:
+                raise
+            continue
+        kept.append(path)
+        pending.append(scorer.model_input(grey)[0])
+        if len(pending) == batch:
+            chunks.append(scorer.features(np.stack(pending)))
+            pending = []
+    if pending:
+        chunks.append(scorer.features(np.stack(pending)))
+    return (np.concatenate(chunks) if chunks else np.empty((0, 0))), kept
 
 
 def turned_features(scorer, paths: list[Path], batch: int = 64) -> np.ndarray:
@@ -267,24 +288,11 @@ ORIENTATION_STRIDE = 2
 
 #: Label of the films of other chest collections in the density fit (0 normal, 1 pneumonia).
 OTHER_CHEST = 2
-#: Image files read from an ``other_chest`` folder.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image files of a folder that the serving path reads (sorted, not recursive): a film it
-    would reject or fail (too small, unreadable) is left out, as it never reaches the guard."""
-    from pipeline.decode import decode_file
-    from pipeline.errors import ImageProblem
-
-    readable = []
-    for path in sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        try:
-            decode_file(path)
-        except ImageProblem:
-            continue
-        readable.append(path)
-    return readable
+    """The image files of a folder (sorted, not recursive)."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES)
 
 
 def fit_and_write(
@@ -300,7 +308,8 @@ def fit_and_write(
     Density on all training films; orientation check on every other training film against
     its own rotations, flips and inversion; both cut-offs on the validation films.
 
-    ``other_chest``: upright frontal chest films of other populations (adults, other hospitals).
+    ``other_chest``: upright frontal chest films of other populations (adults, other hospitals);
+    those the serving path cannot read are left out.
     They join the density as a third cloud and the orientation check's upright films (their turned
     copies its turned ones), so that the guard asks "is this an upright chest film" and not "is this
     a film like the training hospital's". The cut-offs stay on the training hospital's validation
@@ -312,8 +321,9 @@ def fit_and_write(
     train, val = data.partition(data.list_samples(data_dir), data.read_split())
     train_features = serving_features(scorer, [s.path for s in train])
     val_features = serving_features(scorer, [s.path for s in val])
-    other = list(other_chest)
-    other_features = serving_features(scorer, other) if other else np.empty((0, train_features.shape[1]))
+    other_features, other = readable_features(scorer, list(other_chest))
+    if not other:
+        other_features = np.empty((0, train_features.shape[1]))
     guard = fit_guard(
         np.vstack([train_features, other_features]),
         np.concatenate([[s.pneumonia for s in train], np.full(len(other), OTHER_CHEST)]),
